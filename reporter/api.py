@@ -1,0 +1,267 @@
+"""The in-process hook: what training code calls.
+
+A report call type-checks the value, appends one line to the run's journal and returns; it never waits
+on the network and never raises for runtime trouble. Delivery runs in a daemon thread started on the
+first report (unless another deliverer, the wrapper or a sidecar, holds the run's lock: the thread then
+waits for the lock, so delivery is never orphaned). At interpreter exit pending records get a bounded
+flush.
+"""
+
+from __future__ import annotations
+
+import atexit
+import os
+import threading
+import time
+from typing import TYPE_CHECKING, Any, Dict, List, Mapping, Optional
+
+from .config import Config, load_config
+from .journal import KIND_FINAL, KIND_INTERMEDIATE, JournalWriter, register_fork_hook, lock_holder_pid
+from .log import get_logger
+
+if TYPE_CHECKING:  # the delivery side (requests, tenacity) is imported by the delivery thread only
+    from .deliver import Deliverer
+
+__all__ = [
+    "report_metric",
+    "report_intermediate_metric",
+    "report_final_metric",
+    "report_metrics",
+    "flush",
+]
+
+
+class _Hook:
+    """The process's reporting state: configuration, journal writer and (maybe) a delivery thread."""
+
+    def __init__(self, config: Config, problems: List[str]) -> None:
+        self.config = config
+        self.writer = JournalWriter(config.run_dir, rank=config.rank)
+        self.deliverer: Optional["Deliverer"] = None
+        self.delivery_started = False
+        self._deliverer_ready = threading.Event()
+        self._warned_non_finite: set = set()
+        for problem in problems:
+            get_logger().warning("configuration: %s (using the default)", problem)
+        register_fork_hook(self, _Hook._after_fork)
+
+    def emit(self, kind: str, value: float, name: Optional[str], step: Optional[int]) -> None:
+        if value - value != 0:  # NaN or an infinity: journalled as null, never sent
+            self._warn_non_finite(name, value)
+        self.writer.append(kind, value, name, step)
+        if not self.delivery_started:
+            self._start_delivery()
+        else:
+            deliverer = self.deliverer
+            if deliverer is not None:
+                deliverer.wake()
+
+    def _warn_non_finite(self, name: Optional[str], value: float) -> None:
+        if name not in self._warned_non_finite:
+            self._warned_non_finite.add(name)
+            get_logger().warning(
+                "metric %s is %r: journalled as null and not sent (said once per metric name)",
+                name or self.config.objective_metric, value,
+            )
+
+    def _start_delivery(self) -> None:
+        with _hook_lock:
+            if self.delivery_started:
+                return
+            self.delivery_started = True
+        if self.config.offline:
+            self._deliverer_ready.set()
+            if lock_holder_pid(self.config.run_dir) is None:
+                get_logger().info(
+                    "offline mode (no task id and backend configured): journalling to %s; "
+                    "deliver later with `anylearn-reporter sync %s`",
+                    self.config.run_dir, self.config.run_dir,
+                )
+            return
+        threading.Thread(target=self._delivery_main, name="anylearn-reporter-delivery", daemon=True).start()
+
+    def _delivery_main(self) -> None:
+        try:
+            from .deliver import build_deliverer  # requests and tenacity load here, off the caller's path
+
+            self.deliverer = build_deliverer(self.config)
+        except Exception as exc:  # never into training code
+            get_logger().warning("cannot start delivery (%s); records stay in %s", exc, self.config.run_dir)
+            return
+        finally:
+            self._deliverer_ready.set()
+        self.deliverer.run()
+
+    def flush(self, timeout_s: Optional[float]) -> bool:
+        if not self.delivery_started:
+            return True  # nothing was reported by this process
+        if timeout_s is None:
+            timeout_s = self.config.flush_timeout_s
+        deadline = time.monotonic() + timeout_s
+        self._deliverer_ready.wait(timeout_s)
+        if self.deliverer is None:
+            from .deliver import count_pending
+
+            return count_pending(self.config.run_dir) == 0
+        return self.deliverer.flush(max(0.0, deadline - time.monotonic()))
+
+    def close_at_exit(self) -> None:
+        if self.writer.lost:
+            lost = ", ".join(f"{count} ({reason})" for reason, count in self.writer.lost.items())
+            get_logger().warning("records that could not be journalled: %s", lost)
+        if not self.delivery_started or self.config.offline:
+            return
+        deadline = time.monotonic() + self.config.flush_timeout_s
+        self._deliverer_ready.wait(self.config.flush_timeout_s)
+        deliverer = self.deliverer
+        if deliverer is None:
+            return
+        deliverer.first_lock_attempt.wait(max(0.0, deadline - time.monotonic()))
+        if not deliverer.holding.is_set():
+            deliverer.stop()  # another deliverer (wrapper, sidecar) owns the journal
+            return
+        if not deliverer.close(max(0.0, deadline - time.monotonic())):
+            from .deliver import count_pending
+
+            pending = count_pending(self.config.run_dir)
+            if pending:
+                get_logger().warning(
+                    "%d records stay pending in %s; deliver them with `anylearn-reporter sync %s`",
+                    pending, self.config.run_dir, self.config.run_dir,
+                )
+
+    def _after_fork(self) -> None:
+        # The parent's delivery thread did not survive the fork, and its lock stays the parent's:
+        # a child of a delivering parent only journals; the parent delivers its records.
+        self.deliverer = None
+        self._deliverer_ready = threading.Event()
+        if self.delivery_started:
+            self._deliverer_ready.set()
+
+
+_hook: Optional[_Hook] = None
+_hook_lock = threading.Lock()
+
+
+def _get_hook() -> _Hook:
+    global _hook
+    with _hook_lock:
+        if _hook is None:
+            config, problems = load_config()
+            _hook = _Hook(config, problems)
+            atexit.register(_close_at_exit)
+        return _hook
+
+
+def _close_at_exit() -> None:
+    hook = _hook
+    if hook is not None and hook.writer._pid == os.getpid():
+        try:
+            hook.close_at_exit()
+        except Exception as exc:  # interpreter shutdown: say it, never raise
+            get_logger().warning("flush at exit failed: %s", exc)
+
+
+def _reset_for_tests() -> None:
+    """Forget the process's hook so the next report reads the environment again (tests only)."""
+    global _hook
+    with _hook_lock:
+        if _hook is not None:
+            if _hook.deliverer is not None:
+                _hook.deliverer.close(0.5)
+            _hook.writer.close()
+        _hook = None
+
+
+def _as_float(value: Any) -> float:
+    kind = type(value)
+    if kind is float:
+        return value
+    if kind is int:
+        try:
+            return float(value)
+        except OverflowError:
+            return float("inf") if value > 0 else float("-inf")
+    if kind is bool or isinstance(value, (str, bytes)) or kind.__name__ == "bool_" or not hasattr(value, "__float__"):
+        raise TypeError(f"a metric must be a number (int, float or a numeric scalar), not {kind.__name__}: {value!r:.60}")
+    try:
+        return float(value)
+    except (TypeError, ValueError, RuntimeError) as exc:
+        raise TypeError(f"a metric must be a single number; float() of this {kind.__name__} failed: {exc}") from None
+
+
+def _as_step(step: Any) -> Optional[int]:
+    if step is None or type(step) is int:
+        return step
+    if type(step) is bool or not hasattr(step, "__index__"):
+        raise TypeError(f"step must be an int or None, not {type(step).__name__}")
+    return int(step.__index__())
+
+
+def _as_name(name: Any) -> Optional[str]:
+    if name is None or type(name) is str:
+        return name
+    raise TypeError(f"name must be a str or None, not {type(name).__name__}")
+
+
+def report_metric(value: Any, *, step: Optional[int] = None, name: Optional[str] = None, final: bool = False) -> None:
+    """Record a metric for the current task; returns in microseconds and never blocks on the network.
+
+    ``value`` is an int, a float or anything with ``__float__`` (numpy scalars, 0-d tensors); a bool, a
+    string or anything else raises :class:`TypeError`. NaN and infinities are journalled as null and not
+    sent. ``final=True`` reports the task's final metric. Records named other than the objective metric
+    (``ANYLEARN_OBJECTIVE_METRIC``, default ``metric``) are journalled but not sent.
+
+    Example::
+
+        for epoch in range(epochs):
+            reporter.report_metric(accuracy, step=epoch)
+        reporter.report_metric(best_accuracy, final=True)
+    """
+    number = _as_float(value)
+    if step is not None and type(step) is not int:
+        step = _as_step(step)
+    if name is not None and type(name) is not str:
+        name = _as_name(name)
+    hook = _hook or _get_hook()
+    hook.emit(KIND_FINAL if final else KIND_INTERMEDIATE, number, name, step)
+
+
+def report_intermediate_metric(metric: Any) -> None:
+    """AnyLearn's name: report one intermediate value of the objective metric."""
+    report_metric(metric)
+
+
+def report_final_metric(metric: Any) -> None:
+    """AnyLearn's name: report the task's final metric."""
+    report_metric(metric, final=True)
+
+
+def report_metrics(metrics: Mapping[str, Any], *, step: Optional[int] = None) -> None:
+    """Record several named metrics at one step, e.g. ``{"metric": acc, "loss": loss}``.
+
+    All are journalled; the one named by ``ANYLEARN_OBJECTIVE_METRIC`` (default ``metric``) is sent.
+    Every value is checked before any is written, so a wrong type journals nothing.
+    """
+    if not isinstance(metrics, Mapping):
+        raise TypeError(f"report_metrics takes a mapping of name to number, not {type(metrics).__name__}")
+    checked: Dict[str, float] = {}
+    for key, value in metrics.items():
+        checked[_as_name(key) or ""] = _as_float(value)
+    step = _as_step(step)
+    hook = _hook or _get_hook()
+    for key, number in checked.items():
+        hook.emit(KIND_INTERMEDIATE, number, key, step)
+
+
+def flush(timeout: Optional[float] = None) -> bool:
+    """Wait up to ``timeout`` seconds (default ``ANYLEARN_FLUSH_TIMEOUT``) for pending records to be
+    delivered; True when nothing this run journalled is still pending. Never raises for delivery trouble."""
+    hook = _hook
+    if hook is None:
+        return True
+    try:
+        return hook.flush(timeout)
+    except Exception as exc:
+        get_logger().warning("flush failed: %s", exc)
+        return False

@@ -1,0 +1,146 @@
+"""``anylearn-reporter``: the command line. A shim: it parses arguments and hands each command to its module.
+
+Exit codes: 0 success, 1 a check failed (``status``, ``doctor``), 2 bad usage or configuration, 3 records
+stay pending (``sidecar``, ``sync``); ``run`` exits with its child's code.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import signal
+import sys
+from typing import Callable, Dict, List, Optional
+
+from .config import ENV_SECRET_KEY, ENV_SECRET_KEY_PLATFORM, ConfigError
+
+EXIT_OK = 0
+EXIT_CHECK_FAILED = 1
+EXIT_USAGE = 2
+
+
+class UsageError(Exception):
+    """Bad usage or configuration: one clear line, exit code 2."""
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> None:  # type: ignore[override]
+        self.print_usage(sys.stderr)
+        self.exit(EXIT_USAGE, f"anylearn-reporter: error: {message}\n")
+
+
+def _formatter(prog: str) -> argparse.HelpFormatter:
+    return argparse.RawDescriptionHelpFormatter(prog, max_help_position=32)
+
+
+def _task_arg(text: str) -> tuple:
+    task_id, sep, key = text.partition(":")
+    if not task_id:
+        raise argparse.ArgumentTypeError("give a task as ID:KEY, or as ID with the key in ANYLEARN_SECRET_KEY")
+    if not sep:
+        key = os.environ.get(ENV_SECRET_KEY) or os.environ.get(ENV_SECRET_KEY_PLATFORM) or ""
+        if not key:
+            raise argparse.ArgumentTypeError(
+                f"task {task_id!r} has no key: give ID:KEY or set ANYLEARN_SECRET_KEY"
+            )
+    return task_id, key
+
+
+def _probability(text: str) -> float:
+    value = float(text)
+    if not 0.0 <= value <= 1.0:
+        raise argparse.ArgumentTypeError("a probability between 0 and 1")
+    return value
+
+
+def _cmd_serve(args: argparse.Namespace) -> int:
+    from .devserver import DevServer, Faults
+
+    faults = Faults(
+        latency_ms=args.latency_ms, fail_first=args.fail_first, fail_rate=args.fail_rate,
+        retry_after_s=args.retry_after, seed=args.seed,
+    )
+    try:
+        server = DevServer(dict(args.task), host=args.host, port=args.port, db_path=args.db, faults=faults, quiet=not args.verbose)
+    except OSError as exc:
+        raise UsageError(f"cannot listen on {args.host}:{args.port}: {exc.strerror}; choose another --port") from None
+    signal.signal(signal.SIGTERM, lambda *_: (_ for _ in ()).throw(KeyboardInterrupt()))
+    print(f"AnyLearn backend emulator at {server.base_url} (page: http://{server.host}:{server.port}/)", flush=True)
+    if not args.task:
+        print("no tasks given: every report will get 401; add --task ID:KEY", flush=True)
+    try:
+        server.serve_forever()
+    except KeyboardInterrupt:
+        pass
+    finally:
+        server.backend.close()
+    return EXIT_OK
+
+
+def _add_serve(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "serve",
+        help="run the local AnyLearn backend emulator",
+        formatter_class=_formatter,
+        description="An AnyLearn-compatible backend on loopback, for trying a container end to end.",
+        epilog=(
+            "example:\n  ANYLEARN_SECRET_KEY=s3cret anylearn-reporter serve --port 8080 --task TRAIdemo\n"
+            "  then: ANYLEARN_BACKEND_URL=http://127.0.0.1:8080/api ANYLEARN_TASK_ID=TRAIdemo "
+            "ANYLEARN_SECRET_KEY=s3cret python train.py"
+        ),
+    )
+    p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1)")
+    p.add_argument("--port", type=int, default=8080, help="port (default 8080; 0 picks a free one)")
+    p.add_argument("--db", default=":memory:", metavar="PATH", help="sqlite database file (default in-memory)")
+    p.add_argument("--task", action="append", type=_task_arg, default=[], metavar="ID[:KEY]",
+                   help="a task it accepts; without :KEY the key comes from ANYLEARN_SECRET_KEY (repeatable)")
+    p.add_argument("--latency-ms", type=float, default=0.0, help="delay every POST by this many ms")
+    p.add_argument("--fail-first", type=int, default=0, metavar="N", help="answer the first N POSTs with 503")
+    p.add_argument("--fail-rate", type=_probability, default=0.0, metavar="P", help="answer POSTs with 503 at probability P")
+    p.add_argument("--retry-after", type=float, default=None, metavar="S",
+                   help="injected failures become 429 with Retry-After: S")
+    p.add_argument("--seed", type=int, default=None, help="seed for --fail-rate")
+    p.add_argument("--verbose", action="store_true", help="log every request")
+    p.set_defaults(func=_cmd_serve)
+
+
+_COMMANDS: List[Callable[[argparse._SubParsersAction], None]] = [_add_serve]
+
+
+def register(adder: Callable[[argparse._SubParsersAction], None]) -> None:
+    """Let a command module add its sub-command (used at parser build time)."""
+    _COMMANDS.append(adder)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(
+        prog="anylearn-reporter",
+        formatter_class=_formatter,
+        description="The in-container training reporter for AnyLearn.",
+        epilog="example:\n  anylearn-reporter run -- python train.py --lr 0.01",
+    )
+    from . import __version__
+
+    parser.add_argument("--version", action="version", version=f"anylearn-reporter {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
+    for adder in _COMMANDS:
+        adder(sub)
+    return parser
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    """Run the command line; returns the exit code."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, "func", None):
+        parser.print_help(sys.stderr)
+        return EXIT_USAGE
+    try:
+        return int(args.func(args) or 0)
+    except (UsageError, ConfigError) as exc:
+        print(f"anylearn-reporter: error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    except KeyboardInterrupt:
+        return 130
+
+

@@ -1,0 +1,230 @@
+"""Environment variable names, defaults and the validated run configuration.
+
+A leaf module: it imports nothing from the package and does no I/O at import time. Every value the
+agent reads from the environment is named here, once.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import secrets
+import time
+from dataclasses import dataclass, field
+from typing import List, Mapping, Optional, Tuple
+
+# --- environment variable names -------------------------------------------------------------------
+ENV_TASK_ID = "ANYLEARN_TASK_ID"
+ENV_TASK_ID_PLATFORM = "task_id"
+ENV_SECRET_KEY = "ANYLEARN_SECRET_KEY"
+ENV_SECRET_KEY_PLATFORM = "secret_key"
+ENV_BACKEND_URL = "ANYLEARN_BACKEND_URL"
+ENV_BACKEND_NAMESPACE = "BACKEND_NAMESPACE"
+ENV_REPORTER_DIR = "ANYLEARN_REPORTER_DIR"
+ENV_RUN_DIR = "ANYLEARN_REPORTER_RUN_DIR"
+ENV_REPORT_RANKS = "ANYLEARN_REPORT_RANKS"
+ENV_OBJECTIVE_METRIC = "ANYLEARN_OBJECTIVE_METRIC"
+ENV_FLUSH_TIMEOUT = "ANYLEARN_FLUSH_TIMEOUT"
+ENV_RANK = "RANK"
+
+# --- defaults --------------------------------------------------------------------------------------
+DEFAULT_REPORTER_DIR = "anylearn-runs"
+DEFAULT_OBJECTIVE_METRIC = "metric"
+DEFAULT_FLUSH_TIMEOUT_S = 10.0
+STANDALONE_NAMESPACE = "STANDALONE"
+BACKEND_URL_TEMPLATE = "http://anylearn-backend.{namespace}/api"
+
+# --- file names inside a run directory -------------------------------------------------------------
+JOURNAL_FILE = "metrics.jsonl"
+CURSOR_FILE = "cursor"
+REJECTED_FILE = "rejected.jsonl"
+LOCK_FILE = "deliver.lock"
+STATUS_FILE = "status.json"
+SUMMARY_FILE = "summary.json"
+CHILD_PID_FILE = "child.pid"
+RESOURCES_FILE = "resources.jsonl"
+STDOUT_LOG = "stdout.log"
+STDERR_LOG = "stderr.log"
+
+# --- task states (AnyLearn) ------------------------------------------------------------------------
+STATE_CREATED = 0
+STATE_RUNNING = 1
+STATE_SUCCESS = 2
+STATE_DELETED = -1
+STATE_FAIL = -2
+STATE_ABORT = -3
+STATE_NAMES = {0: "created", 1: "running", 2: "success", -1: "deleted", -2: "fail", -3: "abort"}
+
+
+class ConfigError(ValueError):
+    """The environment or the command line holds a value the agent cannot use."""
+
+
+class Secret:
+    """A string that never shows itself: ``repr``/``str`` print a redaction, ``reveal()`` the value."""
+
+    __slots__ = ("_value",)
+
+    def __init__(self, value: str) -> None:
+        self._value = value
+
+    def reveal(self) -> str:
+        """Return the secret itself; only the HTTP layer calls this."""
+        return self._value
+
+    def hint(self) -> str:
+        """A redacted description safe for humans: length and at most the last two characters."""
+        tail = self._value[-2:] if len(self._value) >= 8 else ""
+        return f"{len(self._value)} characters" + (f", ending in {tail!r}" if tail else "")
+
+    def __bool__(self) -> bool:
+        return bool(self._value)
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, Secret) and secrets.compare_digest(self._value, other._value)
+
+    def __hash__(self) -> int:
+        return hash(("Secret", len(self._value)))
+
+    def __repr__(self) -> str:
+        return "Secret('***')"
+
+    __str__ = __repr__
+
+    def __reduce__(self):  # pickling would write the secret somewhere we do not control
+        raise TypeError("a Secret cannot be pickled")
+
+
+@dataclass(frozen=True)
+class Config:
+    """The agent's configuration, resolved from the environment once."""
+
+    task_id: Optional[str]
+    secret_key: Optional[Secret] = field(repr=False)
+    backend_url: Optional[str]
+    backend_url_source: str
+    reporter_dir: str
+    run_dir: str
+    report_all_ranks: bool
+    objective_metric: str
+    flush_timeout_s: float
+    rank: int
+
+    @property
+    def offline(self) -> bool:
+        """True when records are only journalled: no backend or no task to report to."""
+        return self.backend_url is None or not self.task_id
+
+    def __repr__(self) -> str:
+        key = "***" if self.secret_key else None
+        return (
+            f"Config(task_id={self.task_id!r}, secret_key={key!r}, backend_url={self.backend_url!r}, "
+            f"run_dir={self.run_dir!r}, report_all_ranks={self.report_all_ranks}, "
+            f"objective_metric={self.objective_metric!r}, rank={self.rank})"
+        )
+
+
+def _first(env: Mapping[str, str], *names: str) -> Optional[str]:
+    for name in names:
+        value = env.get(name, "").strip()
+        if value:
+            return value
+    return None
+
+
+def resolve_backend_url(env: Mapping[str, str], has_credentials: bool) -> Tuple[Optional[str], str]:
+    """Return the API base URL and how it was found (the order is AnyLearn's own)."""
+    explicit = _first(env, ENV_BACKEND_URL)
+    if explicit:
+        return explicit.rstrip("/"), ENV_BACKEND_URL
+    namespace = _first(env, ENV_BACKEND_NAMESPACE)
+    if namespace:
+        return BACKEND_URL_TEMPLATE.format(namespace=namespace), ENV_BACKEND_NAMESPACE
+    if has_credentials:
+        return BACKEND_URL_TEMPLATE.format(namespace=STANDALONE_NAMESPACE), "AnyLearn's default (STANDALONE)"
+    return None, "offline: no backend URL and no task credentials"
+
+
+def offline_run_name(now: Optional[float] = None) -> str:
+    """``offline-<UTC yyyymmdd-HHMMSS>-<6 hex>``, unique enough for one machine."""
+    stamp = time.strftime("%Y%m%d-%H%M%S", time.gmtime(time.time() if now is None else now))
+    return f"offline-{stamp}-{secrets.token_hex(3)}"
+
+
+def load_config(env: Optional[Mapping[str, str]] = None) -> Tuple[Config, List[str]]:
+    """Resolve the configuration, replacing each invalid value by its default.
+
+    Returns the configuration and the list of problems found (empty when all is well). The in-process
+    hook warns about the problems and carries on; the CLI turns them into exit code 2 (see
+    :func:`load_config_strict`).
+    """
+    env = os.environ if env is None else env
+    problems: List[str] = []
+
+    task_id = _first(env, ENV_TASK_ID, ENV_TASK_ID_PLATFORM)
+    key = _first(env, ENV_SECRET_KEY, ENV_SECRET_KEY_PLATFORM)
+    secret = Secret(key) if key else None
+    backend_url, source = resolve_backend_url(env, bool(task_id and key))
+    if backend_url is not None and not backend_url.startswith(("http://", "https://")):
+        problems.append(
+            f"{ENV_BACKEND_URL}={backend_url!r} is not an http(s) URL; "
+            "set it like http://127.0.0.1:8080/api"
+        )
+        backend_url, source = None, "offline: invalid backend URL"
+    if task_id and (task_id.startswith(".") or "/" in task_id or "\x00" in task_id):
+        problems.append(f"the task id {task_id!r} cannot name a run directory; use the id AnyLearn gave")
+        task_id = None
+
+    reporter_dir = os.path.abspath(_first(env, ENV_REPORTER_DIR) or DEFAULT_REPORTER_DIR)
+    run_dir = _first(env, ENV_RUN_DIR)
+    if run_dir and not os.path.isabs(run_dir):
+        problems.append(f"{ENV_RUN_DIR}={run_dir!r} must be an absolute path")
+        run_dir = None
+    if not run_dir:
+        run_dir = os.path.join(reporter_dir, task_id or offline_run_name())
+
+    ranks = (_first(env, ENV_REPORT_RANKS) or "0").lower()
+    if ranks not in ("0", "all"):
+        problems.append(f"{ENV_REPORT_RANKS}={ranks!r} must be '0' (rank 0 only) or 'all'")
+        ranks = "0"
+
+    flush_timeout_s = DEFAULT_FLUSH_TIMEOUT_S
+    raw_timeout = _first(env, ENV_FLUSH_TIMEOUT)
+    if raw_timeout is not None:
+        try:
+            flush_timeout_s = float(raw_timeout)
+            if flush_timeout_s < 0 or math.isnan(flush_timeout_s):
+                raise ValueError
+        except ValueError:
+            problems.append(f"{ENV_FLUSH_TIMEOUT}={raw_timeout!r} must be a number of seconds >= 0")
+            flush_timeout_s = DEFAULT_FLUSH_TIMEOUT_S
+
+    rank = 0
+    raw_rank = _first(env, ENV_RANK)
+    if raw_rank is not None:
+        try:
+            rank = int(raw_rank)
+        except ValueError:
+            problems.append(f"{ENV_RANK}={raw_rank!r} is not an integer; treating this process as rank 0")
+
+    config = Config(
+        task_id=task_id,
+        secret_key=secret,
+        backend_url=backend_url,
+        backend_url_source=source,
+        reporter_dir=reporter_dir,
+        run_dir=os.path.abspath(run_dir),
+        report_all_ranks=ranks == "all",
+        objective_metric=_first(env, ENV_OBJECTIVE_METRIC) or DEFAULT_OBJECTIVE_METRIC,
+        flush_timeout_s=flush_timeout_s,
+        rank=rank,
+    )
+    return config, problems
+
+
+def load_config_strict(env: Optional[Mapping[str, str]] = None) -> Config:
+    """Like :func:`load_config`, but raise :class:`ConfigError` naming every problem."""
+    config, problems = load_config(env)
+    if problems:
+        raise ConfigError("; ".join(problems))
+    return config

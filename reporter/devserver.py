@@ -1,0 +1,384 @@
+"""A local AnyLearn backend emulator (``anylearn-reporter serve``): try a container end to end, and the
+real server our integration tests run against.
+
+Standard library only: a threaded ``http.server`` speaking HTTP/1.1 keep-alive and ``sqlite3``. It
+implements the train-task endpoints of the platform contract, checks ``Secret-Key``, deduplicates by
+``Idempotency-Key`` and can inject faults (latency, 503s, 429 with ``Retry-After``).
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import hmac
+import json
+import random
+import secrets
+import sqlite3
+import threading
+import time
+from dataclasses import dataclass
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any, Dict, List, Mapping, Optional, Tuple
+from urllib.parse import parse_qs, urlsplit
+
+from .config import STATE_NAMES
+
+API_PREFIX = "/api"
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS task (id TEXT PRIMARY KEY, secret_key TEXT NOT NULL, state INTEGER NOT NULL DEFAULT 0,
+                                 final_metric REAL, final_reported_at TEXT, last_heartbeat REAL);
+CREATE TABLE IF NOT EXISTS intermediate_metric (seq INTEGER PRIMARY KEY AUTOINCREMENT, id TEXT NOT NULL,
+                                 train_task_id TEXT NOT NULL, metric REAL NOT NULL, reported_at TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS state_change (seq INTEGER PRIMARY KEY AUTOINCREMENT, train_task_id TEXT NOT NULL,
+                                 state INTEGER NOT NULL, reported_at TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS heartbeat (seq INTEGER PRIMARY KEY AUTOINCREMENT, train_task_id TEXT NOT NULL,
+                                 reported_at TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS idempotency (key TEXT NOT NULL, endpoint TEXT NOT NULL, status INTEGER NOT NULL,
+                                 body TEXT NOT NULL, PRIMARY KEY (key, endpoint));
+"""
+
+
+@dataclass
+class Faults:
+    """Fault injection, applied to POST requests in arrival order."""
+
+    latency_ms: float = 0.0
+    fail_first: int = 0
+    fail_rate: float = 0.0
+    retry_after_s: Optional[float] = None  # injected failures become 429 with this Retry-After
+    seed: Optional[int] = None
+
+
+def _now_text(ts: Optional[float] = None) -> str:
+    return _dt.datetime.fromtimestamp(time.time() if ts is None else ts).strftime("%Y-%m-%d %H:%M:%S.%f")
+
+
+def _public_time(text: str) -> str:
+    return text[:19]
+
+
+def _new_id(prefix: str) -> str:
+    alphabet = "abcdefghijklmnopqrstuvwxyz0123456789"
+    return prefix + "".join(secrets.choice(alphabet) for _ in range(28))
+
+
+class Backend:
+    """The emulator's state and rules, independent of HTTP (one sqlite connection behind a lock)."""
+
+    def __init__(self, tasks: Mapping[str, str], db_path: str = ":memory:", faults: Optional[Faults] = None):
+        self.faults = faults or Faults()
+        self._random = random.Random(self.faults.seed)
+        self._lock = threading.Lock()
+        self._db = sqlite3.connect(db_path, check_same_thread=False, isolation_level=None)
+        self._db.executescript(_SCHEMA)
+        for task_id, key in tasks.items():
+            self._db.execute(
+                "INSERT INTO task (id, secret_key) VALUES (?, ?) ON CONFLICT(id) DO UPDATE SET secret_key = excluded.secret_key",
+                (task_id, key),
+            )
+        self.posts_seen = 0
+        self.counters: Dict[str, int] = {"requests": 0, "duplicates": 0, "injected_failures": 0, "unauthorized": 0}
+
+    # --- faults and auth -----------------------------------------------------------------------------
+
+    def injected_failure(self) -> Optional[Tuple[int, Dict[str, Any], Dict[str, str]]]:
+        """Decide whether this POST fails on purpose; returns (status, body, headers) if so."""
+        with self._lock:
+            self.posts_seen += 1
+            fail = self.posts_seen <= self.faults.fail_first or (
+                self.faults.fail_rate > 0 and self._random.random() < self.faults.fail_rate
+            )
+            if fail:
+                self.counters["injected_failures"] += 1
+        if not fail:
+            return None
+        if self.faults.retry_after_s is not None:
+            return 429, {"msg": "too many requests (injected)"}, {"Retry-After": f"{self.faults.retry_after_s:g}"}
+        return 503, {"msg": "service unavailable (injected)"}, {}
+
+    def count_request(self) -> None:
+        with self._lock:
+            self.counters["requests"] += 1
+
+    def authorized(self, task_id: str, key: str) -> bool:
+        with self._lock:
+            row = self._db.execute("SELECT secret_key FROM task WHERE id = ?", (task_id,)).fetchone()
+        ok = row is not None and hmac.compare_digest(row[0].encode(), key.encode())
+        if not ok:
+            with self._lock:
+                self.counters["unauthorized"] += 1
+        return ok
+
+    # --- idempotency ---------------------------------------------------------------------------------
+
+    def replay(self, key: str, endpoint: str) -> Optional[Tuple[int, Dict[str, Any]]]:
+        if not key:
+            return None
+        with self._lock:
+            row = self._db.execute(
+                "SELECT status, body FROM idempotency WHERE key = ? AND endpoint = ?", (key, endpoint)
+            ).fetchone()
+            if row is not None:
+                self.counters["duplicates"] += 1
+        return None if row is None else (row[0], json.loads(row[1]))
+
+    def _remember(self, key: str, endpoint: str, status: int, body: Dict[str, Any]) -> None:
+        if key:
+            self._db.execute(
+                "INSERT OR IGNORE INTO idempotency (key, endpoint, status, body) VALUES (?, ?, ?, ?)",
+                (key, endpoint, status, json.dumps(body)),
+            )
+
+    # --- writes --------------------------------------------------------------------------------------
+
+    def add_intermediate(self, task_id: str, metric: float, key: str) -> Dict[str, Any]:
+        body = {"msg": "intermediate metric reported"}
+        with self._lock:
+            self._db.execute("BEGIN")
+            self._db.execute(
+                "INSERT INTO intermediate_metric (id, train_task_id, metric, reported_at) VALUES (?, ?, ?, ?)",
+                (_new_id("METR"), task_id, metric, _now_text()),
+            )
+            self._remember(key, "intermediate_metric", 200, body)
+            self._db.execute("COMMIT")
+        return body
+
+    def set_final(self, task_id: str, metric: float, key: str) -> Dict[str, Any]:
+        body = {"msg": "final metric reported"}
+        with self._lock:
+            self._db.execute("BEGIN")
+            self._db.execute(
+                "UPDATE task SET final_metric = ?, final_reported_at = ? WHERE id = ?", (metric, _now_text(), task_id)
+            )
+            self._remember(key, "final_metric", 200, body)
+            self._db.execute("COMMIT")
+        return body
+
+    def set_state(self, task_id: str, state: int, key: str) -> Dict[str, Any]:
+        body = {"msg": "state updated", "state": state}
+        with self._lock:
+            self._db.execute("BEGIN")
+            self._db.execute("UPDATE task SET state = ? WHERE id = ?", (state, task_id))
+            self._db.execute(
+                "INSERT INTO state_change (train_task_id, state, reported_at) VALUES (?, ?, ?)",
+                (task_id, state, _now_text()),
+            )
+            self._remember(key, "state", 200, body)
+            self._db.execute("COMMIT")
+        return body
+
+    def heartbeat(self, task_id: str) -> Dict[str, Any]:
+        now = time.time()
+        with self._lock:
+            self._db.execute("UPDATE task SET last_heartbeat = ? WHERE id = ?", (now, task_id))
+            self._db.execute("INSERT INTO heartbeat (train_task_id, reported_at) VALUES (?, ?)", (task_id, _now_text(now)))
+        return {"msg": "alive"}
+
+    # --- reads ---------------------------------------------------------------------------------------
+
+    def intermediate(self, task_id: str, last_timestamp: str = "") -> List[Dict[str, Any]]:
+        """The contract's list answer, in arrival order, after ``last_timestamp``."""
+        with self._lock:
+            rows = self._db.execute(
+                "SELECT id, metric, train_task_id, reported_at FROM intermediate_metric "
+                "WHERE train_task_id = ? AND reported_at > ? ORDER BY seq",
+                (task_id, last_timestamp or ""),
+            ).fetchall()
+        return [{"id": r[0], "metric": r[1], "train_task_id": r[2], "reported_at": _public_time(r[3])} for r in rows]
+
+    def final(self, task_id: str) -> Dict[str, Any]:
+        with self._lock:
+            row = self._db.execute("SELECT final_metric FROM task WHERE id = ?", (task_id,)).fetchone()
+        return {"final_metric": row[0] if row else None, "id": task_id, "name": task_id}
+
+    def tasks(self) -> List[Dict[str, Any]]:
+        """Every task with its state, metrics, state history and heartbeats (the page and tests read it)."""
+        with self._lock:
+            tasks = self._db.execute(
+                "SELECT id, state, final_metric, last_heartbeat FROM task ORDER BY id"
+            ).fetchall()
+            result = []
+            for task_id, state, final_metric, last_heartbeat in tasks:
+                metrics = self._db.execute(
+                    "SELECT metric, reported_at FROM intermediate_metric WHERE train_task_id = ? ORDER BY seq",
+                    (task_id,),
+                ).fetchall()
+                states = self._db.execute(
+                    "SELECT state FROM state_change WHERE train_task_id = ? ORDER BY seq", (task_id,)
+                ).fetchall()
+                beats = self._db.execute(
+                    "SELECT COUNT(*) FROM heartbeat WHERE train_task_id = ?", (task_id,)
+                ).fetchone()[0]
+                result.append({
+                    "id": task_id,
+                    "state": state,
+                    "state_name": STATE_NAMES.get(state, str(state)),
+                    "final_metric": final_metric,
+                    "intermediate_metrics": [m for m, _ in metrics],
+                    "reported_at": [_public_time(t) for _, t in metrics],
+                    "states": [s for (s,) in states],
+                    "heartbeats": beats,
+                    "last_heartbeat": last_heartbeat,
+                })
+        return result
+
+    def stats(self) -> Dict[str, Any]:
+        with self._lock:
+            return {**self.counters, "posts": self.posts_seen}
+
+    def close(self) -> None:
+        with self._lock:
+            self._db.close()
+
+
+class _Handler(BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"
+    disable_nagle_algorithm = True  # answers go out at once, not after the client's delayed ACK
+    server_version = "anylearn-devserver"
+    backend: Backend  # set on the subclass made per server
+    prefix: str = API_PREFIX
+    quiet: bool = True
+
+    def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 (the base class's name)
+        if not self.quiet:
+            super().log_message(format, *args)
+
+    def _send(self, status: int, body: Any, headers: Optional[Mapping[str, str]] = None, content_type: str = "application/json") -> None:
+        data = body if isinstance(body, bytes) else json.dumps(body).encode()
+        self.send_response(status)
+        self.send_header("Content-Type", content_type)
+        self.send_header("Content-Length", str(len(data)))
+        for name, value in (headers or {}).items():
+            self.send_header(name, value)
+        self.end_headers()
+        self.wfile.write(data)
+
+    def _route(self) -> Tuple[str, Dict[str, str]]:
+        parts = urlsplit(self.path)
+        query = {k: v[-1] for k, v in parse_qs(parts.query, keep_blank_values=True).items()}
+        path = parts.path
+        if path.startswith(self.prefix + "/"):
+            path = path[len(self.prefix):]
+        return path.rstrip("/") or "/", query
+
+    def _form(self) -> Dict[str, str]:
+        length = int(self.headers.get("Content-Length") or 0)
+        raw = self.rfile.read(length).decode("utf-8", "replace") if length else ""
+        return {k: v[-1] for k, v in parse_qs(raw, keep_blank_values=True).items()}
+
+    def do_GET(self) -> None:  # noqa: N802 (http.server's name)
+        self.backend.count_request()
+        path, query = self._route()
+        if path == "/":
+            from .devpage import render_page
+
+            return self._send(200, render_page(self.backend.tasks()).encode(), content_type="text/html; charset=utf-8")
+        if path == "/_dev/tasks":
+            return self._send(200, self.backend.tasks())
+        if path == "/_dev/stats":
+            return self._send(200, self.backend.stats())
+        if path in ("/train_task/intermediate_metric", "/train_task/final_metric"):
+            task_id = query.get("id", "")
+            if not self.backend.authorized(task_id, self.headers.get("Secret-Key", "")):
+                return self._send(401, {"msg": "invalid task id or secret key"})
+            if path.endswith("intermediate_metric"):
+                return self._send(200, self.backend.intermediate(task_id, query.get("last_timestamp", "")))
+            return self._send(200, self.backend.final(task_id))
+        return self._send(404, {"msg": f"no such endpoint: GET {path}"})
+
+    def do_POST(self) -> None:  # noqa: N802
+        self.backend.count_request()
+        path, _ = self._route()
+        form = self._form()
+        endpoint = path.rsplit("/", 1)[-1]
+        if path not in ("/train_task/intermediate_metric", "/train_task/final_metric", "/train_task/state", "/train_task/heartbeat"):
+            return self._send(404, {"msg": f"no such endpoint: POST {path}"})
+        if self.backend.faults.latency_ms:
+            time.sleep(self.backend.faults.latency_ms / 1000.0)
+        failure = self.backend.injected_failure()
+        if failure is not None:
+            return self._send(failure[0], failure[1], failure[2])
+        task_id = form.get("id", "")
+        if not task_id:
+            return self._send(400, {"msg": "form field 'id' is missing"})
+        if not self.backend.authorized(task_id, self.headers.get("Secret-Key", "")):
+            return self._send(401, {"msg": "invalid task id or secret key"})
+        if endpoint == "heartbeat":
+            return self._send(200, self.backend.heartbeat(task_id))
+        key = self.headers.get("Idempotency-Key", "")
+        replayed = self.backend.replay(key, endpoint)
+        if replayed is not None:
+            return self._send(*replayed)
+        if endpoint == "state":
+            try:
+                state = int(form.get("state", ""))
+            except ValueError:
+                state = None
+            if state not in STATE_NAMES:
+                return self._send(400, {"msg": f"state must be one of {sorted(STATE_NAMES)}"})
+            return self._send(200, self.backend.set_state(task_id, state, key))
+        try:
+            metric = float(form.get("metric", ""))
+        except ValueError:
+            return self._send(400, {"msg": "form field 'metric' must be a number"})
+        if metric != metric or metric in (float("inf"), float("-inf")):
+            return self._send(400, {"msg": "form field 'metric' must be a finite number"})
+        if endpoint == "intermediate_metric":
+            return self._send(200, self.backend.add_intermediate(task_id, metric, key))
+        return self._send(200, self.backend.set_final(task_id, metric, key))
+
+
+class _Server(ThreadingHTTPServer):
+    daemon_threads = True
+    allow_reuse_address = True
+
+
+class DevServer:
+    """The emulator bound to a loopback port; ``start()`` serves from a thread, ``stop()`` ends it."""
+
+    def __init__(
+        self,
+        tasks: Mapping[str, str],
+        *,
+        host: str = "127.0.0.1",
+        port: int = 0,
+        db_path: str = ":memory:",
+        faults: Optional[Faults] = None,
+        quiet: bool = True,
+    ) -> None:
+        self.backend = Backend(tasks, db_path, faults)
+        handler = type("Handler", (_Handler,), {"backend": self.backend, "quiet": quiet})
+        self._server = _Server((host, port), handler)
+        self.host, self.port = self._server.server_address[:2]
+        self._thread: Optional[threading.Thread] = None
+
+    @property
+    def base_url(self) -> str:
+        """The API base to give as ``ANYLEARN_BACKEND_URL``."""
+        return f"http://{self.host}:{self.port}{API_PREFIX}"
+
+    def start(self) -> "DevServer":
+        self._thread = threading.Thread(target=self._server.serve_forever, name="anylearn-devserver", daemon=True)
+        self._thread.start()
+        return self
+
+    def serve_forever(self) -> None:
+        self._server.serve_forever()
+
+    def stop(self) -> None:
+        self._server.shutdown()
+        self._server.server_close()
+        if self._thread is not None:
+            self._thread.join(5)
+        self.backend.close()
+
+    def __enter__(self) -> "DevServer":
+        return self.start()
+
+    def __exit__(self, *exc: Any) -> None:
+        self.stop()
+
+
+def make_server(tasks: Mapping[str, str], **kwargs: Any) -> DevServer:
+    """The public factory: a :class:`DevServer` for ``tasks`` (task id -> secret key), not yet started."""
+    return DevServer(tasks, **kwargs)

@@ -1,0 +1,42 @@
+"""The agent's logger: one stderr line per message, prefixed ``anylearn-reporter:``.
+
+The handler is attached to the package's own logger only, so the host program's logging setup is left
+alone; ``ANYLEARN_REPORTER_LOG_LEVEL`` (default INFO) sets how much is said.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+
+LOGGER_NAME = "anylearn_reporter"
+ENV_LOG_LEVEL = "ANYLEARN_REPORTER_LOG_LEVEL"
+
+
+class _StderrHandler(logging.StreamHandler):
+    """Looks sys.stderr up at each message, so a replaced stderr (pytest, a wrapper) is honoured."""
+
+    def __init__(self) -> None:
+        super().__init__(sys.stderr)
+
+    @property  # type: ignore[override]
+    def stream(self):
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, _value) -> None:
+        pass
+
+
+def get_logger() -> logging.Logger:
+    """Return the package logger, attaching the stderr handler on first use."""
+    logger = logging.getLogger(LOGGER_NAME)
+    if not logger.handlers:
+        handler = _StderrHandler()
+        handler.setFormatter(logging.Formatter("anylearn-reporter: %(message)s"))
+        logger.addHandler(handler)
+        logger.propagate = False
+        level = os.environ.get(ENV_LOG_LEVEL, "INFO").upper()
+        logger.setLevel(getattr(logging, level, logging.INFO))
+    return logger
