@@ -182,7 +182,7 @@ def _as_float(value: Any) -> float:
             return float(value)
         except OverflowError:
             return float("inf") if value > 0 else float("-inf")
-    if kind is bool or isinstance(value, (str, bytes)) or kind.__name__ == "bool_" or not hasattr(value, "__float__"):
+    if kind is bool or isinstance(value, (str, bytes)) or kind.__name__ in ("bool", "bool_") or not hasattr(value, "__float__"):
         raise TypeError(f"a metric must be a number (int, float or a numeric scalar), not {kind.__name__}: {value!r:.60}")
     try:
         return float(value)

@@ -1,0 +1,99 @@
+"""Shared fixtures: a real local backend on loopback, a clean environment, polling helpers."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import time
+from typing import Callable, Dict, Iterator, List, Optional
+
+import pytest
+
+from reporter import api
+from reporter.devserver import DevServer, Faults, make_server
+
+TASK_ID = "TRAI" + "testtask0000000000000000000a"
+SECRET_KEY = "s3cret-Key-never-logged-7f3a9c"
+REPORTER_ENV_PREFIXES = ("ANYLEARN_", "BACKEND_NAMESPACE", "RANK", "task_id", "secret_key", "MASTER_", "NODE_RANK")
+
+
+def wait_until(predicate: Callable[[], object], timeout_s: float = 20.0, interval_s: float = 0.02, what: str = "") -> object:
+    """Poll ``predicate`` until it is truthy; fail the test at the deadline."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout_s} s waiting for {what or predicate}")
+        time.sleep(interval_s)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def clean_environ(**extra: str) -> Dict[str, str]:
+    """The current environment without any reporter or distributed variables, plus ``extra``."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(REPORTER_ENV_PREFIXES)}
+    env.update(extra)
+    return env
+
+
+@pytest.fixture(autouse=True)
+def _isolated_env(monkeypatch: pytest.MonkeyPatch, tmp_path) -> Iterator[None]:
+    for name in list(os.environ):
+        if name.startswith(REPORTER_ENV_PREFIXES):
+            monkeypatch.delenv(name)
+    monkeypatch.chdir(tmp_path)
+    api._reset_for_tests()
+    yield
+    api._reset_for_tests()
+
+
+@pytest.fixture
+def server() -> Iterator[DevServer]:
+    srv = make_server({TASK_ID: SECRET_KEY}).start()
+    yield srv
+    srv.stop()
+
+
+@pytest.fixture
+def server_factory() -> Iterator[Callable[..., DevServer]]:
+    started: List[DevServer] = []
+
+    def factory(faults: Optional[Faults] = None, port: int = 0) -> DevServer:
+        srv = make_server({TASK_ID: SECRET_KEY}, faults=faults, port=port).start()
+        started.append(srv)
+        return srv
+
+    yield factory
+    for srv in started:
+        srv.stop()
+
+
+def task_env(base_url: str, run_dir: str, **extra: str) -> Dict[str, str]:
+    """Environment of a process reporting to ``base_url`` for the test task."""
+    return clean_environ(
+        ANYLEARN_BACKEND_URL=base_url,
+        ANYLEARN_TASK_ID=TASK_ID,
+        ANYLEARN_SECRET_KEY=SECRET_KEY,
+        ANYLEARN_REPORTER_RUN_DIR=run_dir,
+        **extra,
+    )
+
+
+def run_python(code: str, env: Dict[str, str], timeout_s: float = 60.0, **kwargs) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=timeout_s, **kwargs)
+
+
+def cli(*args: str, env: Optional[Dict[str, str]] = None, timeout_s: float = 120.0, **kwargs) -> subprocess.CompletedProcess:
+    """Run ``anylearn-reporter ARGS`` as a real subprocess (``python -m reporter``)."""
+    return subprocess.run(
+        [sys.executable, "-m", "reporter", *args], env=env if env is not None else clean_environ(),
+        capture_output=True, text=True, timeout=timeout_s, **kwargs,
+    )

@@ -1,0 +1,172 @@
+"""The delivery engine against the real local backend on loopback (and requests-mock where a backend
+without an endpoint is needed)."""
+
+import json
+import os
+
+import pytest
+
+from conftest import SECRET_KEY, TASK_ID, wait_until
+from reporter.client import BackendClient
+from reporter.config import Secret
+from reporter.deliver import Deliverer, DeliveryOptions, count_pending
+from reporter.devserver import Faults
+from reporter.journal import JournalWriter, load_cursor
+
+FAST = DeliveryOptions(poll_interval_s=0.05, lock_poll_interval_s=0.05, initial_backoff_s=0.05, max_backoff_s=0.2)
+
+
+def make_deliverer(run_dir, base_url, key=SECRET_KEY, options=FAST):
+    return Deliverer(str(run_dir), BackendClient(base_url, TASK_ID, Secret(key)), options)
+
+
+def journal(run_dir, values, kind="intermediate", name=None, rank=0):
+    writer = JournalWriter(str(run_dir), rank=rank)
+    for i, value in enumerate(values):
+        writer.append(kind, value, name, i)
+    writer.close()
+
+
+def intermediate_values(server):
+    (task,) = server.backend.tasks()
+    return task["intermediate_metrics"]
+
+
+def test_record_delivered_once_after_5xx_then_200(server_factory, tmp_path):
+    server = server_factory(Faults(fail_first=3))
+    journal(tmp_path, [0.5])
+    deliverer = make_deliverer(tmp_path, server.base_url).start()
+    assert deliverer.flush(10)
+    deliverer.close(5)
+    assert intermediate_values(server) == [0.5]
+    assert server.backend.stats()["posts"] == 4 and server.backend.stats()["duplicates"] == 0
+    assert load_cursor(str(tmp_path)) == os.path.getsize(tmp_path / "metrics.jsonl")
+
+
+def test_records_are_delivered_in_order_and_the_cursor_resumes(server, tmp_path):
+    journal(tmp_path, [float(i) for i in range(50)])
+    first = make_deliverer(tmp_path, server.base_url).start()
+    assert first.flush(20)
+    first.close(5)
+    journal(tmp_path, [float(i) for i in range(50, 60)])
+    second = make_deliverer(tmp_path, server.base_url).start()
+    assert second.flush(20)
+    second.close(5)
+    assert intermediate_values(server) == [float(i) for i in range(60)]
+    assert server.backend.stats()["duplicates"] == 0
+
+
+def test_final_metric_and_state_are_delivered(server, tmp_path):
+    writer = JournalWriter(str(tmp_path))
+    writer.append("state", 1, None, None)
+    writer.append("final", 0.93, None, None)
+    writer.append("state", 2, None, None)
+    deliverer = make_deliverer(tmp_path, server.base_url).start()
+    assert deliverer.flush(10)
+    deliverer.close(5)
+    (task,) = server.backend.tasks()
+    assert (task["final_metric"], task["states"], task["state"]) == (0.93, [1, 2], 2)
+
+
+def test_skipped_records_are_counted_with_their_reason(server, tmp_path):
+    journal(tmp_path, [1.0])
+    journal(tmp_path, [2.0], rank=1)
+    journal(tmp_path, [3.0], name="loss")
+    journal(tmp_path, [float("nan")])
+    journal(tmp_path, [4.0], name="metric")
+    deliverer = make_deliverer(tmp_path, server.base_url).start()
+    assert deliverer.flush(10)
+    deliverer.close(5)
+    assert intermediate_values(server) == [1.0, 4.0]
+    assert deliverer.skipped == {"from a rank other than 0": 1, "not the objective metric": 1, "not a finite number": 1}
+    status = json.loads((tmp_path / "status.json").read_text())
+    assert status["delivered"] == 2 and status["skipped"]["not the objective metric"] == 1
+
+
+def test_report_ranks_all_delivers_every_rank(server, tmp_path):
+    journal(tmp_path, [1.0], rank=0)
+    journal(tmp_path, [2.0], rank=3)
+    options = DeliveryOptions(**{**FAST.__dict__, "report_all_ranks": True})
+    deliverer = make_deliverer(tmp_path, server.base_url, options=options).start()
+    assert deliverer.flush(10)
+    deliverer.close(5)
+    assert intermediate_values(server) == [1.0, 2.0]
+
+
+def test_rejected_key_pauses_delivery_with_one_clear_message(server, tmp_path, capsys):
+    journal(tmp_path, [1.0, 2.0, 3.0])
+    deliverer = make_deliverer(tmp_path, server.base_url, key="wrong-key-xyz").start()
+    assert not deliverer.flush(10)  # returns as soon as delivery pauses
+    deliverer.close(2)
+    err = capsys.readouterr().err
+    assert err.count("refused the secret key") == 1 and TASK_ID in err and "sync" in err
+    assert "wrong-key-xyz" not in err
+    assert deliverer.paused_reason == "auth: HTTP 401"
+    assert load_cursor(str(tmp_path)) == 0 and count_pending(str(tmp_path)) == 3
+    assert server.backend.stats()["posts"] == 1  # paused: no hammering with a bad key
+
+
+def test_permanent_rejection_goes_to_rejected_jsonl_and_delivery_goes_on(server, tmp_path):
+    writer = JournalWriter(str(tmp_path))
+    writer.append("state", 7, None, None)  # not a task state: the backend answers 400
+    writer.append("intermediate", 1.5, None, None)
+    deliverer = make_deliverer(tmp_path, server.base_url).start()
+    assert deliverer.flush(10)
+    deliverer.close(5)
+    (rejected,) = [json.loads(line) for line in (tmp_path / "rejected.jsonl").read_text().splitlines()]
+    assert rejected["value"] == 7 and rejected["http_status"] == 400 and "state" in rejected["reason"]
+    assert intermediate_values(server) == [1.5]
+
+
+def test_backend_without_state_endpoint_turns_state_reporting_off(tmp_path, requests_mock, capsys):
+    base = "http://no-state.test/api"
+    requests_mock.post(f"{base}/train_task/state", status_code=404, text="no")
+    metric = requests_mock.post(f"{base}/train_task/intermediate_metric", json={"msg": "ok"})
+    writer = JournalWriter(str(tmp_path))
+    writer.append("state", 1, None, None)
+    writer.append("intermediate", 1.0, None, None)
+    writer.append("state", 2, None, None)
+    deliverer = make_deliverer(tmp_path, base).start()
+    assert deliverer.flush(10)
+    deliverer.close(5)
+    assert metric.call_count == 1
+    assert [r.url.endswith("/state") for r in requests_mock.request_history].count(True) == 1  # asked once
+    assert capsys.readouterr().err.count("state reporting is off") == 1
+    assert deliverer.skipped == {"state reporting is off": 2}
+
+
+def test_backend_down_keeps_records_pending_and_close_honours_its_deadline(tmp_path):
+    from conftest import free_port
+
+    journal(tmp_path, [1.0, 2.0])
+    deliverer = make_deliverer(tmp_path, f"http://127.0.0.1:{free_port()}/api").start()
+    assert not deliverer.flush(0.5)
+    assert not deliverer.close(0.5)
+    assert not deliverer.alive
+    assert count_pending(str(tmp_path)) == 2
+    status = json.loads((tmp_path / "status.json").read_text())
+    assert "cannot connect" in status["last_error"]
+
+
+def test_a_second_deliverer_waits_for_the_lock_then_takes_over(server, tmp_path):
+    journal(tmp_path, [1.0])
+    first = make_deliverer(tmp_path, server.base_url).start()
+    assert first.flush(10)
+    second = make_deliverer(tmp_path, server.base_url).start()
+    second.first_lock_attempt.wait(5)
+    assert not second.holding.is_set()
+    first.close(5)
+    wait_until(second.holding.is_set, 10, what="the second deliverer to take the lock")
+    journal(tmp_path, [2.0])
+    assert second.flush(10)
+    second.close(5)
+    assert intermediate_values(server) == [1.0, 2.0]
+
+
+def test_status_file_never_holds_the_secret(server, tmp_path):
+    journal(tmp_path, [1.0])
+    deliverer = make_deliverer(tmp_path, server.base_url).start()
+    deliverer.flush(10)
+    deliverer.close(5)
+    for name in os.listdir(tmp_path):
+        assert SECRET_KEY.encode() not in (tmp_path / name).read_bytes(), name

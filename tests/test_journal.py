@@ -1,0 +1,161 @@
+"""The journal on disk: atomic appends from many processes, torn lines, the cursor, the deliver lock."""
+
+import json
+import multiprocessing
+import os
+import subprocess
+import sys
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from reporter.journal import (
+    DeliverLock,
+    JournalReader,
+    JournalWriter,
+    iter_records,
+    load_cursor,
+    lock_holder_pid,
+    parse_line,
+    save_cursor,
+)
+
+WRITERS = 4
+RECORDS_PER_WRITER = 2000
+
+
+def _write_many(run_dir: str, writer_index: int) -> None:
+    writer = JournalWriter(run_dir, rank=writer_index)
+    long_name = "n" * (300 + writer_index)  # lines of different lengths make interleaving visible
+    for step in range(RECORDS_PER_WRITER):
+        writer.append("intermediate", float(step), long_name, step)
+
+
+def test_concurrent_writers_from_several_processes_never_interleave(tmp_path):
+    ctx = multiprocessing.get_context("spawn")
+    procs = [ctx.Process(target=_write_many, args=(str(tmp_path), i)) for i in range(WRITERS)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(60)
+        assert p.exitcode == 0
+    lines = (tmp_path / "metrics.jsonl").read_bytes().split(b"\n")
+    assert lines[-1] == b""
+    records = [json.loads(line) for line in lines[:-1]]
+    assert len(records) == WRITERS * RECORDS_PER_WRITER
+    for rank in range(WRITERS):
+        steps = [r["step"] for r in records if r["rank"] == rank]
+        assert steps == list(range(RECORDS_PER_WRITER))  # each writer's order is kept
+    assert len({r["key"] for r in records}) == len(records)
+
+
+def test_record_has_every_contract_field(tmp_path):
+    writer = JournalWriter(str(tmp_path), rank=2)
+    key = writer.append("final", 0.5, "metric", 7)
+    (record,) = [r for _, r in iter_records(str(tmp_path))]
+    assert set(record) == {"kind", "value", "name", "step", "ts", "rank", "pid", "key"}
+    assert record["kind"] == "final" and record["value"] == 0.5 and record["step"] == 7
+    assert record["rank"] == 2 and record["pid"] == os.getpid() and record["key"] == key
+
+
+@pytest.mark.parametrize("value", [float("nan"), float("inf"), float("-inf")])
+def test_non_finite_values_are_journalled_as_null(tmp_path, value):
+    JournalWriter(str(tmp_path)).append("intermediate", value, None, None)
+    (record,) = [r for _, r in iter_records(str(tmp_path))]
+    assert record["value"] is None
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    value=st.floats(allow_nan=False, allow_infinity=False),
+    name=st.one_of(st.none(), st.text(max_size=40)),
+    step=st.one_of(st.none(), st.integers(min_value=-(2**63), max_value=2**63)),
+)
+def test_any_value_name_and_step_round_trip_through_one_json_line(tmp_path_factory, value, name, step):
+    run_dir = str(tmp_path_factory.mktemp("rt"))
+    JournalWriter(run_dir).append("intermediate", value, name, step)
+    data = open(os.path.join(run_dir, "metrics.jsonl"), "rb").read()
+    assert data.count(b"\n") == 1 and data.endswith(b"\n")
+    record = json.loads(data)
+    assert (record["value"], record["name"], record["step"]) == (value, name, step)
+
+
+def test_torn_last_line_is_skipped_with_a_warning_and_the_next_record_survives(tmp_path, caplog):
+    writer = JournalWriter(str(tmp_path))
+    writer.append("intermediate", 1.0, None, 1)
+    with open(tmp_path / "metrics.jsonl", "ab") as f:
+        f.write(b'{"kind":"intermediate","value":2.0,"na')  # a writer killed mid-line
+    reader = JournalReader(str(tmp_path))
+    assert [e.record["value"] for e in reader.read_available()] == [1.0]  # the tail waits
+    JournalWriter(str(tmp_path)).append("intermediate", 3.0, None, 3)  # a new writer starts a fresh line
+    entries = reader.read_available()
+    assert [e.record and e.record["value"] for e in entries] == [None, 3.0]
+    assert reader.torn_lines == 1
+
+
+def test_a_torn_line_glued_to_the_next_record_recovers_that_record():
+    glued = b'{"kind":"intermediate","val{"kind":"final","value":5.0,"name":null,"step":null,"ts":1.0,"rank":0,"pid":1,"key":"k"}'
+    assert parse_line(glued)["value"] == 5.0
+    assert parse_line(b"not json at all") is None
+
+
+def test_corrupt_cursor_restarts_from_zero_with_a_warning(tmp_path, capsys):
+    JournalWriter(str(tmp_path)).append("intermediate", 1.0, None, None)
+    (tmp_path / "cursor").write_text("garbage")
+    assert load_cursor(str(tmp_path)) == 0
+    assert "corrupt" in capsys.readouterr().err
+
+
+def test_cursor_past_the_end_restarts_from_zero(tmp_path):
+    JournalWriter(str(tmp_path)).append("intermediate", 1.0, None, None)
+    save_cursor(str(tmp_path), 10_000)
+    assert load_cursor(str(tmp_path)) == 0
+
+
+def test_cursor_round_trips_atomically(tmp_path):
+    JournalWriter(str(tmp_path)).append("intermediate", 1.0, None, None)
+    size = os.path.getsize(tmp_path / "metrics.jsonl")
+    save_cursor(str(tmp_path), size)
+    assert load_cursor(str(tmp_path)) == size
+    assert sorted(os.listdir(tmp_path)) == ["cursor", "metrics.jsonl"]  # no temporary file left behind
+
+
+def test_reader_follows_a_growing_file(tmp_path):
+    writer = JournalWriter(str(tmp_path))
+    reader = JournalReader(str(tmp_path))
+    assert reader.read_available() == []
+    writer.append("intermediate", 1.0, None, None)
+    assert len(reader.read_available()) == 1
+    writer.append("intermediate", 2.0, None, None)
+    (entry,) = reader.read_available()
+    assert entry.record["value"] == 2.0 and entry.end_offset == os.path.getsize(tmp_path / "metrics.jsonl")
+
+
+def test_deliver_lock_is_exclusive_between_processes(tmp_path):
+    lock = DeliverLock(str(tmp_path))
+    assert lock.try_acquire()
+    assert lock_holder_pid(str(tmp_path)) == os.getpid()
+    code = "import sys; from reporter.journal import DeliverLock; sys.exit(0 if DeliverLock(sys.argv[1]).try_acquire() else 7)"
+    assert subprocess.run([sys.executable, "-c", code, str(tmp_path)]).returncode == 7
+    lock.release()
+    assert lock_holder_pid(str(tmp_path)) is None
+    assert subprocess.run([sys.executable, "-c", code, str(tmp_path)]).returncode == 0
+
+
+def test_forked_child_neither_holds_the_lock_nor_reuses_keys(tmp_path):
+    lock = DeliverLock(str(tmp_path))
+    writer = JournalWriter(str(tmp_path))
+    assert lock.try_acquire()
+    writer.append("intermediate", 1.0, None, None)
+    pid = os.fork()
+    if pid == 0:  # the child: report its verdict through the exit code
+        ok = not lock.held and writer.append("intermediate", 2.0, None, None) is not None
+        os._exit(0 if ok else 1)
+    _, status = os.waitpid(pid, 0)
+    assert os.waitstatus_to_exitcode(status) == 0
+    assert lock.held and lock_holder_pid(str(tmp_path)) == os.getpid()  # the child's exit did not free it
+    records = [r for _, r in iter_records(str(tmp_path))]
+    assert [r["pid"] for r in records] == [os.getpid(), pid]
+    assert len({r["key"] for r in records}) == 2
+    lock.release()
