@@ -77,6 +77,7 @@ class Backend:
                 (task_id, key),
             )
         self.posts_seen = 0
+        self.post_times: List[float] = []  # arrival times of the last 1000 POSTs
         self.counters: Dict[str, int] = {"requests": 0, "duplicates": 0, "injected_failures": 0, "unauthorized": 0}
 
     # --- faults and auth -----------------------------------------------------------------------------
@@ -85,6 +86,8 @@ class Backend:
         """Decide whether this POST fails on purpose; returns (status, body, headers) if so."""
         with self._lock:
             self.posts_seen += 1
+            self.post_times.append(time.time())
+            del self.post_times[:-1000]
             fail = self.posts_seen <= self.faults.fail_first or (
                 self.faults.fail_rate > 0 and self._random.random() < self.faults.fail_rate
             )
@@ -224,7 +227,7 @@ class Backend:
 
     def stats(self) -> Dict[str, Any]:
         with self._lock:
-            return {**self.counters, "posts": self.posts_seen}
+            return {**self.counters, "posts": self.posts_seen, "post_times": list(self.post_times)}
 
     def close(self) -> None:
         with self._lock:
@@ -331,6 +334,12 @@ class _Handler(BaseHTTPRequestHandler):
 class _Server(ThreadingHTTPServer):
     daemon_threads = True
     allow_reuse_address = True
+
+    def handle_error(self, request: Any, client_address: Any) -> None:
+        import sys
+
+        if not isinstance(sys.exc_info()[1], ConnectionError):  # a client that hung up is no error
+            super().handle_error(request, client_address)
 
 
 class DevServer:

@@ -78,13 +78,14 @@ def server_factory() -> Iterator[Callable[..., DevServer]]:
 
 def task_env(base_url: str, run_dir: str, **extra: str) -> Dict[str, str]:
     """Environment of a process reporting to ``base_url`` for the test task."""
-    return clean_environ(
-        ANYLEARN_BACKEND_URL=base_url,
-        ANYLEARN_TASK_ID=TASK_ID,
-        ANYLEARN_SECRET_KEY=SECRET_KEY,
-        ANYLEARN_REPORTER_RUN_DIR=run_dir,
+    values = {
+        "ANYLEARN_BACKEND_URL": base_url,
+        "ANYLEARN_TASK_ID": TASK_ID,
+        "ANYLEARN_SECRET_KEY": SECRET_KEY,
+        "ANYLEARN_REPORTER_RUN_DIR": run_dir,
         **extra,
-    )
+    }
+    return clean_environ(**values)
 
 
 def run_python(code: str, env: Dict[str, str], timeout_s: float = 60.0, **kwargs) -> subprocess.CompletedProcess:
@@ -97,3 +98,53 @@ def cli(*args: str, env: Optional[Dict[str, str]] = None, timeout_s: float = 120
         [sys.executable, "-m", "reporter", *args], env=env if env is not None else clean_environ(),
         capture_output=True, text=True, timeout=timeout_s, **kwargs,
     )
+
+
+class ServeProcess:
+    """``anylearn-reporter serve`` as a real subprocess on a loopback port."""
+
+    def __init__(self, *args: str, port: int = 0) -> None:
+        env = clean_environ(ANYLEARN_SECRET_KEY=SECRET_KEY)
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "reporter", "serve", "--port", str(port), "--task", TASK_ID, *args],
+            env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        )
+        line = self.proc.stdout.readline()
+        if "emulator at" not in line:
+            self.proc.kill()
+            raise RuntimeError(f"serve did not start: {line!r} {self.proc.stderr.read()}")
+        self.base_url = line.split(" at ", 1)[1].split()[0]
+        self.root = self.base_url.rsplit("/api", 1)[0]
+
+    def get(self, path: str):
+        import json
+        import urllib.request
+
+        with urllib.request.urlopen(self.root + path, timeout=10) as answer:
+            return json.loads(answer.read())
+
+    def task(self):
+        (task,) = self.get("/_dev/tasks")
+        return task
+
+    def stop(self) -> None:
+        self.proc.terminate()
+        try:
+            self.proc.wait(10)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+
+
+@pytest.fixture
+def serve_process() -> Iterator[Callable[..., ServeProcess]]:
+    started: List[ServeProcess] = []
+
+    def start(*args: str, port: int = 0) -> ServeProcess:
+        srv = ServeProcess(*args, port=port)
+        started.append(srv)
+        return srv
+
+    yield start
+    for srv in started:
+        srv.stop()
