@@ -104,7 +104,52 @@ def _add_serve(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=_cmd_serve)
 
 
-_COMMANDS: List[Callable[[argparse._SubParsersAction], None]] = [_add_serve]
+def _cmd_run(args: argparse.Namespace) -> int:
+    from .wrapper import run
+
+    return run(args)
+
+
+def _add_run(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "run",
+        help="launch and supervise a training command, reporting for it",
+        formatter_class=_formatter,
+        description=(
+            "Build the command from ANYLEARN_ENTRYPOINT (or the words after --) and the hyper-parameters, "
+            "prepare the output directory, run it in its own process group, pass its output through, read "
+            "metric lines, report the task state, forward signals, and deliver the journal. Exits with the "
+            "command's exit code (128+N when it died of signal N)."
+        ),
+        epilog=(
+            "examples:\n"
+            "  anylearn-reporter run --params '{\"lr\": 0.01, \"epochs\": 3}' -- python train.py\n"
+            "  ANYLEARN_ENTRYPOINT='python train.py' ANYLEARN_TRAIN_PARAMS='{\"lr\": 0.01}' anylearn-reporter run\n"
+            "  anylearn-reporter run --nproc-per-node 2 -- python train_ddp.py\n"
+            "metric lines the command may print:\n"
+            "  ANYLEARN_METRIC 0.93 | ANYLEARN_METRIC {\"value\": 0.93, \"step\": 5} | ANYLEARN_FINAL_METRIC 0.95"
+        ),
+    )
+    params = p.add_argument_group("hyper-parameters")
+    params.add_argument("--params", metavar="JSON", help="a JSON object (default: ANYLEARN_TRAIN_PARAMS, else {})")
+    params.add_argument("--params-file", metavar="FILE", help="read the JSON object from FILE")
+    params.add_argument("--params-prefix", metavar="P", help="put before each key (ANYLEARN_TRAIN_PARAMS_PREFIX, default --)")
+    params.add_argument("--params-delimiter", metavar="D",
+                        help="between key and value (ANYLEARN_TRAIN_PARAMS_DELIMITER, default a space: two argv elements)")
+    p.add_argument("--output", metavar="DIR", help="relative output directory (ANYLEARN_OUTPUT, default output)")
+    p.add_argument("--grace-period", metavar="S", help="seconds between a forwarded signal and SIGKILL (ANYLEARN_GRACE_PERIOD, default 30)")
+    p.add_argument("--drain-timeout", metavar="S", help="seconds to deliver pending records after the command ends (ANYLEARN_DRAIN_TIMEOUT, default 60)")
+    p.add_argument("--metric-pattern", action="append", metavar="REGEX",
+                   help="a regex with a named group 'value' (and optional 'name', 'step') read from output lines; repeatable (ANYLEARN_METRIC_PATTERNS, one per line)")
+    p.add_argument("--nnodes", metavar="N", help="nodes of a distributed run (ANYLEARN_NUM_NODES, default 1)")
+    p.add_argument("--nproc-per-node", metavar="N", help="processes per node (ANYLEARN_NPROC_PER_NODE, default 1); more than one process in all launches through torchrun")
+    p.add_argument("--isolate-secret", action="store_true", help="give the command no secret key (the wrapper delivers for it)")
+    p.add_argument("--dry-run", action="store_true", help="print the final argv and the environment it would add, then exit")
+    p.add_argument("command", nargs=argparse.REMAINDER, help="the command (after --)")
+    p.set_defaults(func=_cmd_run)
+
+
+_COMMANDS: List[Callable[[argparse._SubParsersAction], None]] = [_add_serve, _add_run]
 
 
 def register(adder: Callable[[argparse._SubParsersAction], None]) -> None:
@@ -131,7 +176,14 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Optional[List[str]] = None) -> int:
     """Run the command line; returns the exit code."""
     parser = build_parser()
+    argv = list(sys.argv[1:] if argv is None else argv)
+    command: Optional[List[str]] = None
+    if argv[:1] == ["run"] and "--" in argv:
+        split = argv.index("--")
+        argv, command = argv[:split], argv[split + 1:]
     args = parser.parse_args(argv)
+    if command is not None:
+        args.command = command
     if not getattr(args, "func", None):
         parser.print_help(sys.stderr)
         return EXIT_USAGE

@@ -367,7 +367,7 @@ class DevServer:
         return f"http://{self.host}:{self.port}{API_PREFIX}"
 
     def start(self) -> "DevServer":
-        self._thread = threading.Thread(target=self._server.serve_forever, name="anylearn-devserver", daemon=True)
+        self._thread = threading.Thread(target=self._server.serve_forever, args=(0.05,), name="anylearn-devserver", daemon=True)
         self._thread.start()
         return self
 

@@ -1,0 +1,83 @@
+"""What a fresh clone promises: the README's two commands, CI running the second, entrypoint.sh, the Dockerfile."""
+
+import json
+import os
+import re
+import shlex
+import shutil
+import subprocess
+import sys
+
+from conftest import clean_environ
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def readme_commands():
+    text = open(os.path.join(ROOT, "README.md")).read()
+    match = re.match(r"# [^\n]+\n\n```sh\n(.*?)\n```", text, re.S)
+    assert match, "the README must open with a sh code block"
+    return match.group(1).splitlines()
+
+
+def test_readme_opens_with_exactly_two_set_up_commands_and_ci_runs_the_second():
+    commands = readme_commands()
+    assert len(commands) == 2
+    install_and_run, install_and_test = commands
+    assert install_and_run.startswith("python3 -m pip install . && anylearn-reporter run")
+    assert "[test]" in install_and_test and "pytest" in install_and_test
+    assert install_and_test in open(os.path.join(ROOT, ".ci", "run")).read()
+
+
+def test_readme_first_command_runs_the_example_under_the_wrapper(tmp_path):
+    run_part = readme_commands()[0].split(" && ", 1)[1]
+    argv = shlex.split(run_part)
+    assert argv[0] == "anylearn-reporter"
+    shutil.copytree(os.path.join(ROOT, "examples"), tmp_path / "examples")
+    done = subprocess.run([sys.executable, "-m", "reporter", *argv[1:]], cwd=tmp_path, env=clean_environ(),
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert "offline mode" in done.stderr and "ANYLEARN_FINAL_METRIC" in done.stdout
+    (run_dir,) = (tmp_path / "anylearn-runs").iterdir()
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["state"] == 2 and summary["final_metric"] > 0.9
+    assert (tmp_path / "output" / "model.json").exists()
+
+
+def test_entrypoint_sh_execs_the_wrapper_with_its_arguments(tmp_path):
+    env = clean_environ(ANYLEARN_REPORTER_DIR=str(tmp_path / "runs"))
+    env["PATH"] = os.path.dirname(sys.executable) + os.pathsep + env.get("PATH", "")
+    if shutil.which("anylearn-reporter", path=env["PATH"]) is None:
+        bindir = tmp_path / "bin"
+        bindir.mkdir()
+        shim = bindir / "anylearn-reporter"
+        shim.write_text(f"#!/bin/sh\nexec {shlex.quote(sys.executable)} -m reporter \"$@\"\n")
+        shim.chmod(0o755)
+        env["PATH"] = f"{bindir}{os.pathsep}{env['PATH']}"
+    code = "import os, sys; print('parent', os.getppid()); sys.exit(5)"
+    proc = subprocess.Popen(["sh", os.path.join(ROOT, "entrypoint.sh"), "--", sys.executable, "-c", code],
+                            cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    out, err = proc.communicate(timeout=60)
+    assert proc.returncode == 5, err
+    # The wrapper replaced the shell (exec), so the child's parent is the process sh started as.
+    assert f"parent {proc.pid}" in out
+
+
+def test_entrypoint_sh_is_strict_posix_sh():
+    text = open(os.path.join(ROOT, "entrypoint.sh")).read()
+    assert text.startswith("#!/bin/sh\n") and "set -eu" in text and 'exec anylearn-reporter run "$@"' in text
+    assert os.access(os.path.join(ROOT, "entrypoint.sh"), os.X_OK)
+
+
+def test_dockerfile_entrypoint_and_copies_match_the_tree():
+    lines = [line.strip() for line in open(os.path.join(ROOT, "Dockerfile")) if line.strip() and not line.startswith("#")]
+    assert lines[0].startswith("FROM python:") and "slim" in lines[0]
+    assert 'ENTRYPOINT ["/entrypoint.sh"]' in lines
+    copies = [shlex.split(line)[1:-1] for line in lines if line.startswith("COPY ")]
+    assert ["entrypoint.sh"] in copies
+    for sources in copies:
+        for source in sources:
+            assert os.path.exists(os.path.join(ROOT, source)), source
+    user = [line for line in lines if line.startswith("USER ")]
+    assert user and user[-1] != "USER root"
+    assert any("pip install ." in line for line in lines)

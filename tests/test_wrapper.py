@@ -1,0 +1,301 @@
+"""``anylearn-reporter run`` with real subprocesses against the local backend on loopback."""
+
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+
+import pytest
+
+from conftest import SECRET_KEY, TASK_ID, clean_environ, cli, free_port, task_env, wait_until
+from reporter.deliver import count_pending
+from reporter.journal import iter_records
+
+
+def run_env(base_url, tmp_path, **extra):
+    return task_env(base_url, str(tmp_path / "run"), **extra)
+
+
+def write_script(tmp_path, name, body):
+    path = tmp_path / name
+    path.write_text(textwrap.dedent(body))
+    return str(path)
+
+
+def summary(tmp_path):
+    return json.loads((tmp_path / "run" / "summary.json").read_text())
+
+
+def start_wrapper(args, env, cwd):
+    return subprocess.Popen(
+        [sys.executable, "-m", "reporter", "run", *args], env=env, cwd=cwd,
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )
+
+
+def test_metric_lines_of_any_program_arrive_and_output_passes_through(server, tmp_path):
+    script = write_script(tmp_path, "child.py", """
+        import sys
+        print("starting")
+        print("ANYLEARN_METRIC 0.25")
+        print('ANYLEARN_METRIC {"value": 0.5, "step": 2}')
+        print("epoch=3 acc=0.75", flush=True)
+        print("to stderr", file=sys.stderr)
+        print("ANYLEARN_FINAL_METRIC 0.9")
+    """)
+    done = cli("run", "--metric-pattern", r"epoch=(?P<step>\d+) acc=(?P<value>[\d.]+)", "--", sys.executable, script,
+               env=run_env(server.base_url, tmp_path), cwd=tmp_path)
+    assert done.returncode == 0, done.stderr
+    assert "starting\nANYLEARN_METRIC 0.25\n" in done.stdout and "to stderr" in done.stderr
+    (task,) = server.backend.tasks()
+    assert task["intermediate_metrics"] == [0.25, 0.5, 0.75] and task["final_metric"] == 0.9
+    assert task["states"] == [1, 2]
+    assert "epoch=3 acc=0.75" in (tmp_path / "run" / "stdout.log").read_text()
+    assert (tmp_path / "run" / "stderr.log").read_text() == "to stderr\n"
+    steps = [r["step"] for _, r in iter_records(str(tmp_path / "run")) if r["kind"] == "intermediate"]
+    assert steps == [None, 2, 3]
+    result = summary(tmp_path)
+    assert result["state"] == 2 and result["exit_code"] == 0 and result["final_metric"] == 0.9
+    assert result["last_intermediate_metric"] == 0.75 and result["records"]["pending"] == 0
+    assert result["records"]["delivered"] == 6 and result["peak_rss_bytes"] > 0
+
+
+def test_the_child_gets_run_dir_output_path_and_unbuffered_and_only_journals(server, tmp_path):
+    script = write_script(tmp_path, "child.py", """
+        import json, os, reporter
+        keys = ["ANYLEARN_REPORTER_RUN_DIR", "ANYLEARN_TASK_OUTPUT_PATH", "PYTHONUNBUFFERED", "ANYLEARN_SECRET_KEY"]
+        print(json.dumps({k: os.environ.get(k) for k in keys}))
+        for i in range(50):
+            reporter.report_metric(i / 50, step=i)
+    """)
+    done = cli("run", "--output", "out/model", "--", sys.executable, script, env=run_env(server.base_url, tmp_path), cwd=tmp_path)
+    assert done.returncode == 0, done.stderr
+    seen = json.loads(done.stdout.splitlines()[0])
+    assert seen["ANYLEARN_REPORTER_RUN_DIR"] == str(tmp_path / "run")
+    assert seen["ANYLEARN_TASK_OUTPUT_PATH"] == str(tmp_path / "out" / "model") and (tmp_path / "out" / "model").is_dir()
+    assert seen["PYTHONUNBUFFERED"] == "1" and seen["ANYLEARN_SECRET_KEY"] == SECRET_KEY
+    assert server.backend.tasks()[0]["intermediate_metrics"] == [i / 50 for i in range(50)]
+    assert server.backend.stats()["duplicates"] == 0  # one deliverer: the wrapper
+
+
+def test_isolate_secret_keeps_the_key_from_the_child(server, tmp_path):
+    script = write_script(tmp_path, "child.py", """
+        import os, reporter
+        print("KEY", os.environ.get("ANYLEARN_SECRET_KEY"), os.environ.get("secret_key"))
+        reporter.report_metric(0.5)
+    """)
+    env = run_env(server.base_url, tmp_path, secret_key=SECRET_KEY)
+    done = cli("run", "--isolate-secret", "--", sys.executable, script, env=env, cwd=tmp_path)
+    assert done.returncode == 0, done.stderr
+    assert "KEY None None" in done.stdout
+    assert server.backend.tasks()[0]["intermediate_metrics"] == [0.5]  # the wrapper delivered for it
+
+
+def test_child_killed_with_sigkill_after_k_reports_fails_with_137_and_all_k_arrive(server, tmp_path):
+    script = write_script(tmp_path, "child.py", """
+        import os, signal, reporter
+        for i in range(23):
+            reporter.report_metric(float(i), step=i)
+        os.kill(os.getpid(), signal.SIGKILL)
+    """)
+    done = cli("run", "--", sys.executable, script, env=run_env(server.base_url, tmp_path), cwd=tmp_path)
+    assert done.returncode == 137
+    (task,) = server.backend.tasks()
+    assert task["intermediate_metrics"] == [float(i) for i in range(23)] and task["states"] == [1, -2]
+    result = summary(tmp_path)
+    assert result["state"] == -2 and result["signal"] == "SIGKILL"
+    assert "killed by SIGKILL" in result["failure"]["reason"]
+
+
+def test_failure_summary_has_the_reason_and_the_last_50_lines_of_stderr(server, tmp_path):
+    script = write_script(tmp_path, "child.py", """
+        import sys
+        for i in range(80):
+            print(f"err line {i}", file=sys.stderr)
+        sys.exit(3)
+    """)
+    done = cli("run", "--", sys.executable, script, env=run_env(server.base_url, tmp_path), cwd=tmp_path)
+    assert done.returncode == 3
+    failure = summary(tmp_path)["failure"]
+    assert failure["reason"] == "the command exited with code 3"
+    assert failure["stderr_tail"] == [f"err line {i}" for i in range(30, 80)]
+    assert server.backend.tasks()[0]["state"] == -2
+
+
+SIGTERM_CHILD = """
+    import os, signal, sys, time
+    mode = sys.argv[1]
+    if mode == "catch":
+        def stop(signum, frame):
+            print("child got SIGTERM", flush=True)
+            sys.exit(7)
+        signal.signal(signal.SIGTERM, stop)
+    elif mode == "ignore":
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    print("ready", flush=True)
+    while True:
+        time.sleep(0.05)
+"""
+
+
+@pytest.mark.parametrize("mode, exit_code", [("default", 143), ("catch", 7)])
+def test_sigterm_to_the_wrapper_reaches_the_child_and_aborts_the_task(server, tmp_path, mode, exit_code):
+    script = write_script(tmp_path, "child.py", SIGTERM_CHILD)
+    wrapper = start_wrapper(["--", sys.executable, script, mode], run_env(server.base_url, tmp_path), tmp_path)
+    assert wrapper.stdout.readline().strip() == "ready"
+    wrapper.send_signal(signal.SIGTERM)
+    out, err = wrapper.communicate(timeout=60)
+    assert wrapper.returncode == exit_code, err
+    if mode == "catch":
+        assert "child got SIGTERM" in out
+    assert server.backend.tasks()[0]["states"] == [1, -3]
+    assert summary(tmp_path)["stop_signal"] == "SIGTERM" and summary(tmp_path)["state"] == -3
+
+
+def test_a_child_that_ignores_sigterm_is_killed_after_the_grace_period(server, tmp_path):
+    script = write_script(tmp_path, "child.py", SIGTERM_CHILD)
+    wrapper = start_wrapper(["--grace-period", "1", "--", sys.executable, script, "ignore"], run_env(server.base_url, tmp_path), tmp_path)
+    assert wrapper.stdout.readline().strip() == "ready"
+    sent = time.monotonic()
+    wrapper.send_signal(signal.SIGTERM)
+    _, err = wrapper.communicate(timeout=60)
+    assert wrapper.returncode == 137 and time.monotonic() - sent >= 1.0
+    assert "grace period" in err
+    assert server.backend.tasks()[0]["state"] == -3
+
+
+def test_signals_go_to_the_whole_process_group(server, tmp_path):
+    grandchild_marker = tmp_path / "grandchild-stopped"
+    script = write_script(tmp_path, "child.py", f"""
+        import subprocess, sys, time
+        code = "import signal, sys, time\\n" \\
+               "def stop(*a):\\n open({str(grandchild_marker)!r}, 'w').close(); sys.exit(0)\\n" \\
+               "signal.signal(signal.SIGTERM, stop)\\nprint('up', flush=True)\\ntime.sleep(60)"
+        grandchild = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
+        grandchild.stdout.readline()
+        print("ready", flush=True)
+        grandchild.wait()
+    """)
+    wrapper = start_wrapper(["--", sys.executable, script], run_env(server.base_url, tmp_path), tmp_path)
+    assert wrapper.stdout.readline().strip() == "ready"
+    wrapper.send_signal(signal.SIGTERM)
+    wrapper.communicate(timeout=60)
+    assert grandchild_marker.exists()
+
+
+def test_backend_down_during_the_whole_run_keeps_the_childs_exit_code_and_counts_pending(tmp_path):
+    script = write_script(tmp_path, "child.py", """
+        import sys, reporter
+        for i in range(5):
+            reporter.report_metric(float(i))
+        sys.exit(4)
+    """)
+    env = run_env(f"http://127.0.0.1:{free_port()}/api", tmp_path)
+    done = cli("run", "--drain-timeout", "1", "--", sys.executable, script, env=env, cwd=tmp_path)
+    assert done.returncode == 4
+    assert re.search(r"7 records stay pending in .*run; deliver them with `anylearn-reporter sync", done.stderr)
+    assert summary(tmp_path)["records"]["pending"] == 7  # 5 metrics and 2 states
+    assert count_pending(str(tmp_path / "run")) == 7
+
+
+@pytest.mark.parametrize(
+    "args, env_extra, message",
+    [
+        (["--params", '{"lr": 0.1,}'], {}, r"--params is not valid JSON: .*line 1 column 12"),
+        (["--params", "[1]"], {}, "must be a JSON object"),
+        ([], {"ANYLEARN_TRAIN_PARAMS": "{oops"}, "ANYLEARN_TRAIN_PARAMS is not valid JSON"),
+        (["--output", "/abs/out"], {}, "must be a relative path"),
+        (["--output", "a/../../b"], {}, "must not contain '..'"),
+        ([], {"ANYLEARN_OUTPUT": "/etc"}, "must be a relative path"),
+        (["--metric-pattern", "acc=([0-9.]+)"], {}, r"needs a named group \(\?P<value>"),
+        (["--metric-pattern", "(?P<value>"], {}, "not a valid regular expression"),
+        (["--grace-period", "soon"], {}, "grace period must be a number"),
+        ([], {"ANYLEARN_REPORT_RANKS": "most"}, "ANYLEARN_REPORT_RANKS"),
+    ],
+)
+def test_bad_input_exits_2_with_a_clear_message_and_launches_nothing(tmp_path, args, env_extra, message):
+    marker = tmp_path / "launched"
+    env = clean_environ(**env_extra)
+    done = cli("run", *args, "--", "touch", str(marker), env=env, cwd=tmp_path)
+    assert done.returncode == 2
+    assert re.search(message, done.stderr), done.stderr
+    assert len(done.stderr.strip().splitlines()) == 1 and "Traceback" not in done.stderr
+    assert not marker.exists() and not (tmp_path / "anylearn-runs").exists()
+
+
+def test_no_command_and_no_entrypoint_names_both(tmp_path):
+    done = cli("run", env=clean_environ(), cwd=tmp_path)
+    assert done.returncode == 2 and "--" in done.stderr and "ANYLEARN_ENTRYPOINT" in done.stderr
+
+
+def test_entrypoint_and_params_from_the_environment_are_argv_not_a_shell(tmp_path):
+    script = write_script(tmp_path, "echo_args.py", "import json, sys; print(json.dumps(sys.argv[1:]))")
+    env = clean_environ(
+        ANYLEARN_ENTRYPOINT=f"{sys.executable} {script} --fixed 'two words'",
+        ANYLEARN_TRAIN_PARAMS='{"x": "$(touch pwned)", "y": "a; rm -rf /", "data": "$DS1"}',
+        ANYLEARN_TRAIN_PARAMS_PREFIX="-",
+        ANYLEARN_TRAIN_PARAMS_DELIMETER="=",
+        ANYLEARN_ARTIFACT_IDS="DS1",
+        DS1="/datasets/ds1",
+        ANYLEARN_REPORTER_DIR=str(tmp_path / "runs"),
+    )
+    done = cli("run", env=env, cwd=tmp_path)
+    assert done.returncode == 0, done.stderr
+    assert json.loads(done.stdout.splitlines()[0]) == ["--fixed", "two words", "-x=$(touch pwned)", "-y=a; rm -rf /", "-data=/datasets/ds1"]
+    assert not (tmp_path / "pwned").exists()
+
+
+def test_dry_run_prints_argv_and_added_environment_without_the_secret(tmp_path):
+    env = task_env("http://127.0.0.1:9/api", str(tmp_path / "run"))
+    done = cli("run", "--dry-run", "--isolate-secret", "--params", '{"lr": 0.01, "name": "a b"}', "--", "python", "train.py", env=env, cwd=tmp_path)
+    assert done.returncode == 0
+    argv_line, *rest = done.stdout.splitlines()
+    assert json.loads(argv_line) == ["python", "train.py", "--lr", "0.01", "--name", "a b"]
+    added = json.loads("\n".join(rest))
+    assert added["ANYLEARN_TASK_OUTPUT_PATH"] == str(tmp_path / "output") and added["ANYLEARN_SECRET_KEY"] is None
+    assert SECRET_KEY not in done.stdout + done.stderr
+    assert not (tmp_path / "output").exists() and not (tmp_path / "run").exists()
+
+
+def test_an_existing_non_empty_output_directory_is_kept(tmp_path):
+    (tmp_path / "output").mkdir()
+    (tmp_path / "output" / "checkpoint.pt").write_text("weights")
+    env = clean_environ(ANYLEARN_REPORTER_DIR=str(tmp_path / "runs"))
+    done = cli("run", "--", sys.executable, "-c", "pass", env=env, cwd=tmp_path)
+    assert done.returncode == 0
+    assert done.stderr.count("exists and is not empty: keeping it") == 1
+    assert (tmp_path / "output" / "checkpoint.pt").read_text() == "weights"
+
+
+def test_a_command_that_cannot_start_fails_with_127(server, tmp_path):
+    done = cli("run", "--", "no-such-program-xyz", env=run_env(server.base_url, tmp_path), cwd=tmp_path)
+    assert done.returncode == 127 and "no-such-program-xyz" in done.stderr
+    assert summary(tmp_path)["state"] == -2 and server.backend.tasks()[0]["states"] == [1, -2]
+
+
+def test_the_secret_appears_in_no_wrapper_output_log_or_run_file(server, tmp_path):
+    script = write_script(tmp_path, "child.py", """
+        import reporter, sys
+        reporter.report_metric(1.0)
+        print("ANYLEARN_METRIC 2.0")
+        sys.exit(1)
+    """)
+    done = cli("run", "--", sys.executable, script, env=run_env(server.base_url, tmp_path, ANYLEARN_REPORTER_LOG_LEVEL="DEBUG"), cwd=tmp_path)
+    assert done.returncode == 1
+    assert SECRET_KEY not in done.stdout + done.stderr
+    for path in (tmp_path / "run").iterdir():
+        assert SECRET_KEY.encode() not in path.read_bytes(), path.name
+
+
+def test_offline_run_journals_everything_and_says_where(tmp_path):
+    env = clean_environ(ANYLEARN_REPORTER_DIR=str(tmp_path / "runs"))
+    done = cli("run", "--", sys.executable, "-c", "import reporter; reporter.report_metric(0.5); print('ANYLEARN_METRIC 0.6')", env=env, cwd=tmp_path)
+    assert done.returncode == 0, done.stderr
+    (run_dir,) = (tmp_path / "runs").iterdir()
+    assert done.stderr.count("offline mode") == 1 and str(run_dir) in done.stderr
+    kinds = [(r["kind"], r["value"]) for _, r in iter_records(str(run_dir))]
+    assert kinds == [("state", 1), ("intermediate", 0.5), ("intermediate", 0.6), ("state", 2)]
