@@ -149,7 +149,72 @@ def _add_run(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=_cmd_run)
 
 
-_COMMANDS: List[Callable[[argparse._SubParsersAction], None]] = [_add_serve, _add_run]
+def _cmd_sidecar(args: argparse.Namespace) -> int:
+    from .sidecar import run
+
+    return run(args)
+
+
+def _add_sidecar(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "sidecar",
+        help="deliver a run's journal from a sidecar container, sample resources, heartbeat",
+        formatter_class=_formatter,
+        description=(
+            "Runs beside the training container, sharing the reporter directory. Delivers the run's journal, "
+            "samples resources into resources.jsonl and heartbeats, until summary.json appears, the watched "
+            "process is gone or SIGTERM; then drains. Exit 0: all delivered; 3: records stay pending."
+        ),
+        epilog="example:\n  ANYLEARN_TASK_ID=TRAIx ANYLEARN_SECRET_KEY=... ANYLEARN_REPORTER_DIR=/shared anylearn-reporter sidecar",
+    )
+    p.add_argument("--interval", metavar="S", help="seconds between resource samples (ANYLEARN_RESOURCE_INTERVAL, default 10)")
+    p.add_argument("--heartbeat", metavar="S", help="seconds between heartbeats (default 30)")
+    p.add_argument("--pid", type=int, metavar="PID", help="the process tree to watch (default: the child the wrapper records)")
+    p.add_argument("--drain-timeout", metavar="S", help="seconds to deliver what is pending at the end (ANYLEARN_DRAIN_TIMEOUT, default 60)")
+    p.set_defaults(func=_cmd_sidecar)
+
+
+def _cmd_status(args: argparse.Namespace) -> int:
+    from .status import status_command
+
+    return status_command(args.run_dir, as_json=args.json, stale_after_s=args.stale_after)
+
+
+def _add_status(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "status",
+        help="a run's delivery state; exit 0 while healthy, 1 when paused or stuck (for probes)",
+        formatter_class=_formatter,
+        description="Records journalled, delivered, pending and rejected, last delivery, last error and deliverer pid.",
+        epilog="example (a Kubernetes liveness probe):\n  anylearn-reporter status --stale-after 600",
+    )
+    p.add_argument("run_dir", nargs="?", metavar="RUN_DIR", help="default: this task's run directory")
+    p.add_argument("--json", action="store_true", help="print JSON")
+    p.add_argument("--stale-after", type=float, default=300.0, metavar="S", help="unhealthy when delivery has failed this long (default 300)")
+    p.set_defaults(func=_cmd_status)
+
+
+def _cmd_show(args: argparse.Namespace) -> int:
+    from .status import show_command
+
+    return show_command(args.run_dirs, as_json=args.json, metrics=args.metrics)
+
+
+def _add_show(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "show",
+        help="a table of runs: state, records, metrics and a sparkline",
+        formatter_class=_formatter,
+        description="Every run under the reporter directory (newest first), or the given run directories.",
+        epilog="examples:\n  anylearn-reporter show\n  anylearn-reporter show anylearn-runs/TRAIx --metrics\n  anylearn-reporter show --json",
+    )
+    p.add_argument("run_dirs", nargs="*", metavar="RUN_DIR")
+    p.add_argument("--json", action="store_true", help="print JSON for scripts")
+    p.add_argument("--metrics", action="store_true", help="list the records of the runs")
+    p.set_defaults(func=_cmd_show)
+
+
+_COMMANDS: List[Callable[[argparse._SubParsersAction], None]] = [_add_run, _add_sidecar, _add_status, _add_show, _add_serve]
 
 
 def register(adder: Callable[[argparse._SubParsersAction], None]) -> None:

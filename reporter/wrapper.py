@@ -525,6 +525,10 @@ class Supervisor:
     def run(self) -> int:
         started = time.time()
         os.makedirs(self.run_dir, exist_ok=True)
+        try:
+            os.unlink(os.path.join(self.run_dir, SUMMARY_FILE))  # a resumed task: the old run's end is not this one's
+        except FileNotFoundError:
+            pass
         self.prepare_output()
         child_env, _ = child_environment(self.env, self.config, self.options)
         self.start_delivery()

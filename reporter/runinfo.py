@@ -1,0 +1,167 @@
+"""What a run directory says about its run, read without taking it over (``status``, ``show``)."""
+
+from __future__ import annotations
+
+import os
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Any, Dict, List, Optional
+
+from .config import (
+    CURSOR_FILE,
+    JOURNAL_FILE,
+    REJECTED_FILE,
+    STATE_NAMES,
+    STATUS_FILE,
+    SUMMARY_FILE,
+)
+from .journal import KIND_FINAL, KIND_INTERMEDIATE, KIND_STATE, JournalReader, count_lines, load_cursor, lock_holder_pid, read_json
+
+
+@dataclass
+class RunInfo:
+    """A run directory's state: records, delivery, task state and metrics."""
+
+    run_dir: str
+    name: str
+    task_id: Optional[str] = None
+    journalled: int = 0
+    pending: int = 0
+    delivered: int = 0
+    rejected: int = 0
+    skipped: Dict[str, int] = field(default_factory=dict)
+    torn_lines: int = 0
+    paused: Optional[str] = None
+    last_delivery_ts: Optional[float] = None
+    last_error: Optional[str] = None
+    failing_since: Optional[float] = None
+    deliverer_pid: Optional[int] = None
+    state: Optional[int] = None
+    started: Optional[float] = None
+    ended: Optional[float] = None
+    metrics: List[float] = field(default_factory=list)
+    final_metric: Optional[float] = None
+    exit_code: Optional[int] = None
+    problems: List[str] = field(default_factory=list)
+
+    @property
+    def state_name(self) -> str:
+        return "unknown" if self.state is None else STATE_NAMES.get(self.state, str(self.state))
+
+    @property
+    def duration_s(self) -> Optional[float]:
+        if self.started is None:
+            return None
+        return (self.ended or time.time()) - self.started
+
+    @property
+    def last_metric(self) -> Optional[float]:
+        return self.metrics[-1] if self.metrics else None
+
+    @property
+    def best_metric(self) -> Optional[float]:
+        return max(self.metrics) if self.metrics else None
+
+    def as_dict(self) -> Dict[str, Any]:
+        data = asdict(self)
+        data.update(state_name=self.state_name, duration_s=self.duration_s, last_metric=self.last_metric, best_metric=self.best_metric)
+        return data
+
+
+def is_run_dir(path: str) -> bool:
+    return os.path.isfile(os.path.join(path, JOURNAL_FILE)) or os.path.isfile(os.path.join(path, SUMMARY_FILE))
+
+
+def find_runs(reporter_dir: str) -> List[str]:
+    """Run directories under ``reporter_dir``, newest first."""
+    try:
+        names = os.listdir(reporter_dir)
+    except OSError:
+        return []
+    runs = [os.path.join(reporter_dir, n) for n in names if is_run_dir(os.path.join(reporter_dir, n))]
+    return sorted(runs, key=_newest_mtime, reverse=True)
+
+
+def _newest_mtime(run_dir: str) -> float:
+    times = []
+    for name in (JOURNAL_FILE, SUMMARY_FILE):
+        try:
+            times.append(os.path.getmtime(os.path.join(run_dir, name)))
+        except OSError:
+            pass
+    return max(times, default=0.0)
+
+
+def read_run(run_dir: str, objective_metric: str = "metric") -> RunInfo:
+    """Read everything a run directory holds; unreadable parts become entries of ``problems``, never errors."""
+    run_dir = os.path.abspath(run_dir)
+    info = RunInfo(run_dir=run_dir, name=os.path.basename(run_dir))
+    if not os.path.isdir(run_dir):
+        info.problems.append("not a directory")
+        return info
+    journal = os.path.join(run_dir, JOURNAL_FILE)
+    if not os.path.exists(journal):
+        info.problems.append(f"no {JOURNAL_FILE}")
+
+    reader = JournalReader(run_dir)
+    cursor = load_cursor(run_dir) if os.path.exists(os.path.join(run_dir, CURSOR_FILE)) else 0
+    try:
+        while True:
+            entries = reader.read_available(max_records=10_000)
+            if not entries:
+                break
+            for entry in entries:
+                info.journalled += 1
+                if entry.end_offset > cursor:
+                    info.pending += 1
+                record = entry.record
+                if record is None:
+                    continue
+                ts = record.get("ts")
+                if isinstance(ts, (int, float)):
+                    info.started = ts if info.started is None else min(info.started, ts)
+                if record["kind"] == KIND_STATE:
+                    info.state = record.get("value")
+                    continue
+                if record.get("rank", 0) != 0 or record.get("name") not in (None, objective_metric) or record.get("value") is None:
+                    continue
+                if record["kind"] == KIND_INTERMEDIATE:
+                    info.metrics.append(record["value"])
+                elif record["kind"] == KIND_FINAL:
+                    info.final_metric = record["value"]
+    except OSError as exc:
+        info.problems.append(f"cannot read {JOURNAL_FILE}: {exc.strerror}")
+    finally:
+        info.torn_lines = reader.torn_lines
+        reader.close()
+    if info.torn_lines:
+        info.problems.append(f"{info.torn_lines} torn or invalid journal lines")
+
+    status = read_json(os.path.join(run_dir, STATUS_FILE))
+    if isinstance(status, dict):
+        info.task_id = status.get("task_id")
+        info.delivered = int(status.get("delivered") or 0)
+        info.skipped = dict(status.get("skipped") or {})
+        info.paused = status.get("paused")
+        info.last_delivery_ts = status.get("last_delivery_ts")
+        info.last_error = status.get("last_error")
+        info.failing_since = status.get("failing_since")
+    elif os.path.exists(os.path.join(run_dir, STATUS_FILE)):
+        info.problems.append(f"{STATUS_FILE} is not valid JSON")
+    info.rejected = count_lines(os.path.join(run_dir, REJECTED_FILE))
+    info.deliverer_pid = lock_holder_pid(run_dir)
+
+    summary = read_json(os.path.join(run_dir, SUMMARY_FILE))
+    if isinstance(summary, dict):
+        info.task_id = info.task_id or summary.get("task_id")
+        info.state = summary.get("state", info.state)
+        info.started = summary.get("started", info.started)
+        info.ended = summary.get("ended")
+        info.exit_code = summary.get("exit_code")
+        if summary.get("final_metric") is not None:
+            info.final_metric = summary["final_metric"]
+    elif os.path.exists(os.path.join(run_dir, SUMMARY_FILE)):
+        info.problems.append(f"{SUMMARY_FILE} is not valid JSON")
+    if info.task_id is None and not info.name.startswith("offline-"):
+        info.task_id = info.name
+    return info

@@ -1,0 +1,205 @@
+"""``anylearn-reporter sidecar``: deliver a run's journal from next to the training container.
+
+It takes the run's deliver lock (waiting while an in-process thread holds it, then taking over), follows
+the journal with the core deliverer, samples resources into ``resources.jsonl`` and heartbeats. It ends
+when the run ends (``summary.json`` appears, the watched pid is gone, or SIGTERM), drains, and exits 0
+when everything was delivered, 3 when records stay pending.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import threading
+import time
+from dataclasses import dataclass
+from typing import Any, Optional
+
+from .config import (
+    CHILD_PID_FILE,
+    DEFAULT_DRAIN_TIMEOUT_S,
+    DEFAULT_HEARTBEAT_INTERVAL_S,
+    DEFAULT_RESOURCE_INTERVAL_S,
+    ENV_DRAIN_TIMEOUT,
+    ENV_RESOURCE_INTERVAL,
+    SUMMARY_FILE,
+    Config,
+    ConfigError,
+    load_config_strict,
+)
+from .log import get_logger
+
+EXIT_PENDING = 3
+END_CHECK_INTERVAL_S = 0.5
+
+
+@dataclass
+class SidecarOptions:
+    resource_interval_s: float = DEFAULT_RESOURCE_INTERVAL_S
+    heartbeat_interval_s: float = DEFAULT_HEARTBEAT_INTERVAL_S
+    drain_timeout_s: float = DEFAULT_DRAIN_TIMEOUT_S
+    pid: Optional[int] = None
+
+
+def _seconds(value: Optional[str], env_value: Optional[str], what: str, default: float) -> float:
+    text = value if value is not None else env_value
+    if text is None or text == "":
+        return default
+    try:
+        seconds = float(text)
+    except ValueError:
+        raise ConfigError(f"{what} must be a number of seconds, not {text!r}") from None
+    if not seconds > 0:
+        raise ConfigError(f"{what} must be more than 0 seconds, not {text!r}")
+    return seconds
+
+
+def options_from(args: Any, env: Any) -> SidecarOptions:
+    options = SidecarOptions(
+        resource_interval_s=_seconds(args.interval, env.get(ENV_RESOURCE_INTERVAL), "--interval", DEFAULT_RESOURCE_INTERVAL_S),
+        heartbeat_interval_s=_seconds(args.heartbeat, None, "--heartbeat", DEFAULT_HEARTBEAT_INTERVAL_S),
+        drain_timeout_s=_seconds(args.drain_timeout, env.get(ENV_DRAIN_TIMEOUT), "--drain-timeout", DEFAULT_DRAIN_TIMEOUT_S),
+        pid=args.pid,
+    )
+    if options.pid is not None and not _pid_alive(options.pid):
+        raise ConfigError(f"--pid {options.pid}: no such process (is the process namespace shared with the training container?)")
+    return options
+
+
+def _pid_alive(pid: int) -> bool:
+    import psutil
+
+    try:
+        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+    except psutil.Error:
+        return False
+
+
+class Heartbeat:
+    """POSTs ``/train_task/heartbeat`` every interval; a backend without it (404/405) turns it off once."""
+
+    def __init__(self, config: Config) -> None:
+        from .client import BackendClient
+
+        self.client = BackendClient(config.backend_url or "", config.task_id or "", config.secret_key)
+        self.enabled = True
+        self.sent = 0
+        self._failing = False
+
+    def beat(self) -> None:
+        from .client import Outcome, TransientError
+
+        if not self.enabled:
+            return
+        log = get_logger()
+        try:
+            result = self.client.heartbeat(timeout_s=10)
+        except TransientError as exc:
+            if not self._failing:
+                log.warning("heartbeat failed (%s); will try again", exc.reason)
+            self._failing = True
+            return
+        self._failing = False
+        if result.outcome is Outcome.DELIVERED:
+            self.sent += 1
+        elif result.outcome is Outcome.UNSUPPORTED:
+            self.enabled = False
+            log.info("the backend has no heartbeat endpoint (HTTP %d); heartbeats are off", result.status)
+        else:
+            log.warning("heartbeat refused (HTTP %d: %s)", result.status, result.reason)
+
+    def close(self) -> None:
+        self.client.close()
+
+
+class Sidecar:
+    """One sidecar run; :meth:`run` returns the exit code."""
+
+    def __init__(self, config: Config, options: SidecarOptions) -> None:
+        self.config = config
+        self.options = options
+        self.run_dir = config.run_dir
+        self.log = get_logger()
+        self.stop_event = threading.Event()
+        self.end_reason: Optional[str] = None
+        self._watched_pid: Optional[int] = options.pid
+        self._child_pid_seen: Optional[int] = None
+
+    def _on_signal(self, signum: int, _frame: Any) -> None:
+        self.end_reason = f"received {signal.Signals(signum).name}"
+        self.stop_event.set()
+
+    def watched_pid(self) -> Optional[int]:
+        """The ``--pid``, else the child pid the wrapper recorded (when this namespace can see it)."""
+        if self.options.pid is not None:
+            return self.options.pid
+        try:
+            with open(os.path.join(self.run_dir, CHILD_PID_FILE)) as f:
+                pid = int(f.read().strip())
+        except (OSError, ValueError):
+            return self._watched_pid
+        if pid != self._child_pid_seen:
+            self._child_pid_seen = pid
+            self._watched_pid = pid if _pid_alive(pid) else None
+        return self._watched_pid
+
+    def run_ended(self) -> Optional[str]:
+        if os.path.exists(os.path.join(self.run_dir, SUMMARY_FILE)):
+            return "the run ended (summary.json appeared)"
+        pid = self.watched_pid()
+        if pid is not None and not _pid_alive(pid):
+            return f"the watched process {pid} is gone"
+        return None
+
+    def run(self) -> int:
+        from .deliver import build_deliverer, count_pending
+        from .resources import ResourceSampler
+
+        os.makedirs(self.run_dir, exist_ok=True)
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(sig, self._on_signal)
+        deliverer = build_deliverer(self.config, run_dir=self.run_dir).start()
+        sampler = ResourceSampler(self.run_dir)
+        heartbeat = Heartbeat(self.config)
+        self.log.info("sidecar for task %s: delivering %s to %s", self.config.task_id, self.run_dir, self.config.backend_url)
+        next_sample = time.monotonic()
+        next_beat = time.monotonic()
+        try:
+            while not self.stop_event.is_set():
+                now = time.monotonic()
+                if now >= next_sample:
+                    sampler.sample(self.watched_pid())
+                    next_sample = now + self.options.resource_interval_s
+                if now >= next_beat:
+                    heartbeat.beat()
+                    next_beat = now + self.options.heartbeat_interval_s
+                reason = self.run_ended()
+                if reason:
+                    self.end_reason = reason
+                    break
+                wait_s = min(next_sample, next_beat, now + END_CHECK_INTERVAL_S) - time.monotonic()
+                self.stop_event.wait(max(wait_s, 0.0))
+            self.log.info("%s: draining for up to %gs", self.end_reason, self.options.drain_timeout_s)
+            sampler.sample(self.watched_pid())
+            drained = deliverer.close(self.options.drain_timeout_s)
+        finally:
+            heartbeat.close()
+        pending = 0 if drained else count_pending(self.run_dir)
+        if pending:
+            self.log.warning(
+                "%d records stay pending in %s; deliver them with `anylearn-reporter sync %s`", pending, self.run_dir, self.run_dir
+            )
+            return EXIT_PENDING
+        return 0
+
+
+def run(args: Any, env: Optional[Any] = None) -> int:
+    """The ``sidecar`` command."""
+    env = os.environ if env is None else env
+    config = load_config_strict(env)
+    if config.offline:
+        raise ConfigError(
+            "the sidecar needs a task to deliver to: set ANYLEARN_TASK_ID (or task_id), ANYLEARN_SECRET_KEY "
+            "(or secret_key) and ANYLEARN_BACKEND_URL (or BACKEND_NAMESPACE)"
+        )
+    return Sidecar(config, options_from(args, env)).run()

@@ -1,0 +1,150 @@
+"""``anylearn-reporter status`` (a run's delivery health, for probes) and ``show`` (a table of runs)."""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+from typing import Any, List, Optional, Sequence, Tuple
+
+from .config import load_config
+from .runinfo import RunInfo, find_runs, is_run_dir, read_run
+
+DEFAULT_STALE_AFTER_S = 300.0
+SPARK_BARS = "▁▂▃▄▅▆▇█"
+
+
+def _when(ts: Optional[float]) -> str:
+    if ts is None:
+        return "never"
+    ago = time.time() - ts
+    return time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(ts)) + f" ({ago:.0f} s ago)"
+
+
+def health(info: RunInfo, stale_after_s: float) -> Tuple[bool, str]:
+    """Whether delivery is healthy, and why not: paused (auth), failing too long, or nobody delivering."""
+    if info.paused:
+        return False, f"paused ({info.paused}): fix the secret key, then `anylearn-reporter sync {info.run_dir}`"
+    if info.failing_since is not None and time.time() - info.failing_since > stale_after_s:
+        return False, f"delivery has failed for {time.time() - info.failing_since:.0f} s: {info.last_error}"
+    if info.pending and info.deliverer_pid is None and info.ended is None:
+        return False, f"{info.pending} records pending and no deliverer is running"
+    return True, "ok"
+
+
+def status_command(run_dir: Optional[str], *, as_json: bool = False, stale_after_s: float = DEFAULT_STALE_AFTER_S) -> int:
+    """Print a run's delivery state; 0 while delivery is healthy, 1 when it is paused or stuck."""
+    if run_dir is None:
+        config, _ = load_config()
+        run_dir = config.run_dir
+    if not is_run_dir(run_dir):
+        print(f"anylearn-reporter: no run at {run_dir} (no metrics.jsonl yet)", file=sys.stderr)
+        return 1
+    info = read_run(run_dir)
+    ok, why = health(info, stale_after_s)
+    if as_json:
+        print(json.dumps({**info.as_dict(), "healthy": ok, "health": why}, indent=2))
+        return 0 if ok else 1
+    rows = [
+        ("run", info.run_dir),
+        ("task", info.task_id or "offline"),
+        ("state", info.state_name),
+        ("records", f"{info.journalled} journalled, {info.delivered} delivered, {info.pending} pending, {info.rejected} rejected"),
+        ("last delivery", _when(info.last_delivery_ts)),
+        ("last error", info.last_error or "none"),
+        ("deliverer", f"pid {info.deliverer_pid}" if info.deliverer_pid else "none running"),
+        ("health", why),
+    ]
+    width = max(len(k) for k, _ in rows) + 1
+    for key, value in rows:
+        print(f"{key + ':':<{width}} {value}")
+    return 0 if ok else 1
+
+
+# --- show -------------------------------------------------------------------------------------------
+
+
+def sparkline(values: Sequence[float], width: int = 20) -> str:
+    """The values as a row of block characters (the last ``width`` buckets, each its bucket's mean)."""
+    if not values:
+        return ""
+    if len(values) > width:
+        size = len(values) / width
+        values = [
+            sum(chunk) / len(chunk)
+            for chunk in (values[int(i * size): max(int((i + 1) * size), int(i * size) + 1)] for i in range(width))
+        ]
+    low, high = min(values), max(values)
+    if high == low:
+        return SPARK_BARS[len(SPARK_BARS) // 2] * len(values)
+    return "".join(SPARK_BARS[round((v - low) / (high - low) * (len(SPARK_BARS) - 1))] for v in values)
+
+
+def _fmt(value: Optional[float]) -> str:
+    return "-" if value is None else f"{value:.4g}"
+
+
+def _duration(seconds: Optional[float]) -> str:
+    if seconds is None:
+        return "-"
+    seconds = int(seconds)
+    if seconds < 60:
+        return f"{seconds}s"
+    if seconds < 3600:
+        return f"{seconds // 60}m{seconds % 60:02d}s"
+    return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m"
+
+
+def show_command(run_dirs: List[str], *, as_json: bool = False, metrics: bool = False) -> int:
+    """Print a table of runs (default: every run under the reporter directory, newest first)."""
+    config, _ = load_config()
+    if not run_dirs:
+        run_dirs = find_runs(config.reporter_dir)
+        if not run_dirs:
+            print(f"no runs under {config.reporter_dir}", file=sys.stderr if as_json else sys.stdout)
+            if as_json:
+                print("[]")
+            return 0
+    infos = [read_run(d, config.objective_metric) for d in run_dirs]
+    if metrics:
+        return _show_metrics(run_dirs, as_json)
+    if as_json:
+        print(json.dumps([i.as_dict() for i in infos], indent=2))
+        return 0
+    header = ["run", "state", "start", "duration", "delivered", "pending", "rejected", "last", "best", "final", "metric"]
+    rows = []
+    for info in infos:
+        name = info.task_id or info.name
+        start = time.strftime("%Y-%m-%d %H:%M", time.localtime(info.started)) if info.started else "-"
+        state = info.state_name + (" (!)" if info.problems else "")
+        rows.append([name, state, start, _duration(info.duration_s), str(info.delivered), str(info.pending), str(info.rejected),
+                     _fmt(info.last_metric), _fmt(info.best_metric), _fmt(info.final_metric), sparkline(info.metrics)])
+    widths = [max(len(r[i]) for r in rows + [header]) for i in range(len(header))]
+    print("  ".join(h.ljust(w) for h, w in zip(header, widths)).rstrip())
+    for row in rows:
+        print("  ".join(c.ljust(w) for c, w in zip(row, widths)).rstrip())
+    for info in infos:
+        for problem in info.problems:
+            print(f"(!) {info.name}: {problem}")
+    return 0
+
+
+def _show_metrics(run_dirs: List[str], as_json: bool) -> int:
+    from .journal import iter_records
+
+    for run_dir in run_dirs:
+        records = [r for _, r in iter_records(run_dir)] if os.path.isdir(run_dir) else []
+        if as_json:
+            print(json.dumps(records, indent=2))
+            continue
+        print(f"# {run_dir}")
+        print(f"{'time (UTC)':<19}  {'kind':<12}  {'name':<10}  {'step':>6}  {'rank':>4}  value")
+        for r in records:
+            stamp = time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(r.get("ts") or 0))
+            step = "" if r.get("step") is None else str(r["step"])
+            print(f"{stamp:<19}  {r['kind']:<12}  {str(r.get('name') or '-'):<10}  {step:>6}  {r.get('rank', 0):>4}  {r.get('value')}")
+    return 0
+
+
+__all__: List[Any] = ["status_command", "show_command", "sparkline", "health"]
