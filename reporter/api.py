@@ -15,7 +15,7 @@ import threading
 import time
 from typing import TYPE_CHECKING, Any, Dict, List, Mapping, Optional
 
-from .config import Config, load_config
+from .config import ENV_SUPERVISOR_PID, Config, load_config
 from .journal import KIND_FINAL, KIND_INTERMEDIATE, JournalWriter, register_fork_hook, lock_holder_pid
 from .log import get_logger
 
@@ -71,10 +71,11 @@ class _Hook:
             self.delivery_started = True
         if self.config.offline:
             self._deliverer_ready.set()
-            if lock_holder_pid(self.config.run_dir) is None:
+            supervised = os.environ.get(ENV_SUPERVISOR_PID)  # the wrapper has said it already
+            if not supervised and lock_holder_pid(self.config.run_dir) is None:
                 get_logger().info(
-                    "offline mode (no task id and backend configured): journalling to %s; "
-                    "deliver later with `anylearn-reporter sync %s`",
+                    "offline mode (no task credentials or backend here): journalling to %s; a sidecar or "
+                    "`anylearn-reporter sync %s` can deliver it",
                     self.config.run_dir, self.config.run_dir,
                 )
             return

@@ -41,6 +41,7 @@ from .config import (
     ENV_RUN_DIR,
     ENV_SECRET_KEY,
     ENV_SECRET_KEY_PLATFORM,
+    ENV_SUPERVISOR_PID,
     ENV_TASK_OUTPUT_PATH,
     ENV_TRAIN_PARAMS,
     ENV_TRAIN_PARAMS_DELIMITER,
@@ -60,7 +61,7 @@ from .config import (
     ConfigError,
     load_config_strict,
 )
-from .journal import KIND_FINAL, KIND_INTERMEDIATE, KIND_STATE, DeliverLock, JournalWriter, atomic_write_json, count_lines, iter_records
+from .journal import KIND_FINAL, KIND_INTERMEDIATE, KIND_STATE, JournalWriter, atomic_write_json, count_lines, iter_records
 from .log import get_logger
 from .params import artifact_paths, parse_params, render_params
 
@@ -234,6 +235,7 @@ def child_environment(env: Mapping[str, str], config: Config, options: RunOption
         ENV_RUN_DIR: config.run_dir,
         ENV_TASK_OUTPUT_PATH: options.output_dir,
         "PYTHONUNBUFFERED": "1",
+        ENV_SUPERVISOR_PID: str(os.getpid()),
     }
     child = {**env, **added}
     if options.isolate_secret:
@@ -432,7 +434,6 @@ class Supervisor:
         self.child: Optional[subprocess.Popen] = None
         self._kill_deadline: Optional[float] = None
         self.deliverer: Any = None
-        self.lock: Optional[DeliverLock] = None
 
     # -- steps --
 
@@ -444,11 +445,11 @@ class Supervisor:
 
     def start_delivery(self) -> None:
         if self.config.offline:
-            # Hold the lock even without a backend: the run directory has an owner, and the child's hook
-            # (which sees a holder) journals quietly.
-            self.lock = DeliverLock(self.run_dir)
-            self.lock.try_acquire()
-            self.log.info("offline mode (no task id and backend configured): journalling to %s", self.run_dir)
+            # No lock taken: a sidecar sharing the run directory may deliver while the command runs.
+            self.log.info(
+                "offline mode (no task credentials or backend here): journalling to %s; a sidecar or "
+                "`anylearn-reporter sync %s` can deliver it", self.run_dir, self.run_dir,
+            )
             return
         from .deliver import build_deliverer
 
@@ -560,8 +561,6 @@ class Supervisor:
                 "%d records stay pending in %s; deliver them with `anylearn-reporter sync %s`", pending, self.run_dir, self.run_dir
             )
         self.write_summary(started, outcome, pending, peak_rss, pumps[1].tail if pumps else [])
-        if self.lock is not None:
-            self.lock.release()
         self.writer.close()
         return outcome.exit_code
 

@@ -207,3 +207,23 @@ def test_heartbeat_endpoint_missing_turns_heartbeats_off_once(requests_mock, cap
         heartbeat.beat()
     assert adapter.call_count == 1 and not heartbeat.enabled
     assert adapter.last_request.headers["Secret-Key"] == SECRET_KEY
+
+
+def test_kubernetes_pattern_wrapper_journals_and_the_sidecar_delivers_live(serve_process, tmp_path):
+    """The training container (task id, no key) runs the wrapper; the sidecar (with the key) delivers while
+    the command still runs, and ends once the wrapper's summary.json appears."""
+    server = serve_process()
+    sidecar = start_sidecar(shared_env(tmp_path, server.base_url))
+    child = "import sys, reporter\nreporter.report_metric(0.5)\nprint('reported', flush=True)\nsys.stdin.readline()\nprint('ANYLEARN_FINAL_METRIC 0.8')"
+    wrapper = subprocess.Popen([sys.executable, "-m", "reporter", "run", "--", sys.executable, "-c", child],
+                               env=shared_env(tmp_path, with_key=False), cwd=tmp_path,
+                               stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    assert wrapper.stdout.readline().strip() == "reported"
+    wait_until(lambda: server.task()["intermediate_metrics"] == [0.5], 30, what="live delivery by the sidecar")
+    assert server.task()["states"] == [1]
+    _, err = wrapper.communicate("\n", timeout=60)
+    assert wrapper.returncode == 0, err
+    assert err.count("offline mode") == 1
+    assert sidecar.wait(60) == 0
+    task = server.task()
+    assert task["final_metric"] == 0.8 and task["states"] == [1, 2]
