@@ -24,6 +24,10 @@ class UsageError(Exception):
 
 
 class _Parser(argparse.ArgumentParser):
+    def __init__(self, *args, **kwargs) -> None:
+        kwargs.setdefault("allow_abbrev", False)  # `--secret-key` must never be taken for `--secret-key-file`
+        super().__init__(*args, **kwargs)
+
     def error(self, message: str) -> None:  # type: ignore[override]
         self.print_usage(sys.stderr)
         self.exit(EXIT_USAGE, f"anylearn-reporter: error: {message}\n")
@@ -214,7 +218,89 @@ def _add_show(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=_cmd_show)
 
 
-_COMMANDS: List[Callable[[argparse._SubParsersAction], None]] = [_add_run, _add_sidecar, _add_status, _add_show, _add_serve]
+def _cmd_sync(args: argparse.Namespace) -> int:
+    from .sync import sync_command
+
+    return sync_command(args.run_dirs, task_id=args.task_id, backend_url=args.backend_url,
+                        secret_key_file=args.secret_key_file, timeout_s=args.timeout)
+
+
+def _add_sync(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "sync",
+        help="deliver what run directories left pending (offline runs, outages, a rejected key)",
+        formatter_class=_formatter,
+        description=(
+            "Delivers the pending records of each RUN_DIR in order. Interrupted and run again, each record "
+            "still reaches the backend once. The secret key comes from ANYLEARN_SECRET_KEY (or secret_key) or "
+            "--secret-key-file, never from an argument. Exit 0: all delivered; 3: records stay pending."
+        ),
+        epilog="example:\n  ANYLEARN_SECRET_KEY=... anylearn-reporter sync anylearn-runs/offline-20261125-101500-3fa2c1 --task-id TRAIx",
+    )
+    p.add_argument("run_dirs", nargs="+", metavar="RUN_DIR")
+    p.add_argument("--task-id", help="the task the records belong to (default: ANYLEARN_TASK_ID, else the run directory's name)")
+    p.add_argument("--backend-url", metavar="URL", help="API base (default: ANYLEARN_BACKEND_URL, BACKEND_NAMESPACE, AnyLearn's default)")
+    p.add_argument("--secret-key-file", metavar="FILE", help="read the secret key from FILE")
+    p.add_argument("--timeout", type=float, metavar="S", help="give up after S seconds (default: until delivered; Ctrl-C stops safely)")
+    p.set_defaults(func=_cmd_sync)
+
+
+def _number_arg(text: str) -> float:
+    try:
+        return float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+
+
+def _cmd_report(args: argparse.Namespace) -> int:
+    from . import api
+
+    api.report_metric(args.value, step=args.step, name=args.name, final=args.final)
+    return EXIT_OK
+
+
+def _add_report(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "report",
+        help="report a metric from a shell script or any language",
+        formatter_class=_formatter,
+        description=(
+            "Journals VALUE into the current run like the in-process API (under the wrapper: the wrapper's run). "
+            "Outside the wrapper it delivers before exiting, for up to ANYLEARN_FLUSH_TIMEOUT seconds."
+        ),
+        epilog="examples:\n  anylearn-reporter report 0.93 --step 5\n  anylearn-reporter report 0.95 --final",
+    )
+    p.add_argument("value", type=_number_arg, metavar="VALUE")
+    p.add_argument("--final", action="store_true", help="the task's final metric")
+    p.add_argument("--step", type=int, metavar="N")
+    p.add_argument("--name", metavar="NAME", help="the metric's name (only the objective metric is sent)")
+    p.set_defaults(func=_cmd_report)
+
+
+def _cmd_doctor(args: argparse.Namespace) -> int:
+    from .doctor import doctor_command
+
+    return doctor_command()
+
+
+def _add_doctor(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "doctor",
+        help="check what a run would use and say what is wrong",
+        formatter_class=_formatter,
+        description=(
+            "Checks the task id and key (redacted), the backend URL and how it was resolved, DNS, a TCP connect, "
+            "an authenticated read, the clock, the reporter directory and its free space, torch and NVML. "
+            "Exit 0 when a run would report, 1 otherwise."
+        ),
+        epilog="example:\n  anylearn-reporter doctor",
+    )
+    p.set_defaults(func=_cmd_doctor)
+
+
+_COMMANDS: List[Callable[[argparse._SubParsersAction], None]] = [
+    _add_run, _add_sidecar, _add_sync, _add_report, _add_show, _add_status, _add_doctor, _add_serve,
+]
 
 
 def register(adder: Callable[[argparse._SubParsersAction], None]) -> None:

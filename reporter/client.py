@@ -137,7 +137,7 @@ class BackendClient:
         self._secret_key = secret_key
         self.connect_timeout_s = connect_timeout_s
         self.read_timeout_s = read_timeout_s
-        self._session = _session_for(self.base_url)
+        self._session = make_session(self.base_url)
 
     def _post(self, endpoint: str, form: Mapping[str, str], headers: Dict[str, str], timeout_s: Optional[float]):
         if self._secret_key:
@@ -175,7 +175,7 @@ class BackendClient:
         self._session.close()
 
 
-def _session_for(base_url: str) -> "requests.Session":
+def make_session(base_url: str) -> "requests.Session":
     """A keep-alive session with the environment's proxy and CA bundle settings read once.
 
     ``requests`` re-reads the whole environment for proxies on every request when ``trust_env`` is on

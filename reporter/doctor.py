@@ -1,0 +1,167 @@
+"""``anylearn-reporter doctor``: check what a run would use and say what is wrong in plain words."""
+
+from __future__ import annotations
+
+import email.utils
+import importlib.util
+import os
+import shutil
+import socket
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from typing import List, Mapping, Optional
+from urllib.parse import urlsplit
+
+from .config import Config, load_config
+
+OK, WARN, FAIL, INFO = "ok", "warn", "FAIL", "info"
+CONNECT_TIMEOUT_S = 3.0
+MAX_CLOCK_SKEW_S = 60.0
+MIN_FREE_BYTES = 100 * 1024 * 1024
+
+
+@dataclass
+class Check:
+    level: str
+    subject: str
+    text: str
+
+
+def _task_checks(config: Config, problems: List[str]) -> List[Check]:
+    checks = [Check(FAIL, "configuration", p) for p in problems]
+    if config.task_id:
+        checks.append(Check(OK, "task id", config.task_id))
+    else:
+        checks.append(Check(FAIL, "task id", "not set: export ANYLEARN_TASK_ID (AnyLearn's containers set task_id)"))
+    if config.secret_key:
+        checks.append(Check(OK, "secret key", f"found ({config.secret_key.hint()})"))
+    else:
+        checks.append(Check(FAIL, "secret key", "not set: export ANYLEARN_SECRET_KEY (AnyLearn's containers set secret_key)"))
+    if config.backend_url:
+        checks.append(Check(OK, "backend", f"{config.backend_url} (from {config.backend_url_source})"))
+    else:
+        checks.append(Check(FAIL, "backend", "none: set ANYLEARN_BACKEND_URL (e.g. http://127.0.0.1:8080/api) or BACKEND_NAMESPACE"))
+    return checks
+
+
+def _network_checks(config: Config) -> List[Check]:
+    parts = urlsplit(config.backend_url or "")
+    host, port = parts.hostname or "", parts.port or (443 if parts.scheme == "https" else 80)
+    try:
+        addresses = sorted({a[4][0] for a in socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)})
+    except socket.gaierror as exc:
+        return [Check(FAIL, "DNS", f"cannot resolve {host}: {exc.strerror}")]
+    checks = [Check(OK, "DNS", f"{host} -> {', '.join(addresses)}")]
+    try:
+        start = time.monotonic()
+        with socket.create_connection((host, port), timeout=CONNECT_TIMEOUT_S):
+            pass
+        checks.append(Check(OK, "TCP", f"connected to {host}:{port} in {1000 * (time.monotonic() - start):.0f} ms"))
+    except OSError as exc:
+        reason = exc.strerror or type(exc).__name__
+        checks.append(Check(FAIL, "TCP", f"cannot connect to {host}:{port}: {reason}"))
+        return checks
+    checks += _auth_check(config)
+    return checks
+
+
+def _auth_check(config: Config) -> List[Check]:
+    """An authenticated read that changes nothing: GET /train_task/final_metric?id=<task>."""
+    import requests
+
+    from .client import make_session
+
+    session = make_session(config.backend_url or "")
+    headers = {"Secret-Key": config.secret_key.reveal()} if config.secret_key else {}
+    try:
+        answer = session.get(f"{config.backend_url}/train_task/final_metric", params={"id": config.task_id},
+                             headers=headers, timeout=(CONNECT_TIMEOUT_S, 10))
+    except requests.RequestException as exc:
+        return [Check(FAIL, "auth", f"the authenticated check failed: {type(exc).__name__}")]
+    finally:
+        session.close()
+    checks = []
+    if answer.status_code in (401, 403):
+        checks.append(Check(FAIL, "auth", f"the backend refused the secret key for task {config.task_id} (HTTP {answer.status_code})"))
+    elif answer.status_code in (404, 405):
+        checks.append(Check(INFO, "auth", f"the backend has no read endpoint to check the key with (HTTP {answer.status_code})"))
+    elif answer.ok:
+        checks.append(Check(OK, "auth", f"the backend accepted the secret key for task {config.task_id}"))
+    else:
+        checks.append(Check(WARN, "auth", f"the backend answered HTTP {answer.status_code}"))
+    checks.append(_clock_check(answer.headers.get("Date")))
+    return checks
+
+
+def _clock_check(server_date: Optional[str]) -> Check:
+    now = time.time()
+    if now < 1_700_000_000:
+        return Check(FAIL, "clock", f"the local clock says {time.strftime('%Y-%m-%d', time.gmtime(now))}: set the time")
+    if not server_date:
+        return Check(INFO, "clock", "the backend sent no Date header to compare with")
+    try:
+        skew = now - email.utils.parsedate_to_datetime(server_date).timestamp()
+    except (TypeError, ValueError):
+        return Check(INFO, "clock", f"cannot read the backend's Date header {server_date!r}")
+    if abs(skew) > MAX_CLOCK_SKEW_S:
+        return Check(WARN, "clock", f"the local clock is {skew:+.0f} s off the backend's: metric times will be off")
+    return Check(OK, "clock", f"within {abs(skew):.0f} s of the backend's")
+
+
+def _directory_check(config: Config) -> List[Check]:
+    directory = config.reporter_dir
+    try:
+        os.makedirs(directory, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=directory, prefix=".doctor-"):
+            pass
+    except OSError as exc:
+        return [Check(FAIL, "reporter dir", f"{directory} is not writable ({exc.strerror}): set ANYLEARN_REPORTER_DIR")]
+    free = shutil.disk_usage(directory).free
+    level = OK if free >= MIN_FREE_BYTES else WARN
+    return [Check(level, "reporter dir", f"{directory} is writable, {free / 1e9:.1f} GB free")]
+
+
+def _optional_checks() -> List[Check]:
+    checks = []
+    if importlib.util.find_spec("torch") is not None:
+        import torch
+
+        checks.append(Check(INFO, "torch", f"{torch.__version__}: distributed runs (torchrun) available"))
+    else:
+        checks.append(Check(INFO, "torch", "not installed: distributed runs need pip install anylearn-reporter[distributed]"))
+    try:
+        import pynvml
+
+        pynvml.nvmlInit()
+        checks.append(Check(INFO, "NVML", f"{pynvml.nvmlDeviceGetCount()} GPU(s) for resource sampling"))
+    except ImportError:
+        checks.append(Check(INFO, "NVML", "not installed: GPU sampling needs pip install anylearn-reporter[gpu]"))
+    except Exception as exc:
+        checks.append(Check(INFO, "NVML", f"installed, no GPU to sample ({type(exc).__name__})"))
+    return checks
+
+
+def run_checks(env: Optional[Mapping[str, str]] = None) -> List[Check]:
+    config, problems = load_config(os.environ if env is None else env)
+    checks = _task_checks(config, problems)
+    if config.backend_url and config.task_id:
+        checks += _network_checks(config)
+    checks += _directory_check(config)
+    checks += _optional_checks()
+    return checks
+
+
+def doctor_command(env: Optional[Mapping[str, str]] = None) -> int:
+    """Print one line a check; exit 0 when a run would report, 1 otherwise."""
+    checks = run_checks(env)
+    width = max(len(c.subject) for c in checks)
+    for check in checks:
+        print(f"{check.level:<4}  {check.subject:<{width}}  {check.text}")
+    failed = [c for c in checks if c.level == FAIL]
+    if failed:
+        print(f"\n{len(failed)} problem(s): a run would only journal locally until they are fixed.", file=sys.stderr)
+        return 1
+    print("\na run would report.")
+    return 0

@@ -1,0 +1,126 @@
+"""``anylearn-reporter sync RUN_DIR...``: deliver what a run left pending (an offline run, an outage, a
+rejected key). Resumable: interrupted and run again, each record still reaches the backend once
+(the cursor moves per record; a record in flight is resent with its ``Idempotency-Key``)."""
+
+from __future__ import annotations
+
+import os
+import sys
+import time
+from dataclasses import replace
+from typing import Any, List, Mapping, Optional
+
+from .config import Config, ConfigError, Secret, load_config_strict, resolve_backend_url
+from .log import get_logger
+from .runinfo import is_run_dir
+
+EXIT_PENDING = 3
+_BAR_WIDTH = 30
+
+
+def _task_of(run_dir: str, given: Optional[str]) -> str:
+    name = os.path.basename(os.path.abspath(run_dir))
+    owner = None if name.startswith("offline-") else name
+    if given and owner and owner != given:
+        raise ConfigError(f"{run_dir} holds task {owner}'s records, not {given}'s; sync it without --task-id or with its own id")
+    task_id = given or owner
+    if not task_id:
+        raise ConfigError(f"{run_dir} is an offline run: say which task it belongs to with --task-id or ANYLEARN_TASK_ID")
+    return task_id
+
+
+def _secret(secret_key_file: Optional[str], config: Config) -> Secret:
+    if secret_key_file:
+        try:
+            with open(secret_key_file, encoding="utf-8") as f:
+                key = f.read().strip()
+        except OSError as exc:
+            raise ConfigError(f"cannot read --secret-key-file {secret_key_file}: {exc.strerror}") from None
+        if not key:
+            raise ConfigError(f"--secret-key-file {secret_key_file} is empty")
+        return Secret(key)
+    if config.secret_key:
+        return config.secret_key
+    raise ConfigError("no secret key: set ANYLEARN_SECRET_KEY (or secret_key) or give --secret-key-file FILE")
+
+
+class Progress:
+    """A bar on a terminal, a plain line every few seconds otherwise."""
+
+    def __init__(self, run_dir: str, total: int, stream: Any = None) -> None:
+        self.run_dir = run_dir
+        self.total = max(total, 1)
+        self.stream = stream or sys.stderr
+        self.tty = self.stream.isatty()
+        self._last_line = 0.0
+
+    def update(self, done: int, force: bool = False) -> None:
+        if self.tty:
+            filled = int(_BAR_WIDTH * done / self.total)
+            self.stream.write(f"\r{os.path.basename(self.run_dir)} [{'#' * filled}{'.' * (_BAR_WIDTH - filled)}] {done}/{self.total}")
+            self.stream.flush()
+        elif force or time.monotonic() - self._last_line >= 5:
+            self._last_line = time.monotonic()
+            self.stream.write(f"{self.run_dir}: {done}/{self.total} records\n")
+            self.stream.flush()
+
+    def finish(self) -> None:
+        if self.tty:
+            self.stream.write("\n")
+
+
+def sync_one(run_dir: str, config: Config, timeout_s: Optional[float]) -> int:
+    """Deliver one run directory; returns how many records stay pending."""
+    from .deliver import build_deliverer, count_pending
+    from .journal import lock_holder_pid
+
+    log = get_logger()
+    holder = lock_holder_pid(run_dir)
+    if holder is not None:
+        log.warning("%s is being delivered by process %d; leaving it to that process", run_dir, holder)
+        return count_pending(run_dir)
+    total = count_pending(run_dir)
+    if total == 0:
+        print(f"{run_dir}: nothing pending")
+        return 0
+    deliverer = build_deliverer(config, run_dir=run_dir, lock_poll_interval_s=0.05).start()
+    deliverer.first_lock_attempt.wait(5)
+    if not deliverer.holding.is_set():
+        deliverer.close(0)
+        log.warning("%s: another deliverer took the run first; leaving it to that process", run_dir)
+        return count_pending(run_dir)
+    progress = Progress(run_dir, total)
+    deadline = None if timeout_s is None else time.monotonic() + timeout_s
+    try:
+        while True:
+            remaining = None if deadline is None else deadline - time.monotonic()
+            step = 0.5 if remaining is None else max(0.0, min(0.5, remaining))
+            drained = deliverer.flush(step)
+            progress.update(total - deliverer.pending(), force=drained)
+            if drained or deliverer.paused_reason or (remaining is not None and remaining <= 0):
+                break
+    finally:
+        progress.finish()
+        deliverer.close(1.0)
+    pending = count_pending(run_dir)
+    print(f"{run_dir}: {total - pending} delivered, {pending} pending" + (f" ({deliverer.paused_reason})" if deliverer.paused_reason else ""))
+    return pending
+
+
+def sync_command(run_dirs: List[str], *, task_id: Optional[str], backend_url: Optional[str],
+                 secret_key_file: Optional[str], timeout_s: Optional[float], env: Optional[Mapping[str, str]] = None) -> int:
+    """The ``sync`` command: 0 when every run is fully delivered, 3 when records stay pending."""
+    base = load_config_strict(os.environ if env is None else env)
+    for run_dir in run_dirs:
+        if not is_run_dir(run_dir):
+            raise ConfigError(f"{run_dir} is not a run directory (it has no metrics.jsonl)")
+    secret = _secret(secret_key_file, base)
+    pending = 0
+    for run_dir in run_dirs:
+        task = _task_of(run_dir, task_id or base.task_id)
+        url = backend_url or resolve_backend_url(os.environ if env is None else env, True)[0]
+        if not url or not url.startswith(("http://", "https://")):
+            raise ConfigError("no backend URL: set ANYLEARN_BACKEND_URL or give --backend-url http://host/api")
+        config = replace(base, task_id=task, secret_key=secret, backend_url=url.rstrip("/"), run_dir=os.path.abspath(run_dir))
+        pending += sync_one(config.run_dir, config, timeout_s)
+    return EXIT_PENDING if pending else 0
