@@ -72,7 +72,6 @@ class JournalWriter:
         self.lost: Dict[str, int] = {}
         self.written = 0
         self._fd = -1
-        self._lead = ""
         self._names: Dict[Optional[str], str] = {None: "null"}
         self._pid = -1
         self._prefix = ""
@@ -93,11 +92,7 @@ class JournalWriter:
                 return True
             try:
                 os.makedirs(self.run_dir, exist_ok=True)
-                fd = os.open(self.path, os.O_RDWR | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o644)
-                size = os.fstat(fd).st_size
-                # A writer killed mid-line left a torn tail: start on a fresh line so our record is whole.
-                if size and os.pread(fd, 1, size - 1) != b"\n":
-                    self._lead = "\n"
+                fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o644)
             except OSError as exc:
                 self._count_lost(f"cannot open the journal ({exc.strerror})")
                 return False
@@ -128,7 +123,7 @@ class JournalWriter:
             value_text = repr(value)
         key = f"{self._prefix}{next(self._counter)}"
         line = (
-            f'{self._lead}{{"kind":"{kind}","value":{value_text},"name":{name_json},'
+            f'{{"kind":"{kind}","value":{value_text},"name":{name_json},'
             f'"step":{"null" if step is None else step},"ts":{time.time()!r},'
             f'"rank":{self.rank},"pid":{self._pid},"key":"{key}"}}\n'
         )
@@ -137,7 +132,6 @@ class JournalWriter:
         except OSError as exc:
             self._count_lost(errno.errorcode.get(exc.errno or 0, "OSError") + f" ({exc.strerror})")
             return None
-        self._lead = ""
         self.written += 1
         return key
 
@@ -173,17 +167,27 @@ class JournalEntry:
     record: Optional[Dict[str, Any]]
 
 
-def parse_line(line: bytes) -> Optional[Dict[str, Any]]:
-    """Parse a journal line; recover the last whole record of a line a torn write ran into."""
+def parse_line(line: bytes) -> Tuple[Optional[Dict[str, Any]], bool]:
+    """Parse a journal line into (record or None, torn).
+
+    A writer killed mid-line leaves a fragment without a newline, and the next writer's record is glued
+    to it. Every record starts with ``{"kind"`` and that text cannot occur inside one (JSON escapes the
+    quotes of a string), so the last record of such a line is recovered and the fragment reported torn.
+    """
+    record = _parse_record(line)
+    if record is not None:
+        return record, False
+    start = line.rfind(_RECORD_START)
+    return (_parse_record(line[start:]) if start > 0 else None), True
+
+
+def _parse_record(line: bytes) -> Optional[Dict[str, Any]]:
     try:
         record = json.loads(line)
-        if isinstance(record, dict) and record.get("kind") in RECORD_KINDS:
-            return record
     except ValueError:
-        pass
-    start = line.rfind(_RECORD_START)
-    if start > 0:
-        return parse_line(line[start:])
+        return None
+    if isinstance(record, dict) and record.get("kind") in RECORD_KINDS:
+        return record
     return None
 
 
@@ -239,11 +243,12 @@ class JournalReader:
                 if not line.strip():
                     self.offset = position
                     continue
-                record = parse_line(line)
-                if record is None:
+                record, torn = parse_line(line)
+                if torn:
                     self.torn_lines += 1
                     get_logger().warning(
-                        "skipping a torn or invalid line at byte %d of %s", position - len(line) - 1, self.path
+                        "skipping a torn or invalid line at byte %d of %s%s", position - len(line) - 1, self.path,
+                        " (the record written after it is kept)" if record is not None else "",
                     )
                 entries.append(JournalEntry(position, record))
                 self.offset = position

@@ -81,23 +81,25 @@ def test_any_value_name_and_step_round_trip_through_one_json_line(tmp_path_facto
     assert (record["value"], record["name"], record["step"]) == (value, name, step)
 
 
-def test_torn_last_line_is_skipped_with_a_warning_and_the_next_record_survives(tmp_path, caplog):
+def test_torn_last_line_is_skipped_with_a_warning_and_the_next_record_survives(tmp_path, capsys):
     writer = JournalWriter(str(tmp_path))
     writer.append("intermediate", 1.0, None, 1)
     with open(tmp_path / "metrics.jsonl", "ab") as f:
         f.write(b'{"kind":"intermediate","value":2.0,"na')  # a writer killed mid-line
     reader = JournalReader(str(tmp_path))
     assert [e.record["value"] for e in reader.read_available()] == [1.0]  # the tail waits
-    JournalWriter(str(tmp_path)).append("intermediate", 3.0, None, 3)  # a new writer starts a fresh line
+    JournalWriter(str(tmp_path)).append("intermediate", 3.0, None, 3)  # a new writer appends after the fragment
     entries = reader.read_available()
-    assert [e.record and e.record["value"] for e in entries] == [None, 3.0]
+    assert [e.record["value"] for e in entries] == [3.0]
     assert reader.torn_lines == 1
+    assert "torn" in capsys.readouterr().err
 
 
 def test_a_torn_line_glued_to_the_next_record_recovers_that_record():
     glued = b'{"kind":"intermediate","val{"kind":"final","value":5.0,"name":null,"step":null,"ts":1.0,"rank":0,"pid":1,"key":"k"}'
-    assert parse_line(glued)["value"] == 5.0
-    assert parse_line(b"not json at all") is None
+    record, torn = parse_line(glued)
+    assert record["value"] == 5.0 and torn
+    assert parse_line(b"not json at all") == (None, True)
 
 
 def test_corrupt_cursor_restarts_from_zero_with_a_warning(tmp_path, capsys):
