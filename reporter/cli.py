@@ -10,7 +10,7 @@ import argparse
 import os
 import signal
 import sys
-from typing import Callable, Dict, List, Optional
+from typing import Callable, List, Optional
 
 from .config import ENV_SECRET_KEY, ENV_SECRET_KEY_PLATFORM, ConfigError
 

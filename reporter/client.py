@@ -234,7 +234,7 @@ def delivery_retrying(
         retry=tenacity.retry_if_exception_type(TransientError),
         stop=tenacity.stop_when_event_set(stop_event),
         wait=wait_retry_after_or(tenacity.wait_random_exponential(multiplier=initial_backoff_s, max=max_backoff_s)),
-        sleep=sleep or stop_event.wait,
+        sleep=sleep or stop_event.wait,  # type: ignore[arg-type]
         before_sleep=before_sleep,
         reraise=True,
     )

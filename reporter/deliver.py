@@ -298,15 +298,15 @@ class Deliverer:
     def _deliver_entry(self, entry: JournalEntry) -> bool:
         record = entry.record
         skip = SKIP_TORN if record is None else self._skip_reason(record)
-        if skip is None and record is not None:
+        if skip is not None:
+            self.skipped[skip] = self.skipped.get(skip, 0) + 1
+        elif record is not None:
             try:
                 result: SendResult = self._retrying(self._send, record)
             except TransientError:
                 return False  # stopped while retrying: the record stays pending
             if not self._apply(record, result):
                 return False
-        else:
-            self.skipped[skip] = self.skipped.get(skip, 0) + 1  # type: ignore[index]
         self._acknowledge(entry.end_offset)
         return True
 

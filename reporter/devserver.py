@@ -358,7 +358,7 @@ class DevServer:
         self.backend = Backend(tasks, db_path, faults)
         handler = type("Handler", (_Handler,), {"backend": self.backend, "quiet": quiet})
         self._server = _Server((host, port), handler)
-        self.host, self.port = self._server.server_address[:2]
+        self.host, self.port = str(self._server.server_address[0]), int(self._server.server_address[1])
         self._thread: Optional[threading.Thread] = None
 
     @property

@@ -50,7 +50,7 @@ def _network_checks(config: Config) -> List[Check]:
     parts = urlsplit(config.backend_url or "")
     host, port = parts.hostname or "", parts.port or (443 if parts.scheme == "https" else 80)
     try:
-        addresses = sorted({a[4][0] for a in socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)})
+        addresses = sorted({str(a[4][0]) for a in socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)})
     except socket.gaierror as exc:
         return [Check(FAIL, "DNS", f"cannot resolve {host}: {exc.strerror}")]
     checks = [Check(OK, "DNS", f"{host} -> {', '.join(addresses)}")]

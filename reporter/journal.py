@@ -231,10 +231,10 @@ class JournalReader:
             if last_newline < 0:
                 if len(chunk) < _READ_CHUNK_BYTES:
                     break  # an unterminated tail
-                chunk = self._read_long_line()
-                if chunk is None:
+                long_line = self._read_long_line()
+                if long_line is None:
                     break
-                last_newline = len(chunk) - 1
+                chunk, last_newline = long_line, len(long_line) - 1
             position = self.offset
             for line in chunk[: last_newline + 1].split(b"\n")[:-1]:
                 position += len(line) + 1

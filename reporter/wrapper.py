@@ -61,7 +61,7 @@ from .config import (
     ConfigError,
     load_config_strict,
 )
-from .journal import KIND_FINAL, KIND_INTERMEDIATE, KIND_STATE, JournalWriter, atomic_write_json, count_lines, iter_records
+from .journal import KIND_FINAL, KIND_INTERMEDIATE, KIND_STATE, JournalWriter, atomic_write, atomic_write_json, count_lines, iter_records
 from .log import get_logger
 from .params import artifact_paths, parse_params, render_params
 
@@ -303,7 +303,7 @@ class MetricLineParser:
 class OutputPump(threading.Thread):
     """Copies one of the child's streams to ours as it arrives, to a log file, and to the metric parser."""
 
-    def __init__(self, source: IO[bytes], sink: IO[bytes], log_path: str, on_line: Any, keep_tail: bool = False) -> None:
+    def __init__(self, source: IO[Any], sink: IO[bytes], log_path: str, on_line: Any, keep_tail: bool = False) -> None:
         super().__init__(name=f"anylearn-reporter-pump-{os.path.basename(log_path)}", daemon=True)
         self.source = source
         self.sink = sink
@@ -479,15 +479,18 @@ class Supervisor:
 
     def launch(self, child_env: Dict[str, str]) -> Tuple[OutputPump, OutputPump]:
         group = {"process_group": 0} if sys.version_info >= (3, 11) else {"start_new_session": True}
-        self.child = subprocess.Popen(self.argv, env=child_env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, **group)
-        with open(os.path.join(self.run_dir, "child.pid.tmp"), "w") as f:
-            f.write(f"{self.child.pid}\n")
-        os.replace(os.path.join(self.run_dir, "child.pid.tmp"), os.path.join(self.run_dir, CHILD_PID_FILE))
-        out = OutputPump(self.child.stdout, sys.stdout.buffer, os.path.join(self.run_dir, STDOUT_LOG), self._on_line)
-        err = OutputPump(self.child.stderr, sys.stderr.buffer, os.path.join(self.run_dir, STDERR_LOG), self._on_line, keep_tail=True)
+        child = self.child = subprocess.Popen(self.argv, env=child_env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, **group)
+        atomic_write(os.path.join(self.run_dir, CHILD_PID_FILE), b"%d\n" % child.pid, fsync=False)  # for a sidecar
+        assert child.stdout is not None and child.stderr is not None
+        out = OutputPump(child.stdout, sys.stdout.buffer, os.path.join(self.run_dir, STDOUT_LOG), self._on_line)
+        err = OutputPump(child.stderr, sys.stderr.buffer, os.path.join(self.run_dir, STDERR_LOG), self._on_line, keep_tail=True)
         out.start()
         err.start()
         return out, err
+
+    def _child_pid(self) -> int:
+        assert self.child is not None
+        return self.child.pid
 
     def wait_child(self) -> int:
         assert self.child is not None
@@ -545,7 +548,7 @@ class Supervisor:
             outcome = Outcome(STATE_FAIL, returncode, f"cannot start {self.argv[0]!r}: {exc.strerror}")
             self.log.error("%s", outcome.failure)
         else:
-            rss = PeakRss(self.child.pid)
+            rss = PeakRss(self._child_pid())
             rss.start()
             outcome = outcome_of(self.wait_child(), self.stop_signal)
             rss.stop()

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 import reporter
-from conftest import SECRET_KEY, TASK_ID, wait_until
+from conftest import SECRET_KEY, TASK_ID
 from reporter import api
 from reporter.devserver import Faults
 from reporter.journal import iter_records

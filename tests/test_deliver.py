@@ -4,7 +4,6 @@ without an endpoint is needed)."""
 import json
 import os
 
-import pytest
 
 from conftest import SECRET_KEY, TASK_ID, wait_until
 from reporter.client import BackendClient

@@ -1,13 +1,11 @@
 """The sidecar with real processes: a trainer that only journals, a sidecar that delivers, kill -9, ends."""
 
 import json
-import os
 import signal
 import subprocess
 import sys
 import time
 
-import pytest
 
 from conftest import SECRET_KEY, TASK_ID, cli, clean_environ, free_port, wait_until
 from reporter.journal import JournalWriter, iter_records, lock_holder_pid

@@ -1,7 +1,6 @@
 """``anylearn-reporter run`` with real subprocesses against the local backend on loopback."""
 
 import json
-import os
 import re
 import signal
 import subprocess
@@ -11,7 +10,7 @@ import time
 
 import pytest
 
-from conftest import SECRET_KEY, TASK_ID, clean_environ, cli, free_port, task_env, wait_until
+from conftest import SECRET_KEY, clean_environ, cli, free_port, task_env
 from reporter.deliver import count_pending
 from reporter.journal import iter_records
 
