@@ -25,6 +25,7 @@ from typing import Dict, List, Tuple
 from urllib.parse import urlsplit
 
 TASK_ID = "TRAIbenchmark000000000000000000"
+PACE_US = 3000  # the paced rows: a training step's worth of Python work between reports
 KEY = "benchmark-key"
 
 
@@ -33,12 +34,17 @@ def percentiles(samples_ns: List[int]) -> Tuple[float, float]:
     return statistics.median(samples_ns) / 1000, samples_ns[int(len(samples_ns) * 0.99)] / 1000
 
 
-def floor_os_write(calls: int, directory: str) -> Tuple[float, float]:
+def floor_os_write(calls: int, directory: str, work_us: int = 0) -> Tuple[float, float]:
     fd = os.open(os.path.join(directory, "floor.jsonl"), os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
     line = b'{"kind":"intermediate","value":0.5,"name":null,"step":1,"ts":1.0,"rank":0,"pid":1,"key":"k-1"}\n'
     clock = time.perf_counter_ns
     samples = []
+    work_ns = work_us * 1000
     for _ in range(calls):
+        if work_ns:
+            until = clock() + work_ns
+            while clock() < until:
+                pass
         start = clock()
         os.write(fd, line)
         samples.append(clock() - start)
@@ -46,15 +52,25 @@ def floor_os_write(calls: int, directory: str) -> Tuple[float, float]:
     return percentiles(samples)
 
 
-def worker_report_calls(calls: int) -> None:
-    """Runs in a fresh process with the environment set: time each report_metric call."""
+def worker_report_calls(calls: int, work_us: int) -> None:
+    """Runs in a fresh process with the environment set: time each report_metric call.
+
+    ``work_us`` > 0 spins that long in Python between calls, like a training step, so delivery runs
+    between reports instead of being held back by a tight loop.
+    """
     import reporter
 
     reporter.report_metric(0.0)  # the first call starts delivery; time the steady state
+    time.sleep(0.5)
     clock = time.perf_counter_ns
     report = reporter.report_metric
     samples = []
+    work_ns = work_us * 1000
     for step in range(calls):
+        if work_ns:
+            until = clock() + work_ns
+            while clock() < until:
+                pass
         value = step * 0.001
         start = clock()
         report(value, step=step)
@@ -78,7 +94,7 @@ class Serve:
         self.proc.wait(10)
 
 
-def report_condition(calls: int, base_url: str, directory: str, name: str) -> Dict[str, float]:
+def report_condition(calls: int, base_url: str, directory: str, name: str, work_us: int = 0) -> Dict[str, float]:
     env = {
         **os.environ,
         "ANYLEARN_TASK_ID": TASK_ID,
@@ -87,7 +103,7 @@ def report_condition(calls: int, base_url: str, directory: str, name: str) -> Di
         "ANYLEARN_REPORTER_RUN_DIR": os.path.join(directory, name),
     }
     out = subprocess.run(
-        [sys.executable, __file__, "--worker", str(calls)], env=env, capture_output=True, text=True, check=True
+        [sys.executable, __file__, "--worker", str(calls), "--work-us", str(work_us)], env=env, capture_output=True, text=True, check=True
     ).stdout
     return json.loads(out.strip().splitlines()[-1])
 
@@ -149,36 +165,44 @@ def main() -> None:
     parser.add_argument("--calls", type=int, default=100_000)
     parser.add_argument("--drain", type=int, default=10_000)
     parser.add_argument("--write", metavar="MARKDOWN", help="also replace the core section of this file")
+    parser.add_argument("--paced-calls", type=int, default=2000, help="calls of the paced condition")
     parser.add_argument("--worker", type=int, help=argparse.SUPPRESS)
+    parser.add_argument("--work-us", type=int, default=0, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
-        worker_report_calls(args.worker)
+        worker_report_calls(args.worker, args.work_us)
         return
 
     rows = []
     with tempfile.TemporaryDirectory() as directory:
         floor_median, floor_p99 = floor_os_write(args.calls, directory)
-        rows.append(("floor: bare os.write of one JSON line", floor_median, floor_p99))
+        rows.append(("floor: bare os.write of one JSON line", floor_median, floor_p99, floor_median))
+        paced_floor, paced_floor_p99 = floor_os_write(args.paced_calls, directory, work_us=PACE_US)
         healthy = Serve()
         slow = Serve("--latency-ms", "200")
         try:
             down_port = "http://127.0.0.1:9/api"
             for name, base in (("healthy", healthy.base_url), ("slow (200 ms a request)", slow.base_url), ("down", down_port)):
                 result = report_condition(args.calls, base, directory, name.split()[0])
-                rows.append((f"report_metric(), backend {name}", result["median_us"], result["p99_us"]))
+                rows.append((f"report_metric(), backend {name}", result["median_us"], result["p99_us"], floor_median))
+            rows.append((f"paced floor: os.write after {PACE_US // 1000} ms of work each", paced_floor, paced_floor_p99, paced_floor))
+            paced = report_condition(args.paced_calls, healthy.base_url, directory, "paced", work_us=PACE_US)
+            rows.append((f"paced: report_metric() after {PACE_US // 1000} ms of work each, backend healthy",
+                         paced["median_us"], paced["p99_us"], paced_floor))
         finally:
             healthy.stop()
             slow.stop()
         rate, floor_rate = drain_rate(args.drain, directory)
 
     lines = [
-        f"Machine: {machine()}. {args.calls:,} calls per condition; {args.drain:,} records drained.",
+        f"Machine: {machine()}. {args.calls:,} calls per tight-loop condition, {args.paced_calls:,} per paced one; "
+        f"{args.drain:,} records drained. Each row's ratio is against the floor of its kind (tight or paced).",
         "",
         "| measurement | median (us) | p99 (us) | median / floor |",
         "| --- | ---: | ---: | ---: |",
     ]
-    for label, median_us, p99_us in rows:
-        lines.append(f"| {label} | {median_us:.2f} | {p99_us:.2f} | {median_us / floor_median:.1f}x |")
+    for label, median_us, p99_us, floor_us in rows:
+        lines.append(f"| {label} | {median_us:.2f} | {p99_us:.2f} | {median_us / floor_us:.1f}x |")
     lines += [
         "",
         "| drain to `serve` on loopback | records/s | share of floor |",

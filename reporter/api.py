@@ -31,6 +31,9 @@ __all__ = [
 ]
 
 
+BURST_GAP_S = 0.002  # reports closer together than this are a burst: delivery holds back (see Deliverer)
+
+
 class _Hook:
     """The process's reporting state: configuration, journal writer and (maybe) a delivery thread."""
 
@@ -51,10 +54,8 @@ class _Hook:
         self.writer.append(kind, value, name, step)
         if not self.delivery_started:
             self._start_delivery()
-        else:
-            deliverer = self.deliverer
-            if deliverer is not None:
-                deliverer.wake()
+        # No wake-up of the delivery thread here: waking a waiting thread costs a futex call on the
+        # training thread's time; the deliverer finds new records by itself within poll_interval_s.
 
     def _warn_non_finite(self, name: Optional[str], value: float) -> None:
         if name not in self._warned_non_finite:
@@ -85,13 +86,16 @@ class _Hook:
         try:
             from .deliver import build_deliverer  # requests and tenacity load here, off the caller's path
 
-            self.deliverer = build_deliverer(self.config)
+            self.deliverer = build_deliverer(self.config, host_busy=self._reporting_in_a_burst)
         except Exception as exc:  # never into training code
             get_logger().warning("cannot start delivery (%s); records stay in %s", exc, self.config.run_dir)
             return
         finally:
             self._deliverer_ready.set()
         self.deliverer.run()
+
+    def _reporting_in_a_burst(self) -> bool:
+        return time.time() - self.writer.last_append_ts < BURST_GAP_S
 
     def flush(self, timeout_s: Optional[float]) -> bool:
         if not self.delivery_started:

@@ -13,6 +13,7 @@ import threading
 import time
 from dataclasses import dataclass
 from typing import Any, Callable, Dict, Mapping, Optional
+from urllib.parse import urlencode
 
 import requests
 import tenacity
@@ -30,6 +31,7 @@ ENDPOINTS = {
     KIND_STATE: "train_task/state",
 }
 HEARTBEAT_ENDPOINT = "train_task/heartbeat"
+FORM_CONTENT_TYPE = "application/x-www-form-urlencoded"
 DEFAULT_CONNECT_TIMEOUT_S = 5.0
 DEFAULT_READ_TIMEOUT_S = 30.0
 MAX_BACKOFF_S = 30.0
@@ -140,13 +142,14 @@ class BackendClient:
         self._session = make_session(self.base_url)
 
     def _post(self, endpoint: str, form: Mapping[str, str], headers: Dict[str, str], timeout_s: Optional[float]):
+        headers["Content-Type"] = FORM_CONTENT_TYPE
         if self._secret_key:
             headers["Secret-Key"] = self._secret_key.reveal()
         read_timeout = self.read_timeout_s if timeout_s is None else max(0.05, min(self.read_timeout_s, timeout_s))
         connect_timeout = min(self.connect_timeout_s, read_timeout)
         try:
             return self._session.post(
-                f"{self.base_url}/{endpoint}", data=form, headers=headers, timeout=(connect_timeout, read_timeout)
+                f"{self.base_url}/{endpoint}", data=urlencode(form).encode(), headers=headers, timeout=(connect_timeout, read_timeout)
             )
         except requests.Timeout as exc:
             raise TransientError(f"timed out ({type(exc).__name__})") from None

@@ -47,6 +47,8 @@ class DeliveryOptions:
     max_backoff_s: float = 30.0
     cursor_fsync_interval_s: float = 1.0
     status_interval_s: float = 0.5
+    max_defer_s: float = 0.1  # the longest a busy host can hold back one request
+    defer_step_s: float = 0.005
 
 
 def whole_lines_end(path: str) -> int:
@@ -97,8 +99,10 @@ class Deliverer:
         options: DeliveryOptions = DeliveryOptions(),
         *,
         retry_sleep: Optional[Callable[[float], Any]] = None,
+        host_busy: Optional[Callable[[], bool]] = None,
     ) -> None:
         self.run_dir = run_dir
+        self.host_busy = host_busy
         self.client = client
         self.options = options
         self.lock = DeliverLock(run_dir)
@@ -284,9 +288,12 @@ class Deliverer:
                 self.skipped = {str(k): int(v) for k, v in skipped.items()}
 
     def _skip_reason(self, record: Dict[str, Any]) -> Optional[str]:
-        if record["kind"] == KIND_STATE:
+        rank = record.get("rank", 0)
+        if record["kind"] == KIND_STATE:  # only node rank 0's wrapper reports the task's state
+            if rank != 0:
+                return SKIP_OTHER_RANK
             return None if self.state_reporting else SKIP_STATE_OFF
-        if record.get("rank", 0) != 0 and not self.options.report_all_ranks:
+        if rank != 0 and not self.options.report_all_ranks:
             return SKIP_OTHER_RANK
         if record.get("value") is None:
             return SKIP_NOT_A_NUMBER
@@ -301,6 +308,7 @@ class Deliverer:
         if skip is not None:
             self.skipped[skip] = self.skipped.get(skip, 0) + 1
         elif record is not None:
+            self._defer_while_host_busy()
             try:
                 result: SendResult = self._retrying(self._send, record)
             except TransientError:
@@ -309,6 +317,17 @@ class Deliverer:
                 return False
         self._acknowledge(entry.end_offset)
         return True
+
+    def _defer_while_host_busy(self) -> None:
+        """Training comes first: while the host process is reporting in a burst (a tight loop), hold the
+        next request back a little, at most ``max_defer_s``, so this thread does not compete with the
+        training thread for the interpreter. Gaps in the burst get full delivery speed."""
+        if self.host_busy is None:
+            return
+        waited = 0.0
+        while waited < self.options.max_defer_s and self.host_busy() and not self._stop.is_set():
+            self._stop.wait(self.options.defer_step_s)
+            waited += self.options.defer_step_s
 
     def _send(self, record: Dict[str, Any]) -> SendResult:
         timeout_s = None if self._deadline is None else self._deadline - time.monotonic()
@@ -402,7 +421,9 @@ class Deliverer:
             self._progress.notify_all()
 
 
-def build_deliverer(config: Config, *, run_dir: Optional[str] = None, **option_overrides: Any) -> Deliverer:
+def build_deliverer(
+    config: Config, *, run_dir: Optional[str] = None, host_busy: Optional[Callable[[], bool]] = None, **option_overrides: Any
+) -> Deliverer:
     """A deliverer for ``config``'s task and run directory (the configuration must not be offline)."""
     if config.offline:
         raise ValueError("no backend or task id configured: offline runs are only journalled")
@@ -412,7 +433,7 @@ def build_deliverer(config: Config, *, run_dir: Optional[str] = None, **option_o
         report_all_ranks=config.report_all_ranks,
         **option_overrides,
     )
-    return Deliverer(run_dir or config.run_dir, client, options)
+    return Deliverer(run_dir or config.run_dir, client, options, host_busy=host_busy)
 
 
 __all__ = ["Deliverer", "DeliveryOptions", "build_deliverer", "count_pending", "whole_lines_end"]

@@ -71,6 +71,7 @@ class JournalWriter:
         self.rank = rank
         self.lost: Dict[str, int] = {}
         self.written = 0
+        self.last_append_ts = 0.0
         self._fd = -1
         self._names: Dict[Optional[str], str] = {None: "null"}
         self._pid = -1
@@ -122,9 +123,10 @@ class JournalWriter:
         else:
             value_text = repr(value)
         key = f"{self._prefix}{next(self._counter)}"
+        self.last_append_ts = now = time.time()
         line = (
             f'{{"kind":"{kind}","value":{value_text},"name":{name_json},'
-            f'"step":{"null" if step is None else step},"ts":{time.time()!r},'
+            f'"step":{"null" if step is None else step},"ts":{now!r},'
             f'"rank":{self.rank},"pid":{self._pid},"key":"{key}"}}\n'
         )
         try:

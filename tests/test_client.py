@@ -84,6 +84,22 @@ def test_connection_errors_and_timeouts_are_transient_and_never_show_the_key(cli
     assert KEY not in str(info.value) and KEY not in repr(info.value)
 
 
+def test_proxy_and_ca_bundle_come_from_the_environment(monkeypatch):
+    from reporter.client import make_session
+
+    for name in ("HTTPS_PROXY", "https_proxy", "NO_PROXY", "no_proxy", "ALL_PROXY", "all_proxy"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("HTTPS_PROXY", "http://proxy.test:3128")
+    monkeypatch.setenv("NO_PROXY", "internal.test")
+    monkeypatch.setenv("REQUESTS_CA_BUNDLE", "/etc/ssl/custom-ca.pem")
+    session = make_session("https://backend.test/api")
+    assert session.proxies.get("https") == "http://proxy.test:3128" and session.verify == "/etc/ssl/custom-ca.pem"
+    assert make_session("https://internal.test/api").proxies == {}  # NO_PROXY honoured
+    monkeypatch.delenv("REQUESTS_CA_BUNDLE")
+    monkeypatch.delenv("CURL_CA_BUNDLE", raising=False)
+    assert make_session("https://backend.test/api").verify is True  # certificates are verified by default
+
+
 def test_retry_after_in_seconds_and_as_an_http_date():
     assert retry_after_seconds("2") == 2.0
     assert retry_after_seconds(None) is None and retry_after_seconds("soon") is None

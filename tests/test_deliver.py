@@ -92,6 +92,17 @@ def test_report_ranks_all_delivers_every_rank(server, tmp_path):
     assert intermediate_values(server) == [1.0, 2.0]
 
 
+def test_state_records_of_other_node_ranks_are_never_sent(server, tmp_path):
+    JournalWriter(str(tmp_path), rank=4).append("state", 2, None, None)  # node rank 1 of 4-process nodes
+    JournalWriter(str(tmp_path), rank=0).append("state", 1, None, None)
+    options = DeliveryOptions(**{**FAST.__dict__, "report_all_ranks": True})
+    deliverer = make_deliverer(tmp_path, server.base_url, options=options).start()
+    assert deliverer.flush(10)
+    deliverer.close(5)
+    assert server.backend.tasks()[0]["states"] == [1]
+    assert deliverer.skipped == {"from a rank other than 0": 1}
+
+
 def test_rejected_key_pauses_delivery_with_one_clear_message(server, tmp_path, capsys):
     journal(tmp_path, [1.0, 2.0, 3.0])
     deliverer = make_deliverer(tmp_path, server.base_url, key="wrong-key-xyz").start()

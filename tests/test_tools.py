@@ -101,6 +101,28 @@ def test_sync_refuses_another_tasks_run(tmp_path):
     assert done.returncode == 2 and "TRAIothertask" in done.stderr
 
 
+def test_sync_progress_is_a_bar_on_a_terminal_and_plain_lines_otherwise():
+    import io
+
+    from reporter.sync import Progress
+
+    class Terminal(io.StringIO):
+        def isatty(self):
+            return True
+
+    terminal = Terminal()
+    bar = Progress("/runs/offline-x", 10, terminal)
+    bar.update(5)
+    bar.finish()
+    assert terminal.getvalue() == "\roffline-x [###############...............] 5/10\n"
+    plain = io.StringIO()
+    lines = Progress("/runs/offline-x", 10, plain)
+    lines.update(5)
+    lines.update(6)  # within 5 s of the last line: not repeated
+    lines.update(10, force=True)
+    assert plain.getvalue() == "/runs/offline-x: 5/10 records\n/runs/offline-x: 10/10 records\n"
+
+
 # --- show --------------------------------------------------------------------------------------------
 
 
