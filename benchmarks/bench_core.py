@@ -34,48 +34,40 @@ def percentiles(samples_ns: List[int]) -> Tuple[float, float]:
     return statistics.median(samples_ns) / 1000, samples_ns[int(len(samples_ns) * 0.99)] / 1000
 
 
-def floor_os_write(calls: int, directory: str, work_us: int = 0) -> Tuple[float, float]:
-    fd = os.open(os.path.join(directory, "floor.jsonl"), os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
-    line = b'{"kind":"intermediate","value":0.5,"name":null,"step":1,"ts":1.0,"rank":0,"pid":1,"key":"k-1"}\n'
+def time_calls(call, calls: int, work_us: int = 0) -> Tuple[float, float]:
+    """Median and p99 in microseconds of ``call(i)``; ``work_us`` > 0 spins that long in Python before
+    each call, like a training step (delivery then runs between calls instead of being held back)."""
     clock = time.perf_counter_ns
     samples = []
     work_ns = work_us * 1000
-    for _ in range(calls):
+    for i in range(calls):
         if work_ns:
             until = clock() + work_ns
             while clock() < until:
                 pass
         start = clock()
-        os.write(fd, line)
+        call(i)
         samples.append(clock() - start)
-    os.close(fd)
     return percentiles(samples)
 
 
-def worker_report_calls(calls: int, work_us: int) -> None:
-    """Runs in a fresh process with the environment set: time each report_metric call.
+def floor_os_write(calls: int, directory: str, work_us: int = 0) -> Tuple[float, float]:
+    fd = os.open(os.path.join(directory, "floor.jsonl"), os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+    line = b'{"kind":"intermediate","value":0.5,"name":null,"step":1,"ts":1.0,"rank":0,"pid":1,"key":"k-1"}\n'
+    try:
+        return time_calls(lambda _: os.write(fd, line), calls, work_us)
+    finally:
+        os.close(fd)
 
-    ``work_us`` > 0 spins that long in Python between calls, like a training step, so delivery runs
-    between reports instead of being held back by a tight loop.
-    """
+
+def worker_report_calls(calls: int, work_us: int) -> None:
+    """Runs in a fresh process with the environment set: time each report_metric call."""
     import reporter
 
     reporter.report_metric(0.0)  # the first call starts delivery; time the steady state
     time.sleep(0.5)
-    clock = time.perf_counter_ns
     report = reporter.report_metric
-    samples = []
-    work_ns = work_us * 1000
-    for step in range(calls):
-        if work_ns:
-            until = clock() + work_ns
-            while clock() < until:
-                pass
-        value = step * 0.001
-        start = clock()
-        report(value, step=step)
-        samples.append(clock() - start)
-    median_us, p99_us = percentiles(samples)
+    median_us, p99_us = time_calls(lambda step: report(step * 0.001, step=step), calls, work_us)
     print(json.dumps({"median_us": median_us, "p99_us": p99_us}), flush=True)
     os._exit(0)  # skip the exit flush: only the calls are measured here
 
