@@ -6,7 +6,13 @@ in the background, with retries. Importing this package is cheap: no network, an
 loaded by the delivery thread only.
 """
 
-from .api import flush, report_final_metric, report_intermediate_metric, report_metric, report_metrics
+from .api import (
+    flush,
+    report_final_metric,
+    report_intermediate_metric,
+    report_metric,
+    report_metrics,
+)
 from .config import ConfigError
 
 __version__ = "0.1.0"

@@ -16,7 +16,14 @@ import time
 from typing import TYPE_CHECKING, Any, Dict, List, Mapping, Optional
 
 from .config import ENV_SUPERVISOR_PID, Config, load_config
-from .journal import KIND_FINAL, KIND_INTERMEDIATE, JournalWriter, register_fork_hook, lock_holder_pid
+from .journal import (
+    KIND_FINAL,
+    KIND_INTERMEDIATE,
+    JournalWriter,
+    count_pending,
+    lock_holder_pid,
+    register_fork_hook,
+)
 from .log import get_logger
 
 if TYPE_CHECKING:  # the delivery side (requests, tenacity) is imported by the delivery thread only
@@ -84,7 +91,9 @@ class _Hook:
 
     def _delivery_main(self) -> None:
         try:
-            from .deliver import build_deliverer  # requests and tenacity load here, off the caller's path
+            from .deliver import (
+                build_deliverer,  # requests and tenacity load here, off the caller's path
+            )
 
             self.deliverer = build_deliverer(self.config, host_busy=self._reporting_in_a_burst)
         except Exception as exc:  # never into training code
@@ -105,8 +114,6 @@ class _Hook:
         deadline = time.monotonic() + timeout_s
         self._deliverer_ready.wait(timeout_s)
         if self.deliverer is None:
-            from .deliver import count_pending
-
             return count_pending(self.config.run_dir) == 0
         return self.deliverer.flush(max(0.0, deadline - time.monotonic()))
 
@@ -126,8 +133,6 @@ class _Hook:
             deliverer.stop()  # another deliverer (wrapper, sidecar) owns the journal
             return
         if not deliverer.close(max(0.0, deadline - time.monotonic())):
-            from .deliver import count_pending
-
             pending = count_pending(self.config.run_dir)
             if pending:
                 get_logger().warning(

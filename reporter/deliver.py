@@ -13,7 +13,13 @@ import time
 from dataclasses import dataclass
 from typing import Any, Callable, Dict, Optional
 
-from .client import BackendClient, Outcome, SendResult, TransientError, delivery_retrying
+from .client import (
+    BackendClient,
+    Outcome,
+    SendResult,
+    TransientError,
+    delivery_retrying,
+)
 from .config import JOURNAL_FILE, STATUS_FILE, Config
 from .journal import (
     KIND_STATE,
@@ -22,9 +28,11 @@ from .journal import (
     JournalReader,
     append_rejected,
     atomic_write_json,
+    count_pending,
     load_cursor,
     read_json,
     save_cursor,
+    whole_lines_end,
 )
 from .log import get_logger
 
@@ -49,39 +57,6 @@ class DeliveryOptions:
     status_interval_s: float = 0.5
     max_defer_s: float = 0.1  # the longest a busy host can hold back one request
     defer_step_s: float = 0.005
-
-
-def whole_lines_end(path: str) -> int:
-    """Byte offset just after the journal's last complete line (an unterminated tail is not counted)."""
-    try:
-        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
-    except OSError:
-        return 0
-    try:
-        end = os.fstat(fd).st_size
-        position = end
-        while position > 0:
-            start = max(0, position - 4096)
-            chunk = os.pread(fd, position - start, start)
-            newline = chunk.rfind(b"\n")
-            if newline >= 0:
-                return start + newline + 1
-            position = start
-        return 0
-    finally:
-        os.close(fd)
-
-
-def count_pending(run_dir: str, offset: Optional[int] = None) -> int:
-    """Whole journal lines after ``offset`` (default: the saved cursor)."""
-    path = os.path.join(run_dir, JOURNAL_FILE)
-    start = load_cursor(run_dir) if offset is None else offset
-    try:
-        with open(path, "rb") as f:
-            f.seek(start)
-            return sum(chunk.count(b"\n") for chunk in iter(lambda: f.read(1 << 20), b""))
-    except OSError:
-        return 0
 
 
 class Deliverer:

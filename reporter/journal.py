@@ -343,6 +343,39 @@ def count_lines(path: str) -> int:
         return 0
 
 
+def whole_lines_end(path: str) -> int:
+    """Byte offset just after the journal's last complete line (an unterminated tail is not counted)."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    except OSError:
+        return 0
+    try:
+        end = os.fstat(fd).st_size
+        position = end
+        while position > 0:
+            start = max(0, position - 4096)
+            chunk = os.pread(fd, position - start, start)
+            newline = chunk.rfind(b"\n")
+            if newline >= 0:
+                return start + newline + 1
+            position = start
+        return 0
+    finally:
+        os.close(fd)
+
+
+def count_pending(run_dir: str, offset: Optional[int] = None) -> int:
+    """Whole journal lines after ``offset`` (default: the saved cursor)."""
+    path = os.path.join(run_dir, JOURNAL_FILE)
+    start = load_cursor(run_dir) if offset is None else offset
+    try:
+        with open(path, "rb") as f:
+            f.seek(start)
+            return sum(chunk.count(b"\n") for chunk in iter(lambda: f.read(1 << 20), b""))
+    except OSError:
+        return 0
+
+
 # --- the deliver lock -------------------------------------------------------------------------------
 
 

@@ -15,7 +15,16 @@ from .config import (
     STATUS_FILE,
     SUMMARY_FILE,
 )
-from .journal import KIND_FINAL, KIND_INTERMEDIATE, KIND_STATE, JournalReader, count_lines, load_cursor, lock_holder_pid, read_json
+from .journal import (
+    KIND_FINAL,
+    KIND_INTERMEDIATE,
+    KIND_STATE,
+    JournalReader,
+    count_lines,
+    load_cursor,
+    lock_holder_pid,
+    read_json,
+)
 
 
 @dataclass

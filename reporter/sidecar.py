@@ -152,7 +152,8 @@ class Sidecar:
         return None
 
     def run(self) -> int:
-        from .deliver import build_deliverer, count_pending
+        from .deliver import build_deliverer
+        from .journal import count_pending
         from .resources import ResourceSampler
 
         os.makedirs(self.run_dir, exist_ok=True)

@@ -8,7 +8,7 @@ import sys
 import time
 from typing import Any, List, Optional, Sequence, Tuple
 
-from .config import load_config
+from .config import ENV_RUN_DIR, load_config
 from .runinfo import RunInfo, find_runs, is_run_dir, read_run
 
 DEFAULT_STALE_AFTER_S = 300.0
@@ -37,6 +37,9 @@ def status_command(run_dir: Optional[str], *, as_json: bool = False, stale_after
     """Print a run's delivery state; 0 while delivery is healthy, 1 when it is paused or stuck."""
     if run_dir is None:
         config, _ = load_config()
+        if not config.task_id and not os.environ.get(ENV_RUN_DIR):
+            print("anylearn-reporter: which run? give RUN_DIR, or set ANYLEARN_TASK_ID (or task_id)", file=sys.stderr)
+            return 1
         run_dir = config.run_dir
     if not is_run_dir(run_dir):
         print(f"anylearn-reporter: no run at {run_dir} (no metrics.jsonl yet)", file=sys.stderr)

@@ -71,8 +71,8 @@ class Progress:
 
 def sync_one(run_dir: str, config: Config, timeout_s: Optional[float]) -> int:
     """Deliver one run directory; returns how many records stay pending."""
-    from .deliver import build_deliverer, count_pending
-    from .journal import lock_holder_pid
+    from .deliver import build_deliverer
+    from .journal import count_pending, lock_holder_pid
 
     log = get_logger()
     holder = lock_holder_pid(run_dir)

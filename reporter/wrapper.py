@@ -61,7 +61,17 @@ from .config import (
     ConfigError,
     load_config_strict,
 )
-from .journal import KIND_FINAL, KIND_INTERMEDIATE, KIND_STATE, JournalWriter, atomic_write, atomic_write_json, count_lines, iter_records
+from .journal import (
+    KIND_FINAL,
+    KIND_INTERMEDIATE,
+    KIND_STATE,
+    JournalWriter,
+    atomic_write,
+    atomic_write_json,
+    count_lines,
+    count_pending,
+    iter_records,
+)
 from .log import get_logger
 from .params import artifact_paths, parse_params, render_params
 
@@ -505,8 +515,6 @@ class Supervisor:
 
     def drain(self) -> int:
         """Deliver what is pending for up to the drain timeout; returns how many records stay pending."""
-        from .deliver import count_pending
-
         if self.deliverer is None:
             return count_pending(self.run_dir)
         timeout_s = self.options.drain_timeout_s

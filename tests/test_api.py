@@ -7,9 +7,9 @@ import os
 
 import numpy as np
 import pytest
+from conftest import SECRET_KEY, TASK_ID
 
 import reporter
-from conftest import SECRET_KEY, TASK_ID
 from reporter import api
 from reporter.devserver import Faults
 from reporter.journal import iter_records

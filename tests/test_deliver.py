@@ -4,13 +4,13 @@ without an endpoint is needed)."""
 import json
 import os
 
-
 from conftest import SECRET_KEY, TASK_ID, wait_until
+
 from reporter.client import BackendClient
 from reporter.config import Secret
-from reporter.deliver import Deliverer, DeliveryOptions, count_pending
+from reporter.deliver import Deliverer, DeliveryOptions
 from reporter.devserver import Faults
-from reporter.journal import JournalWriter, load_cursor
+from reporter.journal import JournalWriter, count_pending, load_cursor
 
 FAST = DeliveryOptions(poll_interval_s=0.05, lock_poll_interval_s=0.05, initial_backoff_s=0.05, max_backoff_s=0.2)
 

@@ -4,8 +4,8 @@ import re
 
 import pytest
 import requests
-
 from conftest import SECRET_KEY, TASK_ID, clean_environ, cli
+
 from reporter.devserver import Faults, make_server
 
 AUTH = {"Secret-Key": SECRET_KEY}

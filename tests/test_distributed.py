@@ -7,8 +7,8 @@ import textwrap
 import types
 
 import pytest
-
 from conftest import cli, task_env
+
 from reporter.config import ConfigError
 from reporter.wrapper import RunOptions, build_argv, options_from
 

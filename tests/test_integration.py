@@ -8,10 +8,11 @@ import sys
 import time
 
 from conftest import SECRET_KEY, free_port, run_python, task_env, wait_until
+
 from reporter.client import BackendClient
 from reporter.config import Secret
-from reporter.deliver import Deliverer, DeliveryOptions, count_pending
-from reporter.journal import iter_records
+from reporter.deliver import Deliverer, DeliveryOptions
+from reporter.journal import count_pending, iter_records
 
 TRAIN_1000 = """
 import reporter

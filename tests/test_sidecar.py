@@ -6,8 +6,8 @@ import subprocess
 import sys
 import time
 
+from conftest import SECRET_KEY, TASK_ID, clean_environ, cli, free_port, wait_until
 
-from conftest import SECRET_KEY, TASK_ID, cli, clean_environ, free_port, wait_until
 from reporter.journal import JournalWriter, iter_records, lock_holder_pid
 
 TRAINER = """
@@ -164,6 +164,8 @@ def test_status_exit_codes(serve_process, tmp_path):
     run_dir = tmp_path / TASK_ID
     JournalWriter(str(run_dir)).append("intermediate", 1.0, None, None)
     assert cli("status", str(tmp_path / "nothing")).returncode == 1
+    unnamed = cli("status", env=clean_environ())
+    assert unnamed.returncode == 1 and "give RUN_DIR" in unnamed.stderr
     pending = cli("status", str(run_dir))
     assert pending.returncode == 1 and "no deliverer is running" in pending.stdout
     env = shared_env(tmp_path, server.base_url)

@@ -9,8 +9,16 @@ import sys
 import zlib
 
 import pytest
+from conftest import (
+    SECRET_KEY,
+    TASK_ID,
+    clean_environ,
+    cli,
+    free_port,
+    task_env,
+    wait_until,
+)
 
-from conftest import SECRET_KEY, TASK_ID, cli, clean_environ, free_port, task_env, wait_until
 from reporter.journal import JournalWriter, iter_records
 from reporter.status import sparkline
 

@@ -9,10 +9,9 @@ import textwrap
 import time
 
 import pytest
-
 from conftest import SECRET_KEY, clean_environ, cli, free_port, task_env
-from reporter.deliver import count_pending
-from reporter.journal import iter_records
+
+from reporter.journal import count_pending, iter_records
 
 
 def run_env(base_url, tmp_path, **extra):
