@@ -81,3 +81,22 @@ def test_dockerfile_entrypoint_and_copies_match_the_tree():
     user = [line for line in lines if line.startswith("USER ")]
     assert user and user[-1] != "USER root"
     assert any("pip install ." in line for line in lines)
+
+
+def test_kubernetes_example_is_a_native_sidecar_sharing_the_reporter_volume():
+    yaml = __import__("pytest").importorskip("yaml", reason="PyYAML is not installed")
+    pod = yaml.safe_load(open(os.path.join(ROOT, "examples", "kubernetes", "pod.yaml")))
+    (sidecar,) = pod["spec"]["initContainers"]
+    (train,) = pod["spec"]["containers"]
+    assert sidecar["restartPolicy"] == "Always" and sidecar["command"] == ["anylearn-reporter", "sidecar"]
+    assert sidecar["livenessProbe"]["exec"]["command"][:2] == ["anylearn-reporter", "status"]
+
+    def env(container):
+        return {e["name"]: e for e in container["env"]}
+
+    assert env(sidecar)["ANYLEARN_REPORTER_DIR"]["value"] == env(train)["ANYLEARN_REPORTER_DIR"]["value"]
+    assert env(sidecar)["task_id"]["value"] == env(train)["task_id"]["value"]
+    assert "secret_key" in env(sidecar) and "secret_key" not in env(train)  # only the sidecar holds the key
+    mounts = {m["name"]: m["mountPath"] for m in sidecar["volumeMounts"]}
+    assert mounts == {m["name"]: m["mountPath"] for m in train["volumeMounts"]}
+    assert mounts["reporter"] == env(train)["ANYLEARN_REPORTER_DIR"]["value"]
