@@ -490,6 +490,8 @@ class Supervisor:
     def launch(self, child_env: Dict[str, str]) -> Tuple[OutputPump, OutputPump]:
         group = {"process_group": 0} if sys.version_info >= (3, 11) else {"start_new_session": True}
         child = self.child = subprocess.Popen(self.argv, env=child_env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, **group)
+        if self.stop_signal is not None:  # told to stop while the command was being started
+            self._signal_child(self.stop_signal)
         atomic_write(os.path.join(self.run_dir, CHILD_PID_FILE), b"%d\n" % child.pid, fsync=False)  # for a sidecar
         assert child.stdout is not None and child.stderr is not None
         out = OutputPump(child.stdout, sys.stdout.buffer, os.path.join(self.run_dir, STDOUT_LOG), self._on_line)

@@ -148,3 +148,18 @@ def serve_process() -> Iterator[Callable[..., ServeProcess]]:
     yield start
     for srv in started:
         srv.stop()
+
+
+@pytest.fixture(autouse=True)
+def _loopback_only(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Network tests stay on this machine: the test process refuses to resolve any name but loopback, so
+    no lookup or connection can leave it (requests-mock's fake hosts are never resolved)."""
+    real = socket.getaddrinfo
+
+    def guarded(host, *args, **kwargs):
+        name = host.decode() if isinstance(host, bytes) else str(host)
+        if name not in ("127.0.0.1", "localhost", "::1", "") and not name.startswith("127."):
+            raise AssertionError(f"a test tried to reach {name}: tests use loopback only")
+        return real(host, *args, **kwargs)
+
+    monkeypatch.setattr(socket, "getaddrinfo", guarded)

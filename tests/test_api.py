@@ -7,7 +7,7 @@ import os
 
 import numpy as np
 import pytest
-from conftest import SECRET_KEY, TASK_ID
+from conftest import SECRET_KEY, TASK_ID, free_port
 
 import reporter
 from reporter import api
@@ -17,8 +17,10 @@ from reporter.journal import iter_records
 
 @pytest.fixture
 def task(monkeypatch, tmp_path):
-    """Point the hook at a run directory; the caller sets the backend URL."""
+    """Point the hook at a run directory and, until a test sets its own, at a closed loopback port (never
+    AnyLearn's default host, which a task id and key alone would resolve to)."""
     run_dir = tmp_path / "run"
+    monkeypatch.setenv("ANYLEARN_BACKEND_URL", f"http://127.0.0.1:{free_port()}/api")
     monkeypatch.setenv("ANYLEARN_TASK_ID", TASK_ID)
     monkeypatch.setenv("ANYLEARN_SECRET_KEY", SECRET_KEY)
     monkeypatch.setenv("ANYLEARN_REPORTER_RUN_DIR", str(run_dir))
