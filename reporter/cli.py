@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import signal
 import sys
 from typing import Callable, List, Optional
 
@@ -17,10 +16,6 @@ from .config import ENV_SECRET_KEY, ENV_SECRET_KEY_PLATFORM, ConfigError
 EXIT_OK = 0
 EXIT_CHECK_FAILED = 1
 EXIT_USAGE = 2
-
-
-class UsageError(Exception):
-    """Bad usage or configuration: one clear line, exit code 2."""
 
 
 class _Parser(argparse.ArgumentParser):
@@ -58,27 +53,13 @@ def _probability(text: str) -> float:
 
 
 def _cmd_serve(args: argparse.Namespace) -> int:
-    from .devserver import DevServer, Faults
+    from .devserver import Faults, serve_command
 
     faults = Faults(
         latency_ms=args.latency_ms, fail_first=args.fail_first, fail_rate=args.fail_rate,
         retry_after_s=args.retry_after, seed=args.seed,
     )
-    try:
-        server = DevServer(dict(args.task), host=args.host, port=args.port, db_path=args.db, faults=faults, quiet=not args.verbose)
-    except OSError as exc:
-        raise UsageError(f"cannot listen on {args.host}:{args.port}: {exc.strerror}; choose another --port") from None
-    signal.signal(signal.SIGTERM, lambda *_: (_ for _ in ()).throw(KeyboardInterrupt()))
-    print(f"AnyLearn backend emulator at {server.base_url} (page: http://{server.host}:{server.port}/)", flush=True)
-    if not args.task:
-        print("no tasks given: every report will get 401; add --task ID:KEY", flush=True)
-    try:
-        server.serve_forever()
-    except KeyboardInterrupt:
-        pass
-    finally:
-        server.backend.close()
-    return EXIT_OK
+    return serve_command(dict(args.task), host=args.host, port=args.port, db_path=args.db, faults=faults, verbose=args.verbose)
 
 
 def _add_serve(sub: argparse._SubParsersAction) -> None:
@@ -303,11 +284,6 @@ _COMMANDS: List[Callable[[argparse._SubParsersAction], None]] = [
 ]
 
 
-def register(adder: Callable[[argparse._SubParsersAction], None]) -> None:
-    """Let a command module add its sub-command (used at parser build time)."""
-    _COMMANDS.append(adder)
-
-
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(
         prog="anylearn-reporter",
@@ -340,7 +316,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         return EXIT_USAGE
     try:
         return int(args.func(args) or 0)
-    except (UsageError, ConfigError) as exc:
+    except ConfigError as exc:
         print(f"anylearn-reporter: error: {exc}", file=sys.stderr)
         return EXIT_USAGE
     except KeyboardInterrupt:

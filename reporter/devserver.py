@@ -388,6 +388,33 @@ class DevServer:
         self.stop()
 
 
+def serve_command(tasks: Mapping[str, str], *, host: str, port: int, db_path: str, faults: Faults, verbose: bool) -> int:
+    """The ``serve`` command: serve until SIGTERM or Ctrl-C."""
+    import signal
+
+    from .config import ConfigError
+
+    try:
+        server = DevServer(tasks, host=host, port=port, db_path=db_path, faults=faults, quiet=not verbose)
+    except OSError as exc:
+        raise ConfigError(f"cannot listen on {host}:{port}: {exc.strerror}; choose another --port") from None
+
+    def stop(_signum: int, _frame: Any) -> None:
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, stop)
+    print(f"AnyLearn backend emulator at {server.base_url} (page: http://{server.host}:{server.port}/)", flush=True)
+    if not tasks:
+        print("no tasks given: every report will get 401; add --task ID:KEY", flush=True)
+    try:
+        server.serve_forever()
+    except KeyboardInterrupt:
+        pass
+    finally:
+        server.backend.close()
+    return 0
+
+
 def make_server(tasks: Mapping[str, str], **kwargs: Any) -> DevServer:
     """The public factory: a :class:`DevServer` for ``tasks`` (task id -> secret key), not yet started."""
     return DevServer(tasks, **kwargs)

@@ -21,8 +21,10 @@ from .journal import (
     KIND_STATE,
     JournalReader,
     count_lines,
+    count_pending,
     load_cursor,
     lock_holder_pid,
+    parse_line,
     read_json,
 )
 
@@ -101,8 +103,12 @@ def _newest_mtime(run_dir: str) -> float:
     return max(times, default=0.0)
 
 
-def read_run(run_dir: str, objective_metric: str = "metric") -> RunInfo:
-    """Read everything a run directory holds; unreadable parts become entries of ``problems``, never errors."""
+def read_run(run_dir: str, objective_metric: str = "metric", *, with_metrics: bool = True) -> RunInfo:
+    """Read what a run directory holds; unreadable parts become entries of ``problems``, never errors.
+
+    ``with_metrics=False`` (the ``status`` probe) counts lines instead of parsing every record, so a probe
+    stays cheap on a long journal; the task state then comes from the journal's last state record.
+    """
     run_dir = os.path.abspath(run_dir)
     info = RunInfo(run_dir=run_dir, name=os.path.basename(run_dir))
     if not os.path.isdir(run_dir):
@@ -111,7 +117,36 @@ def read_run(run_dir: str, objective_metric: str = "metric") -> RunInfo:
     journal = os.path.join(run_dir, JOURNAL_FILE)
     if not os.path.exists(journal):
         info.problems.append(f"no {JOURNAL_FILE}")
+    if with_metrics:
+        _read_records(info, objective_metric)
+    else:
+        info.journalled = count_lines(journal)
+        info.pending = count_pending(run_dir)
+        info.state = _last_state(journal)
+    _read_status_files(info)
+    return info
 
+
+def _last_state(journal: str, max_bytes: int = 1 << 20) -> Optional[int]:
+    """The value of the last state record within the journal's last ``max_bytes``."""
+    try:
+        with open(journal, "rb") as f:
+            f.seek(0, os.SEEK_END)
+            size = f.tell()
+            f.seek(max(0, size - max_bytes))
+            tail = f.read()
+    except OSError:
+        return None
+    for line in reversed(tail.split(b"\n")):
+        if line.startswith(b'{"kind":"state"'):
+            record, _ = parse_line(line)
+            if record is not None and isinstance(record.get("value"), int):
+                return record["value"]
+    return None
+
+
+def _read_records(info: RunInfo, objective_metric: str) -> None:
+    run_dir = info.run_dir
     reader = JournalReader(run_dir)
     cursor = load_cursor(run_dir) if os.path.exists(os.path.join(run_dir, CURSOR_FILE)) else 0
     try:
@@ -146,6 +181,9 @@ def read_run(run_dir: str, objective_metric: str = "metric") -> RunInfo:
     if info.torn_lines:
         info.problems.append(f"{info.torn_lines} torn or invalid journal lines")
 
+
+def _read_status_files(info: RunInfo) -> None:
+    run_dir = info.run_dir
     status = read_json(os.path.join(run_dir, STATUS_FILE))
     if isinstance(status, dict):
         info.task_id = status.get("task_id")
@@ -173,4 +211,3 @@ def read_run(run_dir: str, objective_metric: str = "metric") -> RunInfo:
         info.problems.append(f"{SUMMARY_FILE} is not valid JSON")
     if info.task_id is None and not info.name.startswith("offline-"):
         info.task_id = info.name
-    return info

@@ -44,7 +44,7 @@ def status_command(run_dir: Optional[str], *, as_json: bool = False, stale_after
     if not is_run_dir(run_dir):
         print(f"anylearn-reporter: no run at {run_dir} (no metrics.jsonl yet)", file=sys.stderr)
         return 1
-    info = read_run(run_dir)
+    info = read_run(run_dir, with_metrics=False)
     ok, why = health(info, stale_after_s)
     if as_json:
         print(json.dumps({**info.as_dict(), "healthy": ok, "health": why}, indent=2))

@@ -361,3 +361,11 @@ def test_page_screenshot_in_headless_chromium_shows_the_chart(server, tmp_path):
     final_red = sum(1 for r, g, b in pixels if abs(r - 0xDC) < 40 and abs(g - 0x26) < 40 and abs(b - 0x26) < 40)
     assert series_blue > 200, "the metric line is not drawn"
     assert final_red > 100, "the final metric is not marked"
+
+
+def test_status_reads_the_state_from_the_journals_last_state_record(tmp_path):
+    run_dir = offline_run(tmp_path, 3, name=TASK_ID)  # states 1 then 2, all pending, nobody delivering
+    done = cli("status", str(run_dir), "--json", env=clean_environ())
+    info = json.loads(done.stdout)
+    assert (info["state_name"], info["journalled"], info["pending"]) == ("success", 6, 6)
+    assert done.returncode == 1 and "no deliverer is running" in info["health"]
