@@ -3,8 +3,13 @@ without an endpoint is needed)."""
 
 import json
 import os
+from urllib.parse import parse_qs
 
+import requests
+import requests_mock
 from conftest import SECRET_KEY, TASK_ID, wait_until
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from reporter.client import BackendClient
 from reporter.config import Secret
@@ -180,3 +185,40 @@ def test_status_file_never_holds_the_secret(server, tmp_path):
     deliverer.close(5)
     for name in os.listdir(tmp_path):
         assert SECRET_KEY.encode() not in (tmp_path / name).read_bytes(), name
+
+
+# A property over the whole engine: whatever transient failures the backend throws, in whatever order,
+# every record reaches it once (acknowledged answers only), in journal order.
+
+TRANSIENT = st.sampled_from(["503", "429", "500", "408", "connection", "not-json"])
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(count=st.integers(1, 12), failures=st.lists(st.one_of(TRANSIENT, st.just("ok")), max_size=30))
+def test_any_sequence_of_transient_failures_delivers_each_record_once_in_order(tmp_path_factory, count, failures):
+    run_dir = tmp_path_factory.mktemp("prop")
+    journal(run_dir, [float(i) for i in range(count)])
+    plan = list(failures)
+    accepted = []
+
+    def answer(request, context):
+        outcome = plan.pop(0) if plan else "ok"
+        if outcome == "connection":
+            raise requests.ConnectionError("refused")
+        if outcome == "not-json":
+            return "<html>proxy</html>"
+        if outcome != "ok":
+            context.status_code = int(outcome)
+            return '{"msg": "later"}'
+        accepted.append(float(parse_qs(request.text)["metric"][0]))
+        return '{"msg": "ok"}'
+
+    base = "http://prop.test/api"
+    with requests_mock.Mocker() as mock:
+        mock.post(f"{base}/train_task/intermediate_metric", text=answer)
+        deliverer = Deliverer(str(run_dir), BackendClient(base, TASK_ID, Secret(SECRET_KEY)), FAST, retry_sleep=lambda s: None)
+        deliverer.start()
+        assert deliverer.flush(20)
+        deliverer.close(5)
+    assert accepted == [float(i) for i in range(count)]
+    assert load_cursor(str(run_dir)) == os.path.getsize(run_dir / "metrics.jsonl")
