@@ -5,7 +5,6 @@ import fractions
 import json
 import os
 
-import numpy as np
 import pytest
 from conftest import SECRET_KEY, TASK_ID, free_port
 
@@ -31,7 +30,7 @@ def journalled(run_dir):
     return [r for _, r in iter_records(str(run_dir))]
 
 
-@pytest.mark.parametrize("bad", [True, False, np.bool_(True), "0.5", b"1", None, [1.0], {"a": 1}, object()])
+@pytest.mark.parametrize("bad", [True, False, "0.5", b"1", None, [1.0], {"a": 1}, object()])
 def test_a_value_that_is_not_a_number_raises_type_error_and_journals_nothing(task, bad):
     with pytest.raises(TypeError, match="number"):
         reporter.report_metric(bad)
@@ -40,14 +39,26 @@ def test_a_value_that_is_not_a_number_raises_type_error_and_journals_nothing(tas
 
 def test_numbers_of_every_kind_are_accepted_as_floats(task, monkeypatch):
     monkeypatch.setenv("ANYLEARN_BACKEND_URL", "http://127.0.0.1:9/api")
-    for value in (1, 2.5, np.float32(0.25), np.int64(3), decimal.Decimal("0.5"), fractions.Fraction(1, 4), np.array(7.0)):
+    for value in (1, 2.5, decimal.Decimal("0.5"), fractions.Fraction(1, 4)):
         reporter.report_metric(value)
-    assert [r["value"] for r in journalled(task)] == [1.0, 2.5, 0.25, 3.0, 0.5, 0.25, 7.0]
+    assert [r["value"] for r in journalled(task)] == [1.0, 2.5, 0.5, 0.25]
 
 
-def test_multi_element_arrays_are_a_type_error(task):
+def test_numpy_scalars_and_0_d_arrays_are_numbers_and_numpy_bools_and_vectors_are_not(task):
+    np = pytest.importorskip("numpy", reason="numpy is not installed")
+    for value in (np.float32(0.25), np.int64(3), np.array(7.0)):
+        reporter.report_metric(value)
+    assert [r["value"] for r in journalled(task)] == [0.25, 3.0, 7.0]
+    for bad in (np.bool_(True), np.array([1.0, 2.0])):
+        with pytest.raises(TypeError):
+            reporter.report_metric(bad)
+
+
+def test_a_0_d_torch_tensor_is_a_number():
+    torch = pytest.importorskip("torch", reason="torch is not installed")
+    assert api._as_float(torch.tensor(0.5)) == 0.5
     with pytest.raises(TypeError):
-        reporter.report_metric(np.array([1.0, 2.0]))
+        api._as_float(torch.tensor([0.5, 1.0]))
 
 
 def test_step_and_name_are_checked(task):
