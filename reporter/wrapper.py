@@ -77,6 +77,7 @@ from .params import artifact_paths, parse_params, render_params
 
 FORWARDED_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
 STDERR_TAIL_LINES = 50
+MAX_LINE_BYTES = 1 << 20
 METRIC_PREFIX = "ANYLEARN_METRIC "
 FINAL_METRIC_PREFIX = "ANYLEARN_FINAL_METRIC "
 _PYTHON_NAME = re.compile(r"^python[0-9.]*$")
@@ -345,6 +346,9 @@ class OutputPump(threading.Thread):
     def _lines(self, chunk: bytes) -> None:
         data = self._partial + chunk
         *lines, self._partial = data.split(b"\n")
+        if len(self._partial) > MAX_LINE_BYTES:  # output without newlines (a progress bar, binary) stays bounded
+            lines.append(self._partial)
+            self._partial = b""
         for line in lines:
             self._line(line)
 

@@ -106,3 +106,12 @@ def test_the_secret_key_appears_in_no_output_log_or_file(serve_process, tmp_path
     for directory in (run_dir, tmp_path / "bad"):
         for name in os.listdir(directory):
             assert SECRET_KEY.encode() not in (directory / name).read_bytes(), name
+
+
+def test_exit_with_a_hanging_backend_waits_only_the_flush_timeout_and_says_what_stays(serve_process, tmp_path):
+    server = serve_process("--latency-ms", "60000")  # every POST hangs for a minute
+    env = task_env(server.base_url, str(tmp_path / "run"), ANYLEARN_FLUSH_TIMEOUT="1")
+    done = run_python("import reporter\nfor i in range(3): reporter.report_metric(float(i))\nprint('trained')", env, timeout_s=30)
+    assert done.returncode == 0 and done.stdout.strip() == "trained"
+    assert "3 records stay pending" in done.stderr and str(tmp_path / "run") in done.stderr
+    assert count_pending(str(tmp_path / "run")) == 3

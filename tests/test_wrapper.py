@@ -297,3 +297,14 @@ def test_offline_run_journals_everything_and_says_where(tmp_path):
     assert done.stderr.count("offline mode") == 1 and str(run_dir) in done.stderr
     kinds = [(r["kind"], r["value"]) for _, r in iter_records(str(run_dir))]
     assert kinds == [("state", 1), ("intermediate", 0.5), ("intermediate", 0.6), ("state", 2)]
+
+
+def test_output_without_newlines_passes_through_whole_and_stays_bounded(tmp_path):
+    code = "import sys\nfor i in range(300): sys.stdout.write('x' * 10000 + '\\r')\nsys.stdout.flush()\nprint()\nprint('ANYLEARN_METRIC 0.5')"
+    env = clean_environ(ANYLEARN_REPORTER_DIR=str(tmp_path / "runs"))
+    done = cli("run", "--", sys.executable, "-c", code, env=env, cwd=tmp_path)
+    assert done.returncode == 0
+    assert len(done.stdout) == 300 * 10001 + 1 + len("ANYLEARN_METRIC 0.5\n")
+    (run_dir,) = (tmp_path / "runs").iterdir()
+    assert (run_dir / "stdout.log").read_text() == done.stdout
+    assert [r["value"] for _, r in iter_records(str(run_dir)) if r["kind"] == "intermediate"] == [0.5]
