@@ -14,7 +14,6 @@ from typing import Callable, List, Optional
 from .config import ENV_SECRET_KEY, ENV_SECRET_KEY_PLATFORM, ConfigError
 
 EXIT_OK = 0
-EXIT_CHECK_FAILED = 1
 EXIT_USAGE = 2
 
 

@@ -70,7 +70,6 @@ class JournalWriter:
         self.path = os.path.join(run_dir, JOURNAL_FILE)
         self.rank = rank
         self.lost: Dict[str, int] = {}
-        self.written = 0
         self.last_append_ts = 0.0
         self._fd = -1
         self._names: Dict[Optional[str], str] = {None: "null"}
@@ -85,7 +84,6 @@ class JournalWriter:
         self._pid = os.getpid()
         self._prefix = f"{secrets.token_hex(6)}-{self._pid}-"
         self._counter = itertools.count(1)
-        self.written = 0
 
     def _open(self) -> bool:
         with self._open_lock:
@@ -134,7 +132,6 @@ class JournalWriter:
         except OSError as exc:
             self._count_lost(errno.errorcode.get(exc.errno or 0, "OSError") + f" ({exc.strerror})")
             return None
-        self.written += 1
         return key
 
     def close(self) -> None:

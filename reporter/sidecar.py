@@ -83,7 +83,6 @@ class Heartbeat:
 
         self.client = BackendClient(config.backend_url or "", config.task_id or "", config.secret_key)
         self.enabled = True
-        self.sent = 0
         self._failing = False
 
     def beat(self) -> None:
@@ -100,12 +99,10 @@ class Heartbeat:
             self._failing = True
             return
         self._failing = False
-        if result.outcome is Outcome.DELIVERED:
-            self.sent += 1
-        elif result.outcome is Outcome.UNSUPPORTED:
+        if result.outcome is Outcome.UNSUPPORTED:
             self.enabled = False
             log.info("the backend has no heartbeat endpoint (HTTP %d); heartbeats are off", result.status)
-        else:
+        elif result.outcome is not Outcome.DELIVERED:
             log.warning("heartbeat refused (HTTP %d: %s)", result.status, result.reason)
 
     def close(self) -> None:

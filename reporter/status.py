@@ -6,7 +6,7 @@ import json
 import os
 import sys
 import time
-from typing import Any, List, Optional, Sequence, Tuple
+from typing import List, Optional, Sequence, Tuple
 
 from .config import ENV_RUN_DIR, load_config
 from .runinfo import RunInfo, find_runs, is_run_dir, read_run
@@ -150,4 +150,4 @@ def _show_metrics(run_dirs: List[str], as_json: bool) -> int:
     return 0
 
 
-__all__: List[Any] = ["status_command", "show_command", "sparkline", "health"]
+__all__ = ["status_command", "show_command", "sparkline", "health"]
