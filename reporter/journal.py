@@ -127,10 +127,14 @@ class JournalWriter:
             f'"step":{"null" if step is None else step},"ts":{now!r},'
             f'"rank":{self.rank},"pid":{self._pid},"key":"{key}"}}\n'
         )
+        data = line.encode()
         try:
-            os.write(self._fd, line.encode())
+            written = os.write(self._fd, data)
         except OSError as exc:
             self._count_lost(errno.errorcode.get(exc.errno or 0, "OSError") + f" ({exc.strerror})")
+            return None
+        if written != len(data):  # a full disk cut the line: readers skip the fragment as torn
+            self._count_lost("short write (is the disk full?)")
             return None
         return key
 

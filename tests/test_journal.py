@@ -161,3 +161,16 @@ def test_forked_child_neither_holds_the_lock_nor_reuses_keys(tmp_path):
     assert [r["pid"] for r in records] == [os.getpid(), pid]
     assert len({r["key"] for r in records}) == 2
     lock.release()
+
+
+def test_a_short_write_is_counted_as_lost_and_never_raises(tmp_path, monkeypatch, capsys):
+    writer = JournalWriter(str(tmp_path))
+    assert writer.append("intermediate", 1.0, None, None)
+    real_write = os.write
+    monkeypatch.setattr(os, "write", lambda fd, data: real_write(fd, data[:10]))  # what a full disk does
+    assert writer.append("intermediate", 2.0, None, None) is None
+    monkeypatch.setattr(os, "write", real_write)
+    assert writer.append("intermediate", 3.0, None, None)
+    assert writer.lost == {"short write (is the disk full?)": 1}
+    assert [r["value"] for _, r in iter_records(str(tmp_path))] == [1.0, 3.0]  # the fragment is skipped
+    assert "could not be journalled" in capsys.readouterr().err
