@@ -24,7 +24,7 @@ from .journal import (
     lock_holder_pid,
     register_fork_hook,
 )
-from .log import get_logger
+from .log import get_logger, say_offline, warn_pending
 
 if TYPE_CHECKING:  # the delivery side (requests, tenacity) is imported by the delivery thread only
     from .deliver import Deliverer
@@ -81,11 +81,7 @@ class _Hook:
             self._deliverer_ready.set()
             supervised = os.environ.get(ENV_SUPERVISOR_PID)  # the wrapper has said it already
             if not supervised and lock_holder_pid(self.config.run_dir) is None:
-                get_logger().info(
-                    "offline mode (no task credentials or backend here): journalling to %s; a sidecar or "
-                    "`anylearn-reporter sync %s` can deliver it",
-                    self.config.run_dir, self.config.run_dir,
-                )
+                say_offline(self.config.run_dir)
             return
         threading.Thread(target=self._delivery_main, name="anylearn-reporter-delivery", daemon=True).start()
 
@@ -135,10 +131,7 @@ class _Hook:
         if not deliverer.close(max(0.0, deadline - time.monotonic())):
             pending = count_pending(self.config.run_dir)
             if pending:
-                get_logger().warning(
-                    "%d records stay pending in %s; deliver them with `anylearn-reporter sync %s`",
-                    pending, self.config.run_dir, self.config.run_dir,
-                )
+                warn_pending(pending, self.config.run_dir)
 
     def _after_fork(self) -> None:
         # The parent's delivery thread did not survive the fork, and its lock stays the parent's:

@@ -82,7 +82,6 @@ class Deliverer:
         self.options = options
         self.lock = DeliverLock(run_dir)
         self.delivered = 0
-        self.rejected = 0
         self.skipped: Dict[str, int] = {}
         self.paused_reason: Optional[str] = None
         self.last_error: Optional[str] = None
@@ -194,7 +193,6 @@ class Deliverer:
             "deliverer_started": self.started_ts,
             "cursor": self._acked,
             "delivered": self.delivered,
-            "rejected": self.rejected,
             "skipped": dict(self.skipped),
             "paused": self.paused_reason,
             "state_reporting": self.state_reporting,
@@ -257,7 +255,6 @@ class Deliverer:
         previous = read_json(os.path.join(self.run_dir, STATUS_FILE))
         if isinstance(previous, dict) and previous.get("task_id") == self.client.task_id:
             self.delivered = int(previous.get("delivered") or 0)
-            self.rejected = int(previous.get("rejected") or 0)
             skipped = previous.get("skipped")
             if isinstance(skipped, dict):
                 self.skipped = {str(k): int(v) for k, v in skipped.items()}
@@ -317,7 +314,6 @@ class Deliverer:
             self.delivered += 1
             self.last_delivery_ts = time.time()
         elif result.outcome is Outcome.REJECTED:
-            self.rejected += 1
             append_rejected(self.run_dir, record, result.status, result.reason)
             self._note_error(f"HTTP {result.status}: {result.reason}")
             self._log.warning(
@@ -327,7 +323,7 @@ class Deliverer:
         elif result.outcome is Outcome.UNSUPPORTED:
             self.state_reporting = False
             self.skipped[SKIP_STATE_OFF] = self.skipped.get(SKIP_STATE_OFF, 0) + 1
-            self._log.info("the backend has no %s endpoint (HTTP %d); task state reporting is off", "state", result.status)
+            self._log.info("the backend has no state endpoint (HTTP %d); task state reporting is off", result.status)
         elif result.outcome is Outcome.AUTH:
             self.paused_reason = f"auth: HTTP {result.status}"
             self._note_error(f"HTTP {result.status}: {result.reason}")
@@ -411,4 +407,4 @@ def build_deliverer(
     return Deliverer(run_dir or config.run_dir, client, options, host_busy=host_busy)
 
 
-__all__ = ["Deliverer", "DeliveryOptions", "build_deliverer", "count_pending", "whole_lines_end"]
+__all__ = ["Deliverer", "DeliveryOptions", "build_deliverer"]

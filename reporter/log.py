@@ -40,3 +40,18 @@ def get_logger() -> logging.Logger:
         level = os.environ.get(ENV_LOG_LEVEL, "INFO").upper()
         logger.setLevel(getattr(logging, level, logging.INFO))
     return logger
+
+
+def say_offline(run_dir: str) -> None:
+    """The one line that says a run only journals here."""
+    get_logger().info(
+        "offline mode (no task credentials or backend here): journalling to %s; a sidecar or "
+        "`anylearn-reporter sync %s` can deliver it", run_dir, run_dir,
+    )
+
+
+def warn_pending(count: int, run_dir: str) -> None:
+    """The one line that counts what stays pending at the end and names the command that delivers it."""
+    get_logger().warning(
+        "%d records stay pending in %s; deliver them with `anylearn-reporter sync %s`", count, run_dir, run_dir
+    )

@@ -27,7 +27,7 @@ from .config import (
     ConfigError,
     load_config_strict,
 )
-from .log import get_logger
+from .log import get_logger, warn_pending
 
 EXIT_PENDING = 3
 END_CHECK_INTERVAL_S = 0.5
@@ -184,9 +184,7 @@ class Sidecar:
             heartbeat.close()
         pending = 0 if drained else count_pending(self.run_dir)
         if pending:
-            self.log.warning(
-                "%d records stay pending in %s; deliver them with `anylearn-reporter sync %s`", pending, self.run_dir, self.run_dir
-            )
+            warn_pending(pending, self.run_dir)
             return EXIT_PENDING
         return 0
 

@@ -47,8 +47,6 @@ from .config import (
     ENV_TRAIN_PARAMS_DELIMITER,
     ENV_TRAIN_PARAMS_DELIMITER_ANYLEARN,
     ENV_TRAIN_PARAMS_PREFIX,
-    JOURNAL_FILE,
-    REJECTED_FILE,
     STATE_ABORT,
     STATE_FAIL,
     STATE_NAMES,
@@ -68,12 +66,11 @@ from .journal import (
     JournalWriter,
     atomic_write,
     atomic_write_json,
-    count_lines,
     count_pending,
-    iter_records,
 )
-from .log import get_logger
+from .log import get_logger, say_offline, warn_pending
 from .params import artifact_paths, parse_params, render_params
+from .runinfo import read_run
 
 FORWARDED_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
 STDERR_TAIL_LINES = 50
@@ -460,10 +457,7 @@ class Supervisor:
     def start_delivery(self) -> None:
         if self.config.offline:
             # No lock taken: a sidecar sharing the run directory may deliver while the command runs.
-            self.log.info(
-                "offline mode (no task credentials or backend here): journalling to %s; a sidecar or "
-                "`anylearn-reporter sync %s` can deliver it", self.run_dir, self.run_dir,
-            )
+            say_offline(self.run_dir)
             return
         from .deliver import build_deliverer
 
@@ -574,9 +568,7 @@ class Supervisor:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
         if pending:
-            self.log.warning(
-                "%d records stay pending in %s; deliver them with `anylearn-reporter sync %s`", pending, self.run_dir, self.run_dir
-            )
+            warn_pending(pending, self.run_dir)
         self.write_summary(started, outcome, pending, peak_rss, pumps[1].tail if pumps else [])
         self.writer.close()
         return outcome.exit_code
@@ -587,15 +579,7 @@ class Supervisor:
 
     def write_summary(self, started: float, outcome: Outcome, pending: int, peak_rss: int, stderr_tail: List[str]) -> None:
         ended = time.time()
-        last_intermediate = final = None
-        for _, record in iter_records(self.run_dir):
-            if record.get("rank", 0) != 0 or record.get("name") not in (None, self.config.objective_metric):
-                continue
-            if record["kind"] == KIND_INTERMEDIATE and record["value"] is not None:
-                last_intermediate = record["value"]
-            elif record["kind"] == KIND_FINAL and record["value"] is not None:
-                final = record["value"]
-        counters = self.deliverer.status() if self.deliverer is not None else {}
+        run = read_run(self.run_dir, self.config.objective_metric)  # the journal and the deliverer's status.json
         returncode = self.child.returncode if self.child is not None else None
         summary = {
             "task_id": self.config.task_id,
@@ -613,14 +597,14 @@ class Supervisor:
             "state_name": STATE_NAMES[outcome.state],
             "offline": self.config.offline,
             "records": {
-                "journalled": count_lines(os.path.join(self.run_dir, JOURNAL_FILE)),
-                "delivered": counters.get("delivered", 0),
+                "journalled": run.journalled,
+                "delivered": run.delivered,
                 "pending": pending,
-                "rejected": count_lines(os.path.join(self.run_dir, REJECTED_FILE)),
-                "skipped": counters.get("skipped", {}),
+                "rejected": run.rejected,
+                "skipped": run.skipped,
             },
-            "last_intermediate_metric": last_intermediate,
-            "final_metric": final,
+            "last_intermediate_metric": run.last_metric,
+            "final_metric": run.final_metric,
             "peak_rss_bytes": peak_rss,
         }
         if outcome.failure:
