@@ -46,7 +46,7 @@ class _Hook:
 
     def __init__(self, config: Config, problems: List[str]) -> None:
         self.config = config
-        self.writer = JournalWriter(config.run_dir, rank=config.rank)
+        self.writer = JournalWriter(config.run_dir, rank=config.rank, on_non_finite=self._warn_non_finite)
         self.deliverer: Optional["Deliverer"] = None
         self.delivery_started = False
         self._deliverer_ready = threading.Event()
@@ -56,8 +56,6 @@ class _Hook:
         register_fork_hook(self, _Hook._after_fork)
 
     def emit(self, kind: str, value: float, name: Optional[str], step: Optional[int]) -> None:
-        if value - value != 0:  # NaN or an infinity: journalled as null, never sent
-            self._warn_non_finite(name, value)
         self.writer.append(kind, value, name, step)
         if not self.delivery_started:
             self._start_delivery()

@@ -6,12 +6,11 @@ agent reads from the environment is named here, once.
 
 from __future__ import annotations
 
-import math
 import os
 import secrets
 import time
 from dataclasses import dataclass, field
-from typing import List, Mapping, Optional, Tuple
+from typing import Any, List, Mapping, Optional, Tuple
 
 # --- environment variable names -------------------------------------------------------------------
 ENV_TASK_ID = "ANYLEARN_TASK_ID"
@@ -152,6 +151,23 @@ class Config:
         )
 
 
+def parse_number(
+    text: Optional[str], what: str, default: Any, *, integer: bool = False, minimum: float = 0.0, positive: bool = False
+) -> Any:
+    """A number from an option or a variable: ``default`` when unset or empty, ConfigError naming ``what``
+    when it is not a (whole) number, is NaN, is below ``minimum``, or is not above 0 with ``positive``."""
+    if text is None or str(text).strip() == "":
+        return default
+    try:
+        value = int(text) if integer else float(text)
+    except ValueError:
+        raise ConfigError(f"{what} must be {'a whole number' if integer else 'a number'}, not {text!r}") from None
+    if value != value or value < minimum or (positive and value <= 0):
+        bound = "more than 0" if positive else f"at least {minimum:g}"
+        raise ConfigError(f"{what} must be {bound}, not {text!r}")
+    return value
+
+
 def _first(env: Mapping[str, str], *names: str) -> Optional[str]:
     for name in names:
         value = env.get(name, "").strip()
@@ -216,24 +232,17 @@ def load_config(env: Optional[Mapping[str, str]] = None) -> Tuple[Config, List[s
         problems.append(f"{ENV_REPORT_RANKS}={ranks!r} must be '0' (rank 0 only) or 'all'")
         ranks = "0"
 
-    flush_timeout_s = DEFAULT_FLUSH_TIMEOUT_S
-    raw_timeout = _first(env, ENV_FLUSH_TIMEOUT)
-    if raw_timeout is not None:
-        try:
-            flush_timeout_s = float(raw_timeout)
-            if flush_timeout_s < 0 or math.isnan(flush_timeout_s):
-                raise ValueError
-        except ValueError:
-            problems.append(f"{ENV_FLUSH_TIMEOUT}={raw_timeout!r} must be a number of seconds >= 0")
-            flush_timeout_s = DEFAULT_FLUSH_TIMEOUT_S
+    try:
+        flush_timeout_s = parse_number(_first(env, ENV_FLUSH_TIMEOUT), ENV_FLUSH_TIMEOUT, DEFAULT_FLUSH_TIMEOUT_S)
+    except ConfigError as exc:
+        problems.append(f"{exc} (seconds)")
+        flush_timeout_s = DEFAULT_FLUSH_TIMEOUT_S
 
-    rank = 0
-    raw_rank = _first(env, ENV_RANK)
-    if raw_rank is not None:
-        try:
-            rank = int(raw_rank)
-        except ValueError:
-            problems.append(f"{ENV_RANK}={raw_rank!r} is not an integer; treating this process as rank 0")
+    try:
+        rank = parse_number(_first(env, ENV_RANK), ENV_RANK, 0, integer=True, minimum=0)
+    except ConfigError as exc:
+        problems.append(f"{exc}; treating this process as rank 0")
+        rank = 0
 
     config = Config(
         task_id=task_id,

@@ -41,6 +41,7 @@ SKIP_NOT_OBJECTIVE = "not the objective metric"
 SKIP_NOT_A_NUMBER = "not a finite number"
 SKIP_STATE_OFF = "state reporting is off"
 SKIP_TORN = "torn or invalid line"
+PROGRESS_INTERVAL_S = 0.5
 
 
 @dataclass(frozen=True)
@@ -178,6 +179,23 @@ class Deliverer:
             remaining = 1.0 if deadline is None else max(0.1, deadline - time.monotonic())
             self._finished.wait(remaining)
         return drained
+
+    def drain(self, timeout_s: Optional[float], on_progress: Optional[Callable[[int, bool], None]] = None) -> bool:
+        """Deliver what is pending for up to ``timeout_s`` (None: until done), calling ``on_progress(pending,
+        drained)`` about twice a second; then stop. True when nothing stayed pending. Returns early when
+        delivery pauses (a rejected key)."""
+        deadline = None if timeout_s is None else time.monotonic() + timeout_s
+        drained = False
+        try:
+            while True:
+                remaining = None if deadline is None else deadline - time.monotonic()
+                drained = self.flush(PROGRESS_INTERVAL_S if remaining is None else max(0.0, min(PROGRESS_INTERVAL_S, remaining)))
+                if on_progress is not None:
+                    on_progress(self.pending(), drained)
+                if drained or self.paused_reason or not self.alive or (remaining is not None and remaining <= 0):
+                    return drained
+        finally:
+            self.close(0.5 if deadline is None else max(0.5, deadline - time.monotonic()))
 
     def stop(self) -> None:
         """Ask the worker to stop without draining."""

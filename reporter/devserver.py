@@ -78,7 +78,9 @@ class Backend:
             )
         self.posts_seen = 0
         self.post_times: List[float] = []  # arrival times of the last 1000 POSTs
-        self.counters: Dict[str, int] = {"requests": 0, "duplicates": 0, "injected_failures": 0, "unauthorized": 0}
+        self.counters: Dict[str, int] = {
+            "connections": 0, "requests": 0, "duplicates": 0, "injected_failures": 0, "unauthorized": 0,
+        }
 
     # --- faults and auth -----------------------------------------------------------------------------
 
@@ -99,9 +101,9 @@ class Backend:
             return 429, {"msg": "too many requests (injected)"}, {"Retry-After": f"{self.faults.retry_after_s:g}"}
         return 503, {"msg": "service unavailable (injected)"}, {}
 
-    def count_request(self) -> None:
+    def count(self, counter: str) -> None:
         with self._lock:
-            self.counters["requests"] += 1
+            self.counters[counter] += 1
 
     def authorized(self, task_id: str, key: str) -> bool:
         with self._lock:
@@ -242,6 +244,10 @@ class _Handler(BaseHTTPRequestHandler):
     prefix: str = API_PREFIX
     quiet: bool = True
 
+    def setup(self) -> None:
+        super().setup()
+        self.backend.count("connections")  # keep-alive clients open few
+
     def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 (the base class's name)
         if not self.quiet:
             super().log_message(format, *args)
@@ -270,7 +276,7 @@ class _Handler(BaseHTTPRequestHandler):
         return {k: v[-1] for k, v in parse_qs(raw, keep_blank_values=True).items()}
 
     def do_GET(self) -> None:  # noqa: N802 (http.server's name)
-        self.backend.count_request()
+        self.backend.count("requests")
         path, query = self._route()
         if path == "/":
             from .devpage import render_page
@@ -290,7 +296,7 @@ class _Handler(BaseHTTPRequestHandler):
         return self._send(404, {"msg": f"no such endpoint: GET {path}"})
 
     def do_POST(self) -> None:  # noqa: N802
-        self.backend.count_request()
+        self.backend.count("requests")
         path, _ = self._route()
         form = self._form()
         endpoint = path.rsplit("/", 1)[-1]

@@ -17,7 +17,7 @@ import threading
 import time
 import weakref
 from dataclasses import dataclass
-from typing import Any, Dict, Iterator, List, Optional, Tuple
+from typing import Any, Callable, Dict, Iterator, List, Optional, Tuple
 
 from .config import CURSOR_FILE, JOURNAL_FILE, LOCK_FILE, REJECTED_FILE
 from .log import get_logger
@@ -65,8 +65,11 @@ class JournalWriter:
     prefix, so keys stay unique.
     """
 
-    def __init__(self, run_dir: str, *, rank: int = 0) -> None:
+    def __init__(
+        self, run_dir: str, *, rank: int = 0, on_non_finite: Optional[Callable[[Optional[str], Any], None]] = None
+    ) -> None:
         self.run_dir = run_dir
+        self.on_non_finite = on_non_finite
         self.path = os.path.join(run_dir, JOURNAL_FILE)
         self.rank = rank
         self.lost: Dict[str, int] = {}
@@ -118,6 +121,8 @@ class JournalWriter:
             name_json = self._names[name] = json.dumps(name)
         if value is None or value - value != 0:  # NaN and +-inf fail x - x == 0
             value_text = "null"
+            if value is not None and self.on_non_finite is not None:
+                self.on_non_finite(name, value)
         else:
             value_text = repr(value)
         key = f"{self._prefix}{next(self._counter)}"

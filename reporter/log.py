@@ -9,8 +9,11 @@ from __future__ import annotations
 import logging
 import os
 import sys
+import time
+from typing import Any
 
 LOGGER_NAME = "anylearn_reporter"
+BAR_WIDTH = 30
 ENV_LOG_LEVEL = "ANYLEARN_REPORTER_LOG_LEVEL"
 
 
@@ -55,3 +58,32 @@ def warn_pending(count: int, run_dir: str) -> None:
     get_logger().warning(
         "%d records stay pending in %s; deliver them with `anylearn-reporter sync %s`", count, run_dir, run_dir
     )
+
+
+class Progress:
+    """Delivery progress: a bar on a terminal; otherwise a plain line every ``PLAIN_LINE_INTERVAL_S`` of a
+    long delivery, and one when the caller forces it (``sync``'s last line)."""
+
+    PLAIN_LINE_INTERVAL_S = 5.0
+
+    def __init__(self, run_dir: str, total: int, stream: Any = None) -> None:
+        self.run_dir = run_dir
+        self.total = max(total, 1)
+        self.stream = stream or sys.stderr
+        self.tty = self.stream.isatty()
+        self._last_line = time.monotonic()
+
+    def update(self, done: int, force: bool = False) -> None:
+        done = min(max(done, 0), self.total)  # records journalled meanwhile are not this delivery's
+        if self.tty:
+            filled = int(BAR_WIDTH * done / self.total)
+            self.stream.write(f"\r{os.path.basename(self.run_dir)} [{'#' * filled}{'.' * (BAR_WIDTH - filled)}] {done}/{self.total}")
+            self.stream.flush()
+        elif force or time.monotonic() - self._last_line >= self.PLAIN_LINE_INTERVAL_S:
+            self._last_line = time.monotonic()
+            self.stream.write(f"{self.run_dir}: {done}/{self.total} records\n")
+            self.stream.flush()
+
+    def finish(self) -> None:
+        if self.tty:
+            self.stream.write("\n")

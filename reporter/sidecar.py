@@ -26,6 +26,7 @@ from .config import (
     Config,
     ConfigError,
     load_config_strict,
+    parse_number,
 )
 from .log import get_logger, warn_pending
 
@@ -41,24 +42,17 @@ class SidecarOptions:
     pid: Optional[int] = None
 
 
-def _seconds(value: Optional[str], env_value: Optional[str], what: str, default: float) -> float:
-    text = value if value is not None else env_value
-    if text is None or text == "":
-        return default
-    try:
-        seconds = float(text)
-    except ValueError:
-        raise ConfigError(f"{what} must be a number of seconds, not {text!r}") from None
-    if not seconds > 0:
-        raise ConfigError(f"{what} must be more than 0 seconds, not {text!r}")
-    return seconds
+def _arg_or_env(value: Optional[str], env: Any, name: str) -> Optional[str]:
+    return value if value is not None else env.get(name)
 
 
 def options_from(args: Any, env: Any) -> SidecarOptions:
     options = SidecarOptions(
-        resource_interval_s=_seconds(args.interval, env.get(ENV_RESOURCE_INTERVAL), "--interval", DEFAULT_RESOURCE_INTERVAL_S),
-        heartbeat_interval_s=_seconds(args.heartbeat, None, "--heartbeat", DEFAULT_HEARTBEAT_INTERVAL_S),
-        drain_timeout_s=_seconds(args.drain_timeout, env.get(ENV_DRAIN_TIMEOUT), "--drain-timeout", DEFAULT_DRAIN_TIMEOUT_S),
+        resource_interval_s=parse_number(_arg_or_env(args.interval, env, ENV_RESOURCE_INTERVAL), "--interval",
+                                         DEFAULT_RESOURCE_INTERVAL_S, positive=True),
+        heartbeat_interval_s=parse_number(args.heartbeat, "--heartbeat", DEFAULT_HEARTBEAT_INTERVAL_S, positive=True),
+        drain_timeout_s=parse_number(_arg_or_env(args.drain_timeout, env, ENV_DRAIN_TIMEOUT), "--drain-timeout",
+                                     DEFAULT_DRAIN_TIMEOUT_S),
         pid=args.pid,
     )
     if options.pid is not None and not _pid_alive(options.pid):

@@ -5,17 +5,14 @@ rejected key). Resumable: interrupted and run again, each record still reaches t
 from __future__ import annotations
 
 import os
-import sys
-import time
 from dataclasses import replace
-from typing import Any, List, Mapping, Optional
+from typing import List, Mapping, Optional
 
 from .config import Config, ConfigError, Secret, load_config_strict, resolve_backend_url
-from .log import get_logger
+from .log import Progress, get_logger
 from .runinfo import is_run_dir
 
 EXIT_PENDING = 3
-_BAR_WIDTH = 30
 
 
 def _task_of(run_dir: str, given: Optional[str]) -> str:
@@ -44,31 +41,6 @@ def _secret(secret_key_file: Optional[str], config: Config) -> Secret:
     raise ConfigError("no secret key: set ANYLEARN_SECRET_KEY (or secret_key) or give --secret-key-file FILE")
 
 
-class Progress:
-    """A bar on a terminal, a plain line every few seconds otherwise."""
-
-    def __init__(self, run_dir: str, total: int, stream: Any = None) -> None:
-        self.run_dir = run_dir
-        self.total = max(total, 1)
-        self.stream = stream or sys.stderr
-        self.tty = self.stream.isatty()
-        self._last_line = 0.0
-
-    def update(self, done: int, force: bool = False) -> None:
-        if self.tty:
-            filled = int(_BAR_WIDTH * done / self.total)
-            self.stream.write(f"\r{os.path.basename(self.run_dir)} [{'#' * filled}{'.' * (_BAR_WIDTH - filled)}] {done}/{self.total}")
-            self.stream.flush()
-        elif force or time.monotonic() - self._last_line >= 5:
-            self._last_line = time.monotonic()
-            self.stream.write(f"{self.run_dir}: {done}/{self.total} records\n")
-            self.stream.flush()
-
-    def finish(self) -> None:
-        if self.tty:
-            self.stream.write("\n")
-
-
 def sync_one(run_dir: str, config: Config, timeout_s: Optional[float]) -> int:
     """Deliver one run directory; returns how many records stay pending."""
     from .deliver import build_deliverer
@@ -90,18 +62,10 @@ def sync_one(run_dir: str, config: Config, timeout_s: Optional[float]) -> int:
         log.warning("%s: another deliverer took the run first; leaving it to that process", run_dir)
         return count_pending(run_dir)
     progress = Progress(run_dir, total)
-    deadline = None if timeout_s is None else time.monotonic() + timeout_s
     try:
-        while True:
-            remaining = None if deadline is None else deadline - time.monotonic()
-            step = 0.5 if remaining is None else max(0.0, min(0.5, remaining))
-            drained = deliverer.flush(step)
-            progress.update(total - deliverer.pending(), force=drained)
-            if drained or deliverer.paused_reason or (remaining is not None and remaining <= 0):
-                break
+        deliverer.drain(timeout_s, lambda pending, drained: progress.update(total - pending, force=drained))
     finally:
         progress.finish()
-        deliverer.close(1.0)
     pending = count_pending(run_dir)
     print(f"{run_dir}: {total - pending} delivered, {pending} pending" + (f" ({deliverer.paused_reason})" if deliverer.paused_reason else ""))
     return pending

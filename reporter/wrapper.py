@@ -58,6 +58,7 @@ from .config import (
     Config,
     ConfigError,
     load_config_strict,
+    parse_number,
 )
 from .journal import (
     KIND_FINAL,
@@ -68,7 +69,7 @@ from .journal import (
     atomic_write_json,
     count_pending,
 )
-from .log import get_logger, say_offline, warn_pending
+from .log import Progress, get_logger, say_offline, warn_pending
 from .params import artifact_paths, parse_params, render_params
 from .runinfo import read_run
 
@@ -113,18 +114,6 @@ def _env_or(value: Optional[str], env: Mapping[str, str], *names: str) -> Option
         if env.get(name, "") != "":
             return env[name]
     return None
-
-
-def _number(text: Optional[str], what: str, default: float, *, integer: bool = False, minimum: float = 0) -> Any:
-    if text is None or str(text).strip() == "":
-        return default
-    try:
-        value = int(text) if integer else float(text)
-    except ValueError:
-        raise ConfigError(f"{what} must be {'a whole number' if integer else 'a number'}, not {text!r}") from None
-    if value < minimum or value != value:
-        raise ConfigError(f"{what} must be at least {minimum:g}, not {text!r}")
-    return value
 
 
 def compile_metric_patterns(patterns: List[str]) -> List["re.Pattern[str]"]:
@@ -194,12 +183,12 @@ def options_from(args: Any, env: Mapping[str, str]) -> RunOptions:
         command=command,
         params_argv=params_argv,
         output_dir=output_directory(_env_or(args.output, env, ENV_OUTPUT) or DEFAULT_OUTPUT_DIR),
-        grace_period_s=_number(_env_or(args.grace_period, env, ENV_GRACE_PERIOD), "the grace period", DEFAULT_GRACE_PERIOD_S),
-        drain_timeout_s=_number(_env_or(args.drain_timeout, env, ENV_DRAIN_TIMEOUT), "the drain timeout", DEFAULT_DRAIN_TIMEOUT_S),
+        grace_period_s=parse_number(_env_or(args.grace_period, env, ENV_GRACE_PERIOD), "the grace period", DEFAULT_GRACE_PERIOD_S),
+        drain_timeout_s=parse_number(_env_or(args.drain_timeout, env, ENV_DRAIN_TIMEOUT), "the drain timeout", DEFAULT_DRAIN_TIMEOUT_S),
         metric_patterns=compile_metric_patterns(patterns),
-        nnodes=_number(_env_or(args.nnodes, env, ENV_NUM_NODES), "the number of nodes", 1, integer=True, minimum=1),
-        nproc_per_node=_number(_env_or(args.nproc_per_node, env, ENV_NPROC_PER_NODE), "processes per node", 1, integer=True, minimum=1),
-        node_rank=_number(_env_or(None, env, ENV_NODE_RANK, ENV_NODE_RANK_GENERIC), "the node rank", 0, integer=True),
+        nnodes=parse_number(_env_or(args.nnodes, env, ENV_NUM_NODES), "the number of nodes", 1, integer=True, minimum=1),
+        nproc_per_node=parse_number(_env_or(args.nproc_per_node, env, ENV_NPROC_PER_NODE), "processes per node", 1, integer=True, minimum=1),
+        node_rank=parse_number(_env_or(None, env, ENV_NODE_RANK, ENV_NODE_RANK_GENERIC), "the node rank", 0, integer=True),
         master_addr=env.get(ENV_MASTER_ADDR) or None,
         master_port=env.get(ENV_MASTER_PORT) or None,
         isolate_secret=bool(args.isolate_secret),
@@ -517,19 +506,12 @@ class Supervisor:
         """Deliver what is pending for up to the drain timeout; returns how many records stay pending."""
         if self.deliverer is None:
             return count_pending(self.run_dir)
-        timeout_s = self.options.drain_timeout_s
-        deadline = time.monotonic() + timeout_s
-        progress = sys.stderr.isatty()
-        while True:
-            remaining = deadline - time.monotonic()
-            if self.deliverer.flush(min(0.5, max(remaining, 0))) or remaining <= 0 or self.deliverer.paused_reason:
-                break
-            if progress:
-                sys.stderr.write(f"\ranylearn-reporter: delivering, {self.deliverer.pending()} records pending ")
-                sys.stderr.flush()
-        if progress:
-            sys.stderr.write("\r\033[K")
-        self.deliverer.close(max(0.5, deadline - time.monotonic()))
+        total = self.deliverer.pending()
+        progress = Progress(self.run_dir, total)
+        try:
+            self.deliverer.drain(self.options.drain_timeout_s, lambda pending, _: progress.update(total - pending))
+        finally:
+            progress.finish()
         return count_pending(self.run_dir)
 
     # -- the whole run --

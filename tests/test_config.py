@@ -85,3 +85,25 @@ def test_secret_never_shows_in_repr_str_or_pickle():
 def test_secret_hint_shows_length_and_at_most_two_characters():
     assert Secret(KEY).hint() == f"{len(KEY)} characters, ending in '23'"
     assert "ab" not in Secret("abc").hint()
+
+
+@pytest.mark.parametrize(
+    "text, kwargs, expected",
+    [(None, {}, 7), ("", {}, 7), ("2.5", {}, 2.5), ("3", {"integer": True}, 3), ("0", {}, 0.0)],
+)
+def test_parse_number_reads_or_defaults(text, kwargs, expected):
+    from reporter.config import parse_number
+
+    assert parse_number(text, "--x", 7, **kwargs) == expected
+
+
+@pytest.mark.parametrize(
+    "text, kwargs, message",
+    [("soon", {}, "a number"), ("1.5", {"integer": True}, "a whole number"), ("nan", {}, "at least 0"),
+     ("-1", {}, "at least 0"), ("0", {"positive": True}, "more than 0"), ("0", {"integer": True, "minimum": 1}, "at least 1")],
+)
+def test_parse_number_names_what_is_wrong(text, kwargs, message):
+    from reporter.config import parse_number
+
+    with pytest.raises(ConfigError, match=f"^--x must be {message}, not"):
+        parse_number(text, "--x", 7, **kwargs)

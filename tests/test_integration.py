@@ -31,6 +31,7 @@ def test_1000_reports_from_a_real_process_arrive_exactly_once_and_in_order(serve
     assert task["final_metric"] == 0.999
     stats = server.get("/_dev/stats")
     assert stats["posts"] == 1001 and stats["duplicates"] == 0
+    assert stats["connections"] <= 3  # one keep-alive session (plus this test's own reads)
     assert count_pending(str(tmp_path / "run")) == 0
 
 

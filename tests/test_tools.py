@@ -112,7 +112,7 @@ def test_sync_refuses_another_tasks_run(tmp_path):
 def test_sync_progress_is_a_bar_on_a_terminal_and_plain_lines_otherwise():
     import io
 
-    from reporter.sync import Progress
+    from reporter.log import Progress
 
     class Terminal(io.StringIO):
         def isatty(self):
@@ -126,9 +126,9 @@ def test_sync_progress_is_a_bar_on_a_terminal_and_plain_lines_otherwise():
     plain = io.StringIO()
     lines = Progress("/runs/offline-x", 10, plain)
     lines.update(5)
-    lines.update(6)  # within 5 s of the last line: not repeated
-    lines.update(10, force=True)
-    assert plain.getvalue() == "/runs/offline-x: 5/10 records\n/runs/offline-x: 10/10 records\n"
+    lines.update(6)  # a plain line only every 5 s of a long delivery
+    lines.update(12, force=True)  # and the last one; records journalled meanwhile do not count
+    assert plain.getvalue() == "/runs/offline-x: 10/10 records\n"
 
 
 # --- show --------------------------------------------------------------------------------------------

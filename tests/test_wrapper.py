@@ -1,6 +1,7 @@
 """``anylearn-reporter run`` with real subprocesses against the local backend on loopback."""
 
 import json
+import os
 import re
 import signal
 import subprocess
@@ -140,18 +141,21 @@ SIGTERM_CHILD = """
 """
 
 
-@pytest.mark.parametrize("mode, exit_code", [("default", 143), ("catch", 7)])
-def test_sigterm_to_the_wrapper_reaches_the_child_and_aborts_the_task(server, tmp_path, mode, exit_code):
+@pytest.mark.parametrize(
+    "mode, sent, exit_code",
+    [("default", signal.SIGTERM, 143), ("catch", signal.SIGTERM, 7), ("default", signal.SIGHUP, 129), ("default", signal.SIGINT, 130)],
+)
+def test_a_stop_signal_to_the_wrapper_reaches_the_child_and_aborts_the_task(server, tmp_path, mode, sent, exit_code):
     script = write_script(tmp_path, "child.py", SIGTERM_CHILD)
     wrapper = start_wrapper(["--", sys.executable, script, mode], run_env(server.base_url, tmp_path), tmp_path)
     assert wrapper.stdout.readline().strip() == "ready"
-    wrapper.send_signal(signal.SIGTERM)
+    wrapper.send_signal(sent)
     out, err = wrapper.communicate(timeout=60)
     assert wrapper.returncode == exit_code, err
     if mode == "catch":
         assert "child got SIGTERM" in out
     assert server.backend.tasks()[0]["states"] == [1, -3]
-    assert summary(tmp_path)["stop_signal"] == "SIGTERM" and summary(tmp_path)["state"] == -3
+    assert summary(tmp_path)["stop_signal"] == sent.name and summary(tmp_path)["state"] == -3
 
 
 def test_a_child_that_ignores_sigterm_is_killed_after_the_grace_period(server, tmp_path):
@@ -309,3 +313,28 @@ def test_output_without_newlines_passes_through_whole_and_stays_bounded(tmp_path
     assert logged == (b"x" * 10000 + b"\r") * 300 + b"\nANYLEARN_METRIC 0.5\n"
     assert done.stdout.replace("\n", "").count("x") == 3_000_000  # all of it passed through
     assert [r["value"] for _, r in iter_records(str(run_dir)) if r["kind"] == "intermediate"] == [0.5]
+
+
+def test_drain_shows_a_progress_bar_on_a_terminal(tmp_path):
+    import pty
+
+    script = write_script(tmp_path, "child.py", "import reporter\nfor i in range(3): reporter.report_metric(float(i))\n")
+    env = run_env(f"http://127.0.0.1:{free_port()}/api", tmp_path)
+    leader, follower = pty.openpty()
+    wrapper = subprocess.Popen([sys.executable, "-m", "reporter", "run", "--drain-timeout", "1.5", "--", sys.executable, script],
+                               env=env, cwd=tmp_path, stdout=subprocess.PIPE, stderr=follower)
+    os.close(follower)
+    seen = b""
+    while True:
+        try:
+            chunk = os.read(leader, 4096)
+        except OSError:  # the terminal closed with the wrapper
+            break
+        if not chunk:
+            break
+        seen += chunk
+    os.close(leader)
+    assert wrapper.wait(30) == 0
+    text = seen.decode()
+    assert re.search(r"\rrun \[\.{30}\] 0/5", text), text  # 3 metrics and 2 states, none delivered
+    assert "5 records stay pending" in text
