@@ -156,7 +156,7 @@ def _get_hook() -> _Hook:
 
 def _close_at_exit() -> None:
     hook = _hook
-    if hook is not None and hook.writer._pid == os.getpid():
+    if hook is not None:  # in a forked child the hook has no deliverer: nothing to flush
         try:
             hook.close_at_exit()
         except Exception as exc:  # interpreter shutdown: say it, never raise

@@ -151,6 +151,16 @@ class Config:
         )
 
 
+def option_or_env(value: Optional[str], env: Mapping[str, str], *names: str) -> Optional[str]:
+    """A command-line option's value when given, else the first of ``names`` set (and not empty) in ``env``."""
+    if value is not None:
+        return value
+    for name in names:
+        if env.get(name, "") != "":
+            return env[name]
+    return None
+
+
 def parse_number(
     text: Optional[str], what: str, default: Any, *, integer: bool = False, minimum: float = 0.0, positive: bool = False
 ) -> Any:

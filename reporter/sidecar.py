@@ -26,6 +26,7 @@ from .config import (
     Config,
     ConfigError,
     load_config_strict,
+    option_or_env,
     parse_number,
 )
 from .log import get_logger, warn_pending
@@ -42,16 +43,12 @@ class SidecarOptions:
     pid: Optional[int] = None
 
 
-def _arg_or_env(value: Optional[str], env: Any, name: str) -> Optional[str]:
-    return value if value is not None else env.get(name)
-
-
 def options_from(args: Any, env: Any) -> SidecarOptions:
     options = SidecarOptions(
-        resource_interval_s=parse_number(_arg_or_env(args.interval, env, ENV_RESOURCE_INTERVAL), "--interval",
+        resource_interval_s=parse_number(option_or_env(args.interval, env, ENV_RESOURCE_INTERVAL), "--interval",
                                          DEFAULT_RESOURCE_INTERVAL_S, positive=True),
         heartbeat_interval_s=parse_number(args.heartbeat, "--heartbeat", DEFAULT_HEARTBEAT_INTERVAL_S, positive=True),
-        drain_timeout_s=parse_number(_arg_or_env(args.drain_timeout, env, ENV_DRAIN_TIMEOUT), "--drain-timeout",
+        drain_timeout_s=parse_number(option_or_env(args.drain_timeout, env, ENV_DRAIN_TIMEOUT), "--drain-timeout",
                                      DEFAULT_DRAIN_TIMEOUT_S),
         pid=args.pid,
     )

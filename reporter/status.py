@@ -109,9 +109,9 @@ def show_command(run_dirs: List[str], *, as_json: bool = False, metrics: bool = 
             if as_json:
                 print("[]")
             return 0
-    infos = [read_run(d, config.objective_metric) for d in run_dirs]
     if metrics:
         return _show_metrics(run_dirs, as_json)
+    infos = [read_run(d, config.objective_metric) for d in run_dirs]
     if as_json:
         print(json.dumps([i.as_dict() for i in infos], indent=2))
         return 0

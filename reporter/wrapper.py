@@ -58,6 +58,7 @@ from .config import (
     Config,
     ConfigError,
     load_config_strict,
+    option_or_env,
     parse_number,
 )
 from .journal import (
@@ -105,15 +106,6 @@ class RunOptions:
     @property
     def distributed(self) -> bool:
         return self.nnodes * self.nproc_per_node > 1
-
-
-def _env_or(value: Optional[str], env: Mapping[str, str], *names: str) -> Optional[str]:
-    if value is not None:
-        return value
-    for name in names:
-        if env.get(name, "") != "":
-            return env[name]
-    return None
 
 
 def compile_metric_patterns(patterns: List[str]) -> List["re.Pattern[str]"]:
@@ -167,8 +159,8 @@ def options_from(args: Any, env: Mapping[str, str]) -> RunOptions:
         params = parse_params(args.params, "--params")
     else:
         params = parse_params(env.get(ENV_TRAIN_PARAMS, ""), ENV_TRAIN_PARAMS)
-    prefix = _env_or(args.params_prefix, env, ENV_TRAIN_PARAMS_PREFIX)
-    delimiter = _env_or(args.params_delimiter, env, ENV_TRAIN_PARAMS_DELIMITER, ENV_TRAIN_PARAMS_DELIMITER_ANYLEARN)
+    prefix = option_or_env(args.params_prefix, env, ENV_TRAIN_PARAMS_PREFIX)
+    delimiter = option_or_env(args.params_delimiter, env, ENV_TRAIN_PARAMS_DELIMITER, ENV_TRAIN_PARAMS_DELIMITER_ANYLEARN)
     params_argv = render_params(
         params,
         prefix="--" if prefix is None else prefix,
@@ -182,13 +174,13 @@ def options_from(args: Any, env: Mapping[str, str]) -> RunOptions:
     options = RunOptions(
         command=command,
         params_argv=params_argv,
-        output_dir=output_directory(_env_or(args.output, env, ENV_OUTPUT) or DEFAULT_OUTPUT_DIR),
-        grace_period_s=parse_number(_env_or(args.grace_period, env, ENV_GRACE_PERIOD), "the grace period", DEFAULT_GRACE_PERIOD_S),
-        drain_timeout_s=parse_number(_env_or(args.drain_timeout, env, ENV_DRAIN_TIMEOUT), "the drain timeout", DEFAULT_DRAIN_TIMEOUT_S),
+        output_dir=output_directory(option_or_env(args.output, env, ENV_OUTPUT) or DEFAULT_OUTPUT_DIR),
+        grace_period_s=parse_number(option_or_env(args.grace_period, env, ENV_GRACE_PERIOD), "the grace period", DEFAULT_GRACE_PERIOD_S),
+        drain_timeout_s=parse_number(option_or_env(args.drain_timeout, env, ENV_DRAIN_TIMEOUT), "the drain timeout", DEFAULT_DRAIN_TIMEOUT_S),
         metric_patterns=compile_metric_patterns(patterns),
-        nnodes=parse_number(_env_or(args.nnodes, env, ENV_NUM_NODES), "the number of nodes", 1, integer=True, minimum=1),
-        nproc_per_node=parse_number(_env_or(args.nproc_per_node, env, ENV_NPROC_PER_NODE), "processes per node", 1, integer=True, minimum=1),
-        node_rank=parse_number(_env_or(None, env, ENV_NODE_RANK, ENV_NODE_RANK_GENERIC), "the node rank", 0, integer=True),
+        nnodes=parse_number(option_or_env(args.nnodes, env, ENV_NUM_NODES), "the number of nodes", 1, integer=True, minimum=1),
+        nproc_per_node=parse_number(option_or_env(args.nproc_per_node, env, ENV_NPROC_PER_NODE), "processes per node", 1, integer=True, minimum=1),
+        node_rank=parse_number(option_or_env(None, env, ENV_NODE_RANK, ENV_NODE_RANK_GENERIC), "the node rank", 0, integer=True),
         master_addr=env.get(ENV_MASTER_ADDR) or None,
         master_port=env.get(ENV_MASTER_PORT) or None,
         isolate_secret=bool(args.isolate_secret),
