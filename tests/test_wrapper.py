@@ -338,3 +338,14 @@ def test_drain_shows_a_progress_bar_on_a_terminal(tmp_path):
     text = seen.decode()
     assert re.search(r"\rrun \[\.{30}\] 0/5", text), text  # 3 metrics and 2 states, none delivered
     assert "5 records stay pending" in text
+
+
+def test_metric_patterns_from_the_environment_one_per_line(server, tmp_path):
+    patterns = r"loss=(?P<value>[\d.]+) step=(?P<step>\d+)" + "\n" + r"(?P<name>acc)uracy: (?P<value>[\d.]+)"
+    code = "print('loss=0.5 step=1')\nprint('accuracy: 0.9')"
+    env = run_env(server.base_url, tmp_path, ANYLEARN_METRIC_PATTERNS=patterns, ANYLEARN_OBJECTIVE_METRIC="acc")
+    done = cli("run", "--", sys.executable, "-c", code, env=env, cwd=tmp_path)
+    assert done.returncode == 0, done.stderr
+    records = [(r["name"], r["value"], r["step"]) for _, r in iter_records(str(tmp_path / "run")) if r["kind"] == "intermediate"]
+    assert records == [(None, 0.5, 1), ("acc", 0.9, None)]
+    assert server.backend.tasks()[0]["intermediate_metrics"] == [0.5, 0.9]  # unnamed and the objective are sent
