@@ -234,6 +234,9 @@ def _number_arg(text: str) -> float:
 
 def _cmd_report(args: argparse.Namespace) -> int:
     from . import api
+    from .config import check_secret_key
+
+    check_secret_key()  # a key that cannot be sent is a usage error here (exit 2), not a silent offline run
 
     api.report_metric(args.value, step=args.step, name=args.name, final=args.final)
     return EXIT_OK

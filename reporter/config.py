@@ -24,6 +24,7 @@ ENV_RUN_DIR = "ANYLEARN_REPORTER_RUN_DIR"
 ENV_REPORT_RANKS = "ANYLEARN_REPORT_RANKS"
 ENV_OBJECTIVE_METRIC = "ANYLEARN_OBJECTIVE_METRIC"
 ENV_FLUSH_TIMEOUT = "ANYLEARN_FLUSH_TIMEOUT"
+ENV_REQUEST_TIMEOUT = "ANYLEARN_REQUEST_TIMEOUT"
 ENV_RANK = "RANK"
 ENV_SUPERVISOR_PID = "ANYLEARN_REPORTER_SUPERVISOR_PID"  # set by the wrapper for its child
 
@@ -53,6 +54,7 @@ ENV_RESOURCE_INTERVAL = "ANYLEARN_RESOURCE_INTERVAL"
 DEFAULT_REPORTER_DIR = "anylearn-runs"
 DEFAULT_OBJECTIVE_METRIC = "metric"
 DEFAULT_FLUSH_TIMEOUT_S = 10.0
+DEFAULT_REQUEST_TIMEOUT_S = 30.0  # the total deadline of one HTTP request
 DEFAULT_OUTPUT_DIR = "output"
 DEFAULT_GRACE_PERIOD_S = 30.0
 DEFAULT_DRAIN_TIMEOUT_S = 60.0
@@ -136,6 +138,7 @@ class Config:
     objective_metric: str
     flush_timeout_s: float
     rank: int
+    request_timeout_s: float = DEFAULT_REQUEST_TIMEOUT_S
 
     @property
     def offline(self) -> bool:
@@ -178,6 +181,30 @@ def parse_number(
     return value
 
 
+def secret_key_problem(key: Optional[str], where: str = ENV_SECRET_KEY) -> Optional[str]:
+    """Why ``key`` cannot travel in an HTTP header (a character outside Latin-1, a control character),
+    in one line that never shows the key; None when it can (or when there is no key)."""
+    if not key:
+        return None
+    try:
+        key.encode("latin-1")
+    except UnicodeEncodeError:
+        return (f"{where} holds characters an HTTP header cannot carry (only Latin-1 text can be sent); "
+                "copy the task's secret key again from AnyLearn")
+    if any(ord(c) < 0x20 or ord(c) == 0x7F for c in key):
+        return f"{where} holds a control character an HTTP header cannot carry; copy the task's secret key again from AnyLearn"
+    return None
+
+
+def check_secret_key(env: Optional[Mapping[str, str]] = None) -> None:
+    """Raise :class:`ConfigError` when the environment's secret key cannot travel in an HTTP header."""
+    env = os.environ if env is None else env
+    where = ENV_SECRET_KEY if env.get(ENV_SECRET_KEY, "").strip() else ENV_SECRET_KEY_PLATFORM
+    problem = secret_key_problem(_first(env, ENV_SECRET_KEY, ENV_SECRET_KEY_PLATFORM), where)
+    if problem:
+        raise ConfigError(problem)
+
+
 def _first(env: Mapping[str, str], *names: str) -> Optional[str]:
     for name in names:
         value = env.get(name, "").strip()
@@ -217,8 +244,12 @@ def load_config(env: Optional[Mapping[str, str]] = None) -> Tuple[Config, List[s
 
     task_id = _first(env, ENV_TASK_ID, ENV_TASK_ID_PLATFORM)
     key = _first(env, ENV_SECRET_KEY, ENV_SECRET_KEY_PLATFORM)
-    secret = Secret(key) if key else None
+    key_problem = secret_key_problem(key, ENV_SECRET_KEY if env.get(ENV_SECRET_KEY, "").strip() else ENV_SECRET_KEY_PLATFORM)
+    secret = Secret(key) if key and not key_problem else None
     backend_url, source = resolve_backend_url(env, bool(task_id and key))
+    if key_problem:  # a key that cannot be sent: journal only, and say so
+        problems.append(f"{key_problem}; records are only journalled until it is fixed")
+        backend_url, source = None, "offline: the secret key cannot be sent"
     if backend_url is not None and not backend_url.startswith(("http://", "https://")):
         problems.append(
             f"{ENV_BACKEND_URL}={backend_url!r} is not an http(s) URL; "
@@ -249,6 +280,12 @@ def load_config(env: Optional[Mapping[str, str]] = None) -> Tuple[Config, List[s
         flush_timeout_s = DEFAULT_FLUSH_TIMEOUT_S
 
     try:
+        request_timeout_s = parse_number(_first(env, ENV_REQUEST_TIMEOUT), ENV_REQUEST_TIMEOUT, DEFAULT_REQUEST_TIMEOUT_S, positive=True)
+    except ConfigError as exc:
+        problems.append(f"{exc} (seconds)")
+        request_timeout_s = DEFAULT_REQUEST_TIMEOUT_S
+
+    try:
         rank = parse_number(_first(env, ENV_RANK), ENV_RANK, 0, integer=True, minimum=0)
     except ConfigError as exc:
         problems.append(f"{exc}; treating this process as rank 0")
@@ -265,6 +302,7 @@ def load_config(env: Optional[Mapping[str, str]] = None) -> Tuple[Config, List[s
         objective_metric=_first(env, ENV_OBJECTIVE_METRIC) or DEFAULT_OBJECTIVE_METRIC,
         flush_timeout_s=flush_timeout_s,
         rank=rank,
+        request_timeout_s=request_timeout_s,
     )
     return config, problems
 

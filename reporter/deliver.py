@@ -64,7 +64,8 @@ class Deliverer:
     """Delivers one run directory's journal to one task. ``start`` / ``flush(timeout)`` / ``close(timeout)``.
 
     Never raises into its host: transient failures are retried with backoff while the deliverer runs,
-    401/403 pauses delivery (records stay pending for ``sync``), other 4xx go to ``rejected.jsonl``.
+    401/403 and any 3xx (never followed) pause delivery (records stay pending for ``sync``), other 4xx go
+    to ``rejected.jsonl``.
     Every record it does not send is counted with its reason in :attr:`skipped`.
     """
 
@@ -343,19 +344,33 @@ class Deliverer:
             self.skipped[SKIP_STATE_OFF] = self.skipped.get(SKIP_STATE_OFF, 0) + 1
             self._log.info("the backend has no state endpoint (HTTP %d); task state reporting is off", result.status)
         elif result.outcome is Outcome.AUTH:
-            self.paused_reason = f"auth: HTTP {result.status}"
-            self._note_error(f"HTTP {result.status}: {result.reason}")
-            self._log.error(
-                "the backend refused the secret key for task %s (HTTP %d: %s); delivery is paused and "
-                "records stay pending in %s: check ANYLEARN_SECRET_KEY (or secret_key), then run "
-                "`anylearn-reporter sync %s`",
-                self.client.task_id, result.status, result.reason, self.run_dir, self.run_dir,
+            self._pause(
+                f"auth: HTTP {result.status}", f"HTTP {result.status}: {result.reason}",
+                f"the backend refused the secret key for task {self.client.task_id} (HTTP {result.status}: "
+                f"{result.reason}); delivery is paused and records stay pending in {self.run_dir}: check "
+                f"ANYLEARN_SECRET_KEY (or secret_key), then run `anylearn-reporter sync {self.run_dir}`",
             )
-            self._checkpoint(force=True)
-            with self._progress:
-                self._progress.notify_all()
+            return False
+        elif result.outcome is Outcome.REDIRECT:
+            # Never followed: the Secret-Key header (and the body) would go to whatever host Location names.
+            self._pause(
+                f"redirect: HTTP {result.status}, {result.reason}", f"HTTP {result.status}: {result.reason}",
+                f"the backend answered HTTP {result.status} ({result.reason}); redirects are never followed "
+                f"(the secret key would go along), so delivery is paused and records stay pending in "
+                f"{self.run_dir}: set ANYLEARN_BACKEND_URL to the address that answers itself, then run "
+                f"`anylearn-reporter sync {self.run_dir}`",
+            )
             return False
         return True
+
+    def _pause(self, reason: str, error: str, message: str) -> None:
+        """Pause delivery for the rest of this deliverer's life: one message, records stay pending."""
+        self.paused_reason = reason
+        self._note_error(error)
+        self._log.error("%s", message)
+        self._checkpoint(force=True)
+        with self._progress:
+            self._progress.notify_all()
 
     def _note_error(self, text: str) -> None:
         self.last_error = text
@@ -416,7 +431,8 @@ def build_deliverer(
     """A deliverer for ``config``'s task and run directory (the configuration must not be offline)."""
     if config.offline:
         raise ValueError("no backend or task id configured: offline runs are only journalled")
-    client = BackendClient(config.backend_url or "", config.task_id or "", config.secret_key)
+    client = BackendClient(config.backend_url or "", config.task_id or "", config.secret_key,
+                           request_timeout_s=config.request_timeout_s)
     options = DeliveryOptions(
         objective_metric=config.objective_metric,
         report_all_ranks=config.report_all_ranks,

@@ -14,10 +14,11 @@ from dataclasses import dataclass
 from typing import List, Mapping, Optional
 from urllib.parse import urlsplit
 
-from .config import Config, load_config
+from .config import Config, ConfigError, check_secret_key, load_config
 
 OK, WARN, FAIL, INFO = "ok", "warn", "FAIL", "info"
 CONNECT_TIMEOUT_S = 3.0
+CHECK_TIMEOUT_S = 10.0
 MAX_CLOCK_SKEW_S = 60.0
 MIN_FREE_BYTES = 100 * 1024 * 1024
 
@@ -29,17 +30,26 @@ class Check:
     text: str
 
 
-def _task_checks(config: Config, problems: List[str]) -> List[Check]:
-    checks = [Check(FAIL, "configuration", p) for p in problems]
+def _task_checks(config: Config, problems: List[str], env: Mapping[str, str]) -> List[Check]:
+    try:
+        check_secret_key(env)
+        key_problem = None
+    except ConfigError as exc:
+        key_problem = str(exc)
+    checks = [Check(FAIL, "configuration", p) for p in problems if not (key_problem and p.startswith(key_problem))]
     if config.task_id:
         checks.append(Check(OK, "task id", config.task_id))
     else:
         checks.append(Check(FAIL, "task id", "not set: export ANYLEARN_TASK_ID (AnyLearn's containers set task_id)"))
-    if config.secret_key:
+    if key_problem:
+        checks.append(Check(FAIL, "secret key", key_problem))
+    elif config.secret_key:
         checks.append(Check(OK, "secret key", f"found ({config.secret_key.hint()})"))
     else:
         checks.append(Check(FAIL, "secret key", "not set: export ANYLEARN_SECRET_KEY (AnyLearn's containers set secret_key)"))
-    if config.backend_url:
+    if key_problem:
+        checks.append(Check(INFO, "backend", "not checked: a run would only journal until the secret key is fixed"))
+    elif config.backend_url:
         checks.append(Check(OK, "backend", f"{config.backend_url} (from {config.backend_url_source})"))
     else:
         checks.append(Check(FAIL, "backend", "none: set ANYLEARN_BACKEND_URL (e.g. http://127.0.0.1:8080/api) or BACKEND_NAMESPACE"))
@@ -68,29 +78,33 @@ def _network_checks(config: Config) -> List[Check]:
 
 
 def _auth_check(config: Config) -> List[Check]:
-    """An authenticated read that changes nothing: GET /train_task/final_metric?id=<task>."""
-    import requests
+    """An authenticated read that changes nothing: GET /train_task/final_metric?id=<task>, through the
+    delivery client (so under its policy: no redirect followed, the total deadline)."""
+    from .client import BackendClient, TransientError, location_host
 
-    from .client import make_session
-
-    session = make_session(config.backend_url or "")
-    headers = {"Secret-Key": config.secret_key.reveal()} if config.secret_key else {}
+    client = BackendClient(config.backend_url or "", config.task_id or "", config.secret_key,
+                           request_timeout_s=min(config.request_timeout_s, CHECK_TIMEOUT_S))
     try:
-        answer = session.get(f"{config.backend_url}/train_task/final_metric", params={"id": config.task_id},
-                             headers=headers, timeout=(CONNECT_TIMEOUT_S, 10))
-    except requests.RequestException as exc:
-        return [Check(FAIL, "auth", f"the authenticated check failed: {type(exc).__name__}")]
+        answer = client.read_final_metric()
+    except TransientError as exc:
+        return [Check(FAIL, "auth", f"the authenticated check failed: {exc.reason}")]
     finally:
-        session.close()
+        client.close()
     checks = []
-    if answer.status_code in (401, 403):
-        checks.append(Check(FAIL, "auth", f"the backend refused the secret key for task {config.task_id} (HTTP {answer.status_code})"))
-    elif answer.status_code in (404, 405):
-        checks.append(Check(INFO, "auth", f"the backend has no read endpoint to check the key with (HTTP {answer.status_code})"))
+    status = answer.status_code
+    if 300 <= status < 400:
+        host = location_host(answer.headers.get("Location"))
+        checks.append(Check(FAIL, "backend", f"{config.backend_url} answered HTTP {status} (redirect to {host}): redirects are "
+                            "never followed (the secret key would go along); set ANYLEARN_BACKEND_URL to the address that answers itself"))
+        return checks
+    if status in (401, 403):
+        checks.append(Check(FAIL, "auth", f"the backend refused the secret key for task {config.task_id} (HTTP {status})"))
+    elif status in (404, 405):
+        checks.append(Check(INFO, "auth", f"the backend has no read endpoint to check the key with (HTTP {status})"))
     elif answer.ok:
         checks.append(Check(OK, "auth", f"the backend accepted the secret key for task {config.task_id}"))
     else:
-        checks.append(Check(WARN, "auth", f"the backend answered HTTP {answer.status_code}"))
+        checks.append(Check(WARN, "auth", f"the backend answered HTTP {status}"))
     checks.append(_clock_check(answer.headers.get("Date")))
     return checks
 
@@ -144,8 +158,9 @@ def _optional_checks() -> List[Check]:
 
 
 def run_checks(env: Optional[Mapping[str, str]] = None) -> List[Check]:
-    config, problems = load_config(os.environ if env is None else env)
-    checks = _task_checks(config, problems)
+    env = os.environ if env is None else env
+    config, problems = load_config(env)
+    checks = _task_checks(config, problems, env)
     if config.backend_url and config.task_id:
         checks += _network_checks(config)
     checks += _directory_check(config)

@@ -72,7 +72,8 @@ class Heartbeat:
     def __init__(self, config: Config) -> None:
         from .client import BackendClient
 
-        self.client = BackendClient(config.backend_url or "", config.task_id or "", config.secret_key)
+        self.client = BackendClient(config.backend_url or "", config.task_id or "", config.secret_key,
+                                    request_timeout_s=config.request_timeout_s)
         self.enabled = True
         self._failing = False
 
@@ -93,6 +94,10 @@ class Heartbeat:
         if result.outcome is Outcome.UNSUPPORTED:
             self.enabled = False
             log.info("the backend has no heartbeat endpoint (HTTP %d); heartbeats are off", result.status)
+        elif result.outcome is Outcome.REDIRECT:
+            self.enabled = False  # never followed: the key would go along
+            log.warning("heartbeat answered HTTP %d (%s): redirects are never followed; heartbeats are off",
+                        result.status, result.reason)
         elif result.outcome is not Outcome.DELIVERED:
             log.warning("heartbeat refused (HTTP %d: %s)", result.status, result.reason)
 

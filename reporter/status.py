@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import sys
 import time
 from typing import List, Optional, Sequence, Tuple
 
-from .config import ENV_RUN_DIR, load_config
+from .config import ENV_RUN_DIR, JOURNAL_FILE, load_config
+from .journal import load_cursor, parse_line
 from .runinfo import RunInfo, find_runs, is_run_dir, read_run
 
 DEFAULT_STALE_AFTER_S = 300.0
@@ -22,12 +24,43 @@ def _when(ts: Optional[float]) -> str:
     return time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(ts)) + f" ({ago:.0f} s ago)"
 
 
+def oldest_pending_ts(run_dir: str) -> Optional[float]:
+    """When the first record not yet acknowledged was journalled (its ``ts``), or None when nothing is
+    pending or that record has no readable time. Read from the journal and the cursor only, so it holds
+    whether or not a deliverer is alive to write ``status.json``."""
+    offset = load_cursor(run_dir)
+    try:
+        with open(os.path.join(run_dir, JOURNAL_FILE), "rb") as f:
+            f.seek(offset)
+            line = f.readline(1 << 20)
+    except OSError:
+        return None
+    if not line.endswith(b"\n"):
+        return None
+    record, _ = parse_line(line.rstrip(b"\n"))
+    ts = record.get("ts") if record is not None else None
+    if isinstance(ts, (int, float)) and not isinstance(ts, bool) and math.isfinite(ts):
+        return float(ts)
+    return None
+
+
 def health(info: RunInfo, stale_after_s: float) -> Tuple[bool, str]:
-    """Whether delivery is healthy, and why not: paused (auth), failing too long, or nobody delivering."""
+    """Whether delivery is healthy, and why not: paused (a rejected key, a redirect), failing too long, or
+    records pending with no delivery for longer than ``stale_after_s`` whatever the cause (failing, a
+    request stuck in flight, no deliverer running)."""
+    now = time.time()
     if info.paused:
-        return False, f"paused ({info.paused}): fix the secret key, then `anylearn-reporter sync {info.run_dir}`"
-    if info.failing_since is not None and time.time() - info.failing_since > stale_after_s:
-        return False, f"delivery has failed for {time.time() - info.failing_since:.0f} s: {info.last_error}"
+        return False, f"paused ({info.paused}): fix it, then `anylearn-reporter sync {info.run_dir}`"
+    if info.failing_since is not None and now - info.failing_since > stale_after_s:
+        return False, f"delivery has failed for {now - info.failing_since:.0f} s: {info.last_error}"
+    if info.pending:
+        since = oldest_pending_ts(info.run_dir)
+        if since is not None:
+            quiet = now - max(since, info.last_delivery_ts or 0.0)
+            if quiet > stale_after_s:
+                who = f"deliverer pid {info.deliverer_pid}" if info.deliverer_pid else "no deliverer running"
+                return False, (f"{info.pending} records pending and nothing delivered for {quiet:.0f} s ({who}; "
+                               f"last error: {info.last_error or 'none'})")
     if info.pending and info.deliverer_pid is None and info.ended is None:
         return False, f"{info.pending} records pending and no deliverer is running"
     return True, "ok"
@@ -150,4 +183,4 @@ def _show_metrics(run_dirs: List[str], as_json: bool) -> int:
     return 0
 
 
-__all__ = ["status_command", "show_command", "sparkline", "health"]
+__all__ = ["status_command", "show_command", "sparkline", "health", "oldest_pending_ts"]

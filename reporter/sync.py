@@ -8,7 +8,14 @@ import os
 from dataclasses import replace
 from typing import List, Mapping, Optional
 
-from .config import Config, ConfigError, Secret, load_config_strict, resolve_backend_url
+from .config import (
+    Config,
+    ConfigError,
+    Secret,
+    load_config_strict,
+    resolve_backend_url,
+    secret_key_problem,
+)
 from .log import Progress, get_logger
 from .runinfo import is_run_dir
 
@@ -35,6 +42,9 @@ def _secret(secret_key_file: Optional[str], config: Config) -> Secret:
             raise ConfigError(f"cannot read --secret-key-file {secret_key_file}: {exc.strerror}") from None
         if not key:
             raise ConfigError(f"--secret-key-file {secret_key_file} is empty")
+        problem = secret_key_problem(key, f"--secret-key-file {secret_key_file}")
+        if problem:
+            raise ConfigError(problem)
         return Secret(key)
     if config.secret_key:
         return config.secret_key

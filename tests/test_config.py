@@ -3,10 +3,20 @@
 import os
 import pickle
 import re
+import subprocess
+import sys
 
 import pytest
+from conftest import TASK_ID, clean_environ, free_port
 
-from reporter.config import ConfigError, Secret, load_config, load_config_strict
+from reporter.config import (
+    ConfigError,
+    Secret,
+    check_secret_key,
+    load_config,
+    load_config_strict,
+    secret_key_problem,
+)
 
 KEY = "the-secret-value-123"
 
@@ -60,6 +70,7 @@ def test_explicit_run_directory_must_be_absolute():
         ({"ANYLEARN_FLUSH_TIMEOUT": "-1"}, "ANYLEARN_FLUSH_TIMEOUT"),
         ({"ANYLEARN_BACKEND_URL": "127.0.0.1:8080"}, "ANYLEARN_BACKEND_URL"),
         ({"RANK": "zero"}, "RANK"),
+        ({"ANYLEARN_REQUEST_TIMEOUT": "0"}, "ANYLEARN_REQUEST_TIMEOUT"),
     ],
 )
 def test_invalid_values_fall_back_to_defaults_and_are_named(env, variable):
@@ -107,3 +118,62 @@ def test_parse_number_names_what_is_wrong(text, kwargs, message):
 
     with pytest.raises(ConfigError, match=f"^--x must be {message}, not"):
         parse_number(text, "--x", 7, **kwargs)
+
+
+# --- a key an HTTP header cannot carry (issue 10, item 9) -------------------------------------------
+
+
+BAD_KEYS = ["clé-ünïcødé-€uro-99", "key\u4e2d\u6587x", "line\nbreak", "tab\x00nul"]
+
+
+@pytest.mark.parametrize("key", BAD_KEYS)
+def test_a_key_that_cannot_travel_in_a_header_is_a_configuration_error(key):
+    config, problems = load_config({"ANYLEARN_TASK_ID": "TRAIx", "ANYLEARN_SECRET_KEY": key, "ANYLEARN_BACKEND_URL": "http://127.0.0.1:1/api"})
+    (problem,) = problems
+    assert "ANYLEARN_SECRET_KEY" in problem and "header" in problem and key not in problem and key[:4] not in problem
+    assert config.secret_key is None and config.offline  # journal only: nothing that would crash a request
+    with pytest.raises(ConfigError):
+        check_secret_key({"secret_key": key})
+    assert secret_key_problem("plain-latin-1-ÿ-key") is None
+
+
+def _key_env(tmp_path, key, **extra):
+    return clean_environ(ANYLEARN_TASK_ID=TASK_ID, ANYLEARN_SECRET_KEY=key, ANYLEARN_BACKEND_URL=f"http://127.0.0.1:{free_port()}/api",
+                         ANYLEARN_REPORTER_DIR=str(tmp_path), **extra)
+
+
+def _reporter(*args, env):
+    return subprocess.run([sys.executable, "-m", "reporter", *args], env=env, capture_output=True, text=True, timeout=60)
+
+
+def test_report_sync_and_doctor_refuse_a_key_that_cannot_be_sent(tmp_path):
+    key = BAD_KEYS[0]
+    env = _key_env(tmp_path, key)
+    report = _reporter("report", "0.5", env=env)
+    assert report.returncode == 2 and "ANYLEARN_SECRET_KEY" in report.stderr and len(report.stderr.strip().splitlines()) == 1
+    run_dir = tmp_path / TASK_ID
+    run_dir.mkdir()
+    (run_dir / "metrics.jsonl").write_text('{"kind":"intermediate","value":0.5,"name":null,"step":1,"ts":1.0,"rank":0,"pid":1,"key":"a-1"}\n')
+    sync = _reporter("sync", str(run_dir), env=env)
+    assert sync.returncode == 2 and "header" in sync.stderr and "Traceback" not in sync.stderr
+    (tmp_path / "keyfile").write_text(key + "\n", encoding="utf-8")
+    from_file = _reporter("sync", str(run_dir), "--secret-key-file", str(tmp_path / "keyfile"), env=_key_env(tmp_path, "fine-key"))
+    assert from_file.returncode == 2 and "--secret-key-file" in from_file.stderr
+    doctor = _reporter("doctor", env=env)
+    assert doctor.returncode == 1
+    (line,) = [x for x in doctor.stdout.splitlines() if x.split()[1:3] == ["secret", "key"]]
+    assert line.startswith("FAIL") and "header" in line
+    for done in (report, sync, from_file, doctor):
+        assert key not in done.stdout + done.stderr and "UnicodeEncodeError" not in done.stdout + done.stderr
+
+
+def test_the_in_process_hook_says_it_once_and_journals(tmp_path):
+    key = BAD_KEYS[1]
+    env = _key_env(tmp_path, key)
+    done = subprocess.run(
+        [sys.executable, "-c", "import reporter\nfor i in range(5): reporter.report_metric(i / 10, step=i)\nprint(reporter.flush(2))"],
+        env=env, capture_output=True, text=True, timeout=60,
+    )
+    assert done.returncode == 0 and "Traceback" not in done.stderr
+    assert done.stderr.count("ANYLEARN_SECRET_KEY") == 1 and key not in done.stderr
+    assert len((tmp_path / TASK_ID / "metrics.jsonl").read_text().splitlines()) == 5

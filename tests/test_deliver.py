@@ -222,3 +222,21 @@ def test_any_sequence_of_transient_failures_delivers_each_record_once_in_order(t
         deliverer.close(5)
     assert accepted == [float(i) for i in range(count)]
     assert load_cursor(str(run_dir)) == os.path.getsize(run_dir / "metrics.jsonl")
+
+
+def test_a_dribbling_backend_is_a_transient_failure_retried_with_backoff(tmp_path):
+    from httpfakes import DribblingServer
+
+    dribbler = DribblingServer(0.02).start()
+    try:
+        journal(tmp_path, [0.5])
+        client = BackendClient(dribbler.base_url, TASK_ID, Secret(SECRET_KEY), request_timeout_s=0.3)
+        deliverer = Deliverer(str(tmp_path), client, FAST).start()
+        wait_until(lambda: dribbler.connections >= 3, 20, what="requests cut at the deadline and retried")
+        assert deliverer.last_error and "deadline" in deliverer.last_error
+        assert deliverer.delivered == 0 and count_pending(str(tmp_path)) == 1
+        assert not deliverer.close(0.5)
+    finally:
+        dribbler.stop()
+    status = json.loads((tmp_path / "status.json").read_text())
+    assert status["failing_since"] and "deadline" in status["last_error"]

@@ -1,0 +1,66 @@
+"""``status``: unhealthy whenever records have waited longer than ``--stale-after`` with no delivery,
+whatever the cause (a request stuck in flight, no deliverer at all), judged from the journal and cursor."""
+
+import json
+import subprocess
+import sys
+
+from conftest import SECRET_KEY, TASK_ID, clean_environ, cli, wait_until
+from httpfakes import DribblingServer
+
+from reporter.journal import JournalWriter
+from reporter.status import oldest_pending_ts
+
+
+def _env(tmp_path, base_url, **extra):
+    return clean_environ(ANYLEARN_TASK_ID=TASK_ID, ANYLEARN_SECRET_KEY=SECRET_KEY, ANYLEARN_BACKEND_URL=base_url,
+                         ANYLEARN_REPORTER_DIR=str(tmp_path), **extra)
+
+
+def _unhealthy(run_dir, stale_after):
+    code, info = _status(run_dir, stale_after)
+    return info if code == 1 else None
+
+
+def _status(run_dir, stale_after):
+    done = cli("status", str(run_dir), "--json", "--stale-after", str(stale_after))
+    return done.returncode, json.loads(done.stdout) if done.stdout.strip() else {}
+
+
+def test_a_request_stuck_in_flight_makes_the_run_stale(tmp_path):
+    stuck = DribblingServer(interval_s=5.0).start()  # answers one byte every 5 s: the request never fails
+    env = _env(tmp_path, stuck.base_url, ANYLEARN_REQUEST_TIMEOUT="600")
+    trainer = subprocess.Popen([sys.executable, "-c", "import reporter, time; reporter.report_metric(1.0); time.sleep(60)"], env=env)
+    run_dir = tmp_path / TASK_ID
+    try:
+        wait_until(lambda: stuck.connections >= 1, 30, what="the request in flight")
+        code, info = _status(run_dir, 1000)
+        assert code == 0 and info["pending"] == 1 and info["failing_since"] is None and info["deliverer_pid"] == trainer.pid
+        info = wait_until(lambda: _unhealthy(run_dir, 0.5), 20, what="stale")
+        assert "nothing delivered for" in info["health"] and f"pid {trainer.pid}" in info["health"]
+    finally:
+        trainer.kill()
+        trainer.wait()
+        stuck.stop()
+
+
+def test_records_left_pending_with_no_deliverer_make_an_ended_run_stale(tmp_path):
+    run_dir = tmp_path / TASK_ID
+    writer = JournalWriter(str(run_dir))
+    writer.append("intermediate", 0.5, None, 1)
+    writer.close()
+    (run_dir / "summary.json").write_text(json.dumps({"task_id": TASK_ID, "state": 2, "ended": 1.0}))
+    assert oldest_pending_ts(str(run_dir)) is not None
+    assert _status(run_dir, 1000)[0] == 0
+    info = wait_until(lambda: _unhealthy(run_dir, 0.2), 20, what="stale")
+    assert "no deliverer running" in info["health"] and info["deliverer_pid"] is None
+
+
+def test_nothing_pending_is_healthy_however_old_the_run(tmp_path):
+    run_dir = tmp_path / TASK_ID
+    writer = JournalWriter(str(run_dir))
+    writer.append("intermediate", 0.5, None, 1)
+    writer.close()
+    (run_dir / "cursor").write_text(str((run_dir / "metrics.jsonl").stat().st_size))
+    assert oldest_pending_ts(str(run_dir)) is None
+    assert _status(run_dir, 0.0)[0] == 0
