@@ -10,9 +10,9 @@ import textwrap
 import time
 
 import pytest
+from conftest import SECRET_KEY, clean_environ, cli, free_port, task_env
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from conftest import SECRET_KEY, clean_environ, cli, free_port, task_env
 
 from reporter.journal import count_pending, iter_records
 from reporter.wrapper import MetricLineParser, ParsedMetric, compile_metric_patterns
