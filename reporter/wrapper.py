@@ -454,7 +454,7 @@ def signal_name(number: int) -> str:
 
 
 def outcome_of(
-    returncode: Optional[int], stop_signal: Optional[int], start_error: Optional[OSError] = None, program: str = ""
+    returncode: Optional[int], stop_signal: Optional[int], start_error: Optional[Exception] = None, program: str = ""
 ) -> Outcome:
     """The one failure ladder: (task state, wrapper exit code, failure reason) for every way a run ends.
 
@@ -465,7 +465,7 @@ def outcome_of(
     """
     if start_error is not None or returncode is None:
         code = 127 if isinstance(start_error, FileNotFoundError) else 126
-        why = start_error.strerror or str(start_error) if start_error is not None else "no exit status"
+        why = (getattr(start_error, "strerror", None) or str(start_error)) if start_error is not None else "no exit status"
         return Outcome(STATE_FAIL, code, f"cannot start {program!r}: {why}")
     exit_code = 128 - returncode if returncode < 0 else returncode
     if stop_signal is not None:
@@ -661,7 +661,7 @@ class Supervisor:
                 pass
 
     def launch(self, child_env: Dict[str, str]) -> None:
-        """Start the command; OSError only when it could not be started. The logs are opened before."""
+        """Start the command; raises only when it could not be started. The logs are opened before."""
         logs = [os.path.join(self.run_dir, name) for name in (STDOUT_LOG, STDERR_LOG)]
         log_fds = [open_log(path) for path in logs]
         group = {"process_group": 0} if sys.version_info >= (3, 11) else {"start_new_session": True}
@@ -750,7 +750,7 @@ class Supervisor:
             peak_rss = 0
             try:
                 self.launch(child_env)
-            except OSError as exc:
+            except (OSError, ValueError, TypeError) as exc:  # ValueError/TypeError: what check_launchable did not foresee
                 outcome = outcome_of(None, self.stop_signal, exc, self.argv[0])
                 self.log.error("%s", outcome.failure)
             else:
