@@ -8,6 +8,7 @@ report the task state, drain, and write ``summary.json``.
 
 from __future__ import annotations
 
+import errno
 import importlib.util
 import json
 import os
@@ -19,7 +20,7 @@ import sys
 import threading
 import time
 from dataclasses import dataclass, field
-from typing import IO, Any, Dict, List, Mapping, Optional, Tuple
+from typing import IO, Any, Callable, Dict, List, Mapping, Optional, Tuple, Union
 
 from .config import (
     CHILD_PID_FILE,
@@ -38,6 +39,7 @@ from .config import (
     ENV_NPROC_PER_NODE,
     ENV_NUM_NODES,
     ENV_OUTPUT,
+    ENV_REPORTER_DIR,
     ENV_RUN_DIR,
     ENV_SECRET_KEY,
     ENV_SECRET_KEY_PLATFORM,
@@ -47,6 +49,7 @@ from .config import (
     ENV_TRAIN_PARAMS_DELIMITER,
     ENV_TRAIN_PARAMS_DELIMITER_ANYLEARN,
     ENV_TRAIN_PARAMS_PREFIX,
+    JOURNAL_FILE,
     STATE_ABORT,
     STATE_FAIL,
     STATE_NAMES,
@@ -72,11 +75,19 @@ from .journal import (
 )
 from .log import Progress, get_logger, say_offline, warn_pending
 from .params import artifact_paths, parse_params, render_params
+from .reaper import (
+    become_subreaper,
+    make_non_dumpable,
+    own_children,
+    reap_orphans,
+    stop_leftovers,
+)
 from .runinfo import read_run
 
 FORWARDED_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
 STDERR_TAIL_LINES = 50
 MAX_LINE_BYTES = 1 << 20
+MAX_METRIC_PAYLOAD_BYTES = 64 * 1024
 METRIC_PREFIX = "ANYLEARN_METRIC "
 FINAL_METRIC_PREFIX = "ANYLEARN_FINAL_METRIC "
 _PYTHON_NAME = re.compile(r"^python[0-9.]*$")
@@ -246,58 +257,118 @@ class ParsedMetric:
 
 class MetricLineParser:
     """Reads metrics from output lines: ``ANYLEARN_METRIC <value|json>``, ``ANYLEARN_FINAL_METRIC <value>``,
-    and user patterns with a named group ``value`` (``name``, ``step`` optional)."""
+    and user patterns with a named group ``value`` (``name``, ``step`` optional).
+
+    :meth:`parse` never raises, whatever the line: a metric line that cannot be used (bad JSON, a step of
+    ``1e400``, nesting deeper than the parser's recursion, a payload above :data:`MAX_METRIC_PAYLOAD_BYTES`)
+    is counted in :attr:`unreadable` and warned about once.
+    """
 
     def __init__(self, patterns: List["re.Pattern[str]"]) -> None:
         self.patterns = patterns
-        self._warned = False
+        self.unreadable = 0
 
-    def parse(self, line: str) -> Optional[ParsedMetric]:
-        text = line.rstrip("\r\n")
-        stripped = text.strip()
+    def parse(self, line: Union[str, bytes]) -> Optional[ParsedMetric]:
+        """The metric on ``line``, or None (not a metric line, or an unusable one: counted)."""
         try:
-            if stripped.startswith(FINAL_METRIC_PREFIX):
-                return self._from_payload(KIND_FINAL, stripped[len(FINAL_METRIC_PREFIX):])
-            if stripped.startswith(METRIC_PREFIX):
-                return self._from_payload(KIND_INTERMEDIATE, stripped[len(METRIC_PREFIX):])
+            text = line.decode("utf-8", "replace") if isinstance(line, bytes) else line
+            text = text.rstrip("\r\n")
+            stripped = text.strip()
+            for prefix, kind in ((FINAL_METRIC_PREFIX, KIND_FINAL), (METRIC_PREFIX, KIND_INTERMEDIATE)):
+                if stripped.startswith(prefix):
+                    if len(stripped) - len(prefix) > MAX_METRIC_PAYLOAD_BYTES:
+                        raise ValueError(f"the payload is longer than {MAX_METRIC_PAYLOAD_BYTES} bytes")
+                    return self._from_payload(kind, stripped[len(prefix):])
+            if len(text) > MAX_METRIC_PAYLOAD_BYTES:
+                return None  # user patterns are not run over a progress bar or a binary blob
             for pattern in self.patterns:
                 match = pattern.search(text)
                 if match:
                     groups = match.groupdict()
                     step = groups.get("step")
-                    return ParsedMetric(KIND_INTERMEDIATE, float(groups["value"]), groups.get("name"), int(step) if step else None)
-        except (ValueError, TypeError, KeyError) as exc:
-            if not self._warned:
-                self._warned = True
-                get_logger().warning("ignoring a metric line that could not be read (%s): %.120s (said once)", exc, text)
+                    return ParsedMetric(KIND_INTERMEDIATE, _number(groups["value"]), groups.get("name"), _step(step) if step else None)
+        except Exception as exc:  # noqa: BLE001 - any line, any bytes: the reader thread must not die
+            self._unreadable(exc, line)
         return None
+
+    def _unreadable(self, exc: BaseException, line: Union[str, bytes]) -> None:
+        self.unreadable += 1
+        if self.unreadable == 1:
+            try:
+                shown = repr(line[:120])
+            except Exception:  # noqa: BLE001
+                shown = "?"
+            get_logger().warning(
+                "ignoring a metric line that could not be read (%s: %.200s): %s (said once; counted in summary.json)",
+                type(exc).__name__, exc, shown,
+            )
 
     @staticmethod
     def _from_payload(kind: str, payload: str) -> ParsedMetric:
         payload = payload.strip()
         if payload.startswith("{"):
             data = json.loads(payload)
+            if not isinstance(data, dict):
+                raise TypeError("the payload is not a JSON object")
             step = data.get("step")
             name = data.get("name")
-            value = data["value"]
-            if isinstance(value, bool) or not isinstance(value, (int, float)):
-                raise TypeError(f"value must be a number, not {type(value).__name__}")
-            return ParsedMetric(kind, float(value), None if name is None else str(name), None if step is None else int(step))
-        return ParsedMetric(kind, float(payload))
+            return ParsedMetric(kind, _number(data["value"]), None if name is None else str(name), None if step is None else _step(step))
+        return ParsedMetric(kind, _number(payload))
+
+
+def _number(value: Any) -> float:
+    """A metric value as a float: a JSON number or text of one."""
+    if isinstance(value, bool) or not isinstance(value, (int, float, str)):
+        raise TypeError(f"the value must be a number, not {type(value).__name__}")
+    return float(value)
+
+
+def _step(value: Any) -> int:
+    """A step: an integer, or text or a float with an integer value (``1e400`` raises OverflowError)."""
+    if isinstance(value, bool):
+        raise TypeError("the step must be an integer, not a boolean")
+    if isinstance(value, str):
+        value = float(value) if any(c in value for c in ".eE") else int(value)
+    if isinstance(value, float):
+        if not value.is_integer():
+            raise ValueError(f"the step {value!r} is not an integer")
+        value = int(value)
+    if not isinstance(value, int):
+        raise TypeError(f"the step must be an integer, not {type(value).__name__}")
+    return value
 
 
 # --- output pumps -----------------------------------------------------------------------------------
 
 
-class OutputPump(threading.Thread):
-    """Copies one of the child's streams to ours as it arrives, to a log file, and to the metric parser."""
+def open_log(path: str) -> Optional[int]:
+    """A descriptor appending to ``path``, or None (said once) when it cannot be opened: the run goes on."""
+    try:
+        return os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o644)
+    except OSError as exc:
+        get_logger().warning("cannot open %s (%s): the command's output passes through but is not logged", path, exc.strerror)
+        return None
 
-    def __init__(self, source: IO[Any], sink: IO[bytes], log_path: str, on_line: Any, keep_tail: bool = False) -> None:
+
+class OutputPump(threading.Thread):
+    """Copies one of the child's streams to ours as it arrives, to a log file, and to the metric parser.
+
+    It cannot die while the stream is open: a failing log write (a full disk) is counted in
+    :attr:`log_write_failures` and warned about once, a failing sink or line handler is ignored, and the
+    stream is read to its end, so the command never blocks on a full pipe.
+    """
+
+    def __init__(
+        self, source: IO[Any], sink: IO[bytes], log_fd: Optional[int], log_path: str,
+        on_line: Callable[[bytes], Any], keep_tail: bool = False,
+    ) -> None:
         super().__init__(name=f"anylearn-reporter-pump-{os.path.basename(log_path)}", daemon=True)
         self.source = source
         self.sink = sink
-        self.log = open(log_path, "ab")
+        self.log_fd = log_fd
+        self.log_path = log_path
         self.on_line = on_line
+        self.log_write_failures = 0 if log_fd is not None else 1
         self.tail: List[str] = [] if keep_tail else None  # type: ignore[assignment]
         self._partial = b""
 
@@ -305,21 +376,45 @@ class OutputPump(threading.Thread):
         fd = self.source.fileno()
         try:
             while True:
-                chunk = os.read(fd, 65536)
+                try:
+                    chunk = os.read(fd, 65536)
+                except OSError:
+                    break
                 if not chunk:
                     break
-                try:
-                    self.sink.write(chunk)
-                    self.sink.flush()
-                except (OSError, ValueError):
-                    pass  # our own stdout is gone; keep logging and parsing
-                self.log.write(chunk)
-                self.log.flush()
+                self._pass_through(chunk)
+                self._write_log(chunk)
                 self._lines(chunk)
         finally:
             if self._partial:
                 self._line(self._partial)
-            self.log.close()
+            if self.log_fd is not None:
+                try:
+                    os.close(self.log_fd)
+                except OSError:
+                    pass
+
+    def _pass_through(self, chunk: bytes) -> None:
+        try:
+            self.sink.write(chunk)
+            self.sink.flush()
+        except Exception:  # noqa: BLE001 - our own stdout is gone: keep logging and parsing
+            pass
+
+    def _write_log(self, chunk: bytes) -> None:
+        if self.log_fd is None:
+            return
+        view = memoryview(chunk)
+        try:
+            while view:
+                view = view[os.write(self.log_fd, view):]
+        except OSError as exc:
+            self.log_write_failures += 1
+            if self.log_write_failures == 1:
+                get_logger().warning(
+                    "cannot write %s (%s): the output still passes through (said once; counted in summary.json)",
+                    self.log_path, exc.strerror,
+                )
 
     def _lines(self, chunk: bytes) -> None:
         data = self._partial + chunk
@@ -331,12 +426,14 @@ class OutputPump(threading.Thread):
             self._line(line)
 
     def _line(self, raw: bytes) -> None:
-        line = raw.decode("utf-8", "replace")
-        if self.tail is not None:
-            self.tail.append(line)
-            if len(self.tail) > STDERR_TAIL_LINES:
-                del self.tail[0]
-        self.on_line(line)
+        try:
+            if self.tail is not None:
+                self.tail.append(raw[:4096].decode("utf-8", "replace"))
+                if len(self.tail) > STDERR_TAIL_LINES:
+                    del self.tail[0]
+            self.on_line(raw)
+        except Exception as exc:  # noqa: BLE001 - the pump outlives any bookkeeping failure
+            get_logger().debug("a line handler failed: %s", exc)
 
 
 # --- outcome ----------------------------------------------------------------------------------------
@@ -356,8 +453,20 @@ def signal_name(number: int) -> str:
         return f"signal {number}"
 
 
-def outcome_of(returncode: int, stop_signal: Optional[int]) -> Outcome:
-    """The one failure ladder: (task state, wrapper exit code, failure reason) for how the child ended."""
+def outcome_of(
+    returncode: Optional[int], stop_signal: Optional[int], start_error: Optional[Exception] = None, program: str = ""
+) -> Outcome:
+    """The one failure ladder: (task state, wrapper exit code, failure reason) for every way a run ends.
+
+    ``start_error`` is the error of a command that could not be started (127 when it was not found, 126
+    otherwise); else ``returncode`` is the command's (negative: killed by that signal) and ``stop_signal`` the
+    signal that told the wrapper to stop, if any. Problems found before launch never get here: they exit 2
+    and report nothing.
+    """
+    if start_error is not None or returncode is None:
+        code = 127 if isinstance(start_error, FileNotFoundError) else 126
+        why = (getattr(start_error, "strerror", None) or str(start_error)) if start_error is not None else "no exit status"
+        return Outcome(STATE_FAIL, code, f"cannot start {program!r}: {why}")
     exit_code = 128 - returncode if returncode < 0 else returncode
     if stop_signal is not None:
         return Outcome(STATE_ABORT, exit_code, f"stopped: the wrapper received {signal_name(stop_signal)}")
@@ -366,6 +475,68 @@ def outcome_of(returncode: int, stop_signal: Optional[int]) -> Outcome:
     if returncode < 0:
         return Outcome(STATE_FAIL, exit_code, f"the command was killed by {signal_name(-returncode)}")
     return Outcome(STATE_FAIL, exit_code, f"the command exited with code {returncode}")
+
+
+# --- before launch ----------------------------------------------------------------------------------
+
+
+def check_launchable(argv: List[str], env: Mapping[str, str]) -> None:
+    """ConfigError for what ``exec`` cannot take: a NUL byte (or text the file system encoding cannot
+    carry) in an argument or the environment, a ``=`` in a variable's name. Checked before anything is
+    reported, so a bad hyper-parameter never leaves a task "running" at the backend."""
+    for index, arg in enumerate(argv):
+        problem = _unexecutable(arg)
+        if problem:
+            what = "the program" if index == 0 else f"argument {index} of the command"
+            raise ConfigError(f"{what} ({_shown(arg)}) {problem}; fix the command or the hyper-parameters")
+    for name, value in env.items():
+        problem = _unexecutable(name) or ("contains '='" if "=" in name or not name else None)
+        if problem:
+            raise ConfigError(f"the environment variable name {_shown(name)} {problem}; remove the variable")
+        problem = _unexecutable(value)
+        if problem:
+            raise ConfigError(f"the environment variable {name} {problem}; fix its value")
+
+
+def _unexecutable(text: str) -> Optional[str]:
+    if "\0" in text:
+        return "contains a NUL byte, which no program can receive"
+    try:
+        os.fsencode(text)
+    except UnicodeError:
+        return "holds text the file system encoding cannot carry"
+    return None
+
+
+def _shown(text: str) -> str:
+    return repr(text[:40] + ("..." if len(text) > 40 else ""))
+
+
+def prepare_run_dir(run_dir: str) -> None:
+    """Make the run directory and check the journal can be created in it; ConfigError naming the path and
+    the fix otherwise (a file in the way, a read-only or virtual file system, a name too long)."""
+    try:
+        os.makedirs(run_dir, exist_ok=True)
+        fd = os.open(os.path.join(run_dir, JOURNAL_FILE), os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o644)
+        os.close(fd)
+    except OSError as exc:
+        if exc.errno == errno.ENAMETOOLONG:
+            fix = f"a name in it is too long (is the task id right?): set {ENV_RUN_DIR} to a shorter absolute path"
+        elif exc.errno in (errno.EEXIST, errno.ENOTDIR):
+            fix = f"a file is in the way: move it, or set {ENV_REPORTER_DIR} (or {ENV_RUN_DIR}) to another directory"
+        else:
+            fix = f"set {ENV_REPORTER_DIR} (or {ENV_RUN_DIR}) to a writable directory"
+        raise ConfigError(f"cannot make the run directory {run_dir}: {exc.strerror}; {fix}") from None
+
+
+def prepare_output_dir(path: str) -> None:
+    """Make the output directory (keeping a non-empty one: a resumed task); ConfigError when it cannot be."""
+    try:
+        if os.path.isdir(path) and os.listdir(path):
+            get_logger().info("the output directory %s exists and is not empty: keeping it (a resumed task)", path)
+        os.makedirs(path, exist_ok=True)
+    except OSError as exc:
+        raise ConfigError(f"cannot make the output directory {path}: {exc.strerror}; give --output another relative path") from None
 
 
 # --- the supervisor ---------------------------------------------------------------------------------
@@ -410,7 +581,12 @@ def _rss(process: Any) -> int:
 
 
 class Supervisor:
-    """Runs one child under the wrapper's care; :meth:`run` returns the wrapper's exit code."""
+    """Runs one child under the wrapper's care; :meth:`run` returns the wrapper's exit code.
+
+    The order is the failure ladder's: everything that can fail without the command is done before it is
+    launched (exit 2, nothing reported); once it runs, a failure of the wrapper's own bookkeeping is
+    logged and the command stays supervised to its end.
+    """
 
     def __init__(self, config: Config, options: RunOptions, env: Mapping[str, str]) -> None:
         self.config = config
@@ -426,14 +602,32 @@ class Supervisor:
         self.child: Optional[subprocess.Popen] = None
         self._kill_deadline: Optional[float] = None
         self.deliverer: Any = None
+        self.pumps: List[OutputPump] = []
+        self.leftovers: Dict[str, int] = {"stopped": 0, "killed": 0}
+        self.orphans_reaped = 0
+        self._children_before: set = set()
+        self._reap_warned = False
 
     # -- steps --
 
-    def prepare_output(self) -> None:
-        path = self.options.output_dir
-        if os.path.isdir(path) and os.listdir(path):
-            self.log.info("the output directory %s exists and is not empty: keeping it (a resumed task)", path)
-        os.makedirs(path, exist_ok=True)
+    def prepare(self) -> Dict[str, str]:
+        """Everything before launch; ConfigError (exit 2, nothing reported) when something cannot be done."""
+        child_env, _ = child_environment(self.env, self.config, self.options)
+        check_launchable(self.argv, child_env)
+        prepare_run_dir(self.run_dir)
+        try:
+            os.unlink(os.path.join(self.run_dir, SUMMARY_FILE))  # a resumed task: the old run's end is not this one's
+        except FileNotFoundError:
+            pass
+        except OSError as exc:
+            raise ConfigError(f"cannot replace {os.path.join(self.run_dir, SUMMARY_FILE)}: {exc.strerror}; remove it") from None
+        prepare_output_dir(self.options.output_dir)
+        if self.options.isolate_secret and not make_non_dumpable():
+            raise ConfigError("--isolate-secret needs Linux (prctl PR_SET_DUMPABLE) to hide the key from the command; run without it")
+        if not become_subreaper():
+            self.log.debug("cannot become the subreaper of the command's tree: its orphans go to init")
+        self._children_before = own_children()
+        return child_env
 
     def start_delivery(self) -> None:
         if self.config.offline:
@@ -445,7 +639,7 @@ class Supervisor:
         self.deliverer = build_deliverer(self.config, run_dir=self.run_dir).start()
         self.deliverer.first_lock_attempt.wait(5)
 
-    def _on_line(self, line: str) -> None:
+    def _on_line(self, line: bytes) -> None:
         metric = self.parser.parse(line)
         if metric is not None:
             self.writer.append(metric.kind, metric.value, metric.name, metric.step)
@@ -463,29 +657,51 @@ class Supervisor:
         if self.child is not None and self.child.returncode is None:
             try:
                 os.killpg(self.child.pid, signum)
-            except ProcessLookupError:
+            except (ProcessLookupError, PermissionError):
                 pass
 
-    def launch(self, child_env: Dict[str, str]) -> Tuple[OutputPump, OutputPump]:
+    def launch(self, child_env: Dict[str, str]) -> None:
+        """Start the command; raises only when it could not be started. The logs are opened before."""
+        logs = [os.path.join(self.run_dir, name) for name in (STDOUT_LOG, STDERR_LOG)]
+        log_fds = [open_log(path) for path in logs]
         group = {"process_group": 0} if sys.version_info >= (3, 11) else {"start_new_session": True}
-        child = self.child = subprocess.Popen(self.argv, env=child_env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, **group)
+        try:
+            child = self.child = subprocess.Popen(self.argv, env=child_env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, **group)
+        except BaseException:
+            for fd in log_fds:
+                if fd is not None:
+                    os.close(fd)
+            raise
+        # From here on the command runs: nothing below may leave it unsupervised.
         if self.stop_signal is not None:  # told to stop while the command was being started
             self._signal_child(self.stop_signal)
-        atomic_write(os.path.join(self.run_dir, CHILD_PID_FILE), b"%d\n" % child.pid, fsync=False)  # for a sidecar
         assert child.stdout is not None and child.stderr is not None
-        out = OutputPump(child.stdout, sys.stdout.buffer, os.path.join(self.run_dir, STDOUT_LOG), self._on_line)
-        err = OutputPump(child.stderr, sys.stderr.buffer, os.path.join(self.run_dir, STDERR_LOG), self._on_line, keep_tail=True)
-        out.start()
-        err.start()
-        return out, err
+        sinks = (sys.stdout.buffer, sys.stderr.buffer)
+        for path, fd, source, sink, tail in zip(logs, log_fds, (child.stdout, child.stderr), sinks, (False, True)):
+            pump = OutputPump(source, sink, fd, path, self._on_line, keep_tail=tail)
+            try:
+                pump.start()
+                self.pumps.append(pump)
+            except Exception as exc:  # noqa: BLE001 - no thread: close the pipe so the command is not blocked on it
+                self.log.error("cannot read the command's %s (%s): it is no longer passed through", os.path.basename(path), exc)
+                source.close()
+        try:
+            atomic_write(os.path.join(self.run_dir, CHILD_PID_FILE), b"%d\n" % child.pid, fsync=False)  # for a sidecar
+        except OSError as exc:
+            self.log.warning("cannot write %s (%s): a sidecar cannot find the command", CHILD_PID_FILE, exc.strerror)
 
-    def _child_pid(self) -> int:
-        assert self.child is not None
-        return self.child.pid
+    def _reap(self) -> None:
+        try:
+            self.orphans_reaped += reap_orphans(self.child.pid if self.child is not None and self.child.returncode is None else None)
+        except Exception as exc:  # noqa: BLE001
+            if not self._reap_warned:
+                self._reap_warned = True
+                self.log.warning("cannot reap orphaned processes: %s", exc)
 
     def wait_child(self) -> int:
         assert self.child is not None
         while True:
+            self._reap()
             try:
                 return self.child.wait(timeout=0.2)
             except subprocess.TimeoutExpired:
@@ -493,6 +709,21 @@ class Supervisor:
                     self.log.warning("the command did not stop within the %gs grace period: killing it", self.options.grace_period_s)
                     self._signal_child(signal.SIGKILL)
                     self._kill_deadline = None
+
+    def stop_leftovers(self) -> None:
+        """Stop what the command left in its process group, and its orphans, before the summary."""
+        assert self.child is not None
+        try:
+            self.leftovers = stop_leftovers(self.child.pid, self.options.grace_period_s, self._children_before)
+        except Exception as exc:  # noqa: BLE001
+            self.log.warning("cannot stop what the command left running: %s", exc)
+            return
+        self._reap()
+        if self.leftovers["stopped"]:
+            self.log.info(
+                "stopped %d process(es) the command left running (%d needed SIGKILL after the %gs grace period)",
+                self.leftovers["stopped"], self.leftovers["killed"], self.options.grace_period_s,
+            )
 
     def drain(self) -> int:
         """Deliver what is pending for up to the drain timeout; returns how many records stay pending."""
@@ -510,40 +741,42 @@ class Supervisor:
 
     def run(self) -> int:
         started = time.time()
-        os.makedirs(self.run_dir, exist_ok=True)
-        try:
-            os.unlink(os.path.join(self.run_dir, SUMMARY_FILE))  # a resumed task: the old run's end is not this one's
-        except FileNotFoundError:
-            pass
-        self.prepare_output()
-        child_env, _ = child_environment(self.env, self.config, self.options)
+        child_env = self.prepare()
         self.start_delivery()
         previous = {sig: signal.signal(sig, self._handle_signal) for sig in FORWARDED_SIGNALS}
-        self.log.info("running %s", " ".join(shlex.quote(a) for a in self._redacted(self.argv)))
-        self.writer.append(KIND_STATE, STATE_RUNNING, None, None)
-        pumps: List[OutputPump] = []
-        peak_rss = 0
         try:
-            pumps = list(self.launch(child_env))
-        except OSError as exc:
-            returncode = 127 if isinstance(exc, FileNotFoundError) else 126
-            outcome = Outcome(STATE_FAIL, returncode, f"cannot start {self.argv[0]!r}: {exc.strerror}")
-            self.log.error("%s", outcome.failure)
-        else:
-            rss = PeakRss(self._child_pid())
-            rss.start()
-            outcome = outcome_of(self.wait_child(), self.stop_signal)
-            rss.stop()
-            peak_rss = rss.peak_bytes
-            for pump in pumps:
-                pump.join(5)  # a grandchild that keeps the pipe open must not hold the run
-        self.writer.append(KIND_STATE, outcome.state, None, None)
-        pending = self.drain()
-        for sig, handler in previous.items():
-            signal.signal(sig, handler)
+            self.log.info("running %s", " ".join(shlex.quote(a) for a in self._redacted(self.argv)))
+            self.writer.append(KIND_STATE, STATE_RUNNING, None, None)
+            peak_rss = 0
+            try:
+                self.launch(child_env)
+            except (OSError, ValueError, TypeError) as exc:  # ValueError/TypeError: what check_launchable did not foresee
+                outcome = outcome_of(None, self.stop_signal, exc, self.argv[0])
+                self.log.error("%s", outcome.failure)
+            else:
+                rss = PeakRss(self.child.pid)  # type: ignore[union-attr]
+                try:
+                    rss.start()
+                except Exception:  # noqa: BLE001 - no sampler: no peak, the run goes on
+                    pass
+                outcome = outcome_of(self.wait_child(), self.stop_signal)
+                rss.stop()
+                peak_rss = rss.peak_bytes
+                self.stop_leftovers()
+                for pump in self.pumps:
+                    pump.join(5)  # a process outside the group that keeps the pipe open must not hold the run
+            self.writer.append(KIND_STATE, outcome.state, None, None)
+            pending = self.drain()
+        finally:
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
         if pending:
             warn_pending(pending, self.run_dir)
-        self.write_summary(started, outcome, pending, peak_rss, pumps[1].tail if pumps else [])
+        stderr_tail = next((pump.tail for pump in self.pumps if pump.tail is not None), [])
+        try:
+            self.write_summary(started, outcome, pending, peak_rss, stderr_tail)
+        except OSError as exc:
+            self.log.error("cannot write %s (%s)", os.path.join(self.run_dir, SUMMARY_FILE), exc.strerror)
         self.writer.close()
         return outcome.exit_code
 
@@ -555,7 +788,7 @@ class Supervisor:
         ended = time.time()
         run = read_run(self.run_dir, self.config.objective_metric)  # the journal and the deliverer's status.json
         returncode = self.child.returncode if self.child is not None else None
-        summary = {
+        summary: Dict[str, Any] = {
             "task_id": self.config.task_id,
             "command": self._redacted(self.argv),
             "output_dir": self.options.output_dir,
@@ -576,10 +809,21 @@ class Supervisor:
                 "pending": pending,
                 "rejected": run.rejected,
                 "skipped": run.skipped,
+                "unreadable_metric_lines": self.parser.unreadable,
+                "lost": dict(self.writer.lost),
             },
             "last_intermediate_metric": run.last_metric,
             "final_metric": run.final_metric,
             "peak_rss_bytes": peak_rss,
+            "output": {
+                "unreadable_metric_lines": self.parser.unreadable,
+                "log_write_failures": {os.path.basename(p.log_path): p.log_write_failures for p in self.pumps},
+            },
+            "process_tree": {
+                "leftovers_stopped": self.leftovers["stopped"],
+                "leftovers_killed": self.leftovers["killed"],
+                "orphans_reaped": self.orphans_reaped,
+            },
         }
         if outcome.failure:
             summary["failure"] = {"reason": outcome.failure, "stderr_tail": stderr_tail[-STDERR_TAIL_LINES:]}
@@ -588,7 +832,8 @@ class Supervisor:
 
 def dry_run(config: Config, options: RunOptions, env: Mapping[str, str]) -> int:
     """Print the final argv (a JSON array) and what the wrapper adds to the environment; launch nothing."""
-    _, added = child_environment(env, config, options)
+    child_env, added = child_environment(env, config, options)
+    check_launchable(build_argv(options), child_env)
     shown: Dict[str, Optional[str]] = dict(added)
     if options.isolate_secret:
         shown[ENV_SECRET_KEY] = None  # removed from the child's environment

@@ -1,0 +1,170 @@
+"""The command's process tree: orphans reaped (as PID 1 and as subreaper), leftovers stopped and counted."""
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import textwrap
+
+import pytest
+from conftest import clean_environ, cli, wait_until
+
+from reporter.reaper import reap_orphans
+
+
+def process_state(pid):
+    """The state letter of ``pid`` (``Z`` for a zombie), or None when it is gone."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            text = f.read()
+    except OSError:
+        return None
+    return text[text.rfind(")") + 2:].split()[0]
+
+
+def parent_of(pid):
+    with open(f"/proc/{pid}/stat") as f:
+        text = f.read()
+    return int(text[text.rfind(")") + 2:].split()[1])
+
+
+def offline_env(tmp_path):
+    return clean_environ(ANYLEARN_REPORTER_DIR=str(tmp_path / "runs"))
+
+
+def the_summary(tmp_path):
+    (run_dir,) = (tmp_path / "runs").iterdir()
+    return json.loads((run_dir / "summary.json").read_text())
+
+
+def test_an_orphaned_grandchild_comes_to_the_wrapper_and_leaves_no_zombie(tmp_path):
+    go, done_file = tmp_path / "go", tmp_path / "done"
+    script = tmp_path / "child.py"
+    script.write_text(textwrap.dedent(f"""
+        import os, sys, time
+        middle = os.fork()
+        if middle == 0:
+            grandchild = os.fork()
+            if grandchild == 0:
+                while not os.path.exists({str(go)!r}):
+                    time.sleep(0.01)
+                os._exit(0)
+            print(grandchild, flush=True)
+            os._exit(0)  # the grandchild is an orphan now
+        os.waitpid(middle, 0)
+        while not os.path.exists({str(done_file)!r}):
+            time.sleep(0.01)
+        sys.exit(4)
+    """))
+    wrapper = subprocess.Popen([sys.executable, "-m", "reporter", "run", "--", sys.executable, str(script)],
+                               env=offline_env(tmp_path), cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        grandchild = int(wrapper.stdout.readline())
+        wait_until(lambda: parent_of(grandchild) == wrapper.pid, timeout_s=10, what="the orphan re-parented to the wrapper")
+        go.touch()
+        wait_until(lambda: process_state(grandchild) is None, timeout_s=10, what="the orphan reaped, not left a zombie")
+        done_file.touch()
+        wrapper.communicate(timeout=60)
+    finally:
+        if wrapper.poll() is None:
+            wrapper.kill()
+    assert wrapper.returncode == 4  # reaping orphans did not steal the command's own exit status
+
+
+def _unshare_works():
+    if shutil.which("unshare") is None:
+        return False
+    try:
+        return subprocess.run(["unshare", "--pid", "--fork", "--mount-proc", "true"], capture_output=True, timeout=20).returncode == 0
+    except (OSError, subprocess.TimeoutExpired):
+        return False
+
+
+def test_as_pid_1_every_orphan_is_reaped_and_the_commands_status_kept(tmp_path):
+    if not _unshare_works():
+        pytest.skip("cannot make a PID namespace here (unshare --pid --fork --mount-proc needs root)")
+    script = tmp_path / "child.py"
+    script.write_text(textwrap.dedent("""
+        import os, sys, time
+        orphans = []
+        for _ in range(3):
+            middle = os.fork()
+            if middle == 0:
+                if os.fork() == 0:
+                    os._exit(0)  # the grandchild exits at once, an orphan of PID 1
+                os._exit(0)
+            os.waitpid(middle, 0)
+        print("PID OF THE WRAPPER", os.getppid(), flush=True)
+        deadline = time.monotonic() + 15
+        def zombies():
+            found = []
+            for name in os.listdir("/proc"):
+                try:
+                    with open(f"/proc/{name}/stat") as f:
+                        text = f.read()
+                except OSError:
+                    continue
+                if text[text.rfind(")") + 2:].split()[0] == "Z":
+                    found.append(int(name))
+            return found
+        while zombies() and time.monotonic() < deadline:
+            time.sleep(0.02)
+        print("ZOMBIES", zombies(), flush=True)
+        sys.exit(3)
+    """))
+    done = subprocess.run(["unshare", "--pid", "--fork", "--mount-proc", sys.executable, "-m", "reporter", "run", "--",
+                           sys.executable, str(script)], env=offline_env(tmp_path), cwd=tmp_path, capture_output=True, text=True, timeout=60)
+    assert "PID OF THE WRAPPER 1" in done.stdout, done.stdout + done.stderr
+    assert "ZOMBIES []" in done.stdout, done.stdout
+    assert done.returncode == 3, done.stderr  # the command's status, not an orphan's
+    assert the_summary(tmp_path)["process_tree"]["orphans_reaped"] >= 3
+
+
+def test_a_stray_process_left_in_the_group_is_stopped_and_counted(tmp_path):
+    pid_file = tmp_path / "stray.pid"
+    code = ("import subprocess, sys\n"
+            "stray = subprocess.Popen(['sleep', '300'], stdout=subprocess.DEVNULL)\n"
+            f"open({str(pid_file)!r}, 'w').write(str(stray.pid))\n")
+    try:
+        done = cli("run", "--", sys.executable, "-c", code, env=offline_env(tmp_path), cwd=tmp_path, timeout_s=60)
+        stray = int(pid_file.read_text())
+        assert done.returncode == 0, done.stderr
+        assert process_state(stray) is None  # stopped and reaped before the wrapper ended
+        assert "stopped 1 process(es) the command left running (0 needed SIGKILL" in done.stderr
+        tree = the_summary(tmp_path)["process_tree"]
+        assert tree["leftovers_stopped"] == 1 and tree["leftovers_killed"] == 0
+    finally:
+        if pid_file.exists() and process_state(int(pid_file.read_text())) not in (None, "Z"):
+            os.kill(int(pid_file.read_text()), signal.SIGKILL)
+
+
+def test_a_stray_that_ignores_sigterm_is_killed_after_the_grace_period(tmp_path):
+    pid_file = tmp_path / "stray.pid"
+    code = ("import subprocess, sys\n"
+            "stray = subprocess.Popen(['sh', '-c', 'trap \"\" TERM; echo ready; exec sleep 300'], stdout=subprocess.PIPE)\n"
+            "stray.stdout.readline()\n"
+            f"open({str(pid_file)!r}, 'w').write(str(stray.pid))\n")
+    try:
+        done = cli("run", "--grace-period", "0.5", "--", sys.executable, "-c", code, env=offline_env(tmp_path), cwd=tmp_path, timeout_s=60)
+        stray = int(pid_file.read_text())
+        assert done.returncode == 0, done.stderr
+        assert process_state(stray) is None
+        tree = the_summary(tmp_path)["process_tree"]
+        assert tree["leftovers_stopped"] == 1 and tree["leftovers_killed"] == 1
+    finally:
+        if pid_file.exists() and process_state(int(pid_file.read_text())) not in (None, "Z"):
+            os.kill(int(pid_file.read_text()), signal.SIGKILL)
+
+
+def test_reaping_leaves_the_kept_childs_status_for_its_owner():
+    kept = subprocess.Popen([sys.executable, "-c", "import sys; sys.exit(7)"])
+    wait_until(lambda: process_state(kept.pid) == "Z", timeout_s=20, what="the kept child finished")
+    assert reap_orphans(kept.pid) == 0
+    assert kept.wait(10) == 7  # its status was not stolen
+    other = subprocess.Popen([sys.executable, "-c", "pass"])
+    pid = other.pid
+    wait_until(lambda: process_state(pid) == "Z", timeout_s=20, what="the other child finished")
+    assert reap_orphans(None) >= 1 and process_state(pid) is None
+    other.returncode = 0  # reaped by us: tell Popen so it does not wait for it
