@@ -6,7 +6,7 @@ import json
 import os
 import sys
 import time
-from typing import List, Optional, Sequence, Tuple
+from typing import Dict, List, Optional, Sequence, Tuple
 
 from .config import ENV_RUN_DIR, load_config
 from .runinfo import RunInfo, find_runs, is_run_dir, read_run
@@ -20,6 +20,12 @@ def _when(ts: Optional[float]) -> str:
         return "never"
     ago = time.time() - ts
     return time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(ts)) + f" ({ago:.0f} s ago)"
+
+
+def _reasons(counts: Dict[str, int]) -> str:
+    if not counts:
+        return "none"
+    return f"{sum(counts.values())} (" + ", ".join(f"{n} {why}" for why, n in sorted(counts.items())) + ")"
 
 
 def health(info: RunInfo, stale_after_s: float) -> Tuple[bool, str]:
@@ -54,6 +60,8 @@ def status_command(run_dir: Optional[str], *, as_json: bool = False, stale_after
         ("task", info.task_id or "offline"),
         ("state", info.state_name),
         ("records", f"{info.journalled} journalled, {info.delivered} delivered, {info.pending} pending, {info.rejected} rejected"),
+        ("skipped", _reasons(info.skipped)),
+        ("lost", _reasons(info.lost)),
         ("last delivery", _when(info.last_delivery_ts)),
         ("last error", info.last_error or "none"),
         ("deliverer", f"pid {info.deliverer_pid}" if info.deliverer_pid else "none running"),
@@ -75,13 +83,14 @@ def sparkline(values: Sequence[float], width: int = 20) -> str:
     if len(values) > width:
         size = len(values) / width
         values = [
-            sum(chunk) / len(chunk)
+            sum(v / len(chunk) for v in chunk)  # divided first: a sum of values near 1e308 would overflow
             for chunk in (values[int(i * size): max(int((i + 1) * size), int(i * size) + 1)] for i in range(width))
         ]
     low, high = min(values), max(values)
-    if high == low:
+    span = high / 2 - low / 2  # halved: high - low overflows for values of +-1e308
+    if span <= 0:
         return SPARK_BARS[len(SPARK_BARS) // 2] * len(values)
-    return "".join(SPARK_BARS[round((v - low) / (high - low) * (len(SPARK_BARS) - 1))] for v in values)
+    return "".join(SPARK_BARS[round((v / 2 - low / 2) / span * (len(SPARK_BARS) - 1))] for v in values)
 
 
 def _fmt(value: Optional[float]) -> str:

@@ -553,9 +553,10 @@ class Supervisor:
 
     def write_summary(self, started: float, outcome: Outcome, pending: int, peak_rss: int, stderr_tail: List[str]) -> None:
         ended = time.time()
+        self.writer.counters.save()  # this process's losses, for read_run below
         run = read_run(self.run_dir, self.config.objective_metric)  # the journal and the deliverer's status.json
         returncode = self.child.returncode if self.child is not None else None
-        summary = {
+        summary: Dict[str, Any] = {
             "task_id": self.config.task_id,
             "command": self._redacted(self.argv),
             "output_dir": self.options.output_dir,
@@ -576,7 +577,10 @@ class Supervisor:
                 "pending": pending,
                 "rejected": run.rejected,
                 "skipped": run.skipped,
+                "invalid": run.invalid,
+                "lost": run.lost,
             },
+            "counters": run.counters,
             "last_intermediate_metric": run.last_metric,
             "final_metric": run.final_metric,
             "peak_rss_bytes": peak_rss,
