@@ -225,6 +225,13 @@ def _as_step(step: Any) -> Optional[int]:
     return None
 
 
+def _as_flag(flag: Any) -> bool:
+    try:
+        return bool(flag)
+    except Exception as exc:  # e.g. a numpy array of several values
+        raise TypeError(f"final must be a bool, not {type(flag).__name__}: {exc}") from None
+
+
 def _as_name(name: Any) -> Optional[str]:
     if name is None or type(name) is str:
         return name
@@ -250,6 +257,8 @@ def report_metric(value: Any, *, step: Optional[int] = None, name: Optional[str]
         step = _as_step(step)
     if name is not None and type(name) is not str:
         name = _as_name(name)
+    if final is not False and final is not True:
+        final = _as_flag(final)
     hook = _hook or _get_hook()
     hook.emit(KIND_FINAL if final else KIND_INTERMEDIATE, number, name, step)
 

@@ -198,6 +198,9 @@ class _Raising:
     def __index__(self):
         raise OverflowError("too big")
 
+    def __bool__(self):
+        raise ValueError("ambiguous")
+
 
 ODD_VALUES = st.one_of(
     st.floats(), st.integers(), st.just(10**5000), st.just(-(10**5000)), st.booleans(), st.none(), st.text(max_size=5),
@@ -211,7 +214,7 @@ ODD_NAMES = st.one_of(st.none(), st.text(), st.integers(), st.binary(max_size=3)
 
 
 @settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
-@given(value=ODD_VALUES, step=ODD_STEPS, name=ODD_NAMES, final=st.booleans())
+@given(value=ODD_VALUES, step=ODD_STEPS, name=ODD_NAMES, final=st.one_of(st.booleans(), st.none(), st.just(_Raising())))
 def test_any_value_step_and_name_journal_or_raise_type_error_and_nothing_else(monkeypatch, tmp_path, value, step, name, final):
     monkeypatch.setenv("ANYLEARN_REPORTER_RUN_DIR", str(tmp_path / "run"))  # offline: journal only
     for call in (
