@@ -22,12 +22,6 @@ def _when(ts: Optional[float]) -> str:
     return time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(ts)) + f" ({ago:.0f} s ago)"
 
 
-def _reasons(counts: Dict[str, int]) -> str:
-    if not counts:
-        return "none"
-    return f"{sum(counts.values())} (" + ", ".join(f"{n} {why}" for why, n in sorted(counts.items())) + ")"
-
-
 def health(info: RunInfo, stale_after_s: float) -> Tuple[bool, str]:
     """Whether delivery is healthy, and why not: paused (auth), failing too long, or nobody delivering."""
     if info.paused:
@@ -71,6 +65,12 @@ def status_command(run_dir: Optional[str], *, as_json: bool = False, stale_after
     for key, value in rows:
         print(f"{key + ':':<{width}} {value}")
     return 0 if ok else 1
+
+
+def _reasons(counts: Dict[str, int]) -> str:
+    if not counts:
+        return "none"
+    return f"{sum(counts.values())} (" + ", ".join(f"{n} {why}" for why, n in sorted(counts.items())) + ")"
 
 
 # --- show -------------------------------------------------------------------------------------------
