@@ -39,6 +39,8 @@ __all__ = [
 
 
 BURST_GAP_S = 0.002  # reports closer together than this are a burst: delivery holds back (see Deliverer)
+MAX_STEP = (1 << 63) - 1  # a step beyond a signed 64-bit int is journalled as null (said once)
+MAX_FLUSH_TIMEOUT_S = 1e9
 
 
 class _Hook:
@@ -56,9 +58,12 @@ class _Hook:
         register_fork_hook(self, _Hook._after_fork)
 
     def emit(self, kind: str, value: float, name: Optional[str], step: Optional[int]) -> None:
-        self.writer.append(kind, value, name, step)
-        if not self.delivery_started:
-            self._start_delivery()
+        try:
+            self.writer.append(kind, value, name, step)
+            if not self.delivery_started:
+                self._start_delivery()
+        except Exception as exc:  # training comes first: an internal error is counted, never raised
+            self.writer.count_lost(f"internal error ({type(exc).__name__}: {exc})"[:200])
         # No wake-up of the delivery thread here: waking a waiting thread costs a futex call on the
         # training thread's time; the deliverer finds new records by itself within poll_interval_s.
 
@@ -105,6 +110,7 @@ class _Hook:
             return True  # nothing was reported by this process
         if timeout_s is None:
             timeout_s = self.config.flush_timeout_s
+        timeout_s = min(max(timeout_s, 0.0), MAX_FLUSH_TIMEOUT_S) if timeout_s == timeout_s else 0.0  # NaN: 0
         deadline = time.monotonic() + timeout_s
         self._deliverer_ready.wait(timeout_s)
         if self.deliverer is None:
@@ -112,6 +118,7 @@ class _Hook:
         return self.deliverer.flush(max(0.0, deadline - time.monotonic()))
 
     def close_at_exit(self) -> None:
+        self.writer.counters.save()
         if self.writer.lost:
             lost = ", ".join(f"{count} ({reason})" for reason, count in self.writer.lost.items())
             get_logger().warning("records that could not be journalled: %s", lost)
@@ -148,7 +155,13 @@ def _get_hook() -> _Hook:
     global _hook
     with _hook_lock:
         if _hook is None:
-            config, problems = load_config()
+            try:
+                config, problems = load_config()
+            except Exception as exc:  # e.g. the working directory was deleted: journal under a temp dir
+                import tempfile
+
+                config, problems = load_config({"ANYLEARN_REPORTER_DIR": tempfile.gettempdir()})
+                problems.append(f"cannot read the configuration ({type(exc).__name__}: {exc})")
             _hook = _Hook(config, problems)
             atexit.register(_close_at_exit)
         return _hook
@@ -187,16 +200,36 @@ def _as_float(value: Any) -> float:
         raise TypeError(f"a metric must be a number (int, float or a numeric scalar), not {kind.__name__}: {value!r:.60}")
     try:
         return float(value)
-    except (TypeError, ValueError, RuntimeError) as exc:
+    except Exception as exc:  # whatever __float__ raises, training sees a TypeError
         raise TypeError(f"a metric must be a single number; float() of this {kind.__name__} failed: {exc}") from None
 
 
+_warned_steps: List[bool] = []
+
+
 def _as_step(step: Any) -> Optional[int]:
-    if step is None or type(step) is int:
+    if step is None:
+        return None
+    if type(step) is not int:
+        if type(step) is bool or not hasattr(step, "__index__"):
+            raise TypeError(f"step must be an int or None, not {type(step).__name__}")
+        try:
+            step = int(step.__index__())
+        except Exception as exc:
+            raise TypeError(f"step must be an int or None; int() of this {type(step).__name__} failed: {exc}") from None
+    if -MAX_STEP - 1 <= step <= MAX_STEP:
         return step
-    if type(step) is bool or not hasattr(step, "__index__"):
-        raise TypeError(f"step must be an int or None, not {type(step).__name__}")
-    return int(step.__index__())
+    if not _warned_steps:
+        _warned_steps.append(True)
+        get_logger().warning("a step beyond a 64-bit integer was journalled as null (said once)")
+    return None
+
+
+def _as_flag(flag: Any) -> bool:
+    try:
+        return bool(flag)
+    except Exception as exc:  # e.g. a numpy array of several values
+        raise TypeError(f"final must be a bool, not {type(flag).__name__}: {exc}") from None
 
 
 def _as_name(name: Any) -> Optional[str]:
@@ -220,10 +253,12 @@ def report_metric(value: Any, *, step: Optional[int] = None, name: Optional[str]
         reporter.report_metric(best_accuracy, final=True)
     """
     number = _as_float(value)
-    if step is not None and type(step) is not int:
+    if step is not None and (type(step) is not int or not -MAX_STEP - 1 <= step <= MAX_STEP):
         step = _as_step(step)
     if name is not None and type(name) is not str:
         name = _as_name(name)
+    if final is not False and final is not True:
+        final = _as_flag(final)
     hook = _hook or _get_hook()
     hook.emit(KIND_FINAL if final else KIND_INTERMEDIATE, number, name, step)
 
@@ -247,7 +282,11 @@ def report_metrics(metrics: Mapping[str, Any], *, step: Optional[int] = None) ->
     if not isinstance(metrics, Mapping):
         raise TypeError(f"report_metrics takes a mapping of name to number, not {type(metrics).__name__}")
     checked: Dict[str, float] = {}
-    for key, value in metrics.items():
+    try:
+        items = list(metrics.items())
+    except Exception as exc:
+        raise TypeError(f"cannot read the mapping's items: {type(exc).__name__}: {exc}") from None
+    for key, value in items:
         checked[_as_name(key) or ""] = _as_float(value)
     step = _as_step(step)
     hook = _hook or _get_hook()

@@ -44,6 +44,16 @@ def _task_arg(text: str) -> tuple:
     return task_id, key
 
 
+def _positive_seconds(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError("a number of seconds") from None
+    if not 0.0 < value < 1e6:
+        raise argparse.ArgumentTypeError("a number of seconds above 0")
+    return value
+
+
 def _probability(text: str) -> float:
     value = float(text)
     if not 0.0 <= value <= 1.0:
@@ -52,13 +62,16 @@ def _probability(text: str) -> float:
 
 
 def _cmd_serve(args: argparse.Namespace) -> int:
+    from .config import ENV_TOKEN
     from .devserver import Faults, serve_command
 
     faults = Faults(
         latency_ms=args.latency_ms, fail_first=args.fail_first, fail_rate=args.fail_rate,
         retry_after_s=args.retry_after, seed=args.seed,
     )
-    return serve_command(dict(args.task), host=args.host, port=args.port, db_path=args.db, faults=faults, verbose=args.verbose)
+    token = args.token if args.token is not None else (os.environ.get(ENV_TOKEN) or None)
+    return serve_command(dict(args.task), host=args.host, port=args.port, db_path=args.db, faults=faults,
+                         verbose=args.verbose, token=token, idle_timeout_s=args.idle_timeout)
 
 
 def _add_serve(sub: argparse._SubParsersAction) -> None:
@@ -84,6 +97,11 @@ def _add_serve(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--retry-after", type=float, default=None, metavar="S",
                    help="injected failures become 429 with Retry-After: S")
     p.add_argument("--seed", type=int, default=None, help="seed for --fail-rate")
+    p.add_argument("--token", default=None, metavar="T",
+                   help="the bearer token reads accept (default: env ANYLEARN_TOKEN; with neither, any bearer token); "
+                        "reads also accept the task's Secret-Key, writes only that")
+    p.add_argument("--idle-timeout", type=_positive_seconds, default=30.0, metavar="S",
+                   help="close a connection silent for S seconds (default 30)")
     p.add_argument("--verbose", action="store_true", help="log every request")
     p.set_defaults(func=_cmd_serve)
 

@@ -47,6 +47,9 @@ ENV_NODE_RANK_GENERIC = "NODE_RANK"
 ENV_MASTER_ADDR = "MASTER_ADDR"
 ENV_MASTER_PORT = "MASTER_PORT"
 
+# serve (the local backend emulator)
+ENV_TOKEN = "ANYLEARN_TOKEN"  # the bearer token reads accept (the AnyLearn SDK's login token)
+
 # sidecar
 ENV_RESOURCE_INTERVAL = "ANYLEARN_RESOURCE_INTERVAL"
 

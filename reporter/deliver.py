@@ -30,6 +30,7 @@ from .journal import (
     atomic_write_json,
     count_pending,
     load_cursor,
+    read_host_counters,
     read_json,
     save_cursor,
     whole_lines_end,
@@ -41,6 +42,7 @@ SKIP_NOT_OBJECTIVE = "not the objective metric"
 SKIP_NOT_A_NUMBER = "not a finite number"
 SKIP_STATE_OFF = "state reporting is off"
 SKIP_TORN = "torn or invalid line"
+SKIP_INVALID = "invalid record"  # followed by the reason, e.g. "invalid record (value is not a number)"
 PROGRESS_INTERVAL_S = 0.5
 
 
@@ -85,6 +87,10 @@ class Deliverer:
         self.lock = DeliverLock(run_dir)
         self.delivered = 0
         self.skipped: Dict[str, int] = {}
+        # What this deliverer did itself (``delivered``/``skipped`` carry on from an earlier status.json).
+        self.delivered_now = 0
+        self.skipped_now: Dict[str, int] = {}
+        self.rejected_now = 0
         self.paused_reason: Optional[str] = None
         self.last_error: Optional[str] = None
         self.last_error_ts: Optional[float] = None
@@ -213,6 +219,7 @@ class Deliverer:
             "cursor": self._acked,
             "delivered": self.delivered,
             "skipped": dict(self.skipped),
+            "counters": read_host_counters(self.run_dir),
             "paused": self.paused_reason,
             "state_reporting": self.state_reporting,
             "last_delivery_ts": self.last_delivery_ts,
@@ -240,14 +247,21 @@ class Deliverer:
             self._finish()
 
     def _wait_for_lock(self) -> bool:
+        said: Optional[str] = None
         while not self._stop.is_set():
             try:
                 if self.lock.try_acquire():
                     self.holding.set()
                     self.first_lock_attempt.set()
                     return True
-            except OSError as exc:
-                self._log.warning("cannot take the deliver lock in %s: %s", self.run_dir, exc.strerror)
+            except (OSError, ValueError) as exc:  # said once per cause, not once per attempt
+                why = getattr(exc, "strerror", None) or str(exc)
+                if why != said:
+                    said = why
+                    self._note_error(f"cannot take the deliver lock: {why}")
+                    self._log.warning(
+                        "cannot take the deliver lock in %s: %s; records stay in the journal (said once)", self.run_dir, why,
+                    )
             self.first_lock_attempt.set()
             self._stop.wait(self.options.lock_poll_interval_s)
         return False
@@ -273,10 +287,11 @@ class Deliverer:
         self._acked = load_cursor(self.run_dir)
         previous = read_json(os.path.join(self.run_dir, STATUS_FILE))
         if isinstance(previous, dict) and previous.get("task_id") == self.client.task_id:
-            self.delivered = int(previous.get("delivered") or 0)
+            delivered = previous.get("delivered")
+            self.delivered = delivered if type(delivered) is int and delivered >= 0 else 0
             skipped = previous.get("skipped")
-            if isinstance(skipped, dict):
-                self.skipped = {str(k): int(v) for k, v in skipped.items()}
+            if isinstance(skipped, dict):  # a hand-edited file must not stop delivery: keep what reads
+                self.skipped = {str(k): v for k, v in skipped.items() if type(v) is int and v >= 0}
 
     def _skip_reason(self, record: Dict[str, Any]) -> Optional[str]:
         rank = record.get("rank", 0)
@@ -295,9 +310,13 @@ class Deliverer:
 
     def _deliver_entry(self, entry: JournalEntry) -> bool:
         record = entry.record
-        skip = SKIP_TORN if record is None else self._skip_reason(record)
+        skip: Optional[str]
+        if record is None:
+            skip = SKIP_TORN if entry.problem in (None, SKIP_TORN) else f"{SKIP_INVALID} ({entry.problem})"
+        else:
+            skip = self._skip_reason(record)
         if skip is not None:
-            self.skipped[skip] = self.skipped.get(skip, 0) + 1
+            self._count_skip(skip)
         elif record is not None:
             self._defer_while_host_busy()
             try:
@@ -308,6 +327,10 @@ class Deliverer:
                 return False
         self._acknowledge(entry.end_offset)
         return True
+
+    def _count_skip(self, reason: str) -> None:
+        self.skipped[reason] = self.skipped.get(reason, 0) + 1
+        self.skipped_now[reason] = self.skipped_now.get(reason, 0) + 1
 
     def _defer_while_host_busy(self) -> None:
         """Training comes first: while the host process is reporting in a burst (a tight loop), hold the
@@ -331,8 +354,10 @@ class Deliverer:
             self._failing_since = None
         if result.outcome is Outcome.DELIVERED:
             self.delivered += 1
+            self.delivered_now += 1
             self.last_delivery_ts = time.time()
         elif result.outcome is Outcome.REJECTED:
+            self.rejected_now += 1
             append_rejected(self.run_dir, record, result.status, result.reason)
             self._note_error(f"HTTP {result.status}: {result.reason}")
             self._log.warning(
@@ -341,7 +366,7 @@ class Deliverer:
             )
         elif result.outcome is Outcome.UNSUPPORTED:
             self.state_reporting = False
-            self.skipped[SKIP_STATE_OFF] = self.skipped.get(SKIP_STATE_OFF, 0) + 1
+            self._count_skip(SKIP_STATE_OFF)
             self._log.info("the backend has no state endpoint (HTTP %d); task state reporting is off", result.status)
         elif result.outcome is Outcome.AUTH:
             self._pause(

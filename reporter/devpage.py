@@ -19,20 +19,26 @@ def _number(value: Optional[float]) -> str:
 
 def metric_chart(values: List[float], final: Optional[float]) -> str:
     """An SVG line chart of ``values`` (x: report index) with the final metric as a dashed line."""
+    values = [v for v in values if v is not None and math.isfinite(v)]
+    if final is not None and not math.isfinite(final):
+        final = None
     if not values and final is None:
         return '<p class="empty">no metrics yet</p>'
     points = list(values) or [final]  # type: ignore[list-item]
     low = min(points + ([final] if final is not None else []))
     high = max(points + ([final] if final is not None else []))
-    if math.isclose(low, high):
-        low, high = low - 1, high + 1
+    # Halved before subtracting: high - low overflows to inf for metrics of +-1e308 (NaN coordinates).
+    half_span = high / 2 - low / 2
+    flat = half_span <= 0 or math.isclose(low, high)
     span_x = max(len(points) - 1, 1)
 
     def x(i: int) -> float:
         return _PAD + (_WIDTH - 2 * _PAD) * i / span_x
 
     def y(v: float) -> float:
-        return _HEIGHT - _PAD - (_HEIGHT - 2 * _PAD) * (v - low) / (high - low)
+        if flat:  # one level: a line across the middle
+            return _HEIGHT / 2
+        return _HEIGHT - _PAD - (_HEIGHT - 2 * _PAD) * ((v / 2 - low / 2) / half_span)
 
     path = " ".join(f"{x(i):.1f},{y(v):.1f}" for i, v in enumerate(points))
     parts = [

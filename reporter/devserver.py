@@ -24,6 +24,8 @@ from urllib.parse import parse_qs, urlsplit
 from .config import STATE_NAMES
 
 API_PREFIX = "/api"
+MAX_BODY_BYTES = 1 << 20  # larger request bodies get 413 unread
+DEFAULT_IDLE_TIMEOUT_S = 30.0  # a connection silent this long is closed
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS task (id TEXT PRIMARY KEY, secret_key TEXT NOT NULL, state INTEGER NOT NULL DEFAULT 0,
                                  final_metric REAL, final_reported_at TEXT, last_heartbeat REAL);
@@ -65,8 +67,10 @@ def _new_id(prefix: str) -> str:
 class Backend:
     """The emulator's state and rules, independent of HTTP (one sqlite connection behind a lock)."""
 
-    def __init__(self, tasks: Mapping[str, str], db_path: str = ":memory:", faults: Optional[Faults] = None):
+    def __init__(self, tasks: Mapping[str, str], db_path: str = ":memory:", faults: Optional[Faults] = None,
+                 token: Optional[str] = None):
         self.faults = faults or Faults()
+        self.token = token  # None: reads accept any bearer token
         self._random = random.Random(self.faults.seed)
         self._lock = threading.Lock()
         self._db = sqlite3.connect(db_path, check_same_thread=False, isolation_level=None)
@@ -84,13 +88,18 @@ class Backend:
 
     # --- faults and auth -----------------------------------------------------------------------------
 
-    def injected_failure(self) -> Optional[Tuple[int, Dict[str, Any], Dict[str, str]]]:
-        """Decide whether this POST fails on purpose; returns (status, body, headers) if so."""
+    def note_post(self) -> int:
+        """Count a POST to an endpoint (before its body is read); returns its arrival number."""
         with self._lock:
             self.posts_seen += 1
             self.post_times.append(time.time())
             del self.post_times[:-1000]
-            fail = self.posts_seen <= self.faults.fail_first or (
+            return self.posts_seen
+
+    def injected_failure(self, arrival: int) -> Optional[Tuple[int, Dict[str, Any], Dict[str, str]]]:
+        """Decide whether the POST that arrived ``arrival``-th fails on purpose; (status, body, headers) if so."""
+        with self._lock:
+            fail = arrival <= self.faults.fail_first or (
                 self.faults.fail_rate > 0 and self._random.random() < self.faults.fail_rate
             )
             if fail:
@@ -106,13 +115,28 @@ class Backend:
             self.counters[counter] += 1
 
     def authorized(self, task_id: str, key: str) -> bool:
+        """Whether ``key`` is the Secret-Key of ``task_id``."""
         with self._lock:
             row = self._db.execute("SELECT secret_key FROM task WHERE id = ?", (task_id,)).fetchone()
         ok = row is not None and hmac.compare_digest(row[0].encode(), key.encode())
         if not ok:
-            with self._lock:
-                self.counters["unauthorized"] += 1
+            self.count("unauthorized")
         return ok
+
+    def known_key(self, key: str) -> bool:
+        """Whether ``key`` is some task's Secret-Key (checked before a request body is read)."""
+        with self._lock:
+            keys = [k for (k,) in self._db.execute("SELECT secret_key FROM task").fetchall()]
+        ok = bool(key) and any(hmac.compare_digest(k.encode(), key.encode()) for k in keys)
+        if not ok:
+            self.count("unauthorized")
+        return ok
+
+    def bearer_accepted(self, token: str) -> bool:
+        """Whether a read's ``Authorization: Bearer`` token is accepted (any, when no token is set)."""
+        if not token:
+            return False
+        return self.token is None or hmac.compare_digest(self.token.encode(), token.encode())
 
     # --- idempotency ---------------------------------------------------------------------------------
 
@@ -270,13 +294,59 @@ class _Handler(BaseHTTPRequestHandler):
             path = path[len(self.prefix):]
         return path.rstrip("/") or "/", query
 
-    def _form(self) -> Dict[str, str]:
-        length = int(self.headers.get("Content-Length") or 0)
+    def _body_length(self) -> Optional[int]:
+        """The request's Content-Length (0 when absent), or None after answering 400/413 for a bad one.
+
+        The body is not read here: a request is routed and authenticated first. Any answer given without
+        reading a body closes the connection, since the unread bytes cannot be told from the next request.
+        """
+        values = self.headers.get_all("Content-Length") or []
+        if self.headers.get("Transfer-Encoding"):
+            self.close_connection = True
+            self._send(400, {"msg": "Transfer-Encoding is not supported; send Content-Length"})
+            return None
+        if not values:
+            return 0
+        text = values[0].strip()
+        if len(values) > 1 or not text.isascii() or not text.isdigit():
+            self.close_connection = True
+            self._send(400, {"msg": "malformed Content-Length"})
+            return None
+        length = int(text) if len(text) <= 12 else MAX_BODY_BYTES + 1
+        if length > MAX_BODY_BYTES:
+            self.close_connection = True
+            self._send(413, {"msg": f"request body above {MAX_BODY_BYTES} bytes"})
+            return None
+        if length:
+            self._unread_body = True
+        return length
+
+    def _answer(self, status: int, body: Any, headers: Optional[Mapping[str, str]] = None) -> None:
+        """Answer; when a body was left unread, the connection then closes."""
+        if self._unread_body:
+            self.close_connection = True
+        self._send(status, body, headers)
+
+    def _form(self, length: int) -> Dict[str, str]:
         raw = self.rfile.read(length).decode("utf-8", "replace") if length else ""
+        self._unread_body = False
         return {k: v[-1] for k, v in parse_qs(raw, keep_blank_values=True).items()}
+
+    def _read_authorized(self, task_id: str) -> bool:
+        """A read accepts the task's Secret-Key or a bearer token (the AnyLearn SDK's login token)."""
+        auth = self.headers.get("Authorization", "")
+        if auth[:7].lower() == "bearer ":
+            if self.backend.bearer_accepted(auth[7:].strip()):
+                return True
+        return self.backend.authorized(task_id, self.headers.get("Secret-Key", ""))
+
+    _unread_body = False
 
     def do_GET(self) -> None:  # noqa: N802 (http.server's name)
         self.backend.count("requests")
+        self._unread_body = False
+        if self._body_length() is None:
+            return
         path, query = self._route()
         if path == "/":
             from .devpage import render_page
@@ -288,23 +358,31 @@ class _Handler(BaseHTTPRequestHandler):
             return self._send(200, self.backend.stats())
         if path in ("/train_task/intermediate_metric", "/train_task/final_metric"):
             task_id = query.get("id", "")
-            if not self.backend.authorized(task_id, self.headers.get("Secret-Key", "")):
-                return self._send(401, {"msg": "invalid task id or secret key"})
+            if not self._read_authorized(task_id):
+                return self._answer(401, {"msg": "invalid task id, secret key or token"})
             if path.endswith("intermediate_metric"):
-                return self._send(200, self.backend.intermediate(task_id, query.get("last_timestamp", "")))
-            return self._send(200, self.backend.final(task_id))
-        return self._send(404, {"msg": f"no such endpoint: GET {path}"})
+                return self._answer(200, self.backend.intermediate(task_id, query.get("last_timestamp", "")))
+            return self._answer(200, self.backend.final(task_id))
+        return self._answer(404, {"msg": f"no such endpoint: GET {path}"})
 
     def do_POST(self) -> None:  # noqa: N802
         self.backend.count("requests")
+        self._unread_body = False
         path, _ = self._route()
-        form = self._form()
         endpoint = path.rsplit("/", 1)[-1]
         if path not in ("/train_task/intermediate_metric", "/train_task/final_metric", "/train_task/state", "/train_task/heartbeat"):
+            self.close_connection = True  # the body is not read
             return self._send(404, {"msg": f"no such endpoint: POST {path}"})
+        arrival = self.backend.note_post()
+        length = self._body_length()
+        if length is None:
+            return
+        if not self.backend.known_key(self.headers.get("Secret-Key", "")):  # writes: the Secret-Key only
+            return self._answer(401, {"msg": "invalid task id or secret key"})
+        form = self._form(length)
         if self.backend.faults.latency_ms:
             time.sleep(self.backend.faults.latency_ms / 1000.0)
-        failure = self.backend.injected_failure()
+        failure = self.backend.injected_failure(arrival)
         if failure is not None:
             return self._send(failure[0], failure[1], failure[2])
         task_id = form.get("id", "")
@@ -344,7 +422,8 @@ class _Server(ThreadingHTTPServer):
     def handle_error(self, request: Any, client_address: Any) -> None:
         import sys
 
-        if not isinstance(sys.exc_info()[1], ConnectionError):  # a client that hung up is no error
+        # a client that hung up, or went silent past the idle timeout, is no error
+        if not isinstance(sys.exc_info()[1], (ConnectionError, TimeoutError)):
             super().handle_error(request, client_address)
 
 
@@ -360,9 +439,12 @@ class DevServer:
         db_path: str = ":memory:",
         faults: Optional[Faults] = None,
         quiet: bool = True,
+        token: Optional[str] = None,
+        idle_timeout_s: float = DEFAULT_IDLE_TIMEOUT_S,
     ) -> None:
-        self.backend = Backend(tasks, db_path, faults)
-        handler = type("Handler", (_Handler,), {"backend": self.backend, "quiet": quiet})
+        self.backend = Backend(tasks, db_path, faults, token)
+        # StreamRequestHandler.timeout: every socket read (request line, headers, body) waits at most this
+        handler = type("Handler", (_Handler,), {"backend": self.backend, "quiet": quiet, "timeout": idle_timeout_s})
         self._server = _Server((host, port), handler)
         self.host, self.port = str(self._server.server_address[0]), int(self._server.server_address[1])
         self._thread: Optional[threading.Thread] = None
@@ -394,14 +476,16 @@ class DevServer:
         self.stop()
 
 
-def serve_command(tasks: Mapping[str, str], *, host: str, port: int, db_path: str, faults: Faults, verbose: bool) -> int:
+def serve_command(tasks: Mapping[str, str], *, host: str, port: int, db_path: str, faults: Faults, verbose: bool,
+                  token: Optional[str] = None, idle_timeout_s: float = DEFAULT_IDLE_TIMEOUT_S) -> int:
     """The ``serve`` command: serve until SIGTERM or Ctrl-C."""
     import signal
 
-    from .config import ConfigError
+    from .config import ENV_TOKEN, ConfigError
 
     try:
-        server = DevServer(tasks, host=host, port=port, db_path=db_path, faults=faults, quiet=not verbose)
+        server = DevServer(tasks, host=host, port=port, db_path=db_path, faults=faults, quiet=not verbose,
+                           token=token, idle_timeout_s=idle_timeout_s)
     except OSError as exc:
         raise ConfigError(f"cannot listen on {host}:{port}: {exc.strerror}; choose another --port") from None
 
@@ -412,6 +496,8 @@ def serve_command(tasks: Mapping[str, str], *, host: str, port: int, db_path: st
     print(f"AnyLearn backend emulator at {server.base_url} (page: http://{server.host}:{server.port}/)", flush=True)
     if not tasks:
         print("no tasks given: every report will get 401; add --task ID:KEY", flush=True)
+    if token is None:
+        print(f"reads accept any bearer token (no --token or {ENV_TOKEN} set) or the task's Secret-Key", flush=True)
     try:
         server.serve_forever()
     except KeyboardInterrupt:

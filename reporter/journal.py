@@ -9,8 +9,10 @@ from __future__ import annotations
 
 import errno
 import fcntl
+import glob
 import itertools
 import json
+import math
 import os
 import secrets
 import threading
@@ -28,6 +30,12 @@ KIND_STATE = "state"
 RECORD_KINDS = (KIND_INTERMEDIATE, KIND_FINAL, KIND_STATE)
 _RECORD_START = b'{"kind"'
 _READ_CHUNK_BYTES = 1 << 16
+MAX_KEY_CHARS = 200
+MAX_TS = 1e11  # seconds since the epoch (year 5138): beyond it a time stamp is not a time
+COUNTERS_FILE_GLOB = "counters.*.json"
+COUNTERS_SAVE_INTERVAL_S = 1.0
+COUNTER_LOST = "lost"  # records a writer could not journal, by reason
+COUNTER_UNREADABLE = "unreadable"  # output lines a host could not read a metric from, by kind of line
 
 
 def atomic_write(path: str, data: bytes, *, fsync: bool = True) -> None:
@@ -72,9 +80,11 @@ class JournalWriter:
         self.on_non_finite = on_non_finite
         self.path = os.path.join(run_dir, JOURNAL_FILE)
         self.rank = rank
-        self.lost: Dict[str, int] = {}
+        self.counters = HostCounters(run_dir)
+        self.lost: Dict[str, int] = self.counters.category(COUNTER_LOST)
         self.last_append_ts = 0.0
         self._fd = -1
+        self._retry_open_at = 0.0  # after a failed open, retry at most once a second (not on every call)
         self._names: Dict[Optional[str], str] = {None: "null"}
         self._pid = -1
         self._prefix = ""
@@ -92,19 +102,26 @@ class JournalWriter:
         with self._open_lock:
             if self._fd >= 0:
                 return True
+            now = time.monotonic()
+            if now < self._retry_open_at:
+                self.count_lost(self._open_failure)
+                return False
             try:
                 os.makedirs(self.run_dir, exist_ok=True)
                 fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o644)
-            except OSError as exc:
-                self._count_lost(f"cannot open the journal ({exc.strerror})")
+            except (OSError, ValueError) as exc:  # ValueError: a NUL byte in the path
+                self._retry_open_at = now + 1.0
+                self._open_failure = f"cannot open the journal ({getattr(exc, 'strerror', None) or exc})"
+                self.count_lost(self._open_failure)
                 return False
             self._fd = fd
             return True
 
-    def _count_lost(self, reason: str) -> None:
-        first = reason not in self.lost
-        self.lost[reason] = self.lost.get(reason, 0) + 1
-        if first:
+    _open_failure = "cannot open the journal"
+
+    def count_lost(self, reason: str) -> None:
+        """Count one record that could not be journalled (warned about once per reason)."""
+        if self.counters.count(COUNTER_LOST, reason):
             get_logger().warning("a record could not be journalled in %s: %s", self.run_dir, reason)
 
     def append(self, kind: str, value: Any, name: Optional[str], step: Optional[int]) -> Optional[str]:
@@ -136,15 +153,16 @@ class JournalWriter:
         try:
             written = os.write(self._fd, data)
         except OSError as exc:
-            self._count_lost(errno.errorcode.get(exc.errno or 0, "OSError") + f" ({exc.strerror})")
+            self.count_lost(errno.errorcode.get(exc.errno or 0, "OSError") + f" ({exc.strerror})")
             return None
         if written != len(data):  # a full disk cut the line: readers skip the fragment as torn
-            self._count_lost("short write (is the disk full?)")
+            self.count_lost("short write (is the disk full?)")
             return None
         return key
 
     def close(self) -> None:
-        """Close the descriptor; a later append reopens it."""
+        """Close the descriptor (a later append reopens it) and save the loss counters."""
+        self.counters.save()
         with self._open_lock:
             if self._fd >= 0:
                 os.close(self._fd)
@@ -164,39 +182,172 @@ def register_fork_hook(obj: Any, method: Any) -> None:
         os.register_at_fork(after_in_child=_after_fork)
 
 
+class HostCounters:
+    """Counters a host process keeps for its run: ``{category: {reason: count}}`` (e.g. ``lost``).
+
+    Saved to ``counters.<pid>.json`` in the run directory when a reason first appears, then at most
+    once a second while counting and on :meth:`save`; the deliverer (whichever process it runs in)
+    folds every process's file into ``status.json``, and ``status``/``summary.json`` show them. Saving
+    never raises: a run directory that cannot be written keeps the counts in memory (and in the exit log).
+    """
+
+    def __init__(self, run_dir: str) -> None:
+        self.run_dir = run_dir
+        self.values: Dict[str, Dict[str, int]] = {}
+        self._saved_at = 0.0
+        self._dirty = False
+
+    def category(self, name: str) -> Dict[str, int]:
+        """The live ``{reason: count}`` dict of one category."""
+        return self.values.setdefault(name, {})
+
+    def count(self, category: str, reason: str, n: int = 1) -> bool:
+        """Add ``n`` to ``category``/``reason``; True when that reason is new (say it once)."""
+        counts = self.category(category)
+        first = reason not in counts
+        counts[reason] = counts.get(reason, 0) + n
+        self._dirty = True
+        now = time.monotonic()
+        if first or now - self._saved_at >= COUNTERS_SAVE_INTERVAL_S:
+            self._saved_at = now
+            self.save()
+        return first
+
+    def save(self) -> None:
+        """Write the counters file now (if anything was counted); never raises."""
+        if not self._dirty:
+            return
+        path = os.path.join(self.run_dir, f"counters.{os.getpid()}.json")
+        try:
+            os.makedirs(self.run_dir, exist_ok=True)
+            atomic_write(path, json.dumps(self.values).encode(), fsync=False)
+            self._dirty = False
+        except (OSError, ValueError):
+            pass
+
+
+def read_host_counters(run_dir: str) -> Dict[str, Dict[str, int]]:
+    """Every host process's counters of a run, summed: ``{category: {reason: count}}``; never raises."""
+    total: Dict[str, Dict[str, int]] = {}
+    for path in glob.glob(os.path.join(glob.escape(run_dir), COUNTERS_FILE_GLOB)):
+        data = read_json(path)
+        if not isinstance(data, dict):
+            continue
+        for category, counts in data.items():
+            if not isinstance(category, str) or not isinstance(counts, dict):
+                continue
+            into = total.setdefault(category, {})
+            for reason, n in counts.items():
+                if isinstance(reason, str) and type(n) is int and n > 0:
+                    into[reason] = into.get(reason, 0) + n
+    return total
+
+
 # --- reading ---------------------------------------------------------------------------------------
+
+INVALID_NOT_JSON = "torn or invalid line"
+RECORD_FIELDS = ("kind", "value", "name", "step", "ts", "rank", "pid", "key")
+
+
+def _is_int(value: Any) -> bool:
+    return type(value) is int
+
+
+def _is_number(value: Any) -> bool:
+    return type(value) is float or type(value) is int
+
+
+def check_record(obj: Any) -> Tuple[Optional[Dict[str, Any]], Optional[str]]:
+    """Validate one parsed journal value: (the record with exactly the known fields, None) or (None, why).
+
+    A record has a known ``kind``; ``value`` a finite number or null (a state: an int); ``step`` an int
+    or null; ``name`` a string or null; ``ts`` a time or null; ``rank`` and ``pid`` ints; ``key`` a
+    string an HTTP header can carry. Never raises.
+    """
+    if not isinstance(obj, dict):
+        return None, "not a JSON object"
+    kind = obj.get("kind")
+    if kind not in RECORD_KINDS:
+        return None, "unknown kind"
+    value = obj.get("value")
+    if kind == KIND_STATE:
+        if type(value) is not int or not -(1 << 31) <= value < (1 << 31):
+            return None, "state value is not an integer"
+    elif value is not None:
+        if not _is_number(value):
+            return None, "value is not a number"
+        try:
+            value = float(value)
+        except OverflowError:
+            return None, "value is not a finite number"
+        if not math.isfinite(value):
+            return None, "value is not a finite number"
+    step = obj.get("step")
+    if step is not None and not _is_int(step):
+        return None, "step is not an integer"
+    name = obj.get("name")
+    if name is not None and not isinstance(name, str):
+        return None, "name is not a string"
+    ts = obj.get("ts")
+    if ts is not None:
+        if not _is_number(ts) or not -MAX_TS <= ts <= MAX_TS:
+            return None, "ts is not a time"
+        ts = float(ts)
+    rank = obj.get("rank", 0)
+    if not _is_int(rank):
+        return None, "rank is not an integer"
+    pid = obj.get("pid")
+    if pid is not None and not _is_int(pid):
+        return None, "pid is not an integer"
+    key = obj.get("key", "")
+    if not isinstance(key, str) or len(key) > MAX_KEY_CHARS or not (key.isascii() and key.isprintable() and " " not in key):
+        return None, "key is not a header-safe string"
+    return {"kind": kind, "value": value, "name": name, "step": step, "ts": ts, "rank": rank, "pid": pid, "key": key}, None
 
 
 @dataclass
 class JournalEntry:
-    """One line of the journal: its end offset and the record, or None for a line that was not valid."""
+    """One line of the journal: its end offset and the record, or None and why the line was not valid."""
 
     end_offset: int
     record: Optional[Dict[str, Any]]
+    problem: Optional[str] = None
 
 
-def parse_line(line: bytes) -> Tuple[Optional[Dict[str, Any]], bool]:
-    """Parse a journal line into (record or None, torn).
+def read_line(line: bytes) -> Tuple[Optional[Dict[str, Any]], Optional[str], bool]:
+    """Parse and validate a journal line: (record or None, why it is not valid or None, torn). Never raises.
 
     A writer killed mid-line leaves a fragment without a newline, and the next writer's record is glued
     to it. Every record starts with ``{"kind"`` and that text cannot occur inside one (JSON escapes the
     quotes of a string), so the last record of such a line is recovered and the fragment reported torn.
     """
-    record = _parse_record(line)
-    if record is not None:
-        return record, False
+    obj = _loads(line)
+    if obj is not _NOT_JSON:
+        record, problem = check_record(obj)
+        return record, problem, False
     start = line.rfind(_RECORD_START)
-    return (_parse_record(line[start:]) if start > 0 else None), True
+    if start > 0:
+        obj = _loads(line[start:])
+        if obj is not _NOT_JSON:
+            record, problem = check_record(obj)
+            return record, problem, True
+    return None, INVALID_NOT_JSON, True
 
 
-def _parse_record(line: bytes) -> Optional[Dict[str, Any]]:
+def parse_line(line: bytes) -> Tuple[Optional[Dict[str, Any]], bool]:
+    """Parse a journal line into (a valid record or None, torn); see :func:`read_line`."""
+    record, problem, torn = read_line(line)
+    return record, torn or (problem is not None)
+
+
+_NOT_JSON = object()
+
+
+def _loads(line: bytes) -> Any:
     try:
-        record = json.loads(line)
-    except ValueError:
-        return None
-    if isinstance(record, dict) and record.get("kind") in RECORD_KINDS:
-        return record
-    return None
+        return json.loads(line)
+    except (ValueError, RecursionError):  # ValueError covers bad UTF-8 and over-long integers
+        return _NOT_JSON
 
 
 class JournalReader:
@@ -206,6 +357,7 @@ class JournalReader:
         self.path = os.path.join(run_dir, JOURNAL_FILE)
         self.offset = offset
         self.torn_lines = 0
+        self.invalid: Dict[str, int] = {}  # whole lines that are not valid records, by reason
         self._fd = -1
 
     def _ensure_open(self) -> bool:
@@ -251,14 +403,21 @@ class JournalReader:
                 if not line.strip():
                     self.offset = position
                     continue
-                record, torn = parse_line(line)
+                record, problem, torn = read_line(line)
                 if torn:
                     self.torn_lines += 1
                     get_logger().warning(
                         "skipping a torn or invalid line at byte %d of %s%s", position - len(line) - 1, self.path,
                         " (the record written after it is kept)" if record is not None else "",
                     )
-                entries.append(JournalEntry(position, record))
+                elif problem is not None:
+                    if problem not in self.invalid:
+                        get_logger().warning(
+                            "skipping an invalid record at byte %d of %s: %s (said once per reason)",
+                            position - len(line) - 1, self.path, problem,
+                        )
+                    self.invalid[problem] = self.invalid.get(problem, 0) + 1
+                entries.append(JournalEntry(position, record, problem))
                 self.offset = position
         return entries
 
@@ -280,7 +439,8 @@ class JournalReader:
 
 
 def iter_records(run_dir: str) -> Iterator[Tuple[int, Dict[str, Any]]]:
-    """Every whole, valid record of a run's journal with its end offset (for tools and tests)."""
+    """Every whole, valid record of a run's journal with its end offset (for tools and tests); invalid
+    lines are left out."""
     reader = JournalReader(run_dir)
     try:
         while True:

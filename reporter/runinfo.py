@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import os
 import time
 from dataclasses import asdict, dataclass, field
@@ -25,6 +26,7 @@ from .journal import (
     load_cursor,
     lock_holder_pid,
     parse_line,
+    read_host_counters,
     read_json,
 )
 
@@ -42,6 +44,8 @@ class RunInfo:
     rejected: int = 0
     skipped: Dict[str, int] = field(default_factory=dict)
     torn_lines: int = 0
+    invalid: Dict[str, int] = field(default_factory=dict)  # journal lines that are not valid records, by reason
+    counters: Dict[str, Dict[str, int]] = field(default_factory=dict)  # hosts' counters, e.g. "lost" records
     paused: Optional[str] = None
     last_delivery_ts: Optional[float] = None
     last_error: Optional[str] = None
@@ -66,6 +70,11 @@ class RunInfo:
         return (self.ended or time.time()) - self.started
 
     @property
+    def lost(self) -> Dict[str, int]:
+        """Records a writer could not journal, by reason."""
+        return self.counters.get("lost", {})
+
+    @property
     def last_metric(self) -> Optional[float]:
         return self.metrics[-1] if self.metrics else None
 
@@ -75,7 +84,8 @@ class RunInfo:
 
     def as_dict(self) -> Dict[str, Any]:
         data = asdict(self)
-        data.update(state_name=self.state_name, duration_s=self.duration_s, last_metric=self.last_metric, best_metric=self.best_metric)
+        data.update(state_name=self.state_name, duration_s=self.duration_s, last_metric=self.last_metric,
+                    best_metric=self.best_metric, lost=self.lost)
         return data
 
 
@@ -140,7 +150,7 @@ def _last_state(journal: str, max_bytes: int = 1 << 20) -> Optional[int]:
     for line in reversed(tail.split(b"\n")):
         if line.startswith(b'{"kind":"state"'):
             record, _ = parse_line(line)
-            if record is not None and isinstance(record.get("value"), int):
+            if record is not None and record["kind"] == KIND_STATE:
                 return record["value"]
     return None
 
@@ -161,8 +171,8 @@ def _read_records(info: RunInfo, objective_metric: str) -> None:
                 record = entry.record
                 if record is None:
                     continue
-                ts = record.get("ts")
-                if isinstance(ts, (int, float)):
+                ts = record["ts"]
+                if ts is not None:
                     info.started = ts if info.started is None else min(info.started, ts)
                 if record["kind"] == KIND_STATE:
                     info.state = record.get("value")
@@ -177,37 +187,61 @@ def _read_records(info: RunInfo, objective_metric: str) -> None:
         info.problems.append(f"cannot read {JOURNAL_FILE}: {exc.strerror}")
     finally:
         info.torn_lines = reader.torn_lines
+        info.invalid = dict(reader.invalid)
         reader.close()
     if info.torn_lines:
         info.problems.append(f"{info.torn_lines} torn or invalid journal lines")
+    if info.invalid:
+        reasons = ", ".join(f"{n} {why}" for why, n in sorted(info.invalid.items()))
+        info.problems.append(f"{sum(info.invalid.values())} invalid journal records skipped ({reasons})")
 
 
 def _read_status_files(info: RunInfo) -> None:
     run_dir = info.run_dir
     status = read_json(os.path.join(run_dir, STATUS_FILE))
-    if isinstance(status, dict):
-        info.task_id = status.get("task_id")
-        info.delivered = int(status.get("delivered") or 0)
-        info.skipped = dict(status.get("skipped") or {})
-        info.paused = status.get("paused")
-        info.last_delivery_ts = status.get("last_delivery_ts")
-        info.last_error = status.get("last_error")
-        info.failing_since = status.get("failing_since")
+    if isinstance(status, dict):  # every field checked: a hand-edited file must not break status or show
+        info.task_id = _typed(status, "task_id", str)
+        info.delivered = _typed(status, "delivered", int) or 0
+        skipped = status.get("skipped")
+        info.skipped = {k: v for k, v in skipped.items() if type(v) is int} if isinstance(skipped, dict) else {}
+        info.paused = _typed(status, "paused", str)
+        info.last_delivery_ts = _typed(status, "last_delivery_ts", float)
+        info.last_error = _typed(status, "last_error", str)
+        info.failing_since = _typed(status, "failing_since", float)
     elif os.path.exists(os.path.join(run_dir, STATUS_FILE)):
         info.problems.append(f"{STATUS_FILE} is not valid JSON")
     info.rejected = count_lines(os.path.join(run_dir, REJECTED_FILE))
     info.deliverer_pid = lock_holder_pid(run_dir)
+    info.counters = read_host_counters(run_dir)
+    if info.lost:
+        reasons = ", ".join(f"{n} {why}" for why, n in sorted(info.lost.items()))
+        info.problems.append(f"{sum(info.lost.values())} records could not be journalled ({reasons})")
 
     summary = read_json(os.path.join(run_dir, SUMMARY_FILE))
     if isinstance(summary, dict):
-        info.task_id = info.task_id or summary.get("task_id")
-        info.state = summary.get("state", info.state)
-        info.started = summary.get("started", info.started)
-        info.ended = summary.get("ended")
-        info.exit_code = summary.get("exit_code")
-        if summary.get("final_metric") is not None:
-            info.final_metric = summary["final_metric"]
+        info.task_id = info.task_id or _typed(summary, "task_id", str)
+        state = _typed(summary, "state", int)
+        info.state = info.state if state is None else state
+        started = _typed(summary, "started", float)
+        info.started = info.started if started is None else started
+        info.ended = _typed(summary, "ended", float)
+        info.exit_code = _typed(summary, "exit_code", int)
+        final_metric = summary.get("final_metric")
+        if (type(final_metric) is float or type(final_metric) is int) and math.isfinite(final_metric):
+            info.final_metric = float(final_metric)
     elif os.path.exists(os.path.join(run_dir, SUMMARY_FILE)):
         info.problems.append(f"{SUMMARY_FILE} is not valid JSON")
     if info.task_id is None and not info.name.startswith("offline-"):
         info.task_id = info.name
+
+
+def _typed(data: Dict[str, Any], key: str, kind: type) -> Any:
+    """``data[key]`` when it is a ``kind`` (an int counts as a float; a bool as neither), else None."""
+    value = data.get(key)
+    if type(value) is bool:
+        return None
+    if kind is float and type(value) is int:
+        return float(value) if abs(value) < 1e15 else None
+    if kind is float:
+        return value if type(value) is float and -1e15 < value < 1e15 else None
+    return value if isinstance(value, kind) else None

@@ -7,7 +7,7 @@ import math
 import os
 import sys
 import time
-from typing import List, Optional, Sequence, Tuple
+from typing import Dict, List, Optional, Sequence, Tuple
 
 from .config import ENV_RUN_DIR, JOURNAL_FILE, load_config
 from .journal import load_cursor, parse_line
@@ -87,6 +87,8 @@ def status_command(run_dir: Optional[str], *, as_json: bool = False, stale_after
         ("task", info.task_id or "offline"),
         ("state", info.state_name),
         ("records", f"{info.journalled} journalled, {info.delivered} delivered, {info.pending} pending, {info.rejected} rejected"),
+        ("skipped", _reasons(info.skipped)),
+        ("lost", _reasons(info.lost)),
         ("last delivery", _when(info.last_delivery_ts)),
         ("last error", info.last_error or "none"),
         ("deliverer", f"pid {info.deliverer_pid}" if info.deliverer_pid else "none running"),
@@ -96,6 +98,12 @@ def status_command(run_dir: Optional[str], *, as_json: bool = False, stale_after
     for key, value in rows:
         print(f"{key + ':':<{width}} {value}")
     return 0 if ok else 1
+
+
+def _reasons(counts: Dict[str, int]) -> str:
+    if not counts:
+        return "none"
+    return f"{sum(counts.values())} (" + ", ".join(f"{n} {why}" for why, n in sorted(counts.items())) + ")"
 
 
 # --- show -------------------------------------------------------------------------------------------
@@ -108,13 +116,14 @@ def sparkline(values: Sequence[float], width: int = 20) -> str:
     if len(values) > width:
         size = len(values) / width
         values = [
-            sum(chunk) / len(chunk)
+            sum(v / len(chunk) for v in chunk)  # divided first: a sum of values near 1e308 would overflow
             for chunk in (values[int(i * size): max(int((i + 1) * size), int(i * size) + 1)] for i in range(width))
         ]
     low, high = min(values), max(values)
-    if high == low:
+    span = high / 2 - low / 2  # halved: high - low overflows for values of +-1e308
+    if span <= 0:
         return SPARK_BARS[len(SPARK_BARS) // 2] * len(values)
-    return "".join(SPARK_BARS[round((v - low) / (high - low) * (len(SPARK_BARS) - 1))] for v in values)
+    return "".join(SPARK_BARS[round((v / 2 - low / 2) / span * (len(SPARK_BARS) - 1))] for v in values)
 
 
 def _fmt(value: Optional[float]) -> str:

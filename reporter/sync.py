@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import replace
-from typing import List, Mapping, Optional
+from typing import Dict, List, Mapping, Optional
 
 from .config import (
     Config,
@@ -77,8 +77,22 @@ def sync_one(run_dir: str, config: Config, timeout_s: Optional[float]) -> int:
     finally:
         progress.finish()
     pending = count_pending(run_dir)
-    print(f"{run_dir}: {total - pending} delivered, {pending} pending" + (f" ({deliverer.paused_reason})" if deliverer.paused_reason else ""))
+    print(f"{run_dir}: {describe_sync(deliverer.delivered_now, deliverer.skipped_now, deliverer.rejected_now, pending)}"
+          + (f" ({deliverer.paused_reason})" if deliverer.paused_reason else ""))
     return pending
+
+
+def describe_sync(delivered: int, skipped: Dict[str, int], rejected: int, pending: int) -> str:
+    """``3 delivered, 2 skipped (1 not the objective metric, 1 invalid record (...)), 0 rejected, 0 pending``."""
+    parts = [f"{delivered} delivered"]
+    n_skipped = sum(skipped.values())
+    if n_skipped:
+        reasons = ", ".join(f"{n} {reason}" for reason, n in sorted(skipped.items()))
+        parts.append(f"{n_skipped} skipped ({reasons})")
+    if rejected:
+        parts.append(f"{rejected} rejected (kept in rejected.jsonl)")
+    parts.append(f"{pending} pending")
+    return ", ".join(parts)
 
 
 def sync_command(run_dirs: List[str], *, task_id: Optional[str], backend_url: Optional[str],

@@ -65,6 +65,7 @@ from .config import (
     parse_number,
 )
 from .journal import (
+    COUNTER_UNREADABLE,
     KIND_FINAL,
     KIND_INTERMEDIATE,
     KIND_STATE,
@@ -264,9 +265,10 @@ class MetricLineParser:
     is counted in :attr:`unreadable` and warned about once.
     """
 
-    def __init__(self, patterns: List["re.Pattern[str]"]) -> None:
+    def __init__(self, patterns: List["re.Pattern[str]"], on_unreadable: Optional[Callable[[], None]] = None) -> None:
         self.patterns = patterns
         self.unreadable = 0
+        self._on_unreadable = on_unreadable  # e.g. the run's host counters, so status.json shows the count
 
     def parse(self, line: Union[str, bytes]) -> Optional[ParsedMetric]:
         """The metric on ``line``, or None (not a metric line, or an unusable one: counted)."""
@@ -293,6 +295,11 @@ class MetricLineParser:
 
     def _unreadable(self, exc: BaseException, line: Union[str, bytes]) -> None:
         self.unreadable += 1
+        if self._on_unreadable is not None:
+            try:
+                self._on_unreadable()
+            except Exception:  # noqa: BLE001 - counting must not stop the reader
+                pass
         if self.unreadable == 1:
             try:
                 shown = repr(line[:120])
@@ -597,7 +604,8 @@ class Supervisor:
         self.run_dir = config.run_dir
         self.state_rank = options.node_rank * options.nproc_per_node  # only node 0's state records are sent
         self.writer = JournalWriter(self.run_dir, rank=self.state_rank)
-        self.parser = MetricLineParser(options.metric_patterns)
+        self.parser = MetricLineParser(
+            options.metric_patterns, on_unreadable=lambda: self.writer.counters.count(COUNTER_UNREADABLE, "metric line"))
         self.stop_signal: Optional[int] = None
         self.child: Optional[subprocess.Popen] = None
         self._kill_deadline: Optional[float] = None
@@ -786,6 +794,7 @@ class Supervisor:
 
     def write_summary(self, started: float, outcome: Outcome, pending: int, peak_rss: int, stderr_tail: List[str]) -> None:
         ended = time.time()
+        self.writer.counters.save()  # this process's losses, for read_run below
         run = read_run(self.run_dir, self.config.objective_metric)  # the journal and the deliverer's status.json
         returncode = self.child.returncode if self.child is not None else None
         summary: Dict[str, Any] = {
@@ -810,8 +819,10 @@ class Supervisor:
                 "rejected": run.rejected,
                 "skipped": run.skipped,
                 "unreadable_metric_lines": self.parser.unreadable,
-                "lost": dict(self.writer.lost),
+                "invalid": run.invalid,
+                "lost": run.lost,
             },
+            "counters": run.counters,
             "last_intermediate_metric": run.last_metric,
             "final_metric": run.final_metric,
             "peak_rss_bytes": peak_rss,

@@ -103,8 +103,8 @@ def cli(*args: str, env: Optional[Dict[str, str]] = None, timeout_s: float = 120
 class ServeProcess:
     """``anylearn-reporter serve`` as a real subprocess on a loopback port."""
 
-    def __init__(self, *args: str, port: int = 0) -> None:
-        env = clean_environ(ANYLEARN_SECRET_KEY=SECRET_KEY)
+    def __init__(self, *args: str, port: int = 0, env: Optional[Dict[str, str]] = None) -> None:
+        env = clean_environ(ANYLEARN_SECRET_KEY=SECRET_KEY, **(env or {}))
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "reporter", "serve", "--port", str(port), "--task", TASK_ID, *args],
             env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
@@ -140,8 +140,8 @@ class ServeProcess:
 def serve_process() -> Iterator[Callable[..., ServeProcess]]:
     started: List[ServeProcess] = []
 
-    def start(*args: str, port: int = 0) -> ServeProcess:
-        srv = ServeProcess(*args, port=port)
+    def start(*args: str, port: int = 0, env: Optional[Dict[str, str]] = None) -> ServeProcess:
+        srv = ServeProcess(*args, port=port, env=env)
         started.append(srv)
         return srv
 

@@ -4,9 +4,13 @@ import decimal
 import fractions
 import json
 import os
+import subprocess
+import sys
 
 import pytest
-from conftest import SECRET_KEY, TASK_ID, free_port
+from conftest import SECRET_KEY, TASK_ID, cli, free_port, run_python, task_env
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 import reporter
 from reporter import api
@@ -172,3 +176,139 @@ def test_import_reporter_loads_no_http_stack():
 def test_public_names_are_exported():
     for name in ("report_metric", "report_intermediate_metric", "report_final_metric", "report_metrics", "flush"):
         assert name in reporter.__all__ and callable(getattr(reporter, name))
+
+
+# --- odd input never raises anything but TypeError (issue 10, item 9) --------------------------------
+
+
+def test_a_step_beyond_64_bits_is_journalled_as_null_and_never_raises(task, capsys):
+    reporter.report_metric(0.5, step=10**5000)
+    reporter.report_metrics({"metric": 0.6}, step=-(10**30))
+    reporter.report_metric(0.7, step=2**63 - 1)
+    assert [r["step"] for r in journalled(task)] == [None, None, 2**63 - 1]
+    assert capsys.readouterr().err.count("beyond a 64-bit integer") == 1
+
+
+class _Raising:
+    """A number-like object whose conversions fail with something other than TypeError."""
+
+    def __float__(self):
+        raise ZeroDivisionError("no value yet")
+
+    def __index__(self):
+        raise OverflowError("too big")
+
+    def __bool__(self):
+        raise ValueError("ambiguous")
+
+
+ODD_VALUES = st.one_of(
+    st.floats(), st.integers(), st.just(10**5000), st.just(-(10**5000)), st.booleans(), st.none(), st.text(max_size=5),
+    st.decimals(), st.fractions(), st.just(_Raising()), st.binary(max_size=3),
+)
+ODD_STEPS = st.one_of(
+    st.none(), st.integers(), st.just(10**5000), st.just(-(10**400)), st.floats(), st.booleans(), st.text(max_size=3),
+    st.just(_Raising()),
+)
+ODD_NAMES = st.one_of(st.none(), st.text(), st.integers(), st.binary(max_size=3))
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(value=ODD_VALUES, step=ODD_STEPS, name=ODD_NAMES, final=st.one_of(st.booleans(), st.none(), st.just(_Raising())))
+def test_any_value_step_and_name_journal_or_raise_type_error_and_nothing_else(monkeypatch, tmp_path, value, step, name, final):
+    monkeypatch.setenv("ANYLEARN_REPORTER_RUN_DIR", str(tmp_path / "run"))  # offline: journal only
+    for call in (
+        lambda: reporter.report_metric(value, step=step, name=name, final=final),
+        lambda: reporter.report_metrics({name if isinstance(name, str) else "metric": value}, step=step),
+    ):
+        try:
+            call()
+        except TypeError:
+            pass
+    assert reporter.flush(float("inf")) in (True, False)
+    assert reporter.flush(float("nan")) in (True, False)
+
+
+# --- invalid journal records never stop the in-process deliverer (item 4) ----------------------------
+
+
+def test_an_invalid_record_on_disk_is_skipped_counted_and_delivery_goes_on(task, monkeypatch, server):
+    monkeypatch.setenv("ANYLEARN_BACKEND_URL", server.base_url)
+    task.mkdir()
+    (task / "metrics.jsonl").write_text('{"kind": "intermediate", "value": "0.2x", "name": null, "step": 0}\n')
+    for i in range(1, 4):
+        reporter.report_metric(i / 10, step=i)
+    assert reporter.flush(10) is True
+    assert server.backend.tasks()[0]["intermediate_metrics"] == [0.1, 0.2, 0.3]
+    api._reset_for_tests()  # the deliverer closes and writes its final status
+    status = json.loads((task / "status.json").read_text())
+    assert status["delivered"] == 3
+    assert status["skipped"] == {"invalid record (value is not a number)": 1}
+
+
+# --- a run directory that cannot be made (item 6) and records that cannot be journalled (item 4) -----
+
+_REPORT_FOR_A_WHILE = """
+import time, reporter
+deadline, count = time.monotonic() + 1.6, 0
+while time.monotonic() < deadline:  # the training loop: long enough for the deliverer to retry the lock
+    reporter.report_metric(0.5, step=count)
+    count += 1
+print(count)
+"""
+
+
+@pytest.mark.parametrize("where", ["under a file", "under /proc", "a task id too long for a file name"])
+def test_a_run_directory_that_cannot_be_made_is_said_once_and_training_goes_on(tmp_path, where):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")
+    task_id = TASK_ID
+    reporter_dir = {"under a file": str(blocker), "under /proc": "/proc/anylearn-runs"}.get(where, str(tmp_path))
+    if where.startswith("a task id"):
+        task_id = "TRAI" + "x" * 300
+    env = task_env(f"http://127.0.0.1:{free_port()}/api", "", ANYLEARN_TASK_ID=task_id,
+                   ANYLEARN_REPORTER_DIR=reporter_dir, ANYLEARN_FLUSH_TIMEOUT="1")
+    del env["ANYLEARN_REPORTER_RUN_DIR"]
+    done = run_python(_REPORT_FOR_A_WHILE, env)
+    assert done.returncode == 0 and "Traceback" not in done.stderr, done.stderr
+    count = int(done.stdout)
+    assert done.stderr.count("cannot take the deliver lock") == 1, done.stderr
+    assert done.stderr.count("could not be journalled in") == 1
+    assert f"records that could not be journalled: {count} (cannot open the journal" in done.stderr
+
+
+_FILE_SIZE_LIMITED = """
+import resource, signal, sys
+signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # past the limit a write fails with EFBIG, as on a full disk
+resource.setrlimit(resource.RLIMIT_FSIZE, (3000, 3000))
+import reporter
+for i in range(60):
+    reporter.report_metric(i / 100, step=i)
+reporter.flush(10)
+"""
+
+
+def test_records_that_cannot_be_journalled_are_counted_in_status_json_and_by_status(server, tmp_path):
+    run_dir = tmp_path / "run"
+    done = run_python(_FILE_SIZE_LIMITED, task_env(server.base_url, str(run_dir)))
+    assert done.returncode == 0, done.stderr
+    journalled_count = len(journalled(run_dir))
+    status = json.loads((run_dir / "status.json").read_text())
+    lost = status["counters"]["lost"]
+    assert 0 < journalled_count < 60 and journalled_count + sum(lost.values()) == 60
+    assert any("EFBIG" in reason or "short write" in reason for reason in lost)
+    shown = cli("status", str(run_dir), env=task_env(server.base_url, str(run_dir)))
+    assert f"lost:          {sum(lost.values())} (" in shown.stdout, shown.stdout
+
+
+def test_records_the_command_could_not_journal_are_counted_in_summary_json(server, tmp_path):
+    script = tmp_path / "train.py"
+    script.write_text(_FILE_SIZE_LIMITED)
+    run_dir = tmp_path / "run"
+    done = subprocess.run([sys.executable, "-m", "reporter", "run", "--", sys.executable, str(script)],
+                          env=task_env(server.base_url, str(run_dir)), cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    summary = json.loads((run_dir / "summary.json").read_text())
+    lost = summary["records"]["lost"]
+    command_records = [r for r in journalled(run_dir) if r["kind"] == "intermediate"]
+    assert sum(lost.values()) > 0 and len(command_records) + sum(lost.values()) == 60

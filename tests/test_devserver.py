@@ -1,6 +1,7 @@
 """The local backend emulator: the contract's answers, auth, idempotency, faults, persistence."""
 
 import re
+import socket
 
 import pytest
 import requests
@@ -85,3 +86,110 @@ def test_database_file_persists_across_restarts(tmp_path):
 def test_serve_task_without_a_key_anywhere_is_a_usage_error():
     done = cli("serve", "--port", "0", "--task", TASK_ID, env=clean_environ())
     assert done.returncode == 2 and "ANYLEARN_SECRET_KEY" in done.stderr
+
+
+# --- hardening (issue 10, item 10): bodies, headers, idle sockets, bearer reads, the chart ---------------
+
+
+def exchange(host, port, data, timeout_s=10.0):
+    """Send raw bytes on a fresh connection and return everything the server sends until it closes."""
+    with socket.create_connection((host, port), timeout=timeout_s) as sock:
+        sock.sendall(data)
+        chunks = []
+        while True:
+            chunk = sock.recv(65536)
+            if not chunk:
+                return b"".join(chunks)
+            chunks.append(chunk)
+
+
+def raw_post(path, headers, body=b""):
+    head = "".join(f"{k}: {v}\r\n" for k, v in headers.items())
+    return f"POST /api{path} HTTP/1.1\r\nHost: 127.0.0.1\r\n{head}\r\n".encode() + body
+
+
+@pytest.mark.parametrize("length", ["abc", "-1", "1e3", "0x10", "12, 12", "١٢"])
+def test_a_malformed_content_length_gets_400_on_a_raw_socket(server, length):
+    answer = exchange(server.host, server.port, raw_post("/train_task/intermediate_metric", {
+        "Secret-Key": SECRET_KEY, "Content-Length": length}, b"id=x&metric=1"))
+    assert answer.startswith(b"HTTP/1.1 400 ") and b"malformed Content-Length" in answer
+
+
+def test_a_body_above_1_mib_gets_413_before_it_is_sent(server):
+    # Only the headers go out: an answer proves the server did not wait for (or read) the body.
+    answer = exchange(server.host, server.port, raw_post("/train_task/intermediate_metric", {
+        "Secret-Key": SECRET_KEY, "Content-Length": str((1 << 20) + 1)}))
+    assert answer.startswith(b"HTTP/1.1 413 ")
+    assert server.backend.tasks()[0]["intermediate_metrics"] == []
+
+
+@pytest.mark.parametrize("path, headers, status", [
+    ("/train_task/intermediate_metric", {"Secret-Key": "wrong"}, b"401"),
+    ("/train_task/intermediate_metric", {"Authorization": "Bearer anything"}, b"401"),  # writes: Secret-Key only
+    ("/no/such/endpoint", {"Secret-Key": SECRET_KEY}, b"404"),
+])
+def test_a_write_is_routed_and_authenticated_before_its_body_is_read(server, path, headers, status):
+    answer = exchange(server.host, server.port, raw_post(path, {**headers, "Content-Length": "100"}))
+    assert answer.startswith(b"HTTP/1.1 " + status + b" ")
+    assert server.backend.tasks()[0]["intermediate_metrics"] == []
+
+
+def test_keep_alive_still_serves_several_requests_on_one_connection(server):
+    body = f"id={TASK_ID}&metric=1".encode()
+    one = raw_post("/train_task/intermediate_metric", {"Secret-Key": SECRET_KEY, "Content-Length": str(len(body))}, body)
+    last = raw_post("/train_task/intermediate_metric", {"Secret-Key": SECRET_KEY, "Content-Length": str(len(body)),
+                                                        "Connection": "close"}, body)
+    answer = exchange(server.host, server.port, one + one + last)
+    assert answer.count(b"HTTP/1.1 200 ") == 3
+    assert server.backend.tasks()[0]["intermediate_metrics"] == [1.0, 1.0, 1.0]
+
+
+@pytest.mark.parametrize("sent", [b"", b"POST /api/train_task/state HTTP/1.1\r\nHost: x\r\n",
+                                  b"POST /api/train_task/state HTTP/1.1\r\nSecret-Key: " + SECRET_KEY.encode() + b"\r\nContent-Length: 50\r\n\r\nid="])
+def test_serve_closes_an_idle_or_stalled_connection(serve_process, sent):
+    srv = serve_process("--idle-timeout", "0.3")
+    host, port = srv.root.split("//")[1].split(":")
+    answer = exchange(host, int(port), sent, timeout_s=20)  # returns once the server hangs up
+    assert not answer.startswith(b"HTTP/1.1 200")
+    assert srv.proc.poll() is None  # the server lives on
+    assert srv.get("/_dev/tasks")[0]["id"] == TASK_ID
+
+
+def _read(srv, endpoint, headers):
+    return requests.get(f"{srv.base_url}/train_task/{endpoint}", params={"id": TASK_ID}, headers=headers, timeout=10)
+
+
+def test_without_a_token_reads_accept_any_bearer_token_and_serve_says_so(serve_process):
+    srv = serve_process()
+    assert "any bearer token" in srv.proc.stdout.readline()
+    assert requests.post(f"{srv.base_url}/train_task/intermediate_metric", data={"id": TASK_ID, "metric": "0.5"},
+                         headers={"Secret-Key": SECRET_KEY}, timeout=10).status_code == 200
+    # What the released AnyLearn SDK sends: its login token, never a Secret-Key.
+    answer = _read(srv, "intermediate_metric", {"Authorization": "Bearer the-sdk-login-token"})
+    assert answer.status_code == 200 and [m["metric"] for m in answer.json()] == [0.5]
+    assert _read(srv, "final_metric", {"Authorization": "Bearer x"}).json()["id"] == TASK_ID
+    assert _read(srv, "final_metric", {"Authorization": "Basic x"}).status_code == 401
+    assert _read(srv, "final_metric", {}).status_code == 401
+
+
+@pytest.mark.parametrize("how", ["--token", "ANYLEARN_TOKEN"])
+def test_with_a_token_reads_accept_that_token_or_the_secret_key_and_writes_only_the_key(serve_process, how):
+    srv = serve_process("--token", "T0k") if how == "--token" else serve_process(env={"ANYLEARN_TOKEN": "T0k"})
+    assert _read(srv, "intermediate_metric", {"Authorization": "Bearer T0k"}).status_code == 200
+    assert _read(srv, "intermediate_metric", {"Authorization": "Bearer wrong"}).status_code == 401
+    assert _read(srv, "intermediate_metric", {"Secret-Key": SECRET_KEY}).status_code == 200
+    write = requests.post(f"{srv.base_url}/train_task/final_metric", data={"id": TASK_ID, "metric": "1"},
+                          headers={"Authorization": "Bearer T0k"}, timeout=10)
+    assert write.status_code == 401
+
+
+def test_the_page_draws_metrics_of_plus_minus_1e308_without_nan_coordinates(server):
+    for metric in ("1e308", "-1e308", "1.7976931348623157e308", "0"):
+        assert post(server, "intermediate_metric", {"id": TASK_ID, "metric": metric}).status_code == 200
+    assert post(server, "final_metric", {"id": TASK_ID, "metric": "-1.7976931348623157e308"}).status_code == 200
+    page = requests.get(f"http://{server.host}:{server.port}/", timeout=10).text
+    (points,) = re.findall(r'<polyline class="series"[^>]* points="([^"]+)"', page)
+    coordinates = [float(c) for pair in points.split() for c in pair.split(",")]
+    assert len(coordinates) == 8 and all(0 <= c <= 600 for c in coordinates)
+    (final_y,) = re.findall(r'<line class="final"[^>]* y1="([^"]+)"', page)
+    assert 0 <= float(final_y) <= 200

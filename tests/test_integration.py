@@ -116,3 +116,51 @@ def test_exit_with_a_hanging_backend_waits_only_the_flush_timeout_and_says_what_
     assert done.returncode == 0 and done.stdout.strip() == "trained"
     assert "3 records stay pending" in done.stderr and str(tmp_path / "run") in done.stderr
     assert count_pending(str(tmp_path / "run")) == 3
+
+
+BAD_LINES = (
+    b'{"kind": "intermediate", "value": "0.2x", "name": null, "step": 0}\n'
+    b'{"kind": "final", "value": {"nested": [1]}, "name": null, "step": null}\n'
+)
+
+
+def _seed_bad_lines(run_dir):
+    run_dir.mkdir(parents=True)
+    (run_dir / "metrics.jsonl").write_bytes(BAD_LINES)
+
+
+def test_the_wrapper_delivers_past_invalid_records_and_counts_them(server, tmp_path):
+    run_dir = tmp_path / "run"
+    _seed_bad_lines(run_dir)
+    child = "import reporter; reporter.report_metric(0.25, step=1); print('ANYLEARN_METRIC 0.5')"
+    done = subprocess.run([sys.executable, "-m", "reporter", "run", "--", sys.executable, "-c", child],
+                          env=task_env(server.base_url, str(run_dir)), cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert server.backend.tasks()[0]["intermediate_metrics"] == [0.25, 0.5]
+    summary = json_file(run_dir / "summary.json")
+    assert summary["records"]["pending"] == 0
+    assert summary["records"]["skipped"]["invalid record (value is not a number)"] == 2
+
+
+def test_the_sidecar_delivers_past_invalid_records_and_counts_them(server, tmp_path):
+    from conftest import TASK_ID, clean_environ
+
+    run_dir = tmp_path / TASK_ID
+    _seed_bad_lines(run_dir)
+    writer_env = clean_environ(ANYLEARN_TASK_ID=TASK_ID, ANYLEARN_REPORTER_DIR=str(tmp_path))
+    assert run_python("import reporter; reporter.report_metric(0.75, step=2)", writer_env).returncode == 0
+    (run_dir / "summary.json").write_text("{}")  # the run has ended: the sidecar drains and exits
+    sidecar = subprocess.run(
+        [sys.executable, "-m", "reporter", "sidecar", "--heartbeat", "0.3", "--interval", "0.3"],
+        env={**writer_env, "ANYLEARN_BACKEND_URL": server.base_url, "ANYLEARN_SECRET_KEY": SECRET_KEY},
+        capture_output=True, text=True, timeout=120,
+    )
+    assert sidecar.returncode == 0, sidecar.stderr
+    assert server.backend.tasks()[0]["intermediate_metrics"] == [0.75]
+    assert json_file(run_dir / "status.json")["skipped"]["invalid record (value is not a number)"] == 2
+
+
+def json_file(path):
+    import json
+
+    return json.loads(path.read_text())

@@ -14,10 +14,13 @@ from reporter.journal import (
     DeliverLock,
     JournalReader,
     JournalWriter,
+    check_record,
     iter_records,
     load_cursor,
     lock_holder_pid,
     parse_line,
+    read_host_counters,
+    read_line,
     save_cursor,
 )
 
@@ -174,3 +177,120 @@ def test_a_short_write_is_counted_as_lost_and_never_raises(tmp_path, monkeypatch
     assert writer.lost == {"short write (is the disk full?)": 1}
     assert [r["value"] for _, r in iter_records(str(tmp_path))] == [1.0, 3.0]  # the fragment is skipped
     assert "could not be journalled" in capsys.readouterr().err
+
+
+# --- validation of what is read back -----------------------------------------------------------------
+
+GOOD = {"kind": "intermediate", "value": 0.5, "name": None, "step": 1, "ts": 1.0, "rank": 0, "pid": 1, "key": "k-1"}
+
+
+@pytest.mark.parametrize(
+    "change, reason",
+    [
+        ({"value": "0.2x"}, "value is not a number"),
+        ({"value": True}, "value is not a number"),
+        ({"value": 10**400}, "value is not a finite number"),
+        ({"kind": "bogus"}, "unknown kind"),
+        ({"step": 1.5}, "step is not an integer"),
+        ({"step": "3"}, "step is not an integer"),
+        ({"name": 3}, "name is not a string"),
+        ({"rank": "0"}, "rank is not an integer"),
+        ({"ts": 1e300}, "ts is not a time"),
+        ({"key": "a\nb"}, "key is not a header-safe string"),
+        ({"key": "clé"}, "key is not a header-safe string"),
+        ({"kind": "state", "value": 1.5}, "state value is not an integer"),
+    ],
+)
+def test_a_record_with_a_bad_field_is_refused_with_its_reason(change, reason):
+    assert check_record({**GOOD, **change}) == (None, reason)
+
+
+def test_a_nan_literal_in_the_journal_is_not_a_finite_number():
+    assert read_line(b'{"kind":"intermediate","value":NaN}') == (None, "value is not a finite number", False)
+
+
+def test_a_valid_record_keeps_exactly_the_known_fields():
+    record, problem = check_record({**GOOD, "value": 2, "extra": "dropped"})
+    assert problem is None and record == {**GOOD, "value": 2.0}
+
+
+def test_the_reader_skips_invalid_records_counts_them_by_reason_and_reads_on(tmp_path, capsys):
+    writer = JournalWriter(str(tmp_path))
+    writer.append("intermediate", 1.0, None, 1)
+    with open(tmp_path / "metrics.jsonl", "ab") as f:
+        f.write(b'{"kind": "intermediate", "value": "0.2x", "name": null, "step": 2}\n')
+        f.write(b'{"kind": "intermediate", "value": "0.3x", "name": null, "step": 3}\n')
+        f.write(b"[" * 100_000 + b"\n")  # deeper than the JSON parser's recursion limit
+    writer.append("intermediate", 4.0, None, 4)
+    reader = JournalReader(str(tmp_path))
+    entries = reader.read_available()
+    assert [(e.record or {}).get("value") for e in entries] == [1.0, None, None, None, 4.0]
+    assert [e.problem for e in entries][1:4] == ["value is not a number"] * 2 + ["torn or invalid line"]
+    assert reader.invalid == {"value is not a number": 2}
+    assert capsys.readouterr().err.count("value is not a number") == 1  # said once per reason
+
+
+JSON_VALUES = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.floats() | st.text(max_size=20),
+    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=8), inner, max_size=4),
+    max_leaves=12,
+)
+RECORDISH = st.fixed_dictionaries(
+    {"kind": st.sampled_from(["intermediate", "final", "state", "other"])},
+    optional={field: JSON_VALUES for field in ("value", "name", "step", "ts", "rank", "pid", "key")},
+)
+
+
+def _assert_valid(record):
+    again, problem = check_record(record)
+    assert problem is None and again == record  # what the reader returns is itself a valid record
+    assert record["value"] is None or record["value"] - record["value"] == 0
+
+
+@settings(max_examples=300, deadline=None)
+@given(line=st.one_of(
+    st.binary(max_size=300),
+    JSON_VALUES.map(lambda v: json.dumps(v).encode()),
+    RECORDISH.map(lambda v: json.dumps(v).encode()),
+    st.tuples(st.binary(max_size=40), RECORDISH).map(lambda t: t[0] + json.dumps(t[1], separators=(",", ":")).encode()),
+))
+def test_any_journal_line_gives_a_valid_record_or_a_reason_and_never_raises(line):
+    record, problem, _torn = read_line(line)
+    assert (record is None) != (problem is None)
+    if record is not None:
+        _assert_valid(record)
+
+
+@settings(max_examples=60, deadline=None)
+@given(lines=st.lists(st.one_of(st.binary(max_size=80), RECORDISH.map(lambda v: json.dumps(v).encode())), max_size=8))
+def test_the_reader_turns_any_journal_bytes_into_records_or_counted_skips(tmp_path_factory, lines):
+    run_dir = tmp_path_factory.mktemp("fuzz")
+    data = b"\n".join(lines) + b"\n"
+    (run_dir / "metrics.jsonl").write_bytes(data)
+    reader = JournalReader(str(run_dir))
+    entries = []
+    while True:
+        more = reader.read_available(max_records=3)
+        if not more:
+            break
+        entries.extend(more)
+    assert reader.offset == len(data)  # every byte read, nothing stuck
+    for entry in entries:
+        assert (entry.record is None) != (entry.problem is None)
+        if entry.record is not None:
+            _assert_valid(entry.record)
+    assert sum(reader.invalid.values()) + reader.torn_lines >= sum(1 for e in entries if e.record is None)
+
+
+def test_records_a_writer_could_not_journal_are_saved_for_the_run_status(tmp_path):
+    blocker = tmp_path / "file"
+    blocker.write_text("")
+    writer = JournalWriter(str(blocker / "run"))  # a run directory under a file: nothing can be written
+    for _ in range(3):
+        assert writer.append("intermediate", 1.0, None, None) is None
+    assert writer.lost == {"cannot open the journal (Not a directory)": 3}
+    good = JournalWriter(str(tmp_path / "run"))
+    good.count_lost("ENOSPC (No space left on device)")
+    good.count_lost("ENOSPC (No space left on device)")
+    good.close()
+    assert read_host_counters(str(tmp_path / "run")) == {"lost": {"ENOSPC (No space left on device)": 2}}

@@ -109,6 +109,30 @@ def test_sync_refuses_another_tasks_run(tmp_path):
     assert done.returncode == 2 and "TRAIothertask" in done.stderr
 
 
+HAND_EDITED = (
+    b'{"kind": "intermediate", "value": "0.2x", "name": null, "step": 9}\n'
+    b'{"kind": "intermediate", "value": 1e400, "step": 10}\n'
+    b'{"kind": "bogus", "value": 1.0}\n'
+    b'["not", "a", "record"]\n'
+)
+
+
+def test_sync_delivers_past_invalid_records_and_says_what_it_skipped(serve_process, tmp_path):
+    server = serve_process()
+    run_dir = offline_run(tmp_path, 2)
+    with open(run_dir / "metrics.jsonl", "ab") as f:
+        f.write(HAND_EDITED)
+    JournalWriter(str(run_dir)).append("intermediate", 0.75, "loss", 11)  # not the objective metric
+    JournalWriter(str(run_dir)).append("intermediate", 0.5, None, 12)
+    done = cli("sync", str(run_dir), "--task-id", TASK_ID, "--backend-url", server.base_url, env=sync_env())
+    assert done.returncode == 0, done.stderr
+    assert server.task()["intermediate_metrics"] == [0.0, 1.0, 0.5]
+    assert (f"{run_dir}: 6 delivered, 5 skipped (1 invalid record (not a JSON object), 1 invalid record (unknown kind), "
+            "1 invalid record (value is not a finite number), 1 invalid record (value is not a number), "
+            "1 not the objective metric), 0 pending") in done.stdout
+    status = cli("status", str(run_dir), env=clean_environ())
+    assert "skipped:       5 (" in status.stdout and "value is not a number" in status.stdout, status.stdout
+
 def test_sync_progress_is_a_bar_on_a_terminal_and_plain_lines_otherwise():
     import io
 
@@ -168,6 +192,33 @@ def test_show_on_a_broken_run_directory_reports_the_problems_without_failing(tmp
     missing = cli("show", str(tmp_path / "no-such-run"), env=clean_environ())
     assert missing.returncode == 0 and "not a directory" in missing.stdout
 
+
+def test_show_status_and_summary_never_fail_on_invalid_records_or_hand_edited_files(tmp_path):
+    run_dir = offline_run(tmp_path, 2)
+    writer = JournalWriter(str(run_dir))
+    writer.append("intermediate", 1e308, None, 3)
+    writer.append("intermediate", -1e308, None, 4)
+    with open(run_dir / "metrics.jsonl", "ab") as f:
+        f.write(HAND_EDITED)
+        f.write(b'{"kind": "state", "value": "running"}\n')  # the last state line: not an int
+    (run_dir / "status.json").write_text(json.dumps({"task_id": 7, "delivered": "abc", "skipped": {"x": "y"},
+                                                     "last_delivery_ts": "yesterday", "failing_since": 1e300}))
+    (run_dir / "summary.json").write_text(json.dumps({"started": "x", "ended": [], "state": "done", "final_metric": "?"}))
+    env = clean_environ()
+    table = cli("show", str(run_dir), env=env)
+    assert table.returncode == 0 and "Traceback" not in table.stderr, table.stderr
+    assert "5 invalid journal records skipped" in table.stdout
+    assert "▁" in table.stdout and "█" in table.stdout  # +-1e308 drawn
+    (run,) = json.loads(cli("show", "--json", str(run_dir), env=env).stdout)
+    assert run["metrics"] == [0.0, 1.0, 1e308, -1e308] and run["delivered"] == 0 and run["started"] is not None
+    assert run["invalid"] == {"value is not a number": 1, "value is not a finite number": 1, "unknown kind": 1,
+                              "not a JSON object": 1, "state value is not an integer": 1}
+    metrics = cli("show", "--metrics", str(run_dir), env=env)
+    assert metrics.returncode == 0 and len(metrics.stdout.splitlines()) == 2 + 7
+    for args in (["status", str(run_dir)], ["status", "--json", str(run_dir)]):
+        probe = cli(*args, env=env)
+        assert probe.returncode in (0, 1) and "Traceback" not in probe.stderr, probe.stderr
+    assert json.loads(cli("status", "--json", str(run_dir), env=env).stdout)["state_name"] == "success"
 
 def test_show_metrics_lists_the_records(tmp_path):
     run_dir = offline_run(tmp_path, 2)

@@ -382,6 +382,7 @@ def test_an_unusable_metric_line_is_counted_and_output_and_parsing_go_on(tmp_pat
     assert [r["value"] for _, r in iter_records(str(run_dir)) if r["kind"] == "intermediate"] == [0.75]
     result = json.loads((run_dir / "summary.json").read_text())
     assert result["output"]["unreadable_metric_lines"] == 2 and result["records"]["unreadable_metric_lines"] == 2
+    assert result["counters"]["unreadable"] == {"metric line": 2}  # the run's counters, which status.json shows too
     assert done.stderr.count("could not be read") == 1  # warned once
 
 
