@@ -204,7 +204,11 @@ def _fields(buf: bytes) -> Iterator[Tuple[int, int, Any]]:
     pos = 0
     size = len(buf)
     while pos < size:
-        key, pos = _varint(buf, pos)
+        key = buf[pos]
+        if key < 0x80:  # one-byte keys and lengths are the rule here: skip the call
+            pos += 1
+        else:
+            key, pos = _varint(buf, pos)
         number, wire = key >> 3, key & 7
         value: Any
         if wire == 0:
@@ -212,7 +216,11 @@ def _fields(buf: bytes) -> Iterator[Tuple[int, int, Any]]:
         elif wire == 1:
             value, pos = buf[pos:pos + 8], pos + 8
         elif wire == 2:
-            length, pos = _varint(buf, pos)
+            length = buf[pos] if pos < size else 0x80
+            if length < 0x80:
+                pos += 1
+            else:
+                length, pos = _varint(buf, pos)
             value, pos = buf[pos:pos + length], pos + length
         elif wire == 5:
             value, pos = buf[pos:pos + 4], pos + 4
