@@ -21,7 +21,6 @@ import statistics
 import struct
 import sys
 import tempfile
-import threading
 import time
 from typing import List, Tuple
 

@@ -7,12 +7,17 @@ import sys
 import textwrap
 
 import pytest
-from conftest import TASK_ID, cli, clean_environ, task_env
+from conftest import TASK_ID, clean_environ, cli, task_env
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from reporter.journal import KIND_FINAL, KIND_INTERMEDIATE, iter_records
-from reporter.nni_trial import ResultRecord, nni_environment, parameter_record, result_records
+from reporter.nni_trial import (
+    ResultRecord,
+    nni_environment,
+    parameter_record,
+    result_records,
+)
 
 TRIAL = """
     import json, os, sys
@@ -71,13 +76,15 @@ def test_numpy_and_torch_scalars_are_numbers():
     assert result_records("FINAL", 0, np.array([1.0, 2.0]))[0] == []
 
 
-@settings(max_examples=300, deadline=None)
+@settings(max_examples=200, deadline=None)
 @given(
     st.one_of(st.sampled_from(["PERIODICAL", "FINAL"]), st.text(max_size=5), st.none(), st.integers()),
     st.one_of(st.integers(), st.none(), st.floats(), st.text(max_size=3)),
     st.recursive(
         st.one_of(st.none(), st.booleans(), st.integers(), st.floats(), st.text(max_size=5), st.binary(max_size=5)),
-        lambda inner: st.one_of(st.lists(inner, max_size=3), st.dictionaries(st.one_of(st.text(max_size=8), st.integers()), inner, max_size=4)),
+        lambda inner: st.one_of(
+            st.lists(inner, max_size=3), st.dictionaries(st.one_of(st.text(max_size=8), st.integers()), inner, max_size=4)
+        ),
         max_leaves=12,
     ),
 )
