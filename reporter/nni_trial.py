@@ -56,6 +56,24 @@ def nni_environment(
     return env
 
 
+def nni_version_problem() -> Optional[str]:
+    """Why the NNI installed beside the wrapper cannot use the import channel (None when it can, or when
+    NNI is not installed here: the trial may run in another Python). Reads the package metadata only."""
+    try:
+        from importlib.metadata import PackageNotFoundError, version
+    except ImportError:  # pragma: no cover - Python < 3.8
+        return None
+    try:
+        text = version("nni")
+    except PackageNotFoundError:
+        return None
+    major = text.split(".", 1)[0]
+    if major.isdigit() and int(major) < 3:
+        return (f"nni {text} is installed, which has no import:// trial channel: the trial would run in NNI's "
+                "standalone mode and report nothing; install nni>=3.0")
+    return None
+
+
 def parameter_record(text: Optional[str]) -> Tuple[Dict[str, Any], Optional[str]]:
     """NNI's parameter record for the hyper-parameters JSON the wrapper passed, and a problem (or None).
     Missing or unreadable parameters give ``{}``, as NNI's standalone mode does."""

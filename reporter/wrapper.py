@@ -74,7 +74,7 @@ from .journal import (
     count_pending,
 )
 from .log import Progress, get_logger, say_offline, warn_pending
-from .nni_trial import nni_enabled, nni_environment
+from .nni_trial import nni_enabled, nni_environment, nni_version_problem
 from .params import artifact_paths, parse_params, render_params
 from .runinfo import read_run
 from .tbevents import EventFileTailer, tensorboard_directory
@@ -242,6 +242,9 @@ def child_environment(env: Mapping[str, str], config: Config, options: RunOption
         ENV_SUPERVISOR_PID: str(os.getpid()),
     }
     if options.nni:  # an unchanged NNI trial talks to reporter.nni_channel
+        problem = nni_version_problem()
+        if problem:
+            get_logger().warning("%s", problem)
         added.update(nni_environment(options.params, task_id=config.task_id, experiment_id=env.get(ENV_EXPERIMENT_ID), output_dir=options.output_dir))
     child = {**env, **added}
     if options.isolate_secret:

@@ -15,6 +15,7 @@ from reporter.journal import KIND_FINAL, KIND_INTERMEDIATE, iter_records
 from reporter.nni_trial import (
     ResultRecord,
     nni_environment,
+    nni_version_problem,
     parameter_record,
     result_records,
 )
@@ -119,6 +120,20 @@ def test_the_environment_names_the_channel_and_the_ids():
     assert env["NNI_TRIAL_COMMAND_CHANNEL"] == "import://reporter.nni_channel.AnyLearnTrialChannel"
     assert env["NNI_TRIAL_JOB_ID"] == "TRAIx" and env["NNI_EXP_ID"] == "STANDALONE" and env["NNI_OUTPUT_DIR"] == "/out"
     assert json.loads(env["ANYLEARN_NNI_PARAMETERS"]) == {"lr": 0.1} and "NNI_PLATFORM" not in env
+
+
+@pytest.mark.parametrize("installed, told", [("2.10", True), ("3.0", False), ("3.1rc1", False), (None, False)])
+def test_an_nni_without_the_import_channel_is_named(monkeypatch, installed, told):
+    import importlib.metadata
+
+    def version(name):
+        if installed is None:
+            raise importlib.metadata.PackageNotFoundError(name)
+        return installed
+
+    monkeypatch.setattr(importlib.metadata, "version", version)
+    problem = nni_version_problem()
+    assert (problem is not None) == told and (not told or "install nni>=3.0" in problem)
 
 
 def test_the_channel_gives_the_parameters_once_and_journals_through_the_api(monkeypatch, tmp_path):
