@@ -301,6 +301,18 @@ def test_files_created_later_and_in_sub_directories_are_followed_by_the_thread(t
     assert journal(tmp_path / "run") == [("loss", 1.0, 0), ("train/loss", 2.0, 1)]
 
 
+def test_a_record_too_long_to_hold_a_scalar_is_skipped_unread(tmp_path):
+    graph = frame_record(key(1, 1) + struct.pack("<d", 1.0) + ld(4, b"g" * (1 << 20) + b"raph"))  # a 1 MiB graph_def
+    path = tmp_path / "tb" / "events.out.tfevents.11.host"
+    write(path, scalar_file([(0, 1.0)]) + graph[: 1 << 19])
+    reader = tailer(tmp_path)
+    assert reader.poll_once() == 1
+    write(path, graph[1 << 19:] + frame_record(event(1, simple_value("loss", 2.0))))
+    assert reader.poll_once() == 1
+    reader.stop()
+    assert journal(tmp_path / "run") == [("loss", 1.0, 0), ("loss", 2.0, 1)] and reader.corrupt_records == 0
+
+
 def test_wall_time_of_the_event_is_the_records_time(tmp_path):
     write(tmp_path / "tb" / "events.out.tfevents.9.host", frame_record(event(1, simple_value("x", 1.0), wall_time=1234567890.25)))
     reader = tailer(tmp_path)
