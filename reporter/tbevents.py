@@ -23,8 +23,8 @@ import threading
 from dataclasses import dataclass, field
 from typing import Any, Dict, Iterator, List, Optional, Tuple
 
-from .config import TENSORBOARD_LOCK_FILE, TENSORBOARD_POSITION_FILE
-from .journal import KIND_INTERMEDIATE, DeliverLock, atomic_write, read_json
+from .config import JOURNAL_FILE, TENSORBOARD_LOCK_FILE, TENSORBOARD_POSITION_FILE
+from .journal import KIND_INTERMEDIATE, DeliverLock, JournalReader, atomic_write, read_json
 from .log import get_logger
 
 EVENT_FILE_PREFIX = "events.out.tfevents."
@@ -469,7 +469,9 @@ class EventFileTailer:
         self.on_journalled = on_journalled  # e.g. the deliverer's wake
         self.position_path = os.path.join(run_dir, TENSORBOARD_POSITION_FILE)
         self.scalars_journalled = 0
+        self.duplicates_skipped = 0  # scalars a killed predecessor had journalled without saving its position
         self.files: Dict[str, _FileState] = {}
+        self._already_journalled: Dict[Tuple[Any, Any, Any], int] = {}
         self._lock = DeliverLock(run_dir, TENSORBOARD_LOCK_FILE)
         self._loaded = False
         self._stop = threading.Event()
@@ -506,6 +508,7 @@ class EventFileTailer:
         saved = read_json(self.position_path)
         files = saved.get("files") if isinstance(saved, dict) else None
         self.files = {}
+        self._already_journalled = self._journalled_after_last_save(saved.get("journal") if isinstance(saved, dict) else None)
         if isinstance(files, dict):
             for rel, entry in files.items():
                 if not isinstance(rel, str) or not isinstance(entry, dict):
@@ -522,8 +525,39 @@ class EventFileTailer:
                 self.files[rel] = state
         self._loaded = True
 
+    def _journalled_after_last_save(self, mark: Any) -> Dict[Tuple[Any, Any, Any], int]:
+        """What the previous reader journalled after its last save of the positions: a reader killed
+        between journalling a batch and saving where it was left those records; its successor reads the
+        batch again and must not journal it twice. They are the previous reader's records (its pid) after
+        the journal size it saved, identified by (name, step, wall time)."""
+        if not isinstance(mark, dict) or type(mark.get("pid")) is not int or type(mark.get("end")) is not int:
+            return {}
+        found: Dict[Tuple[Any, Any, Any], int] = {}
+        reader = JournalReader(self.run_dir, offset=max(0, mark["end"]))
+        try:
+            while True:
+                entries = reader.read_available()
+                if not entries:
+                    break
+                for entry in entries:
+                    record = entry.record
+                    if record is not None and record.get("pid") == mark["pid"] and record.get("kind") == KIND_INTERMEDIATE:
+                        signature = (record.get("name"), record.get("step"), record.get("ts"))
+                        found[signature] = found.get(signature, 0) + 1
+        finally:
+            reader.close()
+        return found
+
     def _save_positions(self) -> None:
-        data = {"directory": self.directory, "files": {rel: s.as_json() for rel, s in sorted(self.files.items())}}
+        try:
+            journal_end = os.path.getsize(os.path.join(self.run_dir, JOURNAL_FILE))
+        except OSError:
+            journal_end = 0
+        data = {
+            "directory": self.directory,
+            "journal": {"pid": os.getpid(), "end": journal_end},  # everything this reader journalled is before "end"
+            "files": {rel: s.as_json() for rel, s in sorted(self.files.items())},
+        }
         try:
             atomic_write(self.position_path, (json.dumps(data, indent=1) + "\n").encode(), fsync=False)
         except OSError as exc:
@@ -565,6 +599,7 @@ class EventFileTailer:
                 changed = changed or moved
             if changed:
                 self._save_positions()
+            self._already_journalled = {}  # the first pass after taking the role has read past them
             if journalled and self.on_journalled is not None:
                 self.on_journalled()
             return journalled
@@ -600,8 +635,7 @@ class EventFileTailer:
                     return journalled, True
                 for payload in result.payloads:
                     for scalar in parse_event(payload) or ():
-                        self._journal(scalar)
-                        journalled += 1
+                        journalled += self._journal(scalar)
                 if result.corrupt:
                     get_logger().warning(
                         "skipped %d damaged record(s) (CRC mismatch) in %s near byte %d",
@@ -622,11 +656,18 @@ class EventFileTailer:
             os.close(fd)
         return journalled, moved
 
-    def _journal(self, scalar: Scalar) -> None:
+    def _journal(self, scalar: Scalar) -> bool:
         name = None if scalar.tag == self.objective_tag else scalar.tag
         wall_time = scalar.wall_time if math.isfinite(scalar.wall_time) and scalar.wall_time > 0 else None
+        if self._already_journalled:
+            signature = (name, scalar.step, wall_time)
+            if self._already_journalled.get(signature):
+                self._already_journalled[signature] -= 1
+                self.duplicates_skipped += 1
+                return False
         self.writer.append(KIND_INTERMEDIATE, scalar.value, name, scalar.step, ts=wall_time)
         self.scalars_journalled += 1
+        return True
 
     # -- the thread --
 

@@ -275,6 +275,25 @@ def test_a_restarted_reader_goes_on_where_it_left_off(tmp_path):
     assert journal(tmp_path / "run") == [(None, step / 10, step) for step in range(6)]  # the objective: name None
 
 
+def test_a_reader_killed_before_saving_its_position_is_not_repeated_by_its_successor(tmp_path):
+    path = tmp_path / "tb" / "events.out.tfevents.12.host"
+    write(path, scalar_file([(0, 1.0)]))
+    first = tailer(tmp_path)
+    assert first.poll_once() == 1
+    saved = (tmp_path / "run" / "tensorboard.json").read_bytes()
+    write(path, frame_record(event(1, simple_value("loss", 2.0))) + frame_record(event(2, simple_value("loss", 3.0))))
+    assert first.poll_once() == 2
+    first._lock.release()  # killed here: the batch is journalled, the position saved before it is on disk
+    (tmp_path / "run" / "tensorboard.json").write_bytes(saved)
+    foreign = {"kind": "intermediate", "value": 4.0, "name": "loss", "step": 3, "ts": 1700000000.5, "rank": 0, "pid": 1, "key": "k-1"}
+    write(tmp_path / "run" / "metrics.jsonl", (json.dumps(foreign) + "\n").encode())  # the same scalar from another process
+    write(path, frame_record(event(3, simple_value("loss", 4.0))))
+    second = tailer(tmp_path)
+    assert second.poll_once() == 1 and second.duplicates_skipped == 2
+    second.stop()
+    assert [step for name, _, step in journal(tmp_path / "run")] == [0, 1, 2, 3, 3]  # 1 and 2 once; 3 is not the reader's
+
+
 def test_one_reader_per_run_and_the_other_takes_over_when_it_stops(tmp_path):
     path = tmp_path / "tb" / "events.out.tfevents.6.host"
     write(path, scalar_file([(0, 1.0)]))
