@@ -415,3 +415,39 @@ def test_the_sidecar_reads_the_event_files_until_the_run_ends(server, tmp_path):
             sidecar.wait()
     (task,) = server.backend.tasks()
     assert task["intermediate_metrics"] == [0.0, 0.25, 0.5, 0.75]
+
+
+def test_a_wrapper_and_a_sidecar_on_one_run_never_both_read_the_files(server, tmp_path):
+    run_dir = tmp_path / "run"
+    data = scalar_file([(step, step / 8) for step in range(8)], tag="acc")
+    (tmp_path / "events.bin").write_bytes(data)
+    script = tmp_path / "train.py"
+    script.write_text(textwrap.dedent("""
+        import os, time
+        data = open("events.bin", "rb").read()
+        os.makedirs("output/tb", exist_ok=True)
+        with open("output/tb/events.out.tfevents.13.host", "ab") as f:
+            for start in range(0, len(data), 97):  # pieces that cut records anywhere
+                f.write(data[start:start + 97])
+                f.flush()
+                time.sleep(0.01)
+    """))
+    sidecar_env = task_env(server.base_url, str(run_dir), ANYLEARN_TENSORBOARD_DIR="tb", ANYLEARN_TENSORBOARD_TAG="acc")
+    sidecar = subprocess.Popen([sys.executable, "-m", "reporter", "sidecar", "--heartbeat", "60", "--interval", "60"],
+                               env=sidecar_env, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        wait_until(lambda: (run_dir / "deliver.lock").exists(), 20, what="the sidecar's start")
+        # the training container: the same run directory, no key (offline: it journals, the sidecar delivers)
+        wrapper_env = task_env("", str(run_dir), ANYLEARN_SECRET_KEY="", ANYLEARN_BACKEND_URL="")
+        done = cli("run", "--tensorboard-dir", "tb", "--tensorboard-tag", "acc", "--", sys.executable, str(script),
+                   env=wrapper_env, cwd=tmp_path, timeout_s=60)
+        assert done.returncode == 0, done.stderr
+        assert sidecar.wait(30) == 0
+    finally:
+        if sidecar.poll() is None:
+            sidecar.kill()
+            sidecar.wait()
+    (task,) = server.backend.tasks()
+    assert task["intermediate_metrics"] == [step / 8 for step in range(8)]  # each once, whoever read it
+    assert [step for _, _, step in journal(run_dir)] == list(range(8))
+
