@@ -30,6 +30,7 @@ from .config import (
     ENV_ARTIFACT_IDS,
     ENV_DRAIN_TIMEOUT,
     ENV_ENTRYPOINT,
+    ENV_EXPERIMENT_ID,
     ENV_GRACE_PERIOD,
     ENV_MASTER_ADDR,
     ENV_MASTER_PORT,
@@ -45,6 +46,8 @@ from .config import (
     ENV_SECRET_KEY_PLATFORM,
     ENV_SUPERVISOR_PID,
     ENV_TASK_OUTPUT_PATH,
+    ENV_TENSORBOARD_DIR,
+    ENV_TENSORBOARD_TAG,
     ENV_TRAIN_PARAMS,
     ENV_TRAIN_PARAMS_DELIMITER,
     ENV_TRAIN_PARAMS_DELIMITER_ANYLEARN,
@@ -75,6 +78,7 @@ from .journal import (
     count_pending,
 )
 from .log import Progress, get_logger, say_offline, warn_pending
+from .nni_trial import nni_enabled, nni_environment, nni_version_problem
 from .params import artifact_paths, parse_params, render_params
 from .reaper import (
     become_subreaper,
@@ -84,6 +88,7 @@ from .reaper import (
     stop_leftovers,
 )
 from .runinfo import read_run
+from .tbevents import EventFileTailer, tensorboard_directory
 
 FORWARDED_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
 STDERR_TAIL_LINES = 50
@@ -114,6 +119,11 @@ class RunOptions:
     master_port: Optional[str] = None
     isolate_secret: bool = False
     dry_run: bool = False
+    # metric sources (reporter/nni_trial.py, reporter/tbevents.py)
+    params: Dict[str, Any] = field(default_factory=dict)
+    nni: bool = False
+    tensorboard_dir: Optional[str] = None
+    tensorboard_tag: Optional[str] = None
 
     @property
     def distributed(self) -> bool:
@@ -198,6 +208,11 @@ def options_from(args: Any, env: Mapping[str, str]) -> RunOptions:
         isolate_secret=bool(args.isolate_secret),
         dry_run=bool(args.dry_run),
     )
+    # metric sources: an NNI trial's channel, TensorBoard event files
+    options.params = params
+    options.nni = nni_enabled(bool(getattr(args, "nni", False)), env)
+    options.tensorboard_dir = tensorboard_directory(option_or_env(getattr(args, "tensorboard_dir", None), env, ENV_TENSORBOARD_DIR), options.output_dir)
+    options.tensorboard_tag = option_or_env(getattr(args, "tensorboard_tag", None), env, ENV_TENSORBOARD_TAG)
     if options.node_rank >= options.nnodes:
         raise ConfigError(f"the node rank {options.node_rank} must be below the number of nodes {options.nnodes}")
     if options.distributed and importlib.util.find_spec("torch") is None:
@@ -238,6 +253,11 @@ def child_environment(env: Mapping[str, str], config: Config, options: RunOption
         "PYTHONUNBUFFERED": "1",
         ENV_SUPERVISOR_PID: str(os.getpid()),
     }
+    if options.nni:  # an unchanged NNI trial talks to reporter.nni_channel
+        problem = nni_version_problem()
+        if problem:
+            get_logger().warning("%s", problem)
+        added.update(nni_environment(options.params, task_id=config.task_id, experiment_id=env.get(ENV_EXPERIMENT_ID), output_dir=options.output_dir))
     child = {**env, **added}
     if options.isolate_secret:
         child.pop(ENV_SECRET_KEY, None)
@@ -615,6 +635,7 @@ class Supervisor:
         self.orphans_reaped = 0
         self._children_before: set = set()
         self._reap_warned = False
+        self.tensorboard: Optional[EventFileTailer] = None
 
     # -- steps --
 
@@ -751,6 +772,9 @@ class Supervisor:
         started = time.time()
         child_env = self.prepare()
         self.start_delivery()
+        if self.options.tensorboard_dir:  # TensorBoard event files -> journal, until the command ends
+            self.tensorboard = EventFileTailer(self.options.tensorboard_dir, self.run_dir, self.writer, objective_tag=self.options.tensorboard_tag,
+                                               on_journalled=self.deliverer.wake if self.deliverer is not None else None).start()
         previous = {sig: signal.signal(sig, self._handle_signal) for sig in FORWARDED_SIGNALS}
         try:
             self.log.info("running %s", " ".join(shlex.quote(a) for a in self._redacted(self.argv)))
@@ -773,6 +797,8 @@ class Supervisor:
                 self.stop_leftovers()
                 for pump in self.pumps:
                     pump.join(5)  # a process outside the group that keeps the pipe open must not hold the run
+            if self.tensorboard is not None:
+                self.tensorboard.stop()  # reads what the command flushed last, before the final state
             self.writer.append(KIND_STATE, outcome.state, None, None)
             pending = self.drain()
         finally:
@@ -852,6 +878,9 @@ def dry_run(config: Config, options: RunOptions, env: Mapping[str, str]) -> int:
     argv = [a.replace(key, "***") if key else a for a in build_argv(options)]
     print(json.dumps(argv))
     print(json.dumps(shown, indent=2))
+    if options.tensorboard_dir:
+        tag = f", objective tag {options.tensorboard_tag!r}" if options.tensorboard_tag else ", no objective tag: scalars are journalled, none sent"
+        get_logger().info("would follow TensorBoard event files under %s%s", options.tensorboard_dir, tag)
     return 0
 
 
