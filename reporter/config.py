@@ -65,6 +65,7 @@ DEFAULT_REPORTER_DIR = "anylearn-runs"
 DEFAULT_OBJECTIVE_METRIC = "metric"
 DEFAULT_FLUSH_TIMEOUT_S = 10.0
 DEFAULT_REQUEST_TIMEOUT_S = 30.0  # the total deadline of one HTTP request
+BURST_GAP_S = 0.002  # reports closer together than this are a burst: in-process delivery holds back
 DEFAULT_OUTPUT_DIR = "output"
 DEFAULT_GRACE_PERIOD_S = 30.0
 DEFAULT_DRAIN_TIMEOUT_S = 60.0

@@ -666,14 +666,12 @@ class Supervisor:
         from .deliver import build_deliverer
 
         self.deliverer = build_deliverer(self.config, run_dir=self.run_dir).start()
-        self.deliverer.first_lock_attempt.wait(5)
+        self.deliverer.wait_for_lock(5)
 
     def _on_line(self, line: bytes) -> None:
         metric = self.parser.parse(line)
         if metric is not None:
             self.writer.append(metric.kind, metric.value, metric.name, metric.step)
-            if self.deliverer is not None:
-                self.deliverer.wake()
 
     def _handle_signal(self, signum: int, _frame: Any) -> None:
         if self.stop_signal is None:
@@ -758,7 +756,7 @@ class Supervisor:
         """Deliver what is pending for up to the drain timeout; returns how many records stay pending."""
         if self.deliverer is None:
             return count_pending(self.run_dir)
-        total = self.deliverer.pending()
+        total = count_pending(self.run_dir)
         progress = Progress(self.run_dir, total)
         try:
             self.deliverer.drain(self.options.drain_timeout_s, lambda pending, _: progress.update(total - pending))
@@ -773,8 +771,8 @@ class Supervisor:
         child_env = self.prepare()
         self.start_delivery()
         if self.options.tensorboard_dir:  # TensorBoard event files -> journal, until the command ends
-            self.tensorboard = EventFileTailer(self.options.tensorboard_dir, self.run_dir, self.writer, objective_tag=self.options.tensorboard_tag,
-                                               on_journalled=self.deliverer.wake if self.deliverer is not None else None).start()
+            self.tensorboard = EventFileTailer(self.options.tensorboard_dir, self.run_dir, self.writer,
+                                               objective_tag=self.options.tensorboard_tag).start()  # its journal write wakes delivery
         previous = {sig: signal.signal(sig, self._handle_signal) for sig in FORWARDED_SIGNALS}
         try:
             self.log.info("running %s", " ".join(shlex.quote(a) for a in self._redacted(self.argv)))

@@ -1,17 +1,14 @@
-"""The delivery engine against the real local backend on loopback (and requests-mock where a backend
+"""The delivery engine against the real local backend on loopback (and a scripted client where a backend
 without an endpoint is needed)."""
 
 import json
 import os
-from urllib.parse import parse_qs
 
-import requests
-import requests_mock
 from conftest import SECRET_KEY, TASK_ID, wait_until
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from reporter.client import BackendClient
+from reporter.client import BackendClient, Outcome, SendResult, TransientError
 from reporter.config import Secret
 from reporter.deliver import Deliverer, DeliveryOptions
 from reporter.devserver import Faults
@@ -133,19 +130,23 @@ def test_permanent_rejection_goes_to_rejected_jsonl_and_delivery_goes_on(server,
     assert intermediate_values(server) == [1.5]
 
 
-def test_backend_without_state_endpoint_turns_state_reporting_off(tmp_path, requests_mock, capsys):
-    base = "http://no-state.test/api"
-    requests_mock.post(f"{base}/train_task/state", status_code=404, text="no")
-    metric = requests_mock.post(f"{base}/train_task/intermediate_metric", json={"msg": "ok"})
-    writer = JournalWriter(str(tmp_path))
-    writer.append("state", 1, None, None)
-    writer.append("intermediate", 1.0, None, None)
-    writer.append("state", 2, None, None)
-    deliverer = make_deliverer(tmp_path, base).start()
-    assert deliverer.flush(10)
-    deliverer.close(5)
-    assert metric.call_count == 1
-    assert [r.url.endswith("/state") for r in requests_mock.request_history].count(True) == 1  # asked once
+def test_backend_without_state_endpoint_turns_state_reporting_off(tmp_path, capsys):
+    from httpfakes import FakeServer
+
+    server = FakeServer(by_path={"train_task/state": (404, {}, b"no")}).start()
+    try:
+        writer = JournalWriter(str(tmp_path))
+        writer.append("state", 1, None, None)
+        writer.append("intermediate", 1.0, None, None)
+        writer.append("state", 2, None, None)
+        deliverer = make_deliverer(tmp_path, server.base_url).start()
+        assert deliverer.flush(10)
+        deliverer.close(5)
+    finally:
+        server.stop()
+    paths = [path for _, path, _, _ in server.requests]
+    assert paths.count("/api/train_task/intermediate_metric") == 1
+    assert paths.count("/api/train_task/state") == 1  # asked once
     assert capsys.readouterr().err.count("state reporting is off") == 1
     assert deliverer.skipped == {"state reporting is off": 2}
 
@@ -168,10 +169,9 @@ def test_a_second_deliverer_waits_for_the_lock_then_takes_over(server, tmp_path)
     first = make_deliverer(tmp_path, server.base_url).start()
     assert first.flush(10)
     second = make_deliverer(tmp_path, server.base_url).start()
-    second.first_lock_attempt.wait(5)
-    assert not second.holding.is_set()
+    assert not second.wait_for_lock(5)
     first.close(5)
-    wait_until(second.holding.is_set, 10, what="the second deliverer to take the lock")
+    wait_until(lambda: second.wait_for_lock(0), 10, what="the second deliverer to take the lock")
     journal(tmp_path, [2.0])
     assert second.flush(10)
     second.close(5)
@@ -201,25 +201,29 @@ def test_any_sequence_of_transient_failures_delivers_each_record_once_in_order(t
     plan = list(failures)
     accepted = []
 
-    def answer(request, context):
-        outcome = plan.pop(0) if plan else "ok"
-        if outcome == "connection":
-            raise requests.ConnectionError("refused")
-        if outcome == "not-json":
-            return "<html>proxy</html>"
-        if outcome != "ok":
-            context.status_code = int(outcome)
-            return '{"msg": "later"}'
-        accepted.append(float(parse_qs(request.text)["metric"][0]))
-        return '{"msg": "ok"}'
+    class ScriptedClient:
+        """A client without HTTP that answers as the plan says (the wire is tested in test_client.py)."""
 
-    base = "http://prop.test/api"
-    with requests_mock.Mocker() as mock:
-        mock.post(f"{base}/train_task/intermediate_metric", text=answer)
-        deliverer = Deliverer(str(run_dir), BackendClient(base, TASK_ID, Secret(SECRET_KEY)), FAST, retry_sleep=lambda s: None)
-        deliverer.start()
-        assert deliverer.flush(20)
-        deliverer.close(5)
+        task_id, base_url = TASK_ID, "http://scripted.invalid/api"
+
+        def send(self, record, timeout_s=None):
+            outcome = plan.pop(0) if plan else "ok"
+            if outcome == "connection":
+                raise TransientError("cannot connect")
+            if outcome == "not-json":
+                raise TransientError("HTTP 200 with an answer that is not a JSON object", status=200)
+            if outcome != "ok":
+                raise TransientError(f"HTTP {outcome}", status=int(outcome))
+            accepted.append(record["value"])
+            return SendResult(Outcome.DELIVERED, 200)
+
+        def close(self):
+            pass
+
+    deliverer = Deliverer(str(run_dir), ScriptedClient(), FAST, retry_sleep=lambda s: None)
+    deliverer.start()
+    assert deliverer.flush(20)
+    deliverer.close(5)
     assert accepted == [float(i) for i in range(count)]
     assert load_cursor(str(run_dir)) == os.path.getsize(run_dir / "metrics.jsonl")
 
