@@ -200,7 +200,7 @@ def main() -> None:
         "| drain to `serve` on loopback | records/s | share of floor |",
         "| --- | ---: | ---: |",
         f"| floor: bare http.client keep-alive loop | {floor_rate:,.0f} | 100% |",
-        f"| Deliverer (requests, retries, cursor per record) | {rate:,.0f} | {rate / floor_rate:.0%} |",
+        f"| Deliverer (http.client, retries, grouped acknowledgement) | {rate:,.0f} | {rate / floor_rate:.0%} |",
     ]
     table = "\n".join(lines)
     print(table)

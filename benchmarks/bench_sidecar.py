@@ -2,8 +2,8 @@
 
     python benchmarks/bench_sidecar.py [--seconds 60] [--write docs/benchmarks.md]
 
-Beside it, measured in the same run, a floor: a bare Python interpreter that imports the same runtime
-dependencies (requests, tenacity, psutil) and sleeps, which no Python sidecar can go below.
+Beside it, measured in the same run, a floor: a bare Python interpreter that imports what the sidecar
+needs at rest (http.client, psutil) and sleeps, which no Python sidecar can go below.
 Targets: RSS <= 40 MB, idle CPU <= 1% of a core.
 """
 
@@ -22,7 +22,7 @@ import psutil
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from bench_core import KEY, TASK_ID, Serve, machine, write_section  # noqa: E402
 
-FLOOR = "import requests, tenacity, psutil, time\nwhile True: time.sleep(3600)"
+FLOOR = "import http.client, psutil, time\nwhile True: time.sleep(3600)"
 
 
 def measure(proc: subprocess.Popen, seconds: float) -> Tuple[float, float]:
@@ -60,7 +60,7 @@ def main() -> None:
             with concurrent.futures.ThreadPoolExecutor(2) as pool:
                 floor_result = pool.submit(measure, floor, args.seconds)
                 sidecar_result = pool.submit(measure, sidecar, args.seconds)
-                results["floor: python importing requests, tenacity, psutil, asleep"] = floor_result.result()
+                results["floor: python importing http.client, psutil, asleep"] = floor_result.result()
                 results["anylearn-reporter sidecar, idle (10 s samples, 30 s heartbeat)"] = sidecar_result.result()
         finally:
             for proc in (floor, sidecar):

@@ -43,6 +43,7 @@ INITIAL_BACKOFF_S = 0.5
 MAX_BACKOFF_S = 30.0
 MAX_RETRY_AFTER_S = 3600.0
 MAX_ANSWER_BYTES = 1 << 20  # an answer body longer than this is cut (and its connection not reused)
+IDLE_CHECK_S = 1.0  # a keep-alive connection idle this long is checked before reuse
 
 
 class Outcome(enum.Enum):
@@ -303,6 +304,36 @@ class _Watchdog:
         self._closed.set()
 
 
+class _OneSend:
+    """``http.client`` sends a request's head and body in two ``send`` calls, so two packets and two reads
+    by the server; this collects both and sends them at once (``send`` is the public hook for it)."""
+
+    _held: Optional[List[bytes]] = None
+
+    def send(self, data: Any) -> None:
+        if self._held is not None and isinstance(data, bytes):
+            self._held.append(data)
+        else:
+            super().send(data)  # type: ignore[misc]
+
+    def request_in_one_send(self, method: str, url: str, body: Optional[bytes], headers: Dict[str, str]) -> None:
+        self._held = []
+        try:
+            self.request(method, url, body=body, headers=headers)  # type: ignore[attr-defined]
+            data = b"".join(self._held)
+        finally:
+            self._held = None
+        self.send(data)
+
+
+class _HTTPConnection(_OneSend, http.client.HTTPConnection):
+    pass
+
+
+class _HTTPSConnection(_OneSend, http.client.HTTPSConnection):
+    pass
+
+
 class _Connection:
     """One keep-alive connection to the backend, direct or through an HTTP proxy (CONNECT for https)."""
 
@@ -325,7 +356,9 @@ class _Connection:
 
                 token = base64.b64encode(f"{unquote(proxy.username)}:{unquote(proxy.password or '')}".encode()).decode()
                 self.proxy_headers["Proxy-Authorization"] = f"Basic {token}"
-        self.conn: Optional[http.client.HTTPConnection] = None
+        self.conn: Optional[_HTTPConnection] = None
+        self.reused = False  # the current request went out on a connection that had served one before
+        self.last_used = 0.0
 
     def target(self, endpoint: str, query: str) -> str:
         path = f"{self.path}/{endpoint}" + (f"?{query}" if query else "")
@@ -337,19 +370,26 @@ class _Connection:
         conn = self.conn
         return None if conn is None else conn.sock
 
-    def open(self, connect_timeout_s: float, read_timeout_s: float) -> http.client.HTTPConnection:
-        """The live connection, (re)connected when there is none or the server closed it."""
+    def open(self, connect_timeout_s: float, read_timeout_s: float) -> Any:
+        """The live connection, (re)connected when there is none or the server closed it while idle.
+
+        The look at an idle connection (a ``poll``) is made after ``IDLE_CHECK_S`` only: a system call
+        less per request in a busy stream. A connection the server closed sooner fails at once and is
+        replaced (see :meth:`BackendClient.request`)."""
         conn = self.conn
-        if conn is not None and conn.sock is not None and not _dropped(conn.sock):
-            return conn
+        if conn is not None and conn.sock is not None:
+            self.reused = True
+            if time.monotonic() - self.last_used < IDLE_CHECK_S or not _dropped(conn.sock):
+                return conn
+        self.reused = False
         self.close()
         host, port = self.proxy or (self.host, self.port)
         if self.scheme == "https":
-            conn = http.client.HTTPSConnection(host, port, timeout=connect_timeout_s, context=_tls_context(self.settings.ca_bundle))
+            conn = _HTTPSConnection(host, port, timeout=connect_timeout_s, context=_tls_context(self.settings.ca_bundle))
             if self.proxy:
                 conn.set_tunnel(self.host, self.port, headers=self.proxy_headers)
         else:
-            conn = http.client.HTTPConnection(host, port, timeout=connect_timeout_s)
+            conn = _HTTPConnection(host, port, timeout=connect_timeout_s)
         self.conn = conn
         conn.connect()
         conn.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
@@ -442,8 +482,18 @@ class BackendClient:
         total = self.request_timeout_s if timeout_s is None else max(0.05, min(self.request_timeout_s, timeout_s))
         read_timeout = min(self.read_timeout_s, total)
         self._watchdog.arm(total)
+        connect_timeout = min(self.connect_timeout_s, read_timeout)
         try:
-            return self._exchange(method, endpoint, params, all_headers, body, min(self.connect_timeout_s, read_timeout), read_timeout)
+            try:
+                return self._exchange(method, endpoint, params, all_headers, body, connect_timeout, read_timeout)
+            except (http.client.RemoteDisconnected, ConnectionResetError, BrokenPipeError):
+                connection = self._connection
+                if connection is None or not connection.reused or self._watchdog.fired:
+                    raise
+                # The server had closed the kept-alive connection: once more on a new one (the
+                # Idempotency-Key makes a repeat harmless).
+                self._drop_connection()
+                return self._exchange(method, endpoint, params, all_headers, body, connect_timeout, read_timeout)
         except TransientError:
             self._drop_connection()
             raise
@@ -463,13 +513,14 @@ class BackendClient:
         if connection.proxy and connection.scheme == "http":
             headers.update(connection.proxy_headers)  # a plain proxy reads the request itself
         conn = connection.open(connect_timeout_s, read_timeout_s)
-        conn.request(method, connection.target(endpoint, urlencode(params) if params else ""), body=body, headers=headers)
+        conn.request_in_one_send(method, connection.target(endpoint, urlencode(params) if params else ""), body, headers)
         response = conn.getresponse()
         content = response.read(MAX_ANSWER_BYTES)
         if self._watchdog.fired:  # a socket shut down mid-answer can still parse as a (truncated) answer
             raise TransientError(f"no whole answer within the request deadline of {self.request_timeout_s:g} s")
         if response.will_close or not response.isclosed():
             connection.close()  # the server ends the connection, or the answer was longer than we read
+        connection.last_used = time.monotonic()
         return Answer(response.status, dict(response.getheaders()), content, response.reason)
 
     def _drop_connection(self) -> None:

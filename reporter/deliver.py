@@ -70,7 +70,7 @@ class DeliveryOptions:
         status_interval_s: float = 0.5,
         burst_gap_s: float = BURST_GAP_S,  # records journalled closer together than this are a burst
         max_defer_s: float = 0.1,  # the longest a busy host can hold back one request
-        defer_step_s: float = 0.005,  # the first look at whether the burst is over; later looks double it
+        burst_ack_interval_s: float = 1.0,  # while the host reports in a burst: the cursor's and status's pace
     ) -> None:
         self.objective_metric = objective_metric
         self.report_all_ranks = report_all_ranks
@@ -84,7 +84,7 @@ class DeliveryOptions:
         self.status_interval_s = status_interval_s
         self.burst_gap_s = burst_gap_s
         self.max_defer_s = max_defer_s
-        self.defer_step_s = defer_step_s
+        self.burst_ack_interval_s = burst_ack_interval_s
 
     def __repr__(self) -> str:
         return f"DeliveryOptions({', '.join(f'{k}={v!r}' for k, v in self.__dict__.items())})"
@@ -258,6 +258,7 @@ class Deliverer:
         self._last_status = 0.0
         self._retrying: Any = None
         self._previous_ts: Optional[float] = None
+        self._in_burst = False  # the last request was held back for a host reporting in a burst
         self._log = get_logger()
 
     # --- the door -----------------------------------------------------------------------------------
@@ -467,23 +468,19 @@ class Deliverer:
 
     def _defer_while_host_busy(self, record: Dict[str, Any]) -> None:
         """Training comes first: while the host process reports in a burst (records journalled closer
-        together than ``burst_gap_s``, and it is still at it), hold the next request back a little, at
-        most ``max_defer_s``, so this thread does not compete with the training thread for the
-        interpreter. A report on its own (the previous one well before it) goes at once, and gaps in a
-        burst get full delivery speed. The looks at the burst start at ``defer_step_s`` apart and double,
-        so a long burst costs a few wake-ups per request, not one every few milliseconds."""
+        together than ``burst_gap_s``, and it is still at it), hold the next request back ``max_defer_s``
+        so this thread does not compete with the training thread for the interpreter; one wait, so one
+        hand-over of the interpreter, per request. A report on its own (the previous one well before it)
+        goes at once, and a burst that has ended gets full delivery speed."""
         ts = record.get("ts")
         previous, self._previous_ts = self._previous_ts, ts if isinstance(ts, float) else None
+        self._in_burst = False
         if self._host_busy is None or previous is None or self._previous_ts is None:
             return
-        if self._previous_ts - previous >= self.options.burst_gap_s:
+        if self._previous_ts - previous >= self.options.burst_gap_s or not self._host_busy():
             return
-        waited, step = 0.0, self.options.defer_step_s
-        while waited < self.options.max_defer_s and self._host_busy() and not self._stop.is_set():
-            step = min(step, self.options.max_defer_s - waited)
-            self._stop.wait(step)
-            waited += step
-            step *= 2
+        self._in_burst = True
+        self._stop.wait(self.options.max_defer_s)
 
     def _send(self, record: Dict[str, Any]) -> SendResult:
         timeout_s = None if self._deadline is None else self._deadline - time.monotonic()
@@ -576,7 +573,10 @@ class Deliverer:
 
     def _acknowledge(self, offset: int) -> None:
         self._acked = offset
-        if time.monotonic() - self._last_ack_write >= self.options.ack_interval_s:
+        # Each file operation hands the interpreter back and forth with a training thread: while the
+        # host reports in a burst (a request every max_defer_s at most), the cursor goes at a slower pace.
+        interval = self.options.burst_ack_interval_s if self._in_burst else self.options.ack_interval_s
+        if time.monotonic() - self._last_ack_write >= interval:
             self._checkpoint()
         self._notify_progress()
 
@@ -585,9 +585,10 @@ class Deliverer:
             self._progress.notify_all()
 
     def _checkpoint(self, force: bool = False) -> None:
-        """Persist the cursor: replaced (an atomic rename) at most every ``ack_interval_s`` and whenever the
-        deliverer goes idle, pauses or stops, so a crash of this process resends at most that window's
-        records, with the same ``Idempotency-Key``s; fsynced at most once a ``cursor_fsync_interval_s``
+        """Persist the cursor: replaced (an atomic rename) at most every ``ack_interval_s`` (while the host
+        reports in a burst, ``burst_ack_interval_s``: a request every ``max_defer_s`` at most, so about ten
+        records) and whenever the deliverer goes idle, pauses or stops, so a crash of this process resends
+        at most that window's records, with the same ``Idempotency-Key``s; fsynced at most once a ``cursor_fsync_interval_s``
         and at idle and close, which bounds what a power loss can resend."""
         now = time.monotonic()
         fsync = force or now - self._last_fsync >= self.options.cursor_fsync_interval_s
@@ -598,7 +599,8 @@ class Deliverer:
                 self._last_ack_write = now
                 if fsync:
                     self._last_fsync = now
-            if force or now - self._last_status >= self.options.status_interval_s:
+            status_interval = self.options.burst_ack_interval_s if self._in_burst else self.options.status_interval_s
+            if force or now - self._last_status >= status_interval:
                 self._last_status = now
                 atomic_write_json(os.path.join(self.run_dir, STATUS_FILE), self.status())
         except OSError as exc:

@@ -27,6 +27,7 @@ class _Handler(BaseHTTPRequestHandler):
         body = self.rfile.read(length) if length else b""
         with fake.lock:
             fake.requests.append((self.command, self.path, dict(self.headers.items()), body))
+            fake.peers.append(self.client_address)
         status, headers, payload = fake.next_answer(self.path)
         self.send_response(status)
         for name, value in headers.items():
@@ -34,6 +35,8 @@ class _Handler(BaseHTTPRequestHandler):
         self.send_header("Content-Length", str(len(payload)))
         self.end_headers()
         self.wfile.write(payload)
+        if fake.close_after_answer:
+            self.close_connection = True  # without saying so: as a server closing an idle keep-alive connection
 
     do_GET = do_POST = _answer
 
@@ -47,10 +50,13 @@ class FakeServer:
     requests whose path ends with a key (e.g. ``"train_task/state"``) instead."""
 
     def __init__(self, status: int = 200, headers: Optional[Dict[str, str]] = None, body: bytes = b'{"msg": "ok"}', *,
-                 answers: Optional[List[Answer]] = None, by_path: Optional[Dict[str, Answer]] = None) -> None:
+                 answers: Optional[List[Answer]] = None, by_path: Optional[Dict[str, Answer]] = None,
+                 close_after_answer: bool = False) -> None:
         self.answers: List[Answer] = list(answers or [(status, dict(headers or {}), body)])
         self.by_path = dict(by_path or {})
         self.requests: List[Tuple[str, str, Dict[str, str], bytes]] = []
+        self.peers: List[Tuple[str, int]] = []  # the client's address of each request
+        self.close_after_answer = close_after_answer
         self.lock = threading.Lock()
         self._httpd = ThreadingHTTPServer(("127.0.0.1", 0), _Handler)
         self._httpd.daemon_threads = True

@@ -3,7 +3,9 @@ without an endpoint is needed)."""
 
 import json
 import os
+import threading
 
+import pytest
 from conftest import SECRET_KEY, TASK_ID, wait_until
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -244,3 +246,109 @@ def test_a_dribbling_backend_is_a_transient_failure_retried_with_backoff(tmp_pat
         dribbler.stop()
     status = json.loads((tmp_path / "status.json").read_text())
     assert status["failing_since"] and "deadline" in status["last_error"]
+
+
+# --- the door, the wake-up, grouped acknowledgement, the burst hold-back (issue 13) --------------------
+
+DOOR = {"start", "wait_for_lock", "flush", "drain", "close"}
+OBSERVATIONS = {"alive", "status", "run_dir", "client", "options", "delivered", "skipped", "delivered_now", "skipped_now",
+                "rejected_now", "paused_reason", "last_error", "last_error_ts", "last_delivery_ts", "started_ts", "state_reporting"}
+
+
+def test_hosts_get_a_narrow_door(tmp_path):
+    deliverer = make_deliverer(tmp_path, "http://127.0.0.1:9/api")
+    public = {name for name in dir(deliverer) if not name.startswith("_")}
+    assert public == DOOR | OBSERVATIONS
+    for name in OBSERVATIONS - {"status"}:  # everything else only tells what happened
+        assert not callable(getattr(deliverer, name)) or name in ("client", "options")
+
+
+def test_the_journal_write_itself_wakes_an_idle_deliverer(server, tmp_path):
+    slow_poll = DeliveryOptions(poll_interval_s=60, watch_interval_s=60, lock_poll_interval_s=0.05)
+    journal(tmp_path, [1.0])
+    deliverer = make_deliverer(tmp_path, server.base_url, options=slow_poll).start()
+    assert deliverer.flush(10)
+    wait_until(lambda: load_cursor(str(tmp_path)) == os.path.getsize(tmp_path / "metrics.jsonl"), 10,
+               what="the cursor saved when the deliverer went idle")
+    journal(tmp_path, [2.0])  # the deliverer is blocked on its wake-up now; only the write can wake it
+    wait_until(lambda: intermediate_values(server) == [1.0, 2.0], 20, what="delivery without waiting for a poll")
+    deliverer.close(5)
+
+
+def test_without_inotify_the_deliverer_polls(server, tmp_path, monkeypatch):
+    from reporter import deliver
+
+    monkeypatch.setattr(deliver, "_inotify", False)
+    journal(tmp_path, [1.0])
+    deliverer = make_deliverer(tmp_path, server.base_url).start()
+    assert deliverer.flush(10)
+    journal(tmp_path, [2.0])
+    assert deliverer.flush(10)
+    deliverer.close(5)
+    assert intermediate_values(server) == [1.0, 2.0]
+
+
+def test_a_watch_made_before_the_journal_exists_follows_it_once_created(tmp_path):
+    from reporter.deliver import JournalWatch
+
+    watch = JournalWatch(str(tmp_path), poll_interval_s=60, watch_interval_s=60)
+    if not watch.uses_inotify:
+        watch.close()
+        pytest.skip("no inotify on this system: the deliverer polls (tested above)")
+    woken = []
+
+    def waiter():
+        for _ in range(2):
+            watch.wait()  # first woken by the journal's creation, then by a write to the file itself
+            woken.append(1)
+
+    threading.Thread(target=waiter, daemon=True).start()
+
+    def write_and_look():
+        journal(tmp_path, [1.0])
+        return len(woken) == 2
+
+    wait_until(write_and_look, 20, interval_s=0.2, what="two wake-ups")
+    watch.close()
+
+
+def test_the_cursor_is_saved_in_groups_yet_complete_at_idle_and_close(server, tmp_path, monkeypatch):
+    from reporter import deliver
+
+    saves = []
+    real = deliver.save_cursor
+    monkeypatch.setattr(deliver, "save_cursor", lambda run_dir, offset, fsync=True: (saves.append(offset), real(run_dir, offset, fsync=fsync)))
+    journal(tmp_path, [float(i) for i in range(200)])
+    grouped = DeliveryOptions(poll_interval_s=0.05, lock_poll_interval_s=0.05, ack_interval_s=3600)
+    deliverer = make_deliverer(tmp_path, server.base_url, options=grouped).start()
+    assert deliverer.flush(30)
+    deliverer.close(5)
+    assert len(saves) < 10  # not one rename per record
+    assert load_cursor(str(tmp_path)) == os.path.getsize(tmp_path / "metrics.jsonl")
+    assert intermediate_values(server) == [float(i) for i in range(200)]
+
+
+def test_only_records_journalled_in_a_burst_are_held_back(server, tmp_path):
+    asked = []
+
+    def host_busy():
+        asked.append(1)
+        return True  # the host says it is reporting: a burst would be held back the full max_defer
+
+    def line(value, ts):
+        return (f'{{"kind":"intermediate","value":{value!r},"name":null,"step":null,"ts":{ts!r},"rank":0,"pid":1,'
+                f'"key":"k-{value}"}}\n')
+
+    # two records 10 ms apart (not a burst: BURST_GAP_S is 2 ms), then five 0.5 ms apart (a burst)
+    stamps = [1000.0, 1000.01] + [1000.02 + 0.0005 * i for i in range(5)]
+    (tmp_path / "metrics.jsonl").write_text(line(1.0, stamps[0]) + line(2.0, stamps[1]))
+    options = DeliveryOptions(poll_interval_s=0.05, lock_poll_interval_s=0.05, max_defer_s=0.05)
+    deliverer = Deliverer(str(tmp_path), BackendClient(server.base_url, TASK_ID, Secret(SECRET_KEY)), options, host_busy=host_busy).start()
+    assert deliverer.flush(10)
+    assert asked == []  # neither the first record nor one 10 ms after it asks whether the host is busy
+    with open(tmp_path / "metrics.jsonl", "a") as f:
+        f.write("".join(line(3.0 + i, ts) for i, ts in enumerate(stamps[2:])))
+    assert deliverer.flush(10)
+    deliverer.close(5)
+    assert len(asked) >= 4  # each record written within 2 ms of the one before is held back while the host is busy
+    assert intermediate_values(server) == [1.0, 2.0, 3.0, 4.0, 5.0, 6.0, 7.0]
