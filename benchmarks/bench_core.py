@@ -12,7 +12,6 @@ Each report-call condition runs in a fresh process; the backend runs in its own 
 from __future__ import annotations
 
 import argparse
-import http.client
 import json
 import os
 import platform
@@ -101,6 +100,8 @@ def report_condition(calls: int, base_url: str, directory: str, name: str, work_
 
 
 def floor_http_client(base_url: str, requests_count: int) -> float:
+    import http.client  # here, not at the top: the report-call workers import this module and must not preload it
+
     parts = urlsplit(base_url)
     conn = http.client.HTTPConnection(parts.hostname, parts.port, timeout=10)
     headers = {"Secret-Key": KEY, "Content-Type": "application/x-www-form-urlencoded"}

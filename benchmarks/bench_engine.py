@@ -28,8 +28,7 @@ import sys
 import tempfile
 import threading
 import time
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from typing import Dict, List, Tuple
+from typing import Any, Dict, List, Tuple
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from bench_core import KEY, TASK_ID, Serve, floor_http_client, machine, write_section
@@ -152,30 +151,38 @@ def importtime_ms(env: Dict[str, str]) -> float:
 # --- latency ------------------------------------------------------------------------------------------
 
 
-class _Receiver(BaseHTTPRequestHandler):
-    protocol_version = "HTTP/1.1"
+def _receiver_server() -> Any:
+    """A threaded HTTP server noting when each metric arrives (made here: the workers, which import this
+    module, must not load http.server and http.client before the reporter does)."""
+    import socket
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
-    def log_message(self, *args: object) -> None:
-        pass
+    class Receiver(BaseHTTPRequestHandler):
+        protocol_version = "HTTP/1.1"
 
-    def do_POST(self) -> None:
-        arrived = time.time()
-        body = self.rfile.read(int(self.headers.get("Content-Length") or 0)).decode()
-        fields = dict(part.split("=", 1) for part in body.split("&") if "=" in part)
-        if "metric" in fields:
-            self.server.arrivals[float(fields["metric"])] = arrived  # type: ignore[attr-defined]
-        payload = b'{"msg": "ok"}'
-        self.send_response(200)
-        self.send_header("Content-Type", "application/json")
-        self.send_header("Content-Length", str(len(payload)))
-        self.end_headers()
-        self.wfile.write(payload)
+        def log_message(self, *args: object) -> None:
+            pass
 
-    def setup(self) -> None:
-        super().setup()
-        import socket
+        def setup(self) -> None:
+            super().setup()
+            self.connection.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
 
-        self.connection.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        def do_POST(self) -> None:
+            arrived = time.time()
+            body = self.rfile.read(int(self.headers.get("Content-Length") or 0)).decode()
+            fields = dict(part.split("=", 1) for part in body.split("&") if "=" in part)
+            if "metric" in fields:
+                self.server.arrivals[float(fields["metric"])] = arrived  # type: ignore[attr-defined]
+            payload = b'{"msg": "ok"}'
+            self.send_response(200)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(payload)))
+            self.end_headers()
+            self.wfile.write(payload)
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Receiver)
+    server.daemon_threads = True
+    return server
 
 
 def worker_latency(mode: str, base_url: str, seed: int) -> None:
@@ -213,8 +220,7 @@ def worker_latency(mode: str, base_url: str, seed: int) -> None:
 
 def latency_once(directory: str, env: Dict[str, str], seed: int) -> Dict[str, Tuple[float, float]]:
     """p50 and p90 in milliseconds of the bare POST (floor) and of the reporter."""
-    server = ThreadingHTTPServer(("127.0.0.1", 0), _Receiver)
-    server.daemon_threads = True
+    server = _receiver_server()
     thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
     thread.start()
     base_url = f"http://127.0.0.1:{server.server_address[1]}/api"
@@ -302,7 +308,7 @@ def main() -> None:
         if "import" in only:
             cached = [import_once(env) for _ in range(args.repeat)]
             compiling_env = {**env, "PYTHONDONTWRITEBYTECODE": "1"}
-            compiling_env.pop("PYTHONPYCACHEPREFIX")
+            compiling_env.pop("PYTHONPYCACHEPREFIX")  # the package's own __pycache__, absent in a source tree
             compiled = [import_once(compiling_env) for _ in range(args.repeat)]
             extra = [loaded - bare for bare, loaded in cached]
             extra_compiling = [loaded - bare for bare, loaded in compiled]

@@ -304,11 +304,25 @@ class _Watchdog:
         self._closed.set()
 
 
+def _create_connection(address: Tuple[Any, int], *args: Any, **kwargs: Any) -> socket.socket:
+    """``socket.create_connection`` with an ASCII host name given as bytes: a ``str`` host makes
+    ``getaddrinfo`` load the ``idna`` codec (with ``stringprep`` and ``unicodedata``), dozens of system
+    calls that a GIL-bound training thread would have to hand the interpreter over for."""
+    host, port = address
+    if isinstance(host, str) and host.isascii():
+        host = host.encode("ascii")
+    return socket.create_connection((host, port), *args, **kwargs)
+
+
 class _OneSend:
     """``http.client`` sends a request's head and body in two ``send`` calls, so two packets and two reads
     by the server; this collects both and sends them at once (``send`` is the public hook for it)."""
 
     _held: Optional[List[bytes]] = None
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)  # type: ignore[call-arg]
+        self._create_connection = _create_connection  # http.client's own hook (an instance attribute)
 
     def send(self, data: Any) -> None:
         if self._held is not None and isinstance(data, bytes):

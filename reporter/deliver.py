@@ -10,12 +10,13 @@ system has it.
 
 from __future__ import annotations
 
+import collections
 import errno
 import os
 import select
 import threading
 import time
-from typing import Any, Callable, Dict, Optional
+from typing import Any, Callable, Deque, Dict, Optional
 
 from .client import (
     INITIAL_BACKOFF_S,
@@ -50,6 +51,7 @@ SKIP_STATE_OFF = "state reporting is off"
 SKIP_TORN = "torn or invalid line"
 SKIP_INVALID = "invalid record"  # followed by the reason, e.g. "invalid record (value is not a number)"
 PROGRESS_INTERVAL_S = 0.5
+BURST_HISTORY = 8  # records whose gaps decide whether the host reports in a burst
 
 
 class DeliveryOptions:
@@ -127,6 +129,7 @@ class JournalWatch:
         self.run_dir = run_dir
         self.poll_interval_s = poll_interval_s
         self.watch_interval_s = watch_interval_s
+        self._fds_lock = threading.Lock()  # interrupt() never writes to a descriptor close() gave back
         self._wake_r, self._wake_w = os.pipe()
         os.set_blocking(self._wake_r, False)
         os.set_blocking(self._wake_w, False)
@@ -175,19 +178,22 @@ class JournalWatch:
 
     def interrupt(self) -> None:
         """Make a current or the next :meth:`wait` return at once (from any thread)."""
-        try:
-            os.write(self._wake_w, b"!")
-        except OSError:
-            pass
+        with self._fds_lock:
+            if self._wake_w >= 0:
+                try:
+                    os.write(self._wake_w, b"!")
+                except OSError:
+                    pass
 
     def close(self) -> None:
-        for fd in (self._ifd, self._wake_r, self._wake_w):
+        with self._fds_lock:
+            fds, self._ifd, self._wake_r, self._wake_w = (self._ifd, self._wake_r, self._wake_w), -1, -1, -1
+        for fd in fds:
             if fd >= 0:
                 try:
                     os.close(fd)
                 except OSError:
                     pass
-        self._ifd = self._wake_r = self._wake_w = -1
 
 
 def _drain(fd: int) -> None:
@@ -258,6 +264,7 @@ class Deliverer:
         self._last_status = 0.0
         self._retrying: Any = None
         self._previous_ts: Optional[float] = None
+        self._short_gaps: Deque[bool] = collections.deque(maxlen=BURST_HISTORY)  # recent gaps under burst_gap_s
         self._in_burst = False  # the last request was held back for a host reporting in a burst
         self._log = get_logger()
 
@@ -399,13 +406,16 @@ class Deliverer:
 
     def _deliver_until_stopped(self) -> None:
         self._load_state()
-        watch = self._watch = JournalWatch(self.run_dir, self.options.poll_interval_s, self.options.watch_interval_s)
-        if self._stop.is_set():
-            return
         reader = self._reader = JournalReader(self.run_dir, self._acked)
+        watch: Optional[JournalWatch] = None
         while not self._stop.is_set():
             entries = reader.read_available(max_records=256)
             if not entries:
+                if watch is None:
+                    # Made at the first idle moment (a host reporting in a burst never pays for ctypes
+                    # and inotify), then one more look: a record written before the watch woke nobody.
+                    watch = self._watch = JournalWatch(self.run_dir, self.options.poll_interval_s, self.options.watch_interval_s)
+                    continue
                 if not self._idle:
                     self._idle = True
                     self._checkpoint(force=True)
@@ -467,17 +477,20 @@ class Deliverer:
         self.skipped_now[reason] = self.skipped_now.get(reason, 0) + 1
 
     def _defer_while_host_busy(self, record: Dict[str, Any]) -> None:
-        """Training comes first: while the host process reports in a burst (records journalled closer
-        together than ``burst_gap_s``, and it is still at it), hold the next request back ``max_defer_s``
-        so this thread does not compete with the training thread for the interpreter; one wait, so one
-        hand-over of the interpreter, per request. A report on its own (the previous one well before it)
-        goes at once, and a burst that has ended gets full delivery speed."""
+        """Training comes first: while the host process reports in a burst, hold the next request back
+        ``max_defer_s`` so this thread does not compete with the training thread for the interpreter
+        (one wait, so one hand-over of the interpreter, per request).
+
+        A burst: the host reported within ``burst_gap_s`` just now, and at least half of the last
+        records were journalled closer together than that. The history keeps a report on its own (the
+        deliverer wakes as it is written, so "just now" is always true for it) from waiting, and keeps a
+        burst a burst when this thread's own turns on the interpreter stretch a few of its gaps."""
         ts = record.get("ts")
         previous, self._previous_ts = self._previous_ts, ts if isinstance(ts, float) else None
+        if self._previous_ts is not None and previous is not None:
+            self._short_gaps.append(self._previous_ts - previous < self.options.burst_gap_s)
         self._in_burst = False
-        if self._host_busy is None or previous is None or self._previous_ts is None:
-            return
-        if self._previous_ts - previous >= self.options.burst_gap_s or not self._host_busy():
+        if self._host_busy is None or 2 * sum(self._short_gaps) < BURST_HISTORY or not self._host_busy():
             return
         self._in_burst = True
         self._stop.wait(self.options.max_defer_s)
