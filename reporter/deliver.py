@@ -477,23 +477,33 @@ class Deliverer:
         self.skipped_now[reason] = self.skipped_now.get(reason, 0) + 1
 
     def _defer_while_host_busy(self, record: Dict[str, Any]) -> None:
-        """Training comes first: while the host process reports in a burst, hold the next request back
-        ``max_defer_s`` so this thread does not compete with the training thread for the interpreter
-        (one wait, so one hand-over of the interpreter, per request).
+        """Training comes first: the delivery thread keeps out of the training thread's way.
 
-        A burst: the host reported within ``burst_gap_s`` just now, and at least half of the last
-        records were journalled closer together than that. The history keeps a report on its own (the
-        deliverer wakes as it is written, so "just now" is always true for it) from waiting, and keeps a
-        burst a burst when this thread's own turns on the interpreter stretch a few of its gaps."""
+        While the host reports in a burst (it reported within ``burst_gap_s`` just now, and at least half
+        of the last records were journalled closer together than that) the next request is held back
+        ``max_defer_s``: one wait, so one hand-over of the interpreter, per request. The history keeps a
+        burst a burst when this thread's own turns on the interpreter stretch a few of its gaps.
+
+        Otherwise a request waits until the host has not reported for ``burst_gap_s`` (at most
+        ``max_defer_s``): woken by the journal write itself, this thread would else run its request
+        while the training thread is still inside the report call, or about to make the next."""
         ts = record.get("ts")
         previous, self._previous_ts = self._previous_ts, ts if isinstance(ts, float) else None
         if self._previous_ts is not None and previous is not None:
             self._short_gaps.append(self._previous_ts - previous < self.options.burst_gap_s)
         self._in_burst = False
-        if self._host_busy is None or 2 * sum(self._short_gaps) < BURST_HISTORY or not self._host_busy():
+        if self._host_busy is None or not self._host_busy():
             return
-        self._in_burst = True
-        self._stop.wait(self.options.max_defer_s)
+        if 2 * sum(self._short_gaps) >= BURST_HISTORY:
+            self._in_burst = True
+            self._stop.wait(self.options.max_defer_s)
+            return
+        waited = 0.0
+        while waited < self.options.max_defer_s and not self._stop.is_set():
+            self._stop.wait(self.options.burst_gap_s)
+            waited += self.options.burst_gap_s
+            if not self._host_busy():
+                return
 
     def _send(self, record: Dict[str, Any]) -> SendResult:
         timeout_s = None if self._deadline is None else self._deadline - time.monotonic()

@@ -328,30 +328,34 @@ def test_the_cursor_is_saved_in_groups_yet_complete_at_idle_and_close(server, tm
     assert intermediate_values(server) == [float(i) for i in range(200)]
 
 
-def test_only_records_journalled_in_a_burst_are_held_back(server, tmp_path):
+def test_a_lone_record_waits_for_a_quiet_host_and_a_burst_holds_each_request_back_once(server, tmp_path):
+    from reporter.deliver import BURST_HISTORY
+
     asked = []
 
     def host_busy():
         asked.append(1)
-        return True  # the host says it is reporting: a burst would be held back the full max_defer
+        return True  # the host says it is reporting, all the time
 
     def line(value, ts):
         return (f'{{"kind":"intermediate","value":{value!r},"name":null,"step":null,"ts":{ts!r},"rank":0,"pid":1,'
                 f'"key":"k-{value}"}}\n')
 
-    # two records 10 ms apart (not a burst: BURST_GAP_S is 2 ms), then twelve 0.5 ms apart (a burst), one
-    # of those 5 ms late (as when the delivery thread had the interpreter a while: still a burst)
-    stamps = [1000.0, 1000.01] + [1000.02 + 0.0005 * i + (0.005 if i >= 6 else 0.0) for i in range(12)]
-    (tmp_path / "metrics.jsonl").write_text(line(1.0, stamps[0]) + line(2.0, stamps[1]))
-    options = DeliveryOptions(poll_interval_s=0.05, lock_poll_interval_s=0.05, max_defer_s=0.05)
+    options = DeliveryOptions(poll_interval_s=0.05, lock_poll_interval_s=0.05, max_defer_s=0.02, burst_gap_s=0.002)
+    looks_per_lone_record = 1 + round(options.max_defer_s / options.burst_gap_s)  # every 2 ms until max_defer_s
+    # two records 10 ms apart: not a burst; each waits for the host to be quiet (here: until max_defer_s)
+    (tmp_path / "metrics.jsonl").write_text(line(1.0, 1000.0) + line(2.0, 1000.01))
     deliverer = Deliverer(str(tmp_path), BackendClient(server.base_url, TASK_ID, Secret(SECRET_KEY)), options, host_busy=host_busy).start()
     assert deliverer.flush(10)
-    assert asked == []  # neither the first record nor one 10 ms after it asks whether the host is busy
+    assert len(asked) == 2 * looks_per_lone_record
+    # then twelve 0.5 ms apart, one of them 5 ms late (as when the delivery thread had the interpreter a
+    # while): once half of the last gaps are short, each request is held back with one look and one wait
+    stamps = [1000.02 + 0.0005 * i + (0.005 if i >= 6 else 0.0) for i in range(12)]
     with open(tmp_path / "metrics.jsonl", "a") as f:
-        f.write("".join(line(3.0 + i, ts) for i, ts in enumerate(stamps[2:])))
+        f.write("".join(line(3.0 + i, ts) for i, ts in enumerate(stamps)))
+    asked.clear()
     assert deliverer.flush(10)
     deliverer.close(5)
-    # once half of the last 8 gaps are short, every record is held back while the host is busy, the
-    # late one included
-    assert len(asked) >= 8
+    before_the_burst_shows = BURST_HISTORY // 2  # records 3 to 6: their history is not a burst yet
+    assert len(asked) == before_the_burst_shows * looks_per_lone_record + (12 - before_the_burst_shows)
     assert intermediate_values(server) == [1.0, 2.0] + [3.0 + i for i in range(12)]
