@@ -113,7 +113,7 @@ def worker_training(report: bool, iterations: int) -> None:
     # alone moves this loop's speed by several per cent between processes. The delivery side's load
     # is measured apart (start-up CPU).
     import reporter
-    import reporter.deliver  # noqa: F401
+    import reporter.deliver
 
     report_metric = reporter.report_metric
     switches = _voluntary_switches()
@@ -152,8 +152,10 @@ def training_once(base_url: str, directory: str, env: Dict[str, str], iterations
 # --- import -------------------------------------------------------------------------------------------
 
 
-def import_once(env: Dict[str, str], runs: int = 15) -> Tuple[float, float]:
-    """Median wall milliseconds of ``python -c pass`` and of ``python -c 'import reporter'``, alternated."""
+def import_once(env: Dict[str, str], runs: int = 15) -> Tuple[float, float, float]:
+    """Median wall milliseconds of ``python -c pass`` and of ``python -c 'import reporter'`` run in
+    alternation, and the median of the differences within each pair (steadier than the difference of
+    the medians when the machine's load drifts)."""
     bare: List[float] = []
     loaded: List[float] = []
     for _ in range(runs):
@@ -161,7 +163,7 @@ def import_once(env: Dict[str, str], runs: int = 15) -> Tuple[float, float]:
             start = time.perf_counter()
             subprocess.run([sys.executable, "-c", code], env=env, check=True)
             into.append(1000 * (time.perf_counter() - start))
-    return statistics.median(bare), statistics.median(loaded)
+    return statistics.median(bare), statistics.median(loaded), statistics.median(b - a for a, b in zip(bare, loaded))
 
 
 def importtime_ms(env: Dict[str, str]) -> float:
@@ -343,8 +345,8 @@ def main() -> None:
             compiling_env = {**env, "PYTHONDONTWRITEBYTECODE": "1"}
             compiling_env.pop("PYTHONPYCACHEPREFIX")  # the package's own __pycache__, absent in a source tree
             compiled = [import_once(compiling_env) for _ in range(args.repeat)]
-            extra = [loaded - bare for bare, loaded in cached]
-            extra_compiling = [loaded - bare for bare, loaded in compiled]
+            extra = [c[2] for c in cached]
+            extra_compiling = [c[2] for c in compiled]
             rows.append(f"| 3. `python -c 'import reporter'`, bytecode cached (ms) | {spread([c[1] for c in cached], '{:.1f}')} | "
                         f"`python -c pass`: {spread([c[0] for c in cached], '{:.1f}')} | {spread(extra, '{:+.1f} ms')} "
                         f"(-X importtime: {importtime_ms(env):.1f} ms) | <= +30 ms |")

@@ -89,7 +89,8 @@ class _Hook:
 
     def _delivery_main(self) -> None:
         try:
-            from .deliver import build_deliverer  # the HTTP side loads here, off the caller's path
+            # the HTTP side loads here, off the caller's path
+            from .deliver import build_deliverer
 
             self.deliverer = build_deliverer(self.config, host_busy=self._reporting_in_a_burst).start()
         except Exception as exc:  # never into training code

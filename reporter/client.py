@@ -370,7 +370,7 @@ class _Connection:
 
                 token = base64.b64encode(f"{unquote(proxy.username)}:{unquote(proxy.password or '')}".encode()).decode()
                 self.proxy_headers["Proxy-Authorization"] = f"Basic {token}"
-        self.conn: Optional[_HTTPConnection] = None
+        self.conn: Any = None  # an _HTTPConnection or _HTTPSConnection
         self.reused = False  # the current request went out on a connection that had served one before
         self.last_used = 0.0
 

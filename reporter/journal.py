@@ -14,12 +14,10 @@ import itertools
 import json
 import math
 import os
-import secrets
 import threading
 import time
 import weakref
-from dataclasses import dataclass
-from typing import Any, Callable, Dict, Iterator, List, Optional, Tuple
+from typing import Any, Callable, Dict, Iterator, List, NamedTuple, Optional, Tuple
 
 from .config import CURSOR_FILE, JOURNAL_FILE, LOCK_FILE, REJECTED_FILE
 from .log import get_logger
@@ -95,7 +93,7 @@ class JournalWriter:
 
     def _reset_identity(self) -> None:
         self._pid = os.getpid()
-        self._prefix = f"{secrets.token_hex(6)}-{self._pid}-"
+        self._prefix = f"{os.urandom(6).hex()}-{self._pid}-"
         self._counter = itertools.count(1)
 
     def _open(self) -> bool:
@@ -308,9 +306,9 @@ def check_record(obj: Any) -> Tuple[Optional[Dict[str, Any]], Optional[str]]:
     return {"kind": kind, "value": value, "name": name, "step": step, "ts": ts, "rank": rank, "pid": pid, "key": key}, None
 
 
-@dataclass
-class JournalEntry:
-    """One line of the journal: its end offset and the record, or None and why the line was not valid."""
+class JournalEntry(NamedTuple):
+    """One line of the journal: its end offset and the record, or None and why the line was not valid.
+    (A named tuple: ``dataclasses`` would cost ``import reporter`` 6 ms.)"""
 
     end_offset: int
     record: Optional[Dict[str, Any]]

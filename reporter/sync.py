@@ -5,7 +5,6 @@ rejected key). Resumable: interrupted and run again, each record still reaches t
 from __future__ import annotations
 
 import os
-from dataclasses import replace
 from typing import Dict, List, Mapping, Optional
 
 from .config import (
@@ -108,6 +107,6 @@ def sync_command(run_dirs: List[str], *, task_id: Optional[str], backend_url: Op
         url = backend_url or resolve_backend_url(os.environ if env is None else env, True)[0]
         if not url or not url.startswith(("http://", "https://")):
             raise ConfigError("no backend URL: set ANYLEARN_BACKEND_URL or give --backend-url http://host/api")
-        config = replace(base, task_id=task, secret_key=secret, backend_url=url.rstrip("/"), run_dir=os.path.abspath(run_dir))
+        config = base._replace(task_id=task, secret_key=secret, backend_url=url.rstrip("/"), run_dir=os.path.abspath(run_dir))
         pending += sync_one(config.run_dir, config, timeout_s)
     return EXIT_PENDING if pending else 0

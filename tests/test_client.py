@@ -2,7 +2,6 @@
 policy (no redirects, a total deadline) and the retry policy."""
 
 import json as _json
-import socket
 import subprocess
 import sys
 import threading
