@@ -129,6 +129,8 @@ def _add_run(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--nproc-per-node", metavar="N", help="processes per node (ANYLEARN_NPROC_PER_NODE, default 1); more than one process in all launches through torchrun")
     p.add_argument("--isolate-secret", action="store_true", help="give the command no secret key (the wrapper delivers for it)")
     p.add_argument("--dry-run", action="store_true", help="print the final argv and the environment it would add, then exit")
+    p.add_argument("--autolog", action="store_true",
+                   help="report from the command's transformers, Lightning, Keras, XGBoost and LightGBM trainers without changing its code (ANYLEARN_AUTOLOG=1)")
     p.add_argument("command", nargs=argparse.REMAINDER, help="the command (after --)")
     p.set_defaults(func=_cmd_run)
 

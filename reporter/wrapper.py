@@ -61,6 +61,7 @@ from .config import (
     option_or_env,
     parse_number,
 )
+from .integrations.autolog import autolog_environment, autolog_requested
 from .journal import (
     KIND_FINAL,
     KIND_INTERMEDIATE,
@@ -102,6 +103,7 @@ class RunOptions:
     master_port: Optional[str] = None
     isolate_secret: bool = False
     dry_run: bool = False
+    autolog: bool = False  # integrations: hook the command's trainers (reporter.integrations.autolog)
 
     @property
     def distributed(self) -> bool:
@@ -185,6 +187,7 @@ def options_from(args: Any, env: Mapping[str, str]) -> RunOptions:
         master_port=env.get(ENV_MASTER_PORT) or None,
         isolate_secret=bool(args.isolate_secret),
         dry_run=bool(args.dry_run),
+        autolog=autolog_requested(args, env),
     )
     if options.node_rank >= options.nnodes:
         raise ConfigError(f"the node rank {options.node_rank} must be below the number of nodes {options.nnodes}")
@@ -225,6 +228,7 @@ def child_environment(env: Mapping[str, str], config: Config, options: RunOption
         ENV_TASK_OUTPUT_PATH: options.output_dir,
         "PYTHONUNBUFFERED": "1",
         ENV_SUPERVISOR_PID: str(os.getpid()),
+        **(autolog_environment(env) if options.autolog else {}),
     }
     child = {**env, **added}
     if options.isolate_secret:
