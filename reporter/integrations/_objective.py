@@ -71,6 +71,10 @@ def as_number(value: Any) -> Optional[float]:
         return None
 
 
+def _same(a: float, b: float) -> bool:
+    return a == b or (math.isnan(a) and math.isnan(b))
+
+
 def check_choices(final: str, mode: Optional[str]) -> None:
     """Raise ValueError for a ``final`` or ``mode`` the sink does not know (a programming error)."""
     if final not in FINAL_CHOICES:
@@ -86,6 +90,8 @@ class MetricSink:
     their logged order) returning one, with ``natural_why`` saying where it comes from for the log line.
     ``mode_of`` may give the framework's own knowledge of a key's direction (LightGBM's
     ``is_higher_better``); without it (or when it answers None) :func:`default_mode` decides.
+    ``is_rank_zero`` answers whether this process reports (default: ``RANK`` is 0 or unset, read at
+    :meth:`reset`, i.e. when the sink is made and when a training run starts).
     """
 
     def __init__(
@@ -97,7 +103,7 @@ class MetricSink:
         mode: Optional[str] = None,
         natural: Any = None,
         natural_why: str = "",
-        is_rank_zero: Callable[[], bool] = env_rank_is_zero,
+        is_rank_zero: Optional[Callable[[], bool]] = None,
     ) -> None:
         check_choices(final, mode)
         self.framework = framework
@@ -106,12 +112,17 @@ class MetricSink:
         self.requested_mode = mode
         self.natural = natural
         self.natural_why = natural_why
-        self.is_rank_zero = is_rank_zero
+        self._rank_check = is_rank_zero  # None: RANK, read once per training run (at reset)
         self.mode_hints: Dict[str, str] = {}
         self.reset()
 
     def reset(self) -> None:
         """Forget what was logged (a new training run with the same callback)."""
+        if self._rank_check is None:
+            rank_zero = env_rank_is_zero()
+            self.is_rank_zero: Callable[[], bool] = lambda: rank_zero
+        else:
+            self.is_rank_zero = self._rank_check
         self.objective: Optional[str] = None
         self.mode: Optional[str] = None
         self.best: Optional[float] = None
@@ -120,6 +131,7 @@ class MetricSink:
         self.finished = False
         self._last_at: Dict[str, Any] = {}  # key -> (step, value) last reported, to drop a repeat
         self._keys_seen: Dict[str, None] = {}
+        self._keys_chosen_from = 0
 
     # --- choosing the objective ---------------------------------------------------------------
 
@@ -157,14 +169,15 @@ class MetricSink:
             if number is None or not isinstance(key, str):
                 continue
             previous = self._last_at.get(key)
-            if previous is not None and previous[0] == step and (previous[1] == number or previous[1] != previous[1] and number != number):
+            if previous is not None and previous[0] == step and _same(previous[1], number):
                 continue
             self._last_at[key] = (step, number)
             numbers[key] = number
             self._keys_seen[key] = None
         if not numbers:
             return
-        if self.objective is None:
+        if self.objective is None and len(self._keys_seen) != self._keys_chosen_from:
+            self._keys_chosen_from = len(self._keys_seen)  # choose again only when a new key shows up
             self._choose(list(self._keys_seen))
         objective_value = numbers.pop(self.objective, None) if self.objective is not None else None
         if numbers:
@@ -176,9 +189,9 @@ class MetricSink:
     def _track(self, value: float) -> None:
         self.seen_objective = True
         self.last = value
-        if math.isfinite(value):
-            if self.best is None or (value > self.best if self.mode == "max" else value < self.best):
-                self.best = value
+        better = self.best is None or (value > self.best if self.mode == "max" else value < self.best)
+        if math.isfinite(value) and better:
+            self.best = value
 
     def finish(self) -> Optional[float]:
         """Report the final metric once (the best or the last objective value); returns it, or None when

@@ -40,7 +40,7 @@ MARK = "__anylearn_autolog__"
 TRUE_WORDS = ("1", "true", "yes", "on")
 
 _lock = threading.RLock()
-_enabled: set = set()  # frameworks autolog was asked for
+_watch: Dict[str, tuple] = {}  # module name -> (framework, patch), for the frameworks enabled
 _said: set = set()  # frameworks whose trouble has been said once
 
 
@@ -250,7 +250,7 @@ class _PostImportFinder(importlib.abc.MetaPathFinder):
         self._busy = threading.local()
 
     def find_spec(self, fullname: str, path: Optional[Sequence[str]], target: Any = None) -> Any:
-        watched = _watched().get(fullname)
+        watched = _watch.get(fullname)  # every import of the process passes here: one dict lookup
         if watched is None or getattr(self._busy, "name", None) == fullname:
             return None
         self._busy.name = fullname
@@ -274,10 +274,6 @@ class _PostImportFinder(importlib.abc.MetaPathFinder):
 _finder: Optional[_PostImportFinder] = None
 
 
-def _watched() -> Dict[str, tuple]:
-    return {module: (framework, patch) for framework in _enabled for module, patch in FRAMEWORKS[framework].items()}
-
-
 def autolog(frameworks: Optional[Iterable[str]] = None) -> List[str]:
     """Report from every supported trainer without changing the training code.
 
@@ -291,7 +287,7 @@ def autolog(frameworks: Optional[Iterable[str]] = None) -> List[str]:
     if unknown:
         raise ValueError(f"autolog knows {', '.join(FRAMEWORKS)}; not {', '.join(unknown)}")
     with _lock:
-        _enabled.update(wanted)
+        _watch.update({module: (name, patch) for name in wanted for module, patch in FRAMEWORKS[name].items()})
         if _finder is None:
             _finder = _PostImportFinder()
             sys.meta_path.insert(0, _finder)
