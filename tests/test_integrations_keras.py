@@ -57,3 +57,13 @@ def test_a_process_of_another_rank_reports_nothing(reporting, monkeypatch):
 def test_log_every_n_batches_must_be_a_positive_whole_number():
     with pytest.raises(ValueError, match="log_every_n_batches"):
         AnylearnCallback(log_every_n_batches=0)
+
+
+def test_tf_keras_takes_the_callback_too(reporting):
+    tf = pytest.importorskip("tensorflow", reason="tensorflow is not installed: tf.keras is not tested")
+    x = np.random.default_rng(0).normal(size=(32, 4)).astype("float32")
+    model = tf.keras.Sequential([tf.keras.Input((4,)), tf.keras.layers.Dense(1)])
+    model.compile(optimizer="sgd", loss="mse")
+    history = model.fit(x, x.sum(1, keepdims=True), validation_split=0.25, epochs=2, verbose=0, callbacks=[AnylearnCallback()])
+    task = delivered(reporting.server)
+    assert task["intermediate_metrics"] == pytest.approx(history.history["val_loss"])
