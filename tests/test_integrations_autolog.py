@@ -201,3 +201,37 @@ def test_autolog_refuses_an_unknown_framework():
     with pytest.raises(ValueError, match="autolog knows transformers, lightning, keras, xgboost, lightgbm; not sklearn"):
         reporter.autolog(["sklearn"])
     assert sys.modules.get("xgboost") is None or "autolog" not in repr(getattr(sys.modules["xgboost"], "train", None))
+
+
+@pytest.mark.skipif(not installed("xgboost"), reason="needs xgboost")
+def test_a_call_autolog_cannot_hook_runs_unhooked_and_says_so_once(server, tmp_path):
+    code = textwrap.dedent("""
+        import numpy as np, reporter, xgboost
+        reporter.autolog()
+        x = np.random.default_rng(0).normal(size=(60, 3)); d = xgboost.DMatrix(x, label=x[:, 0])
+        for _ in range(2):  # callbacks as a generator: not a list autolog can add to
+            booster = xgboost.train({}, d, 2, evals=[(d, "train")], verbose_eval=False, callbacks=(c for c in []))
+        print("ROUNDS", booster.num_boosted_rounds())
+    """)
+    run_dir = str(tmp_path / "run")
+    done = run_python(code, task_env(server.base_url, run_dir))
+    assert done.returncode == 0 and "ROUNDS 2" in done.stdout, done.stderr
+    said = [line for line in done.stderr.splitlines() if "autolog: xgboost" in line]
+    assert len(said) == 1 and "callbacks is a generator, not a list" in said[0]
+    assert journal(run_dir) == []
+
+
+@pytest.mark.skipif(not installed("torch", "lightning"), reason="needs lightning")
+def test_a_lightning_trainer_with_logging_off_keeps_it_off(tmp_path):
+    code = textwrap.dedent("""
+        import reporter, lightning
+        reporter.autolog(["lightning"])
+        print("OFF", lightning.Trainer(logger=False, accelerator="cpu").loggers)
+        print("ON", [type(lg).__name__ for lg in lightning.Trainer(accelerator="cpu", default_root_dir="r").loggers])
+    """)
+    done = run_python(code, clean_environ(), cwd=tmp_path)
+    assert done.returncode == 0, done.stderr
+    assert "OFF []" in done.stdout
+    on = [line for line in done.stdout.splitlines() if line.startswith("ON ")]
+    assert on and on[0].endswith(", 'AnylearnLogger']") and on[0].count("'") == 4  # Lightning's default, then ours
+    assert done.stderr.count("logger=False, so autolog adds no logger") == 1

@@ -23,8 +23,6 @@ first on the command's ``PYTHONPATH``; that module runs any ``sitecustomize`` it
 from __future__ import annotations
 
 import functools
-import importlib.abc
-import inspect
 import os
 import sys
 import threading
@@ -76,6 +74,8 @@ def _with_callback(
 ) -> tuple:
     """The call's arguments with one of ``ours`` added to the list argument ``parameter`` (unless one is
     there already), and the instance of ours in it."""
+    import inspect  # on the first hooked call, not at `import reporter`
+
     bound = inspect.signature(original).bind_partial(*args, **kwargs)
     given = bound.arguments.get(parameter)
     if given is None:
@@ -224,7 +224,7 @@ FRAMEWORKS: Dict[str, Dict[str, Callable[[Any], None]]] = {
 # --- the post-import hook ---------------------------------------------------------------------------
 
 
-class _PatchingLoader(importlib.abc.Loader):
+class _PatchingLoader:
     """Delegates to the module's own loader, then runs the patch on the executed module."""
 
     def __init__(self, loader: Any, framework: str, patch: Callable[[Any], None]) -> None:
@@ -243,8 +243,9 @@ class _PatchingLoader(importlib.abc.Loader):
         return getattr(self._loader, name)
 
 
-class _PostImportFinder(importlib.abc.MetaPathFinder):
-    """Finds nothing itself: for a watched module it asks the other finders and wraps their loader."""
+class _PostImportFinder:
+    """Finds nothing itself: for a watched module it asks the other finders and wraps their loader.
+    (Duck-typed, as ``sys.meta_path`` allows: importing ``importlib.abc`` would slow ``import reporter``.)"""
 
     def __init__(self) -> None:
         self._busy = threading.local()
