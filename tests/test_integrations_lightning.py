@@ -102,7 +102,8 @@ def test_reports_what_lightning_logged_in_order_with_steps_and_the_best_val_loss
     task = delivered(reporting.server)
     assert task["intermediate_metrics"] == pytest.approx(val_losses)
     assert task["final_metric"] == pytest.approx(min(val_losses))
-    assert json.load(open(os.path.join(reporting.run_dir, "params.json"))) == {"lr": 0.1}
+    with open(os.path.join(reporting.run_dir, "params.json")) as f:
+        assert json.load(f) == {"lr": 0.1}
 
 
 def test_final_last_with_mode_max(reporting):

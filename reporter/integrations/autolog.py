@@ -268,7 +268,7 @@ class _PostImportFinder:
             self._busy.name = None
         if spec.loader is None or not hasattr(spec.loader, "exec_module"):
             return spec
-        spec.loader = _PatchingLoader(spec.loader, *watched)
+        spec.loader = _PatchingLoader(spec.loader, *watched)  # type: ignore[assignment]  # duck-typed Loader
         return spec
 
 
