@@ -129,3 +129,16 @@ def test_a_missing_framework_is_an_import_error_naming_the_extra(module, framewo
     )
     done = subprocess.run([sys.executable, "-c", code], env=clean_environ(), capture_output=True, text=True, timeout=60)
     assert f"pip install 'anylearn-reporter[{extra}]'" in done.stdout, done.stdout + done.stderr
+
+
+def test_a_log_the_sink_cannot_read_is_said_once_and_never_raises(reporting, capsys):
+    class Odd(dict):
+        def items(self):
+            raise RuntimeError("not today")
+
+    sink = MetricSink("demo", objective="loss")
+    sink.log(Odd(a=1), 0)
+    sink.log(Odd(a=1), 1)
+    sink.log({"loss": 0.5}, 2)
+    assert sink.finish() == 0.5
+    assert capsys.readouterr().err.count("demo: a log could not be reported (RuntimeError: not today)") == 1

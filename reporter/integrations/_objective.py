@@ -114,6 +114,7 @@ class MetricSink:
         self.natural_why = natural_why
         self._rank_check = is_rank_zero  # None: RANK, read once per training run (at reset)
         self.mode_hints: Dict[str, str] = {}
+        self._troubled = False
         self.reset()
 
     def reset(self) -> None:
@@ -160,7 +161,20 @@ class MetricSink:
     def log(self, metrics: Mapping[str, Any], step: Optional[int]) -> None:
         """Report every number in ``metrics`` at ``step``: the objective as the task's intermediate
         metric, the rest by name. Non-numbers are skipped; a value already reported for the same key at
-        the same step (a framework telling two hooks the same thing) is not reported again."""
+        the same step (a framework telling two hooks the same thing) is not reported again. Never raises:
+        a log the sink cannot read is said once and training goes on."""
+        try:
+            self._log(metrics, step)
+        except Exception as exc:  # a framework handing us something unforeseen: never into training
+            self._trouble(exc)
+
+    def _trouble(self, exc: Exception) -> None:
+        if not self._troubled:
+            self._troubled = True
+            get_logger().warning("%s: a log could not be reported (%s: %s); said once, training goes on",
+                                 self.framework, type(exc).__name__, exc)
+
+    def _log(self, metrics: Mapping[str, Any], step: Optional[int]) -> None:
         if not metrics or not self.is_rank_zero():
             return
         numbers: Dict[str, float] = {}
@@ -195,7 +209,14 @@ class MetricSink:
 
     def finish(self) -> Optional[float]:
         """Report the final metric once (the best or the last objective value); returns it, or None when
-        no objective value was logged (said in one line naming the keys that were)."""
+        no objective value was logged (said in one line naming the keys that were). Never raises."""
+        try:
+            return self._finish()
+        except Exception as exc:
+            self._trouble(exc)
+            return None
+
+    def _finish(self) -> Optional[float]:
         if self.finished or not self.is_rank_zero():
             return None
         self.finished = True
