@@ -142,3 +142,15 @@ def test_a_log_the_sink_cannot_read_is_said_once_and_never_raises(reporting, cap
     sink.log({"loss": 0.5}, 2)
     assert sink.finish() == 0.5
     assert capsys.readouterr().err.count("demo: a log could not be reported (RuntimeError: not today)") == 1
+
+
+def test_a_sink_pickles_so_callbacks_survive_a_saved_model_or_a_spawned_process(reporting):
+    import pickle
+
+    from reporter.integrations._objective import env_rank_is_zero
+
+    sink = MetricSink("demo", natural="val_loss", is_rank_zero=env_rank_is_zero)
+    sink.log({"val_loss": 0.5}, 0)
+    copy = pickle.loads(pickle.dumps(sink))
+    assert copy.objective == "val_loss" and copy.best == 0.5 and copy.is_rank_zero()
+    assert pickle.loads(pickle.dumps(MetricSink("demo"))).is_rank_zero()

@@ -63,3 +63,11 @@ def test_a_process_of_another_rank_reports_nothing(reporting, monkeypatch):
     xgb.train({"eval_metric": "rmse"}, xgb.DMatrix(x, label=y), 2, evals=[(xgb.DMatrix(x, label=y), "train")],
               verbose_eval=False, callbacks=[AnylearnCallback()])
     assert journal(reporting.run_dir) == []
+
+
+def test_a_model_carrying_the_callback_still_pickles(reporting):
+    import pickle
+
+    x, y = data()
+    model = xgb.XGBClassifier(n_estimators=2, callbacks=[AnylearnCallback()]).fit(x, y, eval_set=[(x, y)], verbose=False)
+    assert pickle.loads(pickle.dumps(model)).predict(x[:3]).shape == (3,)

@@ -119,11 +119,7 @@ class MetricSink:
 
     def reset(self) -> None:
         """Forget what was logged (a new training run with the same callback)."""
-        if self._rank_check is None:
-            rank_zero = env_rank_is_zero()
-            self.is_rank_zero: Callable[[], bool] = lambda: rank_zero
-        else:
-            self.is_rank_zero = self._rank_check
+        self._env_rank_zero = env_rank_is_zero() if self._rank_check is None else True
         self.objective: Optional[str] = None
         self.mode: Optional[str] = None
         self.best: Optional[float] = None
@@ -133,6 +129,10 @@ class MetricSink:
         self._last_at: Dict[str, Any] = {}  # key -> (step, value) last reported, to drop a repeat
         self._keys_seen: Dict[str, None] = {}
         self._keys_chosen_from = 0
+
+    def is_rank_zero(self) -> bool:
+        """Whether this process reports (the framework's answer, else ``RANK`` as read at :meth:`reset`)."""
+        return self._rank_check() if self._rank_check is not None else self._env_rank_zero
 
     # --- choosing the objective ---------------------------------------------------------------
 

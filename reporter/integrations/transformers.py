@@ -39,8 +39,11 @@ class AnylearnCallback(TrainerCallback):  # type: ignore[misc, valid-type]
         self._rank_zero = True
         self.sink = MetricSink(
             "transformers", objective=objective, final=final, mode=mode,
-            natural="eval_loss", natural_why="the default eval_loss", is_rank_zero=lambda: self._rank_zero,
+            natural="eval_loss", natural_why="the default eval_loss", is_rank_zero=self._is_world_process_zero,
         )
+
+    def _is_world_process_zero(self) -> bool:
+        return self._rank_zero
 
     def _state(self, state: Any) -> Optional[int]:
         self._rank_zero = bool(getattr(state, "is_world_process_zero", True))
