@@ -25,6 +25,7 @@ from ..config import (
     ENV_ARTIFACT_IDS,
     ENV_DRAIN_TIMEOUT,
     ENV_ENTRYPOINT,
+    ENV_EXPERIMENT_ID,
     ENV_GRACE_PERIOD,
     ENV_MASTER_ADDR,
     ENV_MASTER_PORT,
@@ -40,6 +41,8 @@ from ..config import (
     ENV_SECRET_KEY_PLATFORM,
     ENV_SUPERVISOR_PID,
     ENV_TASK_OUTPUT_PATH,
+    ENV_TENSORBOARD_DIR,
+    ENV_TENSORBOARD_TAG,
     ENV_TRAIN_PARAMS,
     ENV_TRAIN_PARAMS_DELIMITER,
     ENV_TRAIN_PARAMS_DELIMITER_ANYLEARN,
@@ -52,7 +55,9 @@ from ..config import (
     parse_number,
 )
 from ..log import get_logger
+from ..nni_trial import nni_enabled, nni_environment, nni_version_problem
 from ..params import artifact_paths, parse_params, render_params
+from ..tbevents import tensorboard_directory
 
 _PYTHON_NAME = re.compile(r"^python[0-9.]*$")
 
@@ -77,6 +82,11 @@ class RunOptions:
     master_port: Optional[str] = None
     isolate_secret: bool = False
     dry_run: bool = False
+    # metric sources (reporter/nni_trial.py, reporter/tbevents.py)
+    params: Dict[str, Any] = field(default_factory=dict)
+    nni: bool = False
+    tensorboard_dir: Optional[str] = None
+    tensorboard_tag: Optional[str] = None
 
     @property
     def distributed(self) -> bool:
@@ -161,6 +171,11 @@ def options_from(args: Any, env: Mapping[str, str]) -> RunOptions:
         isolate_secret=bool(args.isolate_secret),
         dry_run=bool(args.dry_run),
     )
+    # metric sources: an NNI trial's channel, TensorBoard event files
+    options.params = params
+    options.nni = nni_enabled(bool(getattr(args, "nni", False)), env)
+    options.tensorboard_dir = tensorboard_directory(option_or_env(getattr(args, "tensorboard_dir", None), env, ENV_TENSORBOARD_DIR), options.output_dir)
+    options.tensorboard_tag = option_or_env(getattr(args, "tensorboard_tag", None), env, ENV_TENSORBOARD_TAG)
     if options.node_rank >= options.nnodes:
         raise ConfigError(f"the node rank {options.node_rank} must be below the number of nodes {options.nnodes}")
     if options.distributed and importlib.util.find_spec("torch") is None:
@@ -201,6 +216,11 @@ def child_environment(env: Mapping[str, str], config: Config, options: RunOption
         "PYTHONUNBUFFERED": "1",
         ENV_SUPERVISOR_PID: str(os.getpid()),
     }
+    if options.nni:  # an unchanged NNI trial talks to reporter.nni_channel
+        problem = nni_version_problem()
+        if problem:
+            get_logger().warning("%s", problem)
+        added.update(nni_environment(options.params, task_id=config.task_id, experiment_id=env.get(ENV_EXPERIMENT_ID), output_dir=options.output_dir))
     child = {**env, **added}
     if options.isolate_secret:
         child.pop(ENV_SECRET_KEY, None)

@@ -33,6 +33,7 @@ from ..journal import (
 )
 from ..log import Progress, get_logger, say_offline, warn_pending
 from ..runinfo import read_run
+from ..tbevents import EventFileTailer
 from .launch import (
     RunOptions,
     build_argv,
@@ -70,6 +71,7 @@ class Run:
         self.child = Child(self.argv, self.run_dir, options.grace_period_s, self._on_line,
                            on_log_failure=lambda name: counters.count(COUNTER_LOG_WRITE_FAILED, name))
         self.deliverer: Any = None
+        self.tensorboard: Optional[EventFileTailer] = None
 
     # -- steps --
 
@@ -127,10 +129,15 @@ class Run:
         started = time.time()
         child_env = self.prepare()
         self.start_delivery()
+        if self.options.tensorboard_dir:  # TensorBoard event files -> journal, until the command ends
+            self.tensorboard = EventFileTailer(self.options.tensorboard_dir, self.run_dir, self.writer, objective_tag=self.options.tensorboard_tag,
+                                               on_journalled=self.deliverer.wake if self.deliverer is not None else None).start()
         with signals_passed_to(self.child):
             self.log.info("running %s", " ".join(shlex.quote(a) for a in redacted(self.argv, self.config.secret_key)))
             self.writer.append(KIND_STATE, STATE_RUNNING, None, None)
             outcome = self.child.supervise(child_env)
+            if self.tensorboard is not None:
+                self.tensorboard.stop()  # reads what the command flushed last, before the final state
             self.writer.append(KIND_STATE, outcome.state, None, None)
             pending = self.drain()
         if pending:
@@ -202,6 +209,9 @@ def dry_run(config: Config, options: RunOptions, env: Mapping[str, str]) -> int:
         shown[ENV_SECRET_KEY] = None  # removed from the child's environment
     print(json.dumps(redacted(argv, config.secret_key)))
     print(json.dumps(shown, indent=2))
+    if options.tensorboard_dir:
+        tag = f", objective tag {options.tensorboard_tag!r}" if options.tensorboard_tag else ", no objective tag: scalars are journalled, none sent"
+        get_logger().info("would follow TensorBoard event files under %s%s", options.tensorboard_dir, tag)
     return 0
 
 
