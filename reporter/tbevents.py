@@ -24,7 +24,14 @@ from dataclasses import dataclass, field
 from typing import Any, Dict, Iterator, List, Optional, Tuple
 
 from .config import JOURNAL_FILE, TENSORBOARD_LOCK_FILE, TENSORBOARD_POSITION_FILE
-from .journal import COUNTER_UNREADABLE, KIND_INTERMEDIATE, DeliverLock, JournalReader, atomic_write, read_json
+from .journal import (
+    COUNTER_UNREADABLE,
+    KIND_INTERMEDIATE,
+    DeliverLock,
+    JournalReader,
+    atomic_write,
+    read_json,
+)
 from .log import get_logger
 
 EVENT_FILE_PREFIX = "events.out.tfevents."
