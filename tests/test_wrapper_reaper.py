@@ -159,6 +159,30 @@ def test_a_stray_that_ignores_sigterm_is_killed_after_the_grace_period(tmp_path)
             os.kill(int(pid_file.read_text()), signal.SIGKILL)
 
 
+@pytest.mark.parametrize("how", ["start_new_session", "setsid"])
+def test_a_stray_in_its_own_session_is_stopped_with_everything_it_started(tmp_path, how):
+    pid_file = tmp_path / "sleep.pid"
+    inner = f"sleep 311 & echo $! > {pid_file}; wait"
+    if how == "setsid":  # the shell in the background of another shell, in a new session: not our child
+        outer = 'setsid sh -c "' + inner.replace("$", "\\$") + '" &'
+        code = f"import subprocess\nsubprocess.Popen(['sh', '-c', {outer!r}])\n"
+    else:
+        code = f"import subprocess\nsubprocess.Popen(['sh', '-c', {inner!r}], start_new_session=True)\n"
+    code += ("import os, time\ndeadline = time.monotonic() + 20\n"
+             f"while time.monotonic() < deadline and not (os.path.exists({str(pid_file)!r}) and open({str(pid_file)!r}).read().strip()):\n"
+             "    time.sleep(0.01)\n")
+    try:
+        done = cli("run", "--", sys.executable, "-c", code, env=offline_env(tmp_path), cwd=tmp_path, timeout_s=60)
+        sleeper = int(pid_file.read_text())
+        assert done.returncode == 0, done.stderr
+        assert process_state(sleeper) is None, done.stderr  # the shell's child, in the shell's new group, stopped too
+        tree = the_summary(tmp_path)["process_tree"]
+        assert tree["leftovers_stopped"] >= 2 and tree["leftovers_killed"] == 0, tree  # the shell and its sleep
+    finally:
+        if pid_file.exists() and pid_file.read_text().strip() and process_state(int(pid_file.read_text())) not in (None, "Z"):
+            os.kill(int(pid_file.read_text()), signal.SIGKILL)
+
+
 def test_reaping_leaves_the_kept_childs_status_for_its_owner():
     kept = subprocess.Popen([sys.executable, "-c", "import sys; sys.exit(7)"])
     wait_until(lambda: process_state(kept.pid) == "Z", timeout_s=20, what="the kept child finished")
