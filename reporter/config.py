@@ -194,6 +194,24 @@ def parse_number(
     return value
 
 
+def read_text_file(path: str, what: str, *, secret: bool = False) -> str:
+    """The UTF-8 text of the file ``path`` given as ``what`` (``--params-file``); a UTF-8 byte-order mark is
+    dropped. :class:`ConfigError` in one line names the file and what is wrong (unreadable, not UTF-8 text);
+    with ``secret`` the message never shows a byte of the content."""
+    try:
+        with open(path, "rb") as f:
+            data = f.read()
+    except OSError as exc:
+        raise ConfigError(f"cannot read {what} {path}: {exc.strerror or exc}") from None
+    try:
+        return data.decode("utf-8-sig")
+    except UnicodeDecodeError as exc:
+        bom = data[:2] in (b"\xff\xfe", b"\xfe\xff")
+        found = "it starts with a UTF-16 byte-order mark" if bom else (
+            f"an invalid byte at offset {exc.start}" if secret else f"byte 0x{data[exc.start]:02x} at offset {exc.start} is invalid")
+        raise ConfigError(f"{what} {path} is not UTF-8 text ({found}); save it as UTF-8") from None
+
+
 def secret_key_problem(key: Optional[str], where: str = ENV_SECRET_KEY) -> Optional[str]:
     """Why ``key`` cannot travel in an HTTP header (a character outside Latin-1, a control character),
     in one line that never shows the key; None when it can (or when there is no key)."""

@@ -13,6 +13,7 @@ from .config import (
     ConfigError,
     Secret,
     load_config_strict,
+    read_text_file,
     resolve_backend_url,
     secret_key_problem,
 )
@@ -35,11 +36,7 @@ def _task_of(run_dir: str, given: Optional[str]) -> str:
 
 def _secret(secret_key_file: Optional[str], config: Config) -> Secret:
     if secret_key_file:
-        try:
-            with open(secret_key_file, encoding="utf-8") as f:
-                key = f.read().strip()
-        except OSError as exc:
-            raise ConfigError(f"cannot read --secret-key-file {secret_key_file}: {exc.strerror}") from None
+        key = read_text_file(secret_key_file, "--secret-key-file", secret=True).strip()
         if not key:
             raise ConfigError(f"--secret-key-file {secret_key_file} is empty")
         problem = secret_key_problem(key, f"--secret-key-file {secret_key_file}")

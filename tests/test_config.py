@@ -177,3 +177,27 @@ def test_the_in_process_hook_says_it_once_and_journals(tmp_path):
     assert done.returncode == 0 and "Traceback" not in done.stderr
     assert done.stderr.count("ANYLEARN_SECRET_KEY") == 1 and key not in done.stderr
     assert len((tmp_path / TASK_ID / "metrics.jsonl").read_text().splitlines()) == 5
+
+
+@pytest.mark.parametrize("content", [b"\xff\xfe{\x00}\x00", b'{"lr": 0.1, "x": "\xe9t\xe9"}'], ids=["utf16-bom", "latin1"])
+def test_a_params_file_that_is_not_utf8_is_one_line_and_exit_2(tmp_path, content):
+    params = tmp_path / "params.json"
+    params.write_bytes(content)
+    done = _reporter("run", "--params-file", str(params), "--", sys.executable, "-c", "pass",
+                     env=clean_environ(ANYLEARN_REPORTER_DIR=str(tmp_path / "runs")))
+    assert done.returncode == 2, done.stderr
+    assert "Traceback" not in done.stderr and len(done.stderr.strip().splitlines()) == 1
+    assert str(params) in done.stderr and "not UTF-8" in done.stderr
+
+
+def test_a_key_file_that_is_not_utf8_is_one_line_exit_2_and_never_shows_the_key(tmp_path):
+    run_dir = tmp_path / TASK_ID
+    run_dir.mkdir()
+    (run_dir / "metrics.jsonl").write_text('{"kind":"intermediate","value":0.5,"name":null,"step":1,"ts":1.0,"rank":0,"pid":1,"key":"a-1"}\n')
+    key_file = tmp_path / "keyfile"
+    key_file.write_bytes(b"k3y-\xe9-s3cr3t\n")
+    done = _reporter("sync", str(run_dir), "--secret-key-file", str(key_file), env=_key_env(tmp_path, "fine-key"))
+    assert done.returncode == 2, done.stderr
+    assert "Traceback" not in done.stderr and len(done.stderr.strip().splitlines()) == 1
+    assert str(key_file) in done.stderr and "not UTF-8" in done.stderr
+    assert "s3cr3t" not in done.stderr and "k3y" not in done.stderr and "0xe9" not in done.stderr

@@ -53,9 +53,10 @@ from ..config import (
     Secret,
     option_or_env,
     parse_number,
+    read_text_file,
 )
-from ..log import get_logger
 from ..integrations.autolog import autolog_environment, autolog_requested
+from ..log import get_logger
 from ..nni_trial import nni_enabled, nni_environment, nni_version_problem
 from ..params import artifact_paths, parse_params, render_params
 from ..tbevents import tensorboard_directory
@@ -137,11 +138,7 @@ def options_from(args: Any, env: Mapping[str, str]) -> RunOptions:
     if args.params is not None and args.params_file is not None:
         raise ConfigError("give --params or --params-file, not both")
     if args.params_file is not None:
-        try:
-            with open(args.params_file, encoding="utf-8") as f:
-                params = parse_params(f.read(), f"--params-file {args.params_file}")
-        except OSError as exc:
-            raise ConfigError(f"cannot read --params-file {args.params_file}: {exc.strerror}") from None
+        params = parse_params(read_text_file(args.params_file, "--params-file"), f"--params-file {args.params_file}")
     elif args.params is not None:
         params = parse_params(args.params, "--params")
     else:
