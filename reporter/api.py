@@ -39,7 +39,6 @@ __all__ = [
 
 
 BURST_GAP_S = 0.002  # reports closer together than this are a burst: delivery holds back (see Deliverer)
-MAX_STEP = (1 << 63) - 1  # a step beyond a signed 64-bit int is journalled as null (said once)
 MAX_FLUSH_TIMEOUT_S = 1e9
 
 
@@ -204,9 +203,6 @@ def _as_float(value: Any) -> float:
         raise TypeError(f"a metric must be a single number; float() of this {kind.__name__} failed: {exc}") from None
 
 
-_warned_steps: List[bool] = []
-
-
 def _as_step(step: Any) -> Optional[int]:
     if step is None:
         return None
@@ -217,12 +213,7 @@ def _as_step(step: Any) -> Optional[int]:
             step = int(step.__index__())
         except Exception as exc:
             raise TypeError(f"step must be an int or None; int() of this {type(step).__name__} failed: {exc}") from None
-    if -MAX_STEP - 1 <= step <= MAX_STEP:
-        return step
-    if not _warned_steps:
-        _warned_steps.append(True)
-        get_logger().warning("a step beyond a 64-bit integer was journalled as null (said once)")
-    return None
+    return step  # the journal writer keeps the one rule for a step beyond 64 bits
 
 
 def _as_flag(flag: Any) -> bool:
@@ -253,7 +244,7 @@ def report_metric(value: Any, *, step: Optional[int] = None, name: Optional[str]
         reporter.report_metric(best_accuracy, final=True)
     """
     number = _as_float(value)
-    if step is not None and (type(step) is not int or not -MAX_STEP - 1 <= step <= MAX_STEP):
+    if step is not None and type(step) is not int:
         step = _as_step(step)
     if name is not None and type(name) is not str:
         name = _as_name(name)

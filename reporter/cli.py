@@ -336,8 +336,19 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _escape_unprintable_output() -> None:
+    """Text our output cannot encode (a lone surrogate in a metric name or a backend's reason, a character
+    outside a non-UTF-8 terminal's charset) is printed as its backslash escape, never a traceback."""
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.reconfigure(errors="backslashreplace")  # type: ignore[union-attr]
+        except Exception:  # noqa: BLE001 - not a TextIOWrapper (a test's capture, a redirect): leave it
+            pass
+
+
 def main(argv: Optional[List[str]] = None) -> int:
     """Run the command line; returns the exit code."""
+    _escape_unprintable_output()
     parser = build_parser()
     argv = list(sys.argv[1:] if argv is None else argv)
     command: Optional[List[str]] = None

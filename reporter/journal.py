@@ -37,6 +37,30 @@ COUNTERS_SAVE_INTERVAL_S = 1.0
 COUNTER_LOST = "lost"  # records a writer could not journal, by reason
 COUNTER_UNREADABLE = "unreadable"  # output lines a host could not read a metric from, by kind of line
 COUNTER_LOG_WRITE_FAILED = "log_write_failed"  # writes of the wrapper's stdout.log/stderr.log that failed, by file
+MAX_STEP = (1 << 63) - 1  # a step beyond a signed 64-bit int is journalled as null (said once), whoever reports it
+MAX_NAME_CHARS = 250  # MLflow's limit on a metric key; a longer name is journalled cut to this length (said once)
+
+
+def clean_name(name: str) -> str:
+    """A metric name as it is journalled: encodable as UTF-8 (a lone surrogate becomes its ``\\udXXX``
+    escape) and at most :data:`MAX_NAME_CHARS` characters. Never raises."""
+    if not name.isascii():
+        name = name.encode("utf-8", "backslashreplace").decode("utf-8")
+    return name[:MAX_NAME_CHARS]
+
+
+def step_in_range(step: int) -> bool:
+    """Whether ``step`` fits a signed 64-bit integer, the one rule for every source of records."""
+    return -MAX_STEP - 1 <= step <= MAX_STEP
+
+
+_said: set = set()
+
+
+def _say_once(message: str) -> None:
+    if message not in _said:
+        _said.add(message)
+        get_logger().warning("%s (said once)", message)
 
 
 def atomic_write(path: str, data: bytes, *, fsync: bool = True) -> None:
@@ -139,7 +163,13 @@ class JournalWriter:
             return None
         name_json = self._names.get(name)
         if name_json is None:
-            name_json = self._names[name] = json.dumps(name)
+            cleaned = name if name is None else clean_name(name)
+            if cleaned is not None and len(cleaned) < len(name):  # type: ignore[arg-type]
+                _say_once(f"a metric name longer than {MAX_NAME_CHARS} characters was journalled cut to its first {MAX_NAME_CHARS}")
+            name_json = self._names[name] = json.dumps(cleaned)
+        if step is not None and not step_in_range(step):
+            _say_once("a step beyond a 64-bit integer was journalled as null")
+            step = None
         if value is None or value - value != 0:  # NaN and +-inf fail x - x == 0
             value_text = "null"
             if value is not None and self.on_non_finite is not None:
@@ -289,9 +319,13 @@ def check_record(obj: Any) -> Tuple[Optional[Dict[str, Any]], Optional[str]]:
     step = obj.get("step")
     if step is not None and not _is_int(step):
         return None, "step is not an integer"
+    if step is not None and not step_in_range(step):
+        return None, "step is beyond a 64-bit integer"
     name = obj.get("name")
-    if name is not None and not isinstance(name, str):
-        return None, "name is not a string"
+    if name is not None:
+        if not isinstance(name, str):
+            return None, "name is not a string"
+        name = clean_name(name)
     ts = obj.get("ts")
     if ts is not None:
         if not _is_number(ts) or not -MAX_TS <= ts <= MAX_TS:

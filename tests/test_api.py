@@ -312,3 +312,28 @@ def test_records_the_command_could_not_journal_are_counted_in_summary_json(serve
     lost = summary["records"]["lost"]
     command_records = [r for r in journalled(run_dir) if r["kind"] == "intermediate"]
     assert sum(lost.values()) > 0 and len(command_records) + sum(lost.values()) == 60
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.text(st.characters(codec=None, exclude_categories=()), max_size=400))
+def test_any_name_is_journalled_as_utf8_of_at_most_the_name_limit(name):
+    from reporter.journal import MAX_NAME_CHARS, clean_name
+
+    cleaned = clean_name(name)
+    cleaned.encode("utf-8")  # never raises: a lone surrogate became its escape
+    assert len(cleaned) <= MAX_NAME_CHARS and clean_name(cleaned) == cleaned
+    try:
+        name.encode("utf-8")
+    except UnicodeEncodeError:
+        return
+    assert cleaned == name[:MAX_NAME_CHARS]  # a printable name is only ever cut, never changed
+
+
+def test_a_name_above_the_limit_is_cut_once_said_and_never_raises(task, capsys):
+    from reporter.journal import MAX_NAME_CHARS
+
+    reporter.report_metrics({"x" * 40_000: 0.5, "y" * 300: 0.25})
+    reporter.report_metric(0.125, name="\ud800")
+    names = [r["name"] for r in journalled(task)]
+    assert names == ["x" * MAX_NAME_CHARS, "y" * MAX_NAME_CHARS, "\\ud800"]
+    assert capsys.readouterr().err.count(f"longer than {MAX_NAME_CHARS} characters") == 1

@@ -64,3 +64,25 @@ def test_nothing_pending_is_healthy_however_old_the_run(tmp_path):
     (run_dir / "cursor").write_text(str((run_dir / "metrics.jsonl").stat().st_size))
     assert oldest_pending_ts(str(run_dir)) is None
     assert _status(run_dir, 0.0)[0] == 0
+
+
+def test_a_lone_surrogate_in_names_and_reasons_is_printed_escaped_never_a_traceback(tmp_path):
+    env = clean_environ(ANYLEARN_REPORTER_DIR=str(tmp_path / "runs"))
+    code = ("import reporter\n"
+            "reporter.report_metrics({'\\ud800': 0.5})\n"
+            "print('ANYLEARN_METRIC {\"value\": 0.25, \"name\": \"\\\\udcff\"}', flush=True)\n")
+    done = cli("run", "--", sys.executable, "-c", code, env=env)
+    assert done.returncode == 0, done.stderr
+    (run_dir,) = (tmp_path / "runs").iterdir()
+    with open(run_dir / "metrics.jsonl", "a") as f:  # written by another tool, and a backend's reason with one
+        f.write('{"kind":"intermediate","value":0.75,"name":"hand\\udfff","step":1,"ts":1.0,"rank":0,"pid":1,"key":"h-1"}\n')
+    (run_dir / "status.json").write_text(json.dumps({"last_error": "HTTP 400: bad name \ud800", "failing_since": 1.0}))
+    show = cli("show", "--metrics", str(run_dir), env=env)
+    status = cli("status", str(run_dir), env=env)
+    for done in (show, status):
+        assert "Traceback" not in done.stderr and "UnicodeEncodeError" not in done.stderr, done.stderr
+    assert show.returncode == 0
+    assert "\\ud800" in show.stdout and "\\udcff" in show.stdout and "hand\\udfff" in show.stdout
+    assert "bad name \\ud800" in status.stdout
+    journal = (run_dir / "metrics.jsonl").read_bytes().decode("utf-8")  # the writers journalled UTF-8 text
+    assert journal.count('\\\\ud800') == 1 and journal.count('\\\\udcff') == 1

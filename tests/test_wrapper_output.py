@@ -157,3 +157,16 @@ def test_an_unusable_metric_line_is_one_of_the_counted_kinds():
         assert parser.parse(line) is None
     assert parser.unreadable == 3
     assert parser.parse('ANYLEARN_METRIC {"value": 0.5, "step": 3.0}') == ParsedMetric("intermediate", 0.5, None, 3)
+
+
+def test_a_step_beyond_64_bits_on_a_metric_line_is_journalled_as_null_like_the_hooks(tmp_path):
+    code = ("import reporter\n"
+            "print('ANYLEARN_METRIC {\"value\": 0.5, \"step\": 1e300}', flush=True)\n"
+            "print('ANYLEARN_METRIC {\"value\": 0.25, \"step\": 9223372036854775807}', flush=True)\n"
+            "reporter.report_metric(0.125, step=10**300)\n")
+    done = cli("run", "--", sys.executable, "-c", code, env=clean_environ(ANYLEARN_REPORTER_DIR=str(tmp_path / "runs")), cwd=tmp_path)
+    assert done.returncode == 0, done.stderr
+    (run_dir,) = (tmp_path / "runs").iterdir()
+    steps = sorted(((r["value"], r["step"]) for _, r in iter_records(str(run_dir)) if r["kind"] == "intermediate"))
+    assert steps == [(0.125, None), (0.25, 2**63 - 1), (0.5, None)]
+    assert "beyond a 64-bit integer was journalled as null" in done.stderr
