@@ -15,6 +15,7 @@ import json
 import math
 import os
 import secrets
+import stat
 import threading
 import time
 import weakref
@@ -30,6 +31,9 @@ KIND_STATE = "state"
 RECORD_KINDS = (KIND_INTERMEDIATE, KIND_FINAL, KIND_STATE)
 _RECORD_START = b'{"kind"'
 _READ_CHUNK_BYTES = 1 << 16
+MAX_LINE_BYTES = 1 << 20  # far above any line a writer makes (a name is cut to 250 characters): a longer one is skipped
+INVALID_TOO_LONG = f"line longer than {MAX_LINE_BYTES} bytes"
+INVALID_NOT_REGULAR = "the journal is not a regular file"
 MAX_KEY_CHARS = 200
 MAX_TS = 1e11  # seconds since the epoch (year 5138): beyond it a time stamp is not a time
 COUNTERS_FILE_GLOB = "counters.*.json"
@@ -396,14 +400,25 @@ class JournalReader:
         self.offset = offset
         self.torn_lines = 0
         self.invalid: Dict[str, int] = {}  # whole lines that are not valid records, by reason
+        self.not_regular = False  # a device, a FIFO...: never followed (/dev/full would be read forever)
         self._fd = -1
+        self._scanned_to = -1  # how far a long line after :attr:`offset` was searched for its newline
 
     def _ensure_open(self) -> bool:
+        if self.not_regular:
+            return False
         if self._fd < 0:
             try:
-                self._fd = os.open(self.path, os.O_RDONLY | os.O_CLOEXEC)
+                fd = os.open(self.path, os.O_RDONLY | os.O_CLOEXEC | os.O_NONBLOCK)
             except FileNotFoundError:
                 return False
+            if not stat.S_ISREG(os.fstat(fd).st_mode):
+                os.close(fd)
+                self.not_regular = True
+                self.invalid[INVALID_NOT_REGULAR] = 1
+                get_logger().warning("%s is not a regular file: it is not read (nothing in it can be delivered)", self.path)
+                return False
+            self._fd = fd
         return True
 
     def size(self) -> int:
@@ -432,6 +447,13 @@ class JournalReader:
                 long_line = self._read_long_line()
                 if long_line is None:
                     break
+                if isinstance(long_line, int):  # too long to hold: skipped unread, up to its newline
+                    start, self.offset = self.offset, long_line
+                    if INVALID_TOO_LONG not in self.invalid:
+                        get_logger().warning("skipping a %s at byte %d of %s (said once)", INVALID_TOO_LONG, start, self.path)
+                    self.invalid[INVALID_TOO_LONG] = self.invalid.get(INVALID_TOO_LONG, 0) + 1
+                    entries.append(JournalEntry(long_line, None, INVALID_TOO_LONG))
+                    continue
                 chunk, last_newline = long_line, len(long_line) - 1
             position = self.offset
             for line in chunk[: last_newline + 1].split(b"\n")[:-1]:
@@ -459,16 +481,24 @@ class JournalReader:
                 self.offset = position
         return entries
 
-    def _read_long_line(self) -> Optional[bytes]:
-        data = b""
+    def _read_long_line(self) -> "Optional[bytes | int]":
+        """The line at :attr:`offset` (with its newline) when it spans more than one chunk; the offset just
+        past it when it is longer than :data:`MAX_LINE_BYTES` (its bytes are never held); None when its
+        newline is not written yet. Linear: chunks are joined once, and a search resumes where it stopped."""
+        position = max(self.offset, self._scanned_to)
         while True:
-            more = os.pread(self._fd, _READ_CHUNK_BYTES, self.offset + len(data))
+            more = os.pread(self._fd, _READ_CHUNK_BYTES, position)
             if not more:
+                self._scanned_to = position
                 return None
-            data += more
-            newline = data.find(b"\n")
+            newline = more.find(b"\n")
             if newline >= 0:
-                return data[: newline + 1]
+                end = position + newline + 1
+                self._scanned_to = -1
+                if end - self.offset > MAX_LINE_BYTES:
+                    return end
+                return os.pread(self._fd, end - self.offset, self.offset)
+            position += len(more)
 
     def close(self) -> None:
         if self._fd >= 0:
@@ -538,8 +568,18 @@ def append_rejected(run_dir: str, record: Dict[str, Any], status: int, reason: s
         os.close(fd)
 
 
+def is_regular_file(path: str) -> bool:
+    """Whether ``path`` is a regular file (following symbolic links); False when it is missing."""
+    try:
+        return stat.S_ISREG(os.stat(path).st_mode)
+    except OSError:
+        return False
+
+
 def count_lines(path: str) -> int:
-    """Number of newline-terminated lines in a file (0 when missing)."""
+    """Number of newline-terminated lines in a file (0 when missing or not a regular file)."""
+    if not is_regular_file(path):
+        return 0
     try:
         with open(path, "rb") as f:
             return sum(chunk.count(b"\n") for chunk in iter(lambda: f.read(1 << 20), b""))
@@ -572,6 +612,8 @@ def count_pending(run_dir: str, offset: Optional[int] = None) -> int:
     """Whole journal lines after ``offset`` (default: the saved cursor)."""
     path = os.path.join(run_dir, JOURNAL_FILE)
     start = load_cursor(run_dir) if offset is None else offset
+    if not is_regular_file(path):
+        return 0
     try:
         with open(path, "rb") as f:
             f.seek(start)

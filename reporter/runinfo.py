@@ -90,7 +90,7 @@ class RunInfo:
 
 
 def is_run_dir(path: str) -> bool:
-    return os.path.isfile(os.path.join(path, JOURNAL_FILE)) or os.path.isfile(os.path.join(path, SUMMARY_FILE))
+    return os.path.exists(os.path.join(path, JOURNAL_FILE)) or os.path.isfile(os.path.join(path, SUMMARY_FILE))
 
 
 def find_runs(reporter_dir: str) -> List[str]:
@@ -144,7 +144,7 @@ def _last_state(journal: str, max_bytes: int = 1 << 20) -> Optional[int]:
             f.seek(0, os.SEEK_END)
             size = f.tell()
             f.seek(max(0, size - max_bytes))
-            tail = f.read()
+            tail = f.read(max_bytes)  # bounded: a device (/dev/full) would give zeros forever
     except OSError:
         return None
     for line in reversed(tail.split(b"\n")):

@@ -10,7 +10,7 @@ import time
 from typing import Dict, List, Optional, Sequence, Tuple
 
 from .config import ENV_RUN_DIR, JOURNAL_FILE, load_config
-from .journal import load_cursor, parse_line
+from .journal import is_regular_file, load_cursor, parse_line
 from .runinfo import RunInfo, find_runs, is_run_dir, read_run
 
 DEFAULT_STALE_AFTER_S = 300.0
@@ -49,6 +49,9 @@ def health(info: RunInfo, stale_after_s: float) -> Tuple[bool, str]:
     records pending with no delivery for longer than ``stale_after_s`` whatever the cause (failing, a
     request stuck in flight, no deliverer running)."""
     now = time.time()
+    journal = os.path.join(info.run_dir, JOURNAL_FILE)
+    if os.path.lexists(journal) and not is_regular_file(journal):
+        return False, f"{JOURNAL_FILE} in {info.run_dir} is not a regular file: nothing in it can be read or delivered"
     if info.paused:
         return False, f"paused ({info.paused}): fix it, then `anylearn-reporter sync {info.run_dir}`"
     if info.failing_since is not None and now - info.failing_since > stale_after_s:

@@ -86,3 +86,38 @@ def test_a_lone_surrogate_in_names_and_reasons_is_printed_escaped_never_a_traceb
     assert "bad name \\ud800" in status.stdout
     journal = (run_dir / "metrics.jsonl").read_bytes().decode("utf-8")  # the writers journalled UTF-8 text
     assert journal.count('\\\\ud800') == 1 and journal.count('\\\\udcff') == 1
+
+
+def test_a_line_above_the_bound_is_skipped_unread_and_counted_and_the_next_records_kept(tmp_path):
+    from reporter.journal import MAX_LINE_BYTES, JournalReader
+
+    run_dir = tmp_path / TASK_ID
+    run_dir.mkdir()
+    ok = '{"kind":"intermediate","value":0.25,"name":null,"step":%d,"ts":1.0,"rank":0,"pid":1,"key":"a-%d"}\n'
+    near = '{"kind":"intermediate","value":0.5,"name":"%s","step":2,"ts":1.0,"rank":0,"pid":1,"key":"a-2"}\n' % ("n" * (MAX_LINE_BYTES - 200))
+    huge = '{"kind":"intermediate","value":0.5,"name":"%s","step":3,"ts":1.0,"rank":0,"pid":1,"key":"a-3"}\n' % ("x" * (3 * MAX_LINE_BYTES))
+    (run_dir / "metrics.jsonl").write_text(ok % (1, 1) + near + huge + ok % (4, 4))
+    reader = JournalReader(str(run_dir))
+    entries = reader.read_available()
+    assert [e.record["step"] if e.record else e.problem for e in entries] == [1, 2, f"line longer than {MAX_LINE_BYTES} bytes", 4]
+    assert reader.offset == (run_dir / "metrics.jsonl").stat().st_size
+    assert reader.invalid == {f"line longer than {MAX_LINE_BYTES} bytes": 1}
+    show = cli("show", str(run_dir))
+    assert show.returncode == 0 and "1 line longer than" in show.stdout + show.stderr
+
+
+def test_a_journal_that_is_a_device_is_said_once_never_read_and_makes_status_unhealthy(server, tmp_path):
+    run_dir = tmp_path / TASK_ID
+    run_dir.mkdir()
+    (run_dir / "metrics.jsonl").symlink_to("/dev/full")  # reads give zeros forever, writes fail: ENOSPC
+    code = ("import os, time, reporter\nreporter.report_metric(0.5)\ndeadline = time.monotonic() + 20\n"
+            f"while not os.path.exists({str(run_dir / 'status.json')!r}) and time.monotonic() < deadline:\n"
+            "    time.sleep(0.02)\n")  # the deliverer, idle, has written its status
+    done = subprocess.run([sys.executable, "-c", code], env=_env(tmp_path, server.base_url), capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0 and (run_dir / "status.json").exists(), done.stderr
+    assert done.stderr.count("is not a regular file") == 1, done.stderr
+    status = cli("status", str(run_dir), "--json", timeout_s=30)
+    assert status.returncode == 1 and "not a regular file" in json.loads(status.stdout)["health"]
+    for command in (("show", str(run_dir)), ("show", "--metrics", str(run_dir))):
+        shown = cli(*command, timeout_s=30)
+        assert "Traceback" not in shown.stderr, shown.stderr
