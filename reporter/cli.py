@@ -15,6 +15,7 @@ from .config import ENV_SECRET_KEY, ENV_SECRET_KEY_PLATFORM, ConfigError
 
 EXIT_OK = 0
 EXIT_USAGE = 2
+EXIT_NOT_JOURNALLED = 1  # `report`: the record could not be written to the journal
 
 
 class _Parser(argparse.ArgumentParser):
@@ -271,9 +272,32 @@ def _cmd_report(args: argparse.Namespace) -> int:
     from .config import check_secret_key
 
     check_secret_key()  # a key that cannot be sent is a usage error here (exit 2), not a silent offline run
+    problem = _journal_problem()
+    if problem:
+        print(f"anylearn-reporter: error: {problem}", file=sys.stderr)
+        return EXIT_NOT_JOURNALLED
 
+    hook = api._get_hook()
     api.report_metric(args.value, step=args.step, name=args.name, final=args.final)
+    if hook.writer.lost:  # the writer said why, once (e.g. ENOSPC): not again in the exit summary
+        hook.writer.lost.clear()
+        return EXIT_NOT_JOURNALLED
     return EXIT_OK
+
+
+def _journal_problem() -> Optional[str]:
+    """Why the run's journal cannot be opened for appending (one line naming the path and the fix), or None."""
+    from .config import ENV_REPORTER_DIR, ENV_RUN_DIR, JOURNAL_FILE, load_config
+
+    run_dir = load_config()[0].run_dir
+    try:
+        os.makedirs(run_dir, exist_ok=True)
+        os.close(os.open(os.path.join(run_dir, JOURNAL_FILE), os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o644))
+    except (OSError, ValueError) as exc:
+        why = getattr(exc, "strerror", None) or str(exc)
+        return (f"cannot journal the record in {run_dir}: {why}; nothing was reported: "
+                f"set {ENV_REPORTER_DIR} (or {ENV_RUN_DIR}) to a directory you can write")
+    return None
 
 
 def _add_report(sub: argparse._SubParsersAction) -> None:

@@ -259,9 +259,8 @@ class Deliverer:
                 if why != said:
                     said = why
                     self._note_error(f"cannot take the deliver lock: {why}")
-                    self._log.warning(
-                        "cannot take the deliver lock in %s: %s; records stay in the journal (said once)", self.run_dir, why,
-                    )
+                    kept = "records stay in the journal" if os.path.exists(os.path.join(self.run_dir, JOURNAL_FILE)) else "and there is no journal there"
+                    self._log.warning("cannot take the deliver lock in %s: %s; %s (said once)", self.run_dir, why, kept)
             self.first_lock_attempt.set()
             self._stop.wait(self.options.lock_poll_interval_s)
         return False

@@ -15,6 +15,7 @@ from conftest import (
     clean_environ,
     cli,
     free_port,
+    run_python,
     task_env,
     wait_until,
 )
@@ -254,6 +255,30 @@ def test_report_from_a_shell_script_under_the_wrapper(server, tmp_path):
     done = cli("run", "--", str(script), env=task_env(server.base_url, str(tmp_path / "run")), cwd=tmp_path)
     assert done.returncode == 0, done.stderr
     assert server.backend.tasks()[0]["intermediate_metrics"] == [0.25, 0.5]
+
+
+def test_report_exits_1_with_one_line_when_the_record_cannot_be_journalled(server, tmp_path):
+    (tmp_path / "a-file").write_text("")
+    run_dir = tmp_path / "a-file" / "run"  # a file where a directory should be: no journal can exist
+    done = cli("report", "0.5", env=task_env(server.base_url, str(run_dir), ANYLEARN_FLUSH_TIMEOUT="1"))
+    assert done.returncode == 1, done.stderr
+    assert done.stderr.strip().splitlines() == [done.stderr.strip()] and str(run_dir) in done.stderr
+    assert "Not a directory" in done.stderr and "records stay in the journal" not in done.stderr
+    full = tmp_path / "full"
+    full.mkdir()
+    (full / "metrics.jsonl").symlink_to("/dev/full")  # opens, but every write fails: ENOSPC
+    done = cli("report", "0.5", env=clean_environ(ANYLEARN_REPORTER_RUN_DIR=str(full)))
+    assert done.returncode == 1 and "ENOSPC" in done.stderr and done.stderr.count("could not be journalled") == 1, done.stderr
+    assert server.backend.tasks() == [] or server.backend.tasks()[0]["intermediate_metrics"] == []
+
+
+def test_the_hook_says_there_is_no_journal_when_it_cannot_take_the_lock_of_a_run_that_cannot_be_made(server, tmp_path):
+    (tmp_path / "a-file").write_text("")
+    env = task_env(server.base_url, str(tmp_path / "a-file" / "run"), ANYLEARN_FLUSH_TIMEOUT="1")
+    done = run_python("import reporter\nreporter.report_metric(0.5)\nreporter.flush(1)", env)
+    assert done.returncode == 0, done.stderr
+    assert "cannot take the deliver lock" in done.stderr and "no journal there" in done.stderr
+    assert "records stay in the journal" not in done.stderr
 
 
 @pytest.mark.parametrize("value", ["abc", "true", ""])
