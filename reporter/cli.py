@@ -269,9 +269,10 @@ def _number_arg(text: str) -> float:
 
 def _cmd_report(args: argparse.Namespace) -> int:
     from . import api
-    from .config import check_secret_key
+    from .config import check_secret_key, check_task_id
 
     check_secret_key()  # a key that cannot be sent is a usage error here (exit 2), not a silent offline run
+    check_task_id()
     problem = _journal_problem()
     if problem:
         print(f"anylearn-reporter: error: {problem}", file=sys.stderr)

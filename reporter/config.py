@@ -212,6 +212,23 @@ def read_text_file(path: str, what: str, *, secret: bool = False) -> str:
         raise ConfigError(f"{what} {path} is not UTF-8 text ({found}); save it as UTF-8") from None
 
 
+MAX_TASK_ID_BYTES = 255  # a file name's limit on Linux: the task id names the run directory
+
+
+def task_id_problem(task_id: Optional[str], where: str = ENV_TASK_ID) -> Optional[str]:
+    """Why ``task_id`` cannot be a task id (it names the run directory and travels in requests): one line,
+    the id shown escaped; None when it can (or when there is none)."""
+    if not task_id:
+        return None
+    if (task_id.startswith(".") or "/" in task_id or "\\" in task_id
+            or any(ord(c) < 0x20 or 0x7F <= ord(c) < 0xA0 or 0xD800 <= ord(c) < 0xE000 for c in task_id)
+            or len(task_id.encode("utf-8", "surrogatepass")) > MAX_TASK_ID_BYTES):
+        shown = task_id[:80].encode("ascii", "backslashreplace").decode("ascii")
+        return (f"{where}={shown!r} cannot be a task id (a path separator, a leading dot, a control or undecodable "
+                f"character, or more than {MAX_TASK_ID_BYTES} bytes); use the id AnyLearn gave")
+    return None
+
+
 def secret_key_problem(key: Optional[str], where: str = ENV_SECRET_KEY) -> Optional[str]:
     """Why ``key`` cannot travel in an HTTP header (a character outside Latin-1, a control character),
     in one line that never shows the key; None when it can (or when there is no key)."""
@@ -232,6 +249,15 @@ def check_secret_key(env: Optional[Mapping[str, str]] = None) -> None:
     env = os.environ if env is None else env
     where = ENV_SECRET_KEY if env.get(ENV_SECRET_KEY, "").strip() else ENV_SECRET_KEY_PLATFORM
     problem = secret_key_problem(_first(env, ENV_SECRET_KEY, ENV_SECRET_KEY_PLATFORM), where)
+    if problem:
+        raise ConfigError(problem)
+
+
+def check_task_id(env: Optional[Mapping[str, str]] = None) -> None:
+    """Raise :class:`ConfigError` when the environment's task id cannot be one (see :func:`task_id_problem`)."""
+    env = os.environ if env is None else env
+    where = ENV_TASK_ID if env.get(ENV_TASK_ID, "").strip() else ENV_TASK_ID_PLATFORM
+    problem = task_id_problem(_first(env, ENV_TASK_ID, ENV_TASK_ID_PLATFORM), where)
     if problem:
         raise ConfigError(problem)
 
@@ -287,8 +313,9 @@ def load_config(env: Optional[Mapping[str, str]] = None) -> Tuple[Config, List[s
             "set it like http://127.0.0.1:8080/api"
         )
         backend_url, source = None, "offline: invalid backend URL"
-    if task_id and (task_id.startswith(".") or "/" in task_id or "\x00" in task_id):
-        problems.append(f"the task id {task_id!r} cannot name a run directory; use the id AnyLearn gave")
+    id_problem = task_id_problem(task_id, ENV_TASK_ID if env.get(ENV_TASK_ID, "").strip() else ENV_TASK_ID_PLATFORM)
+    if id_problem:
+        problems.append(id_problem)
         task_id = None
 
     reporter_dir = os.path.abspath(_first(env, ENV_REPORTER_DIR) or DEFAULT_REPORTER_DIR)

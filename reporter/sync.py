@@ -16,6 +16,7 @@ from .config import (
     read_text_file,
     resolve_backend_url,
     secret_key_problem,
+    task_id_problem,
 )
 from .log import Progress, get_logger
 from .runinfo import is_run_dir
@@ -26,6 +27,9 @@ EXIT_PENDING = 3
 def _task_of(run_dir: str, given: Optional[str]) -> str:
     name = os.path.basename(os.path.abspath(run_dir))
     owner = None if name.startswith("offline-") else name
+    problem = task_id_problem(given, "--task-id")
+    if problem:
+        raise ConfigError(problem)
     if given and owner and owner != given:
         raise ConfigError(f"{run_dir} holds task {owner}'s records, not {given}'s; sync it without --task-id or with its own id")
     task_id = given or owner
