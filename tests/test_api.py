@@ -258,7 +258,7 @@ print(count)
 """
 
 
-@pytest.mark.parametrize("where", ["under a file", "under /proc", "a task id too long for a file name"])
+@pytest.mark.parametrize("where", ["under a file", "under /proc"])  # a task id too long: test_config, a configuration problem
 def test_a_run_directory_that_cannot_be_made_is_said_once_and_training_goes_on(tmp_path, where):
     blocker = tmp_path / "a-file"
     blocker.write_text("")
