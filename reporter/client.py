@@ -26,7 +26,7 @@ from urllib3.connection import HTTPConnection, HTTPSConnection
 from urllib3.connectionpool import HTTPConnectionPool, HTTPSConnectionPool
 
 from .config import DEFAULT_REQUEST_TIMEOUT_S, ENV_REQUEST_TIMEOUT, Secret, parse_number
-from .journal import KIND_FINAL, KIND_INTERMEDIATE, KIND_STATE
+from .journal import KIND_FINAL, KIND_INTERMEDIATE, KIND_STATE, Record
 
 RETRYABLE_STATUSES = frozenset({408, 425, 429, 500, 502, 503, 504})
 AUTH_STATUSES = frozenset({401, 403})
@@ -328,14 +328,14 @@ class BackendClient:
         finally:
             self._watchdog.disarm()
 
-    def send(self, record: Mapping[str, Any], timeout_s: Optional[float] = None) -> SendResult:
+    def send(self, record: Record, timeout_s: Optional[float] = None) -> SendResult:
         """POST one journal record to its endpoint; raise :class:`TransientError` to have it retried."""
-        kind = record["kind"]
+        kind = record.kind
         if kind == KIND_STATE:
-            form = {"id": self.task_id, "state": str(int(record["value"]))}
+            form = {"id": self.task_id, "state": str(record.value)}
         else:
-            form = {"id": self.task_id, "metric": repr(float(record["value"]))}
-        headers = {"Idempotency-Key": str(record.get("key", ""))}
+            form = {"id": self.task_id, "metric": repr(record.value)}
+        headers = {"Idempotency-Key": record.key}
         response = self.request("POST", ENDPOINTS[kind], form=form, headers=headers, timeout_s=timeout_s)
         return classify(response, optional_endpoint=kind == KIND_STATE)
 

@@ -20,29 +20,23 @@ from .client import (
     TransientError,
     delivery_retrying,
 )
-from .config import JOURNAL_FILE, STATUS_FILE, Config
+from .config import JOURNAL_FILE, Config
 from .journal import (
-    KIND_STATE,
     DeliverLock,
     JournalEntry,
     JournalReader,
+    Record,
     append_rejected,
-    atomic_write_json,
     count_pending,
     load_cursor,
     read_host_counters,
-    read_json,
     save_cursor,
     whole_lines_end,
 )
 from .log import get_logger
+from .policy import SKIP_STATE_OFF, SendRule, line_skip_reason, skip_reason
+from .runstatus import DeliveryStatus, read_status, write_status
 
-SKIP_OTHER_RANK = "from a rank other than 0"
-SKIP_NOT_OBJECTIVE = "not the objective metric"
-SKIP_NOT_A_NUMBER = "not a finite number"
-SKIP_STATE_OFF = "state reporting is off"
-SKIP_TORN = "torn or invalid line"
-SKIP_INVALID = "invalid record"  # followed by the reason, e.g. "invalid record (value is not a number)"
 PROGRESS_INTERVAL_S = 0.5
 
 
@@ -50,8 +44,7 @@ PROGRESS_INTERVAL_S = 0.5
 class DeliveryOptions:
     """How a deliverer behaves; every duration in seconds."""
 
-    objective_metric: str = "metric"
-    report_all_ranks: bool = False
+    rule: SendRule = SendRule()  # which records are sent
     poll_interval_s: float = 0.2
     lock_poll_interval_s: float = 1.0
     initial_backoff_s: float = 0.5
@@ -209,26 +202,26 @@ class Deliverer:
         self._stop.set()
         self._wake.set()
 
-    def status(self) -> Dict[str, Any]:
+    def status(self) -> DeliveryStatus:
         """What ``status.json`` holds: counters, last delivery, last error, deliverer pid."""
-        return {
-            "task_id": self.client.task_id,
-            "backend_url": self.client.base_url,
-            "deliverer_pid": os.getpid(),
-            "deliverer_started": self.started_ts,
-            "cursor": self._acked,
-            "delivered": self.delivered,
-            "skipped": dict(self.skipped),
-            "counters": read_host_counters(self.run_dir),
-            "paused": self.paused_reason,
-            "state_reporting": self.state_reporting,
-            "last_delivery_ts": self.last_delivery_ts,
-            "last_error": self.last_error,
-            "last_error_ts": self.last_error_ts,
-            "failing_since": self._failing_since,
-            "updated": time.time(),
-            "running": not self._stop.is_set(),
-        }
+        return DeliveryStatus(
+            task_id=self.client.task_id,
+            backend_url=self.client.base_url,
+            deliverer_pid=os.getpid(),
+            deliverer_started=self.started_ts,
+            cursor=self._acked,
+            delivered=self.delivered,
+            skipped=dict(self.skipped),
+            counters=read_host_counters(self.run_dir),
+            paused=self.paused_reason,
+            state_reporting=self.state_reporting,
+            last_delivery_ts=self.last_delivery_ts,
+            last_error=self.last_error,
+            last_error_ts=self.last_error_ts,
+            failing_since=self._failing_since,
+            updated=time.time(),
+            running=not self._stop.is_set(),
+        )
 
     # --- the worker ---------------------------------------------------------------------------------
 
@@ -285,36 +278,18 @@ class Deliverer:
 
     def _load_state(self) -> None:
         self._acked = load_cursor(self.run_dir)
-        previous = read_json(os.path.join(self.run_dir, STATUS_FILE))
-        if isinstance(previous, dict) and previous.get("task_id") == self.client.task_id:
-            delivered = previous.get("delivered")
-            self.delivered = delivered if type(delivered) is int and delivered >= 0 else 0
-            skipped = previous.get("skipped")
-            if isinstance(skipped, dict):  # a hand-edited file must not stop delivery: keep what reads
-                self.skipped = {str(k): v for k, v in skipped.items() if type(v) is int and v >= 0}
-
-    def _skip_reason(self, record: Dict[str, Any]) -> Optional[str]:
-        rank = record.get("rank", 0)
-        if record["kind"] == KIND_STATE:  # only node rank 0's wrapper reports the task's state
-            if rank != 0:
-                return SKIP_OTHER_RANK
-            return None if self.state_reporting else SKIP_STATE_OFF
-        if rank != 0 and not self.options.report_all_ranks:
-            return SKIP_OTHER_RANK
-        if record.get("value") is None:
-            return SKIP_NOT_A_NUMBER
-        name = record.get("name")
-        if name is not None and name != self.options.objective_metric:
-            return SKIP_NOT_OBJECTIVE
-        return None
+        previous, _ = read_status(self.run_dir)  # field by field: a hand-edited file cannot stop delivery
+        if previous is not None and previous.task_id == self.client.task_id:
+            self.delivered = previous.delivered
+            self.skipped = dict(previous.skipped)
 
     def _deliver_entry(self, entry: JournalEntry) -> bool:
         record = entry.record
         skip: Optional[str]
         if record is None:
-            skip = SKIP_TORN if entry.problem in (None, SKIP_TORN) else f"{SKIP_INVALID} ({entry.problem})"
+            skip = line_skip_reason(entry.problem)
         else:
-            skip = self._skip_reason(record)
+            skip = skip_reason(record, self.options.rule, state_reporting=self.state_reporting)
         if skip is not None:
             self._count_skip(skip)
         elif record is not None:
@@ -343,11 +318,11 @@ class Deliverer:
             self._stop.wait(self.options.defer_step_s)
             waited += self.options.defer_step_s
 
-    def _send(self, record: Dict[str, Any]) -> SendResult:
+    def _send(self, record: Record) -> SendResult:
         timeout_s = None if self._deadline is None else self._deadline - time.monotonic()
         return self.client.send(record, timeout_s)
 
-    def _apply(self, record: Dict[str, Any], result: SendResult) -> bool:
+    def _apply(self, record: Record, result: SendResult) -> bool:
         """Book an answer; False when delivery must pause (the record is then not acknowledged)."""
         if self._failing_since is not None:
             self._log.info("delivery resumed after %.0f s", time.time() - self._failing_since)
@@ -362,7 +337,7 @@ class Deliverer:
             self._note_error(f"HTTP {result.status}: {result.reason}")
             self._log.warning(
                 "the backend refused a %s record for good (HTTP %d: %s); kept in %s/rejected.jsonl",
-                record["kind"], result.status, result.reason, self.run_dir,
+                record.kind, result.status, result.reason, self.run_dir,
             )
         elif result.outcome is Outcome.UNSUPPORTED:
             self.state_reporting = False
@@ -431,7 +406,7 @@ class Deliverer:
                 self._last_fsync = now
             if force or now - self._last_status >= self.options.status_interval_s:
                 self._last_status = now
-                atomic_write_json(os.path.join(self.run_dir, STATUS_FILE), self.status())
+                write_status(self.run_dir, self.status())
         except OSError as exc:
             self._note_error(f"cannot save the cursor: {exc.strerror}")
 
@@ -459,8 +434,7 @@ def build_deliverer(
     client = BackendClient(config.backend_url or "", config.task_id or "", config.secret_key,
                            request_timeout_s=config.request_timeout_s)
     options = DeliveryOptions(
-        objective_metric=config.objective_metric,
-        report_all_ranks=config.report_all_ranks,
+        rule=SendRule.of(config),
         **option_overrides,
     )
     return Deliverer(run_dir or config.run_dir, client, options, host_busy=host_busy)

@@ -22,6 +22,7 @@ from .config import (
     DEFAULT_RESOURCE_INTERVAL_S,
     ENV_DRAIN_TIMEOUT,
     ENV_RESOURCE_INTERVAL,
+    EXIT_PENDING,
     SUMMARY_FILE,
     Config,
     ConfigError,
@@ -31,7 +32,6 @@ from .config import (
 )
 from .log import get_logger, warn_pending
 
-EXIT_PENDING = 3
 END_CHECK_INTERVAL_S = 0.5
 
 

@@ -9,22 +9,21 @@ from dataclasses import replace
 from typing import Dict, List, Mapping, Optional
 
 from .config import (
+    EXIT_PENDING,
     Config,
     ConfigError,
     Secret,
     load_config_strict,
     resolve_backend_url,
     secret_key_problem,
+    task_of_run_name,
 )
 from .log import Progress, get_logger
 from .runinfo import is_run_dir
 
-EXIT_PENDING = 3
-
 
 def _task_of(run_dir: str, given: Optional[str]) -> str:
-    name = os.path.basename(os.path.abspath(run_dir))
-    owner = None if name.startswith("offline-") else name
+    owner = task_of_run_name(os.path.basename(os.path.abspath(run_dir)))
     if given and owner and owner != given:
         raise ConfigError(f"{run_dir} holds task {owner}'s records, not {given}'s; sync it without --task-id or with its own id")
     task_id = given or owner

@@ -76,6 +76,7 @@ from .journal import (
 )
 from .log import Progress, get_logger, say_offline, warn_pending
 from .params import artifact_paths, parse_params, render_params
+from .policy import SendRule
 from .reaper import (
     become_subreaper,
     make_non_dumpable,
@@ -795,7 +796,7 @@ class Supervisor:
     def write_summary(self, started: float, outcome: Outcome, pending: int, peak_rss: int, stderr_tail: List[str]) -> None:
         ended = time.time()
         self.writer.counters.save()  # this process's losses, for read_run below
-        run = read_run(self.run_dir, self.config.objective_metric)  # the journal and the deliverer's status.json
+        run = read_run(self.run_dir, SendRule.of(self.config))  # the journal and the deliverer's status.json
         returncode = self.child.returncode if self.child is not None else None
         summary: Dict[str, Any] = {
             "task_id": self.config.task_id,

@@ -45,14 +45,14 @@ def test_numbers_of_every_kind_are_accepted_as_floats(task, monkeypatch):
     monkeypatch.setenv("ANYLEARN_BACKEND_URL", "http://127.0.0.1:9/api")
     for value in (1, 2.5, decimal.Decimal("0.5"), fractions.Fraction(1, 4)):
         reporter.report_metric(value)
-    assert [r["value"] for r in journalled(task)] == [1.0, 2.5, 0.5, 0.25]
+    assert [r.value for r in journalled(task)] == [1.0, 2.5, 0.5, 0.25]
 
 
 def test_numpy_scalars_and_0_d_arrays_are_numbers_and_numpy_bools_and_vectors_are_not(task):
     np = pytest.importorskip("numpy", reason="numpy is not installed")
     for value in (np.float32(0.25), np.int64(3), np.array(7.0)):
         reporter.report_metric(value)
-    assert [r["value"] for r in journalled(task)] == [0.25, 3.0, 7.0]
+    assert [r.value for r in journalled(task)] == [0.25, 3.0, 7.0]
     for bad in (np.bool_(True), np.array([1.0, 2.0])):
         with pytest.raises(TypeError):
             reporter.report_metric(bad)
@@ -78,7 +78,7 @@ def test_reports_return_while_the_backend_hangs(task, monkeypatch, server_factor
     for i in range(200):
         reporter.report_metric(float(i), step=i)
     # All 200 are on disk while the backend has not answered a single request.
-    assert [r["step"] for r in journalled(task)] == list(range(200))
+    assert [r.step for r in journalled(task)] == list(range(200))
     assert server.backend.tasks()[0]["intermediate_metrics"] == []
     assert reporter.flush(0.2) is False
 
@@ -100,7 +100,7 @@ def test_report_metrics_journals_every_name_and_sends_the_objective(task, monkey
     with pytest.raises(TypeError):
         reporter.report_metrics({"acc": 0.8, "loss": "bad"}, step=2)
     assert reporter.flush(10)
-    assert [(r["name"], r["step"]) for r in journalled(task)] == [("acc", 1), ("loss", 1)]
+    assert [(r.name, r.step) for r in journalled(task)] == [("acc", 1), ("loss", 1)]
     assert server.backend.tasks()[0]["intermediate_metrics"] == [0.9]
 
 
@@ -110,7 +110,7 @@ def test_non_finite_values_are_journalled_as_null_and_warned_about_once_per_name
         reporter.report_metric(float("inf"), name="loss")
     err = capsys.readouterr().err
     assert err.count("journalled as null") == 2
-    assert [r["value"] for r in journalled(task)] == [None] * 6
+    assert [r.value for r in journalled(task)] == [None] * 6
 
 
 def test_offline_mode_journals_and_says_so_once(monkeypatch, tmp_path, capsys):
@@ -160,8 +160,8 @@ def test_forked_child_journals_but_does_not_deliver(task, monkeypatch, server):
     assert reporter.flush(10)
     assert server.backend.tasks()[0]["intermediate_metrics"] == [1.0, 2.0, 3.0]  # the parent delivered for the child
     records = journalled(task)
-    assert [r["pid"] for r in records] == [os.getpid(), pid, os.getpid()]
-    assert len({r["key"] for r in records}) == 3
+    assert [r.pid for r in records] == [os.getpid(), pid, os.getpid()]
+    assert len({r.key for r in records}) == 3
 
 
 def test_import_reporter_loads_no_http_stack():
@@ -185,7 +185,7 @@ def test_a_step_beyond_64_bits_is_journalled_as_null_and_never_raises(task, caps
     reporter.report_metric(0.5, step=10**5000)
     reporter.report_metrics({"metric": 0.6}, step=-(10**30))
     reporter.report_metric(0.7, step=2**63 - 1)
-    assert [r["step"] for r in journalled(task)] == [None, None, 2**63 - 1]
+    assert [r.step for r in journalled(task)] == [None, None, 2**63 - 1]
     assert capsys.readouterr().err.count("beyond a 64-bit integer") == 1
 
 
@@ -310,5 +310,5 @@ def test_records_the_command_could_not_journal_are_counted_in_summary_json(serve
     assert done.returncode == 0, done.stderr
     summary = json.loads((run_dir / "summary.json").read_text())
     lost = summary["records"]["lost"]
-    command_records = [r for r in journalled(run_dir) if r["kind"] == "intermediate"]
+    command_records = [r for r in journalled(run_dir) if r.kind == "intermediate"]
     assert sum(lost.values()) > 0 and len(command_records) + sum(lost.values()) == 60

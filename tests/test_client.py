@@ -5,6 +5,7 @@ import subprocess
 import sys
 import threading
 import time
+from dataclasses import replace
 from email.utils import formatdate
 from urllib.parse import parse_qs
 
@@ -26,10 +27,11 @@ from reporter.client import (
     retry_after_seconds,
 )
 from reporter.config import Secret
+from reporter.journal import Record
 
 BASE = "http://backend.test/api"
 KEY = "k-very-secret-99"
-RECORD = {"kind": "intermediate", "value": 0.125, "name": None, "step": 3, "ts": 1.0, "rank": 0, "pid": 1, "key": "abc-1"}
+RECORD = Record("intermediate", 0.125, None, 3, 1.0, 0, 1, "abc-1")
 
 
 @pytest.fixture
@@ -52,8 +54,8 @@ def test_intermediate_metric_request_has_the_contract_shape(client, requests_moc
 def test_final_and_state_records_go_to_their_endpoints(client, requests_mock):
     final = requests_mock.post(f"{BASE}/train_task/final_metric", json={"msg": "ok"})
     state = requests_mock.post(f"{BASE}/train_task/state", json={"msg": "ok"})
-    client.send({**RECORD, "kind": "final", "value": 1e-05})
-    client.send({**RECORD, "kind": "state", "value": -2})
+    client.send(replace(RECORD, kind="final", value=1e-05))
+    client.send(replace(RECORD, kind="state", value=-2))
     assert parse_qs(final.last_request.text)["metric"] == ["1e-05"]
     assert parse_qs(state.last_request.text) == {"id": ["TRAIx"], "state": ["-2"]}
 
@@ -76,7 +78,7 @@ def test_final_answers_are_classified(client, requests_mock, status, outcome):
 @pytest.mark.parametrize("status", [404, 405])
 def test_missing_state_endpoint_is_unsupported_not_rejected(client, requests_mock, status):
     requests_mock.post(f"{BASE}/train_task/state", status_code=status, text="Not Found")
-    assert client.send({**RECORD, "kind": "state", "value": 1}).outcome is Outcome.UNSUPPORTED
+    assert client.send(replace(RECORD, kind="state", value=1)).outcome is Outcome.UNSUPPORTED
 
 
 @pytest.mark.parametrize("body", ["", "[]", "<html>proxy</html>"])

@@ -242,7 +242,7 @@ def test_report_command_journals_and_delivers_outside_the_wrapper(server, tmp_pa
     assert cli("report", "0.5", "--step", "3", env=env).returncode == 0
     assert cli("report", "0.9", "--final", env=env).returncode == 0
     records = [r for _, r in iter_records(str(tmp_path / "run"))]
-    assert [(r["kind"], r["value"], r["step"]) for r in records] == [("intermediate", 0.5, 3), ("final", 0.9, None)]
+    assert [(r.kind, r.value, r.step) for r in records] == [("intermediate", 0.5, 3), ("final", 0.9, None)]
     (task,) = server.backend.tasks()
     assert task["intermediate_metrics"] == [0.5] and task["final_metric"] == 0.9
 
