@@ -128,6 +128,8 @@ def _add_run(sub: argparse._SubParsersAction) -> None:
             "  anylearn-reporter run --params '{\"lr\": 0.01, \"epochs\": 3}' -- python train.py\n"
             "  ANYLEARN_ENTRYPOINT='python train.py' ANYLEARN_TRAIN_PARAMS='{\"lr\": 0.01}' anylearn-reporter run\n"
             "  anylearn-reporter run --nproc-per-node 2 -- python train_ddp.py\n"
+            "  anylearn-reporter run --nni --params '{\"lr\": 0.01}' -- python trial.py\n"
+            "  anylearn-reporter run --tensorboard-dir runs --tensorboard-tag val/acc -- python train.py\n"
             "metric lines the command may print:\n"
             "  ANYLEARN_METRIC 0.93 | ANYLEARN_METRIC {\"value\": 0.93, \"step\": 5} | ANYLEARN_FINAL_METRIC 0.95"
         ),
@@ -147,6 +149,9 @@ def _add_run(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--nproc-per-node", metavar="N", help="processes per node (ANYLEARN_NPROC_PER_NODE, default 1); more than one process in all launches through torchrun")
     p.add_argument("--isolate-secret", action="store_true", help="give the command no secret key (the wrapper delivers for it)")
     p.add_argument("--dry-run", action="store_true", help="print the final argv and the environment it would add, then exit")
+    p.add_argument("--nni", action="store_true",
+                   help="run an unchanged NNI trial: nni.get_next_parameter() gets the hyper-parameters, its results are reported (ANYLEARN_NNI=1)")
+    _add_tensorboard_options(p)
     p.add_argument("command", nargs=argparse.REMAINDER, help="the command (after --)")
     p.set_defaults(func=_cmd_run)
 
@@ -173,7 +178,16 @@ def _add_sidecar(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--heartbeat", metavar="S", help="seconds between heartbeats (default 30)")
     p.add_argument("--pid", type=int, metavar="PID", help="the process tree to watch (default: the child the wrapper records)")
     p.add_argument("--drain-timeout", metavar="S", help="seconds to deliver what is pending at the end (ANYLEARN_DRAIN_TIMEOUT, default 60)")
+    _add_tensorboard_options(p)
     p.set_defaults(func=_cmd_sidecar)
+
+
+def _add_tensorboard_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--tensorboard-dir", metavar="DIR",
+                   help="journal the scalars of every TensorBoard event file under DIR, relative to the output directory "
+                        "when relative (ANYLEARN_TENSORBOARD_DIR)")
+    p.add_argument("--tensorboard-tag", metavar="TAG",
+                   help="the scalar tag that is the objective metric, sent to the backend; other tags are journalled (ANYLEARN_TENSORBOARD_TAG)")
 
 
 def _cmd_status(args: argparse.Namespace) -> int:

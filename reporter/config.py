@@ -53,11 +53,19 @@ ENV_TOKEN = "ANYLEARN_TOKEN"  # the bearer token reads accept (the AnyLearn SDK'
 # sidecar
 ENV_RESOURCE_INTERVAL = "ANYLEARN_RESOURCE_INTERVAL"
 
+# metric sources (wrapper and sidecar): unchanged NNI trials, TensorBoard event files
+ENV_NNI = "ANYLEARN_NNI"
+ENV_EXPERIMENT_ID = "ANYLEARN_EXPERIMENT_ID"
+ENV_TENSORBOARD_DIR = "ANYLEARN_TENSORBOARD_DIR"
+ENV_TENSORBOARD_TAG = "ANYLEARN_TENSORBOARD_TAG"
+ENV_NNI_PARAMETERS = "ANYLEARN_NNI_PARAMETERS"  # set by the wrapper for an NNI trial: its hyper-parameters
+
 # --- defaults --------------------------------------------------------------------------------------
 DEFAULT_REPORTER_DIR = "anylearn-runs"
 DEFAULT_OBJECTIVE_METRIC = "metric"
 DEFAULT_FLUSH_TIMEOUT_S = 10.0
 DEFAULT_REQUEST_TIMEOUT_S = 30.0  # the total deadline of one HTTP request
+BURST_GAP_S = 0.002  # reports closer together than this are a burst: in-process delivery holds back
 DEFAULT_OUTPUT_DIR = "output"
 DEFAULT_GRACE_PERIOD_S = 30.0
 DEFAULT_DRAIN_TIMEOUT_S = 60.0
@@ -79,6 +87,8 @@ CHILD_PID_FILE = "child.pid"
 RESOURCES_FILE = "resources.jsonl"
 STDOUT_LOG = "stdout.log"
 STDERR_LOG = "stderr.log"
+TENSORBOARD_POSITION_FILE = "tensorboard.json"  # how far each event file was read
+TENSORBOARD_LOCK_FILE = "tensorboard.lock"  # one reader of the event files per run
 
 # --- task states (AnyLearn) ------------------------------------------------------------------------
 STATE_CREATED = 0

@@ -124,10 +124,13 @@ class JournalWriter:
         if self.counters.count(COUNTER_LOST, reason):
             get_logger().warning("a record could not be journalled in %s: %s", self.run_dir, reason)
 
-    def append(self, kind: str, value: Any, name: Optional[str], step: Optional[int]) -> Optional[str]:
+    def append(
+        self, kind: str, value: Any, name: Optional[str], step: Optional[int], ts: Optional[float] = None
+    ) -> Optional[str]:
         """Journal one record and return its idempotency key (None when it could not be written).
 
         ``value`` is a float (NaN and infinities are written as null), an int for state records, or None.
+        ``ts`` is the record's wall time when it is not now (a scalar read from a TensorBoard event file).
         """
         if self._pid != os.getpid():
             self._reset_identity()
@@ -146,7 +149,7 @@ class JournalWriter:
         self.last_append_ts = now = time.time()
         line = (  # a Record's fields in order, made by hand: the hot path's cost (read back by check_record)
             f'{{"kind":"{kind}","value":{value_text},"name":{name_json},'
-            f'"step":{"null" if step is None else step},"ts":{now!r},'
+            f'"step":{"null" if step is None else step},"ts":{now if ts is None else ts!r},'
             f'"rank":{self.rank},"pid":{self._pid},"key":"{key}"}}\n'
         )
         data = line.encode()
@@ -572,15 +575,16 @@ def count_pending(run_dir: str, offset: Optional[int] = None) -> int:
 
 
 class DeliverLock:
-    """``flock`` on ``deliver.lock``: at most one deliverer per run directory at a time.
+    """``flock`` on ``deliver.lock``: at most one deliverer per run directory at a time (another file name
+    gives another role one holder per run, e.g. the reader of TensorBoard event files).
 
     The holder writes its pid into the file. A forked child inherits the descriptor but never the role:
     it closes its copy after fork, and only the process that took the lock releases it.
     """
 
-    def __init__(self, run_dir: str) -> None:
+    def __init__(self, run_dir: str, file_name: str = LOCK_FILE) -> None:
         self.run_dir = run_dir
-        self.path = os.path.join(run_dir, LOCK_FILE)
+        self.path = os.path.join(run_dir, file_name)
         self._fd = -1
         self._owner_pid = -1
         register_fork_hook(self, DeliverLock._forget_after_fork)

@@ -19,9 +19,13 @@ from .config import (
     CHILD_PID_FILE,
     DEFAULT_DRAIN_TIMEOUT_S,
     DEFAULT_HEARTBEAT_INTERVAL_S,
+    DEFAULT_OUTPUT_DIR,
     DEFAULT_RESOURCE_INTERVAL_S,
     ENV_DRAIN_TIMEOUT,
+    ENV_OUTPUT,
     ENV_RESOURCE_INTERVAL,
+    ENV_TENSORBOARD_DIR,
+    ENV_TENSORBOARD_TAG,
     EXIT_PENDING,
     SUMMARY_FILE,
     Config,
@@ -41,6 +45,8 @@ class SidecarOptions:
     heartbeat_interval_s: float = DEFAULT_HEARTBEAT_INTERVAL_S
     drain_timeout_s: float = DEFAULT_DRAIN_TIMEOUT_S
     pid: Optional[int] = None
+    tensorboard_dir: Optional[str] = None  # TensorBoard event files to journal (reporter/tbevents.py)
+    tensorboard_tag: Optional[str] = None
 
 
 def options_from(args: Any, env: Any) -> SidecarOptions:
@@ -52,6 +58,11 @@ def options_from(args: Any, env: Any) -> SidecarOptions:
                                      DEFAULT_DRAIN_TIMEOUT_S),
         pid=args.pid,
     )
+    from .tbevents import tensorboard_directory
+
+    output_dir = os.path.abspath(option_or_env(None, env, ENV_OUTPUT) or DEFAULT_OUTPUT_DIR)
+    options.tensorboard_dir = tensorboard_directory(option_or_env(getattr(args, "tensorboard_dir", None), env, ENV_TENSORBOARD_DIR), output_dir)
+    options.tensorboard_tag = option_or_env(getattr(args, "tensorboard_tag", None), env, ENV_TENSORBOARD_TAG)
     if options.pid is not None and not _pid_alive(options.pid):
         raise ConfigError(f"--pid {options.pid}: no such process (is the process namespace shared with the training container?)")
     return options
@@ -155,6 +166,13 @@ class Sidecar:
         deliverer = build_deliverer(self.config, run_dir=self.run_dir).start()
         sampler = ResourceSampler(self.run_dir)
         heartbeat = Heartbeat(self.config)
+        tensorboard = None
+        if self.options.tensorboard_dir:  # TensorBoard event files -> journal, until the run ends
+            from .journal import JournalWriter
+            from .tbevents import EventFileTailer
+
+            tensorboard = EventFileTailer(self.options.tensorboard_dir, self.run_dir, JournalWriter(self.run_dir, rank=self.config.rank),
+                                          objective_tag=self.options.tensorboard_tag).start()  # its journal write wakes delivery
         self.log.info("sidecar for task %s: delivering %s to %s", self.config.task_id, self.run_dir, self.config.backend_url)
         next_sample = time.monotonic()
         next_beat = time.monotonic()
@@ -175,6 +193,8 @@ class Sidecar:
                 self.stop_event.wait(max(wait_s, 0.0))
             self.log.info("%s: draining for up to %gs", self.end_reason, self.options.drain_timeout_s)
             sampler.sample(self.watched_pid())
+            if tensorboard is not None:
+                tensorboard.stop()
             drained = deliverer.close(self.options.drain_timeout_s)
         finally:
             heartbeat.close()

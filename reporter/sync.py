@@ -65,8 +65,7 @@ def sync_one(run_dir: str, config: Config, timeout_s: Optional[float]) -> int:
         print(f"{run_dir}: nothing pending")
         return 0
     deliverer = build_deliverer(config, run_dir=run_dir, lock_poll_interval_s=0.05).start()
-    deliverer.first_lock_attempt.wait(5)
-    if not deliverer.holding.is_set():
+    if not deliverer.wait_for_lock(5):
         deliverer.close(0)
         log.warning("%s: another deliverer took the run first; leaving it to that process", run_dir)
         return count_pending(run_dir)

@@ -30,6 +30,7 @@ from .config import (
     ENV_ARTIFACT_IDS,
     ENV_DRAIN_TIMEOUT,
     ENV_ENTRYPOINT,
+    ENV_EXPERIMENT_ID,
     ENV_GRACE_PERIOD,
     ENV_MASTER_ADDR,
     ENV_MASTER_PORT,
@@ -45,6 +46,8 @@ from .config import (
     ENV_SECRET_KEY_PLATFORM,
     ENV_SUPERVISOR_PID,
     ENV_TASK_OUTPUT_PATH,
+    ENV_TENSORBOARD_DIR,
+    ENV_TENSORBOARD_TAG,
     ENV_TRAIN_PARAMS,
     ENV_TRAIN_PARAMS_DELIMITER,
     ENV_TRAIN_PARAMS_DELIMITER_ANYLEARN,
@@ -75,6 +78,7 @@ from .journal import (
     count_pending,
 )
 from .log import Progress, get_logger, say_offline, warn_pending
+from .nni_trial import nni_enabled, nni_environment, nni_version_problem
 from .params import artifact_paths, parse_params, render_params
 from .policy import SendRule
 from .reaper import (
@@ -85,6 +89,7 @@ from .reaper import (
     stop_leftovers,
 )
 from .runinfo import read_run
+from .tbevents import EventFileTailer, tensorboard_directory
 
 FORWARDED_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
 STDERR_TAIL_LINES = 50
@@ -115,6 +120,11 @@ class RunOptions:
     master_port: Optional[str] = None
     isolate_secret: bool = False
     dry_run: bool = False
+    # metric sources (reporter/nni_trial.py, reporter/tbevents.py)
+    params: Dict[str, Any] = field(default_factory=dict)
+    nni: bool = False
+    tensorboard_dir: Optional[str] = None
+    tensorboard_tag: Optional[str] = None
 
     @property
     def distributed(self) -> bool:
@@ -199,6 +209,11 @@ def options_from(args: Any, env: Mapping[str, str]) -> RunOptions:
         isolate_secret=bool(args.isolate_secret),
         dry_run=bool(args.dry_run),
     )
+    # metric sources: an NNI trial's channel, TensorBoard event files
+    options.params = params
+    options.nni = nni_enabled(bool(getattr(args, "nni", False)), env)
+    options.tensorboard_dir = tensorboard_directory(option_or_env(getattr(args, "tensorboard_dir", None), env, ENV_TENSORBOARD_DIR), options.output_dir)
+    options.tensorboard_tag = option_or_env(getattr(args, "tensorboard_tag", None), env, ENV_TENSORBOARD_TAG)
     if options.node_rank >= options.nnodes:
         raise ConfigError(f"the node rank {options.node_rank} must be below the number of nodes {options.nnodes}")
     if options.distributed and importlib.util.find_spec("torch") is None:
@@ -239,6 +254,11 @@ def child_environment(env: Mapping[str, str], config: Config, options: RunOption
         "PYTHONUNBUFFERED": "1",
         ENV_SUPERVISOR_PID: str(os.getpid()),
     }
+    if options.nni:  # an unchanged NNI trial talks to reporter.nni_channel
+        problem = nni_version_problem()
+        if problem:
+            get_logger().warning("%s", problem)
+        added.update(nni_environment(options.params, task_id=config.task_id, experiment_id=env.get(ENV_EXPERIMENT_ID), output_dir=options.output_dir))
     child = {**env, **added}
     if options.isolate_secret:
         child.pop(ENV_SECRET_KEY, None)
@@ -616,6 +636,7 @@ class Supervisor:
         self.orphans_reaped = 0
         self._children_before: set = set()
         self._reap_warned = False
+        self.tensorboard: Optional[EventFileTailer] = None
 
     # -- steps --
 
@@ -646,14 +667,12 @@ class Supervisor:
         from .deliver import build_deliverer
 
         self.deliverer = build_deliverer(self.config, run_dir=self.run_dir).start()
-        self.deliverer.first_lock_attempt.wait(5)
+        self.deliverer.wait_for_lock(5)
 
     def _on_line(self, line: bytes) -> None:
         metric = self.parser.parse(line)
         if metric is not None:
             self.writer.append(metric.kind, metric.value, metric.name, metric.step)
-            if self.deliverer is not None:
-                self.deliverer.wake()
 
     def _handle_signal(self, signum: int, _frame: Any) -> None:
         if self.stop_signal is None:
@@ -738,7 +757,7 @@ class Supervisor:
         """Deliver what is pending for up to the drain timeout; returns how many records stay pending."""
         if self.deliverer is None:
             return count_pending(self.run_dir)
-        total = self.deliverer.pending()
+        total = count_pending(self.run_dir)
         progress = Progress(self.run_dir, total)
         try:
             self.deliverer.drain(self.options.drain_timeout_s, lambda pending, _: progress.update(total - pending))
@@ -752,6 +771,9 @@ class Supervisor:
         started = time.time()
         child_env = self.prepare()
         self.start_delivery()
+        if self.options.tensorboard_dir:  # TensorBoard event files -> journal, until the command ends
+            self.tensorboard = EventFileTailer(self.options.tensorboard_dir, self.run_dir, self.writer,
+                                               objective_tag=self.options.tensorboard_tag).start()  # its journal write wakes delivery
         previous = {sig: signal.signal(sig, self._handle_signal) for sig in FORWARDED_SIGNALS}
         try:
             self.log.info("running %s", " ".join(shlex.quote(a) for a in self._redacted(self.argv)))
@@ -774,6 +796,8 @@ class Supervisor:
                 self.stop_leftovers()
                 for pump in self.pumps:
                     pump.join(5)  # a process outside the group that keeps the pipe open must not hold the run
+            if self.tensorboard is not None:
+                self.tensorboard.stop()  # reads what the command flushed last, before the final state
             self.writer.append(KIND_STATE, outcome.state, None, None)
             pending = self.drain()
         finally:
@@ -853,6 +877,9 @@ def dry_run(config: Config, options: RunOptions, env: Mapping[str, str]) -> int:
     argv = [a.replace(key, "***") if key else a for a in build_argv(options)]
     print(json.dumps(argv))
     print(json.dumps(shown, indent=2))
+    if options.tensorboard_dir:
+        tag = f", objective tag {options.tensorboard_tag!r}" if options.tensorboard_tag else ", no objective tag: scalars are journalled, none sent"
+        get_logger().info("would follow TensorBoard event files under %s%s", options.tensorboard_dir, tag)
     return 0
 
 

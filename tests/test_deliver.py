@@ -3,17 +3,14 @@ wire against the real local backend on loopback (and requests-mock for sequences
 
 import json
 import os
-from urllib.parse import parse_qs
 
 import pytest
-import requests
-import requests_mock
 from conftest import SECRET_KEY, TASK_ID, wait_until
 from fakes import FakeClient, answer_by_value
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from reporter.client import BackendClient, Outcome
+from reporter.client import BackendClient, Outcome, SendResult, TransientError
 from reporter.config import Secret
 from reporter.deliver import Deliverer, DeliveryOptions
 from reporter.devserver import Faults
@@ -218,10 +215,9 @@ def test_a_second_deliverer_waits_for_the_lock_then_takes_over(server, tmp_path)
     first = make_deliverer(tmp_path, server.base_url).start()
     assert first.flush(10)
     second = make_deliverer(tmp_path, server.base_url).start()
-    second.first_lock_attempt.wait(5)
-    assert not second.holding.is_set()
+    assert not second.wait_for_lock(5)
     first.close(5)
-    wait_until(second.holding.is_set, 10, what="the second deliverer to take the lock")
+    wait_until(lambda: second.wait_for_lock(0), 10, what="the second deliverer to take the lock")
     journal(tmp_path, [2.0])
     assert second.flush(10)
     second.close(5)
@@ -249,28 +245,22 @@ def test_any_sequence_of_transient_failures_delivers_each_record_once_in_order(t
     run_dir = tmp_path_factory.mktemp("prop")
     journal(run_dir, [float(i) for i in range(count)])
     plan = list(failures)
-    accepted = []
 
-    def answer(request, context):
+    def scripted(record):
         outcome = plan.pop(0) if plan else "ok"
         if outcome == "connection":
-            raise requests.ConnectionError("refused")
+            raise TransientError("cannot connect")
         if outcome == "not-json":
-            return "<html>proxy</html>"
+            raise TransientError("HTTP 200 with an answer that is not a JSON object", status=200)
         if outcome != "ok":
-            context.status_code = int(outcome)
-            return '{"msg": "later"}'
-        accepted.append(float(parse_qs(request.text)["metric"][0]))
-        return '{"msg": "ok"}'
+            raise TransientError(f"HTTP {outcome}", status=int(outcome))
+        return SendResult(Outcome.DELIVERED, 200)
 
-    base = "http://prop.test/api"
-    with requests_mock.Mocker() as mock:
-        mock.post(f"{base}/train_task/intermediate_metric", text=answer)
-        deliverer = Deliverer(str(run_dir), BackendClient(base, TASK_ID, Secret(SECRET_KEY)), FAST, retry_sleep=lambda s: None)
-        deliverer.start()
-        assert deliverer.flush(20)
-        deliverer.close(5)
-    assert accepted == [float(i) for i in range(count)]
+    client = FakeClient(scripted)  # without HTTP: the wire's classification is tested in test_client.py
+    deliverer = Deliverer(str(run_dir), client, FAST, retry_sleep=lambda s: None).start()
+    assert deliverer.flush(20)
+    deliverer.close(5)
+    assert client.values() == [float(i) for i in range(count)]
     assert load_cursor(str(run_dir)) == os.path.getsize(run_dir / "metrics.jsonl")
 
 
