@@ -152,6 +152,8 @@ def _add_run(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--nni", action="store_true",
                    help="run an unchanged NNI trial: nni.get_next_parameter() gets the hyper-parameters, its results are reported (ANYLEARN_NNI=1)")
     _add_tensorboard_options(p)
+    p.add_argument("--autolog", action="store_true",
+                   help="report from the command's transformers, Lightning, Keras, XGBoost and LightGBM trainers without changing its code (ANYLEARN_AUTOLOG=1)")
     p.add_argument("command", nargs=argparse.REMAINDER, help="the command (after --)")
     p.set_defaults(func=_cmd_run)
 

@@ -67,6 +67,7 @@ from .config import (
     option_or_env,
     parse_number,
 )
+from .integrations.autolog import autolog_environment, autolog_requested
 from .journal import (
     COUNTER_UNREADABLE,
     KIND_FINAL,
@@ -125,6 +126,7 @@ class RunOptions:
     nni: bool = False
     tensorboard_dir: Optional[str] = None
     tensorboard_tag: Optional[str] = None
+    autolog: bool = False  # integrations: hook the command's trainers (reporter.integrations.autolog)
 
     @property
     def distributed(self) -> bool:
@@ -208,6 +210,7 @@ def options_from(args: Any, env: Mapping[str, str]) -> RunOptions:
         master_port=env.get(ENV_MASTER_PORT) or None,
         isolate_secret=bool(args.isolate_secret),
         dry_run=bool(args.dry_run),
+        autolog=autolog_requested(args, env),
     )
     # metric sources: an NNI trial's channel, TensorBoard event files
     options.params = params
@@ -253,6 +256,7 @@ def child_environment(env: Mapping[str, str], config: Config, options: RunOption
         ENV_TASK_OUTPUT_PATH: options.output_dir,
         "PYTHONUNBUFFERED": "1",
         ENV_SUPERVISOR_PID: str(os.getpid()),
+        **(autolog_environment(env) if options.autolog else {}),
     }
     if options.nni:  # an unchanged NNI trial talks to reporter.nni_channel
         problem = nni_version_problem()
