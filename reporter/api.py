@@ -24,7 +24,7 @@ from .journal import (
     lock_holder_pid,
     register_fork_hook,
 )
-from .log import get_logger, say_offline, warn_pending
+from .log import counted, get_logger, say_offline, warn_pending
 
 if TYPE_CHECKING:  # the delivery side (requests, tenacity) is imported by the delivery thread only
     from .deliver import Deliverer
@@ -117,8 +117,7 @@ class _Hook:
     def close_at_exit(self) -> None:
         self.writer.counters.save()
         if self.writer.lost:
-            lost = ", ".join(f"{count} ({reason})" for reason, count in self.writer.lost.items())
-            get_logger().warning("records that could not be journalled: %s", lost)
+            get_logger().warning("%s", counted(self.writer.lost, "records could not be journalled"))
         if not self.delivery_started or self.config.offline:
             return
         deadline = time.monotonic() + self.config.flush_timeout_s

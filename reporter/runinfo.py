@@ -29,6 +29,7 @@ from .journal import (
     read_host_counters,
     read_json,
 )
+from .log import counted
 from .policy import SendRule, skip_reason
 from .runstatus import read_status
 
@@ -195,8 +196,7 @@ def _read_records(info: RunInfo, rule: SendRule) -> None:
     if info.torn_lines:
         info.problems.append(f"{info.torn_lines} torn or invalid journal lines")
     if info.invalid:
-        reasons = ", ".join(f"{n} {why}" for why, n in sorted(info.invalid.items()))
-        info.problems.append(f"{sum(info.invalid.values())} invalid journal records skipped ({reasons})")
+        info.problems.append(counted(info.invalid, "invalid journal records skipped"))
 
 
 def _read_status_files(info: RunInfo) -> None:
@@ -216,8 +216,7 @@ def _read_status_files(info: RunInfo) -> None:
     info.deliverer_pid = lock_holder_pid(run_dir)
     info.counters = read_host_counters(run_dir)
     if info.lost:
-        reasons = ", ".join(f"{n} {why}" for why, n in sorted(info.lost.items()))
-        info.problems.append(f"{sum(info.lost.values())} records could not be journalled ({reasons})")
+        info.problems.append(counted(info.lost, "records could not be journalled"))
 
     summary = read_json(os.path.join(run_dir, SUMMARY_FILE))
     if isinstance(summary, dict):

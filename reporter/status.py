@@ -10,6 +10,7 @@ from typing import Dict, List, Optional, Sequence, Tuple
 
 from .config import ENV_RUN_DIR, JOURNAL_FILE, load_config
 from .journal import load_cursor, parse_line
+from .log import counted
 from .policy import SendRule
 from .runinfo import RunInfo, find_runs, is_run_dir, read_run
 
@@ -98,9 +99,7 @@ def status_command(run_dir: Optional[str], *, as_json: bool = False, stale_after
 
 
 def _reasons(counts: Dict[str, int]) -> str:
-    if not counts:
-        return "none"
-    return f"{sum(counts.values())} (" + ", ".join(f"{n} {why}" for why, n in sorted(counts.items())) + ")"
+    return counted(counts) if counts else "none"
 
 
 # --- show -------------------------------------------------------------------------------------------

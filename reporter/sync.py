@@ -18,7 +18,7 @@ from .config import (
     secret_key_problem,
     task_of_run_name,
 )
-from .log import Progress, get_logger
+from .log import Progress, counted, get_logger
 from .runinfo import is_run_dir
 
 
@@ -83,10 +83,8 @@ def sync_one(run_dir: str, config: Config, timeout_s: Optional[float]) -> int:
 def describe_sync(delivered: int, skipped: Dict[str, int], rejected: int, pending: int) -> str:
     """``3 delivered, 2 skipped (1 not the objective metric, 1 invalid record (...)), 0 rejected, 0 pending``."""
     parts = [f"{delivered} delivered"]
-    n_skipped = sum(skipped.values())
-    if n_skipped:
-        reasons = ", ".join(f"{n} {reason}" for reason, n in sorted(skipped.items()))
-        parts.append(f"{n_skipped} skipped ({reasons})")
+    if skipped:
+        parts.append(counted(skipped, "skipped"))
     if rejected:
         parts.append(f"{rejected} rejected (kept in rejected.jsonl)")
     parts.append(f"{pending} pending")

@@ -290,7 +290,7 @@ class MetricLineParser:
     is counted in :attr:`unreadable` and warned about once.
     """
 
-    def __init__(self, patterns: List["re.Pattern[str]"], on_unreadable: Optional[Callable[[], None]] = None) -> None:
+    def __init__(self, patterns: List["re.Pattern[str]"], on_unreadable: Optional[Callable[[], object]] = None) -> None:
         self.patterns = patterns
         self.unreadable = 0
         self._on_unreadable = on_unreadable  # e.g. the run's host counters, so status.json shows the count

@@ -140,7 +140,7 @@ def test_disk_trouble_never_raises_and_is_counted(tmp_path):
     done = run_python(code, clean_environ(ANYLEARN_REPORTER_RUN_DIR=str(blocker / "run")))
     assert done.returncode == 0 and done.stdout == "ok\n", done.stderr
     assert done.stderr.count("could not be journalled in") == 1
-    assert "records that could not be journalled: 5 (cannot open the journal (Not a directory))" in done.stderr
+    assert "5 records could not be journalled (5 cannot open the journal (Not a directory))" in done.stderr
 
 
 def test_invalid_configuration_warns_and_still_journals(task, monkeypatch, capsys):
@@ -283,7 +283,7 @@ def test_a_run_directory_that_cannot_be_made_is_said_once_and_training_goes_on(t
     count = int(done.stdout)
     assert done.stderr.count("cannot take the deliver lock") == 1, done.stderr
     assert done.stderr.count("could not be journalled in") == 1
-    assert f"records that could not be journalled: {count} (cannot open the journal" in done.stderr
+    assert f"{count} records could not be journalled ({count} cannot open the journal" in done.stderr
 
 
 _FILE_SIZE_LIMITED = """
