@@ -36,6 +36,7 @@ COUNTERS_FILE_GLOB = "counters.*.json"
 COUNTERS_SAVE_INTERVAL_S = 1.0
 COUNTER_LOST = "lost"  # records a writer could not journal, by reason
 COUNTER_UNREADABLE = "unreadable"  # output lines a host could not read a metric from, by kind of line
+COUNTER_LOG_WRITE_FAILED = "log_write_failed"  # writes of the wrapper's stdout.log/stderr.log that failed, by file
 
 
 def atomic_write(path: str, data: bytes, *, fsync: bool = True) -> None:
