@@ -15,7 +15,7 @@ import threading
 import time
 from typing import TYPE_CHECKING, Any, Dict, List, Mapping, Optional
 
-from .config import ENV_SUPERVISOR_PID, Config, load_config
+from .config import BURST_GAP_S, ENV_SUPERVISOR_PID, Config, load_config
 from .journal import (
     KIND_FINAL,
     KIND_INTERMEDIATE,
@@ -24,7 +24,7 @@ from .journal import (
     lock_holder_pid,
     register_fork_hook,
 )
-from .log import get_logger, say_offline, warn_pending
+from .log import counted, get_logger, say_offline, warn_pending
 
 if TYPE_CHECKING:  # the delivery side (requests, tenacity) is imported by the delivery thread only
     from .deliver import Deliverer
@@ -38,7 +38,6 @@ __all__ = [
 ]
 
 
-BURST_GAP_S = 0.002  # reports closer together than this are a burst: delivery holds back (see Deliverer)
 MAX_FLUSH_TIMEOUT_S = 1e9
 
 
@@ -63,8 +62,8 @@ class _Hook:
                 self._start_delivery()
         except Exception as exc:  # training comes first: an internal error is counted, never raised
             self.writer.count_lost(f"internal error ({type(exc).__name__}: {exc})"[:200])
-        # No wake-up of the delivery thread here: waking a waiting thread costs a futex call on the
-        # training thread's time; the deliverer finds new records by itself within poll_interval_s.
+        # No wake-up call here: the journal write itself wakes the deliverer (inotify), or it finds new
+        # records by itself within its poll interval where inotify is missing.
 
     def _warn_non_finite(self, name: Optional[str], value: float) -> None:
         if name not in self._warned_non_finite:
@@ -90,16 +89,14 @@ class _Hook:
     def _delivery_main(self) -> None:
         try:
             from .deliver import (
-                build_deliverer,  # requests and tenacity load here, off the caller's path
+                build_deliverer,  # the HTTP side loads here, off the caller's path
             )
 
-            self.deliverer = build_deliverer(self.config, host_busy=self._reporting_in_a_burst)
+            self.deliverer = build_deliverer(self.config, host_busy=self._reporting_in_a_burst).start()
         except Exception as exc:  # never into training code
             get_logger().warning("cannot start delivery (%s); records stay in %s", exc, self.config.run_dir)
-            return
         finally:
             self._deliverer_ready.set()
-        self.deliverer.run()
 
     def _reporting_in_a_burst(self) -> bool:
         return time.time() - self.writer.last_append_ts < BURST_GAP_S
@@ -119,8 +116,7 @@ class _Hook:
     def close_at_exit(self) -> None:
         self.writer.counters.save()
         if self.writer.lost:
-            lost = ", ".join(f"{count} ({reason})" for reason, count in self.writer.lost.items())
-            get_logger().warning("records that could not be journalled: %s", lost)
+            get_logger().warning("%s", counted(self.writer.lost, "records could not be journalled"))
         if not self.delivery_started or self.config.offline:
             return
         deadline = time.monotonic() + self.config.flush_timeout_s
@@ -128,9 +124,8 @@ class _Hook:
         deliverer = self.deliverer
         if deliverer is None:
             return
-        deliverer.first_lock_attempt.wait(max(0.0, deadline - time.monotonic()))
-        if not deliverer.holding.is_set():
-            deliverer.stop()  # another deliverer (wrapper, sidecar) owns the journal
+        if not deliverer.wait_for_lock(max(0.0, deadline - time.monotonic())):
+            deliverer.close(0)  # another deliverer (wrapper, sidecar) owns the journal
             return
         if not deliverer.close(max(0.0, deadline - time.monotonic())):
             pending = count_pending(self.config.run_dir)

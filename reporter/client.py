@@ -1,32 +1,29 @@
-"""HTTP to the AnyLearn backend: one record per request, answers classified, retry policy in one place.
+"""HTTP to the AnyLearn backend: one record per request, answers classified, the request and retry policy
+in one place.
 
-``requests`` and ``tenacity`` are imported here, on the delivery side only: ``import reporter`` never
-pays for them.
+Every request the product makes (records, heartbeats, ``doctor``'s check) goes through
+:meth:`BackendClient.request`: one keep-alive connection from the standard library's ``http.client`` (through
+the environment's proxy, with its CA bundle), no redirect ever followed, a total deadline, the key only in
+the ``Secret-Key`` header and only to the configured backend. ``tenacity`` loads on the first failure only;
+``import reporter`` loads none of this.
 """
 
 from __future__ import annotations
 
-import email.utils
 import enum
+import http.client
+import json
 import math
 import os
+import select
 import socket
 import threading
 import time
-import weakref
-from dataclasses import dataclass
-from typing import Any, Callable, Dict, Mapping, Optional
-from urllib.parse import urlencode, urlsplit
-
-import requests
-import tenacity
-from requests.adapters import HTTPAdapter
-from tenacity.wait import wait_base
-from urllib3.connection import HTTPConnection, HTTPSConnection
-from urllib3.connectionpool import HTTPConnectionPool, HTTPSConnectionPool
+from typing import Any, Callable, Dict, List, Mapping, NamedTuple, Optional, Tuple
+from urllib.parse import quote, unquote, urlencode, urlsplit
 
 from .config import DEFAULT_REQUEST_TIMEOUT_S, ENV_REQUEST_TIMEOUT, Secret, parse_number
-from .journal import KIND_FINAL, KIND_INTERMEDIATE, KIND_STATE
+from .journal import KIND_FINAL, KIND_INTERMEDIATE, KIND_STATE, Record
 
 RETRYABLE_STATUSES = frozenset({408, 425, 429, 500, 502, 503, 504})
 AUTH_STATUSES = frozenset({401, 403})
@@ -38,11 +35,14 @@ ENDPOINTS = {
 }
 HEARTBEAT_ENDPOINT = "train_task/heartbeat"
 FORM_CONTENT_TYPE = "application/x-www-form-urlencoded"
+USER_AGENT = "anylearn-reporter"
 DEFAULT_CONNECT_TIMEOUT_S = 5.0
 DEFAULT_READ_TIMEOUT_S = 30.0
-MAX_BACKOFF_S = 30.0
+# The backoff: exponential with full jitter from INITIAL_BACKOFF_S, each wait capped at MAX_BACKOFF_S.
 INITIAL_BACKOFF_S = 0.5
+MAX_BACKOFF_S = 30.0
 MAX_RETRY_AFTER_S = 3600.0
+MAX_ANSWER_BYTES = 1 << 20  # an answer body longer than this is cut (and its connection not reused)
 
 
 class Outcome(enum.Enum):
@@ -55,13 +55,36 @@ class Outcome(enum.Enum):
     REDIRECT = "redirect"  # a 3xx: never followed (the key would go along); delivery pauses like AUTH
 
 
-@dataclass(frozen=True)
-class SendResult:
+class SendResult(NamedTuple):
     """A final answer: the outcome, the HTTP status and the backend's reason in its own words."""
 
     outcome: Outcome
     status: int
     reason: str = ""
+
+
+class Answer:
+    """An HTTP answer as received: status, headers (looked up case-insensitively) and body."""
+
+    __slots__ = ("_headers", "body", "reason", "status")
+
+    def __init__(self, status: int, headers: Mapping[str, str], body: bytes = b"", reason: str = "") -> None:
+        self.status = status
+        self.reason = reason
+        self.body = body
+        self._headers = {str(k).lower(): str(v) for k, v in headers.items()}
+
+    def header(self, name: str) -> Optional[str]:
+        """The value of header ``name``, or None."""
+        return self._headers.get(name.lower())
+
+    def json(self) -> Any:
+        """The body parsed as JSON; raises ValueError (or RecursionError on absurd nesting) when it is not."""
+        return json.loads(self.body.decode("utf-8", "replace"))
+
+    @property
+    def ok(self) -> bool:
+        return 200 <= self.status < 300
 
 
 class TransientError(Exception):
@@ -72,6 +95,9 @@ class TransientError(Exception):
         self.reason = reason
         self.status = status
         self.retry_after_s = retry_after_s
+
+
+# --- answers ---------------------------------------------------------------------------------------
 
 
 def retry_after_seconds(value: Optional[str], now: Optional[float] = None) -> Optional[float]:
@@ -86,6 +112,8 @@ def retry_after_seconds(value: Optional[str], now: Optional[float] = None) -> Op
         seconds = float(value)
     except ValueError:
         try:
+            import email.utils  # only for a date: rare, and not worth its import time up front
+
             when = email.utils.parsedate_to_datetime(value)
             seconds = when.timestamp() - (time.time() if now is None else now)
         except Exception:  # the date parser raises several kinds on garbage (TypeError, ValueError, IndexError...)
@@ -112,74 +140,141 @@ def location_host(location: Optional[str]) -> str:
     return f"{shown}:{port}" if port else shown
 
 
-def _reason_of(response: "requests.Response") -> str:
+def _reason_of(answer: Answer) -> str:
     try:
-        body = response.json()
+        body = answer.json()
         if isinstance(body, dict) and body.get("msg"):
             return str(body["msg"])[:200]
-    except Exception:  # not JSON, too deep to parse, an undecodable body: fall back to the text
+    except Exception:  # not JSON, too deep to parse: fall back to the text
         pass
-    try:
-        text = (response.text or "").strip().replace("\n", " ")
-    except Exception:
-        text = ""
-    return text[:200] or str(response.reason or "")[:200] or f"HTTP {response.status_code}"
+    text = answer.body[:400].decode("utf-8", "replace").strip().replace("\n", " ")
+    return text[:200] or str(answer.reason or "")[:200] or f"HTTP {answer.status}"
 
 
-def classify(response: "requests.Response", *, optional_endpoint: bool = False) -> SendResult:
+def classify(answer: Answer, *, optional_endpoint: bool = False) -> SendResult:
     """Turn an HTTP answer into a :class:`SendResult`, or raise :class:`TransientError` to retry it.
 
     Any status, headers and body give one of the two; nothing else is ever raised.
     """
-    status = response.status_code
+    status = answer.status
     if not isinstance(status, int):
         raise TransientError(f"an answer without a readable status ({status!r:.40})")
     if 200 <= status < 300:
         try:
-            body = response.json()
+            body = answer.json()
         except Exception:
             body = None
         if not isinstance(body, dict):
             raise TransientError(f"HTTP {status} with an answer that is not a JSON object", status=status)
         return SendResult(Outcome.DELIVERED, status)
     if 300 <= status < 400:
-        return SendResult(Outcome.REDIRECT, status, f"redirect to {location_host(response.headers.get('Location'))}")
+        return SendResult(Outcome.REDIRECT, status, f"redirect to {location_host(answer.header('Location'))}")
     if status in RETRYABLE_STATUSES:
         raise TransientError(
-            f"HTTP {status} {_reason_of(response)}",
-            status=status,
-            retry_after_s=retry_after_seconds(response.headers.get("Retry-After")),
+            f"HTTP {status} {_reason_of(answer)}", status=status, retry_after_s=retry_after_seconds(answer.header("Retry-After")),
         )
     if status in AUTH_STATUSES:
-        return SendResult(Outcome.AUTH, status, _reason_of(response))
+        return SendResult(Outcome.AUTH, status, _reason_of(answer))
     if optional_endpoint and status in UNSUPPORTED_STATUSES:
-        return SendResult(Outcome.UNSUPPORTED, status, _reason_of(response))
+        return SendResult(Outcome.UNSUPPORTED, status, _reason_of(answer))
     if 400 <= status < 500:
-        return SendResult(Outcome.REJECTED, status, _reason_of(response))
-    raise TransientError(f"HTTP {status} {_reason_of(response)}", status=status)
+        return SendResult(Outcome.REJECTED, status, _reason_of(answer))
+    raise TransientError(f"HTTP {status} {_reason_of(answer)}", status=status)
+
+
+# --- where to connect ------------------------------------------------------------------------------
+
+
+class ConnectionSettings(NamedTuple):
+    """What the environment says about reaching ``base_url``: a proxy URL (or None) and a CA bundle."""
+
+    proxy: Optional[str]
+    ca_bundle: Optional[str]
+
+
+def connection_settings(base_url: str, env: Optional[Mapping[str, str]] = None) -> ConnectionSettings:
+    """The proxy (``<scheme>_proxy`` / ``ALL_PROXY``, lower case first, ``NO_PROXY`` honoured) and the CA
+    bundle (``REQUESTS_CA_BUNDLE``, ``CURL_CA_BUNDLE``, else certifi's, else the system's) for ``base_url``,
+    read once per client, the way ``requests`` reads them."""
+    env = os.environ if env is None else env
+    parts = urlsplit(base_url)
+    scheme = parts.scheme.lower()
+    proxy = None
+    for name in (f"{scheme}_proxy", f"{scheme.upper()}_PROXY", "all_proxy", "ALL_PROXY"):
+        if env.get(name, "").strip():
+            proxy = env[name].strip()
+            break
+    if proxy and _bypasses_proxy(parts.hostname or "", parts.port, env.get("no_proxy") or env.get("NO_PROXY") or ""):
+        proxy = None
+    ca_bundle = env.get("REQUESTS_CA_BUNDLE") or env.get("CURL_CA_BUNDLE") or None
+    if ca_bundle is None and scheme == "https":
+        try:
+            import certifi  # requests' own default; present wherever requests is
+
+            ca_bundle = certifi.where()
+        except ImportError:
+            ca_bundle = None
+    return ConnectionSettings(proxy, ca_bundle)
+
+
+def _bypasses_proxy(host: str, port: Optional[int], no_proxy: str) -> bool:
+    host = host.lower()
+    for entry in (e.strip().lower() for e in no_proxy.replace(" ", ",").split(",")):
+        if not entry:
+            continue
+        if entry == "*":
+            return True
+        if "/" in entry:  # a CIDR block, for IP hosts
+            try:
+                import ipaddress
+
+                if ipaddress.ip_address(host) in ipaddress.ip_network(entry, strict=False):
+                    return True
+            except ValueError:
+                pass
+            continue
+        name, _, entry_port = entry.partition(":")
+        if entry_port and port is not None and entry_port != str(port):
+            continue
+        name = name.lstrip(".")
+        if host == name or host.endswith("." + name):
+            return True
+    return False
+
+
+def request_timeout_from_env(env: Optional[Mapping[str, str]] = None) -> float:
+    """``ANYLEARN_REQUEST_TIMEOUT`` (seconds, more than 0), else the default; an unusable value is ignored
+    (``load_config`` reports it)."""
+    try:
+        return float(parse_number((os.environ if env is None else env).get(ENV_REQUEST_TIMEOUT), ENV_REQUEST_TIMEOUT,
+                                  DEFAULT_REQUEST_TIMEOUT_S, positive=True))
+    except ValueError:
+        return DEFAULT_REQUEST_TIMEOUT_S
+
+
+# --- the transport ---------------------------------------------------------------------------------
 
 
 class _Watchdog:
     """Holds one request at a time to a total deadline (connect, send and the whole answer).
 
-    ``requests``' timeouts bound each socket operation, so a backend that dribbles one byte at a time
-    holds a request for ever. A daemon thread looks at the armed deadline every ``granularity_s`` (no
-    wake-up call on the request path: arming is one attribute store) and, past it, shuts down every
-    socket of the client's connections; the blocked read or write then fails at once.
+    Socket timeouts bound each read, so a backend that dribbles one byte at a time holds a request for
+    ever. A daemon thread looks at the armed deadline every ``granularity_s`` (no wake-up call on the
+    request path: arming is one attribute store) and, past it, shuts down the connection's socket; the
+    blocked read or write then fails at once.
     """
 
-    def __init__(self, timeout_s: float) -> None:
-        self.timeout_s = timeout_s
+    def __init__(self, timeout_s: float, current_socket: Callable[[], Optional[socket.socket]]) -> None:
         self.granularity_s = max(0.02, min(1.0, timeout_s / 10))
-        self.sockets: "weakref.WeakSet[socket.socket]" = weakref.WeakSet()
         self.deadline: Optional[float] = None
         self.fired = False
+        self._current_socket = current_socket
         self._closed = threading.Event()
         self._thread: Optional[threading.Thread] = None
         self._pid = os.getpid()
 
     def arm(self, timeout_s: float) -> None:
-        if self._thread is None or self._pid != os.getpid():
+        if self._thread is None or self._pid != os.getpid():  # a forked child starts its own
             self._pid = os.getpid()
             self._thread = threading.Thread(target=self._watch, name="anylearn-reporter-deadline", daemon=True)
             self._thread.start()
@@ -197,7 +292,8 @@ class _Watchdog:
             if deadline is not None and time.monotonic() > deadline:
                 self.fired = True
                 self.deadline = None
-                for sock in list(self.sockets):
+                sock = self._current_socket()
+                if sock is not None:
                     try:
                         sock.shutdown(socket.SHUT_RDWR)
                     except OSError:
@@ -207,64 +303,99 @@ class _Watchdog:
         self._closed.set()
 
 
-def _watched_pool_classes(watchdog: _Watchdog) -> Dict[str, type]:
-    """urllib3 pool classes whose connections hand their sockets to ``watchdog`` when they connect."""
+class _Connection:
+    """One keep-alive connection to the backend, direct or through an HTTP proxy (CONNECT for https)."""
 
-    class WatchedHTTPConnection(HTTPConnection):
-        def connect(self) -> None:
-            super().connect()
-            watchdog.sockets.add(self.sock)
+    def __init__(self, base_url: str, settings: ConnectionSettings) -> None:
+        parts = urlsplit(base_url)
+        self.scheme = parts.scheme.lower()
+        self.host = parts.hostname or ""
+        self.port = parts.port or (443 if self.scheme == "https" else 80)
+        self.path = parts.path.rstrip("/")
+        self.settings = settings
+        self.proxy_headers: Dict[str, str] = {}
+        self.proxy: Optional[Tuple[str, int]] = None
+        if settings.proxy:
+            proxy = urlsplit(settings.proxy if "://" in settings.proxy else "http://" + settings.proxy)
+            if proxy.scheme.lower() != "http":
+                raise TransientError(f"only http:// proxies are supported, not {proxy.scheme}:// (unset the proxy variable)")
+            self.proxy = (proxy.hostname or "", proxy.port or 8080)
+            if proxy.username is not None:
+                import base64
 
-    class WatchedHTTPSConnection(HTTPSConnection):
-        def connect(self) -> None:
-            super().connect()
-            watchdog.sockets.add(self.sock)
+                token = base64.b64encode(f"{unquote(proxy.username)}:{unquote(proxy.password or '')}".encode()).decode()
+                self.proxy_headers["Proxy-Authorization"] = f"Basic {token}"
+        self.conn: Optional[http.client.HTTPConnection] = None
 
-    class WatchedHTTPPool(HTTPConnectionPool):
-        ConnectionCls = WatchedHTTPConnection
+    def target(self, endpoint: str, query: str) -> str:
+        path = f"{self.path}/{endpoint}" + (f"?{query}" if query else "")
+        if self.proxy and self.scheme == "http":  # absolute form through a plain proxy
+            return f"http://{self.host}:{self.port}{path}"
+        return path
 
-    class WatchedHTTPSPool(HTTPSConnectionPool):
-        ConnectionCls = WatchedHTTPSConnection
+    def socket(self) -> Optional[socket.socket]:
+        conn = self.conn
+        return None if conn is None else conn.sock
 
-    return {"http": WatchedHTTPPool, "https": WatchedHTTPSPool}
+    def open(self, connect_timeout_s: float, read_timeout_s: float) -> http.client.HTTPConnection:
+        """The live connection, (re)connected when there is none or the server closed it."""
+        conn = self.conn
+        if conn is not None and conn.sock is not None and not _dropped(conn.sock):
+            return conn
+        self.close()
+        host, port = self.proxy or (self.host, self.port)
+        if self.scheme == "https":
+            conn = http.client.HTTPSConnection(host, port, timeout=connect_timeout_s, context=_tls_context(self.settings.ca_bundle))
+            if self.proxy:
+                conn.set_tunnel(self.host, self.port, headers=self.proxy_headers)
+        else:
+            conn = http.client.HTTPConnection(host, port, timeout=connect_timeout_s)
+        self.conn = conn
+        conn.connect()
+        conn.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        conn.sock.settimeout(read_timeout_s)
+        return conn
+
+    def close(self) -> None:
+        conn, self.conn = self.conn, None
+        if conn is not None:
+            try:
+                conn.close()
+            except OSError:
+                pass
 
 
-class _WatchedAdapter(HTTPAdapter):
-    """An adapter whose connections (direct or through an HTTP proxy) the watchdog can shut down."""
-
-    def __init__(self, watchdog: _Watchdog) -> None:
-        self._pool_classes = _watched_pool_classes(watchdog)
-        super().__init__(pool_connections=2, pool_maxsize=2)
-
-    def init_poolmanager(self, *args: Any, **kwargs: Any) -> None:
-        super().init_poolmanager(*args, **kwargs)
-        self.poolmanager.pool_classes_by_scheme = self._pool_classes
-
-    def proxy_manager_for(self, proxy: str, **proxy_kwargs: Any) -> Any:
-        manager = super().proxy_manager_for(proxy, **proxy_kwargs)
-        if not proxy.lower().startswith("socks"):
-            manager.pool_classes_by_scheme = self._pool_classes
-        return manager
-
-    def __getstate__(self) -> Any:  # pragma: no cover - sessions are never pickled here
-        raise TypeError("not picklable")
-
-
-def request_timeout_from_env(env: Optional[Mapping[str, str]] = None) -> float:
-    """``ANYLEARN_REQUEST_TIMEOUT`` (seconds, more than 0), else the default; an unusable value is ignored
-    (``load_config`` reports it)."""
+def _dropped(sock: socket.socket) -> bool:
+    """True when the server closed an idle keep-alive connection (it reads as EOF or as unexpected data)."""
     try:
-        return float(parse_number((os.environ if env is None else env).get(ENV_REQUEST_TIMEOUT), ENV_REQUEST_TIMEOUT,
-                                  DEFAULT_REQUEST_TIMEOUT_S, positive=True))
-    except ValueError:
-        return DEFAULT_REQUEST_TIMEOUT_S
+        poller = select.poll()
+        poller.register(sock, select.POLLIN)
+        return bool(poller.poll(0))
+    except (OSError, ValueError):  # closed under us (fileno -1)
+        return True
+
+
+_tls_contexts: Dict[Optional[str], Any] = {}
+
+
+def _tls_context(ca_bundle: Optional[str]) -> Any:
+    context = _tls_contexts.get(ca_bundle)
+    if context is None:
+        import ssl
+
+        if ca_bundle and os.path.isdir(ca_bundle):
+            context = ssl.create_default_context(capath=ca_bundle)
+        else:
+            context = ssl.create_default_context(cafile=ca_bundle)
+        _tls_contexts[ca_bundle] = context
+    return context
 
 
 class BackendClient:
-    """Sends records of one task over one keep-alive session. Knows nothing of journals or threads.
+    """Sends requests for one task over one keep-alive connection. Knows nothing of journals or threads.
 
-    Every request it makes follows one policy: never follow a redirect, a total deadline of
-    ``request_timeout_s`` (connect, send and the whole answer), the key only in the ``Secret-Key`` header
+    Every request follows one policy: never follow a redirect (``http.client`` does not), a total deadline
+    of ``request_timeout_s`` (connect, send and the whole answer), the key only in the ``Secret-Key`` header
     and only to ``base_url``. One thread at a time uses a client.
     """
 
@@ -277,119 +408,126 @@ class BackendClient:
         connect_timeout_s: float = DEFAULT_CONNECT_TIMEOUT_S,
         read_timeout_s: float = DEFAULT_READ_TIMEOUT_S,
         request_timeout_s: Optional[float] = None,
+        env: Optional[Mapping[str, str]] = None,
     ) -> None:
         self.base_url = base_url.rstrip("/")
         self.task_id = task_id
         self._secret_key = secret_key
         self.connect_timeout_s = connect_timeout_s
         self.read_timeout_s = read_timeout_s
-        self.request_timeout_s = request_timeout_from_env() if request_timeout_s is None else request_timeout_s
-        self._watchdog = _Watchdog(self.request_timeout_s)
-        self._session = make_session(self.base_url)
-        adapter = _WatchedAdapter(self._watchdog)
-        self._session.mount("http://", adapter)
-        self._session.mount("https://", adapter)
+        self.request_timeout_s = request_timeout_from_env(env) if request_timeout_s is None else request_timeout_s
+        self.settings = connection_settings(self.base_url, env)
+        self._connection: Optional[_Connection] = None
+        self._watchdog = _Watchdog(self.request_timeout_s, self._current_socket)
+        self._task_form = "id=" + quote(task_id, safe="")
+
+    def _current_socket(self) -> Optional[socket.socket]:
+        connection = self._connection
+        return None if connection is None else connection.socket()
 
     def request(self, method: str, endpoint: str, *, form: Optional[Mapping[str, str]] = None,
                 params: Optional[Mapping[str, str]] = None, headers: Optional[Dict[str, str]] = None,
-                timeout_s: Optional[float] = None) -> "requests.Response":
+                timeout_s: Optional[float] = None, body: Optional[bytes] = None) -> Answer:
         """One request to ``base_url/endpoint`` under the client's policy; :class:`TransientError` on any
         failure to get a whole answer (connection trouble, a timeout, the total deadline)."""
-        headers = dict(headers or {})
+        all_headers = {"User-Agent": USER_AGENT}
+        if headers:
+            all_headers.update(headers)
         if form is not None:
-            headers["Content-Type"] = FORM_CONTENT_TYPE
+            body = urlencode(form).encode()
+        if body is not None:
+            all_headers["Content-Type"] = FORM_CONTENT_TYPE
         if self._secret_key:
-            headers["Secret-Key"] = self._secret_key.reveal()
+            all_headers["Secret-Key"] = self._secret_key.reveal()
         total = self.request_timeout_s if timeout_s is None else max(0.05, min(self.request_timeout_s, timeout_s))
         read_timeout = min(self.read_timeout_s, total)
-        connect_timeout = min(self.connect_timeout_s, read_timeout)
         self._watchdog.arm(total)
         try:
-            response = self._session.request(
-                method, f"{self.base_url}/{endpoint}", params=params,
-                data=None if form is None else urlencode(form).encode(), headers=headers,
-                timeout=(connect_timeout, read_timeout), allow_redirects=False,
-            )
-            if self._watchdog.fired:  # a socket shut down mid-answer can still parse as a (truncated) answer
-                raise TransientError(f"no whole answer within the request deadline of {total:g} s")
-            return response
-        except requests.Timeout as exc:
-            raise TransientError(f"timed out ({type(exc).__name__})") from None
-        except requests.RequestException as exc:
+            return self._exchange(method, endpoint, params, all_headers, body, min(self.connect_timeout_s, read_timeout), read_timeout)
+        except TransientError:
+            self._drop_connection()
+            raise
+        except Exception as exc:  # whatever the socket, TLS or HTTP layers raise: a transient failure
+            self._drop_connection()
             if self._watchdog.fired:
                 raise TransientError(f"no whole answer within the request deadline of {total:g} s") from None
-            if isinstance(exc, requests.ConnectionError):
-                raise TransientError(f"cannot connect to {self.base_url} ({_short_cause(exc)})") from None
-            raise TransientError(f"request failed ({type(exc).__name__})") from None
-        except (OSError, ValueError) as exc:  # a socket shut down mid-read can surface below requests' wrapping
-            if self._watchdog.fired:
-                raise TransientError(f"no whole answer within the request deadline of {total:g} s") from None
-            raise TransientError(f"request failed ({type(exc).__name__})") from None
+            raise TransientError(_describe(exc, self.base_url)) from None
         finally:
             self._watchdog.disarm()
 
-    def send(self, record: Mapping[str, Any], timeout_s: Optional[float] = None) -> SendResult:
+    def _exchange(self, method: str, endpoint: str, params: Optional[Mapping[str, str]], headers: Dict[str, str],
+                  body: Optional[bytes], connect_timeout_s: float, read_timeout_s: float) -> Answer:
+        connection = self._connection
+        if connection is None:
+            connection = self._connection = _Connection(self.base_url, self.settings)
+        if connection.proxy and connection.scheme == "http":
+            headers.update(connection.proxy_headers)  # a plain proxy reads the request itself
+        conn = connection.open(connect_timeout_s, read_timeout_s)
+        conn.request(method, connection.target(endpoint, urlencode(params) if params else ""), body=body, headers=headers)
+        response = conn.getresponse()
+        content = response.read(MAX_ANSWER_BYTES)
+        if self._watchdog.fired:  # a socket shut down mid-answer can still parse as a (truncated) answer
+            raise TransientError(f"no whole answer within the request deadline of {self.request_timeout_s:g} s")
+        if response.will_close or not response.isclosed():
+            connection.close()  # the server ends the connection, or the answer was longer than we read
+        return Answer(response.status, dict(response.getheaders()), content, response.reason)
+
+    def _drop_connection(self) -> None:
+        if self._connection is not None:
+            self._connection.close()
+
+    def send(self, record: Record, timeout_s: Optional[float] = None) -> SendResult:
         """POST one journal record to its endpoint; raise :class:`TransientError` to have it retried."""
-        kind = record["kind"]
+        kind = record.kind
         if kind == KIND_STATE:
-            form = {"id": self.task_id, "state": str(int(record["value"]))}
+            body = f"{self._task_form}&state={record.value}"
         else:
-            form = {"id": self.task_id, "metric": repr(float(record["value"]))}
-        headers = {"Idempotency-Key": str(record.get("key", ""))}
-        response = self.request("POST", ENDPOINTS[kind], form=form, headers=headers, timeout_s=timeout_s)
-        return classify(response, optional_endpoint=kind == KIND_STATE)
+            body = f"{self._task_form}&metric={record.value!r}"
+        answer = self.request("POST", ENDPOINTS[kind], body=body.encode(), timeout_s=timeout_s,
+                              headers={"Idempotency-Key": record.key})
+        return classify(answer, optional_endpoint=kind == KIND_STATE)
 
     def heartbeat(self, timeout_s: Optional[float] = None) -> SendResult:
         """POST a heartbeat for the task; raise :class:`TransientError` on a passing failure."""
-        response = self.request("POST", HEARTBEAT_ENDPOINT, form={"id": self.task_id}, timeout_s=timeout_s)
-        return classify(response, optional_endpoint=True)
+        answer = self.request("POST", HEARTBEAT_ENDPOINT, body=self._task_form.encode(), timeout_s=timeout_s)
+        return classify(answer, optional_endpoint=True)
 
-    def read_final_metric(self, timeout_s: Optional[float] = None) -> "requests.Response":
+    def read_final_metric(self, timeout_s: Optional[float] = None) -> Answer:
         """GET the task's final metric: an authenticated read that changes nothing (``doctor``'s check)."""
         return self.request("GET", ENDPOINTS[KIND_FINAL], params={"id": self.task_id}, timeout_s=timeout_s)
 
     def close(self) -> None:
         self._watchdog.close()
-        self._session.close()
+        self._drop_connection()
 
 
-def make_session(base_url: str) -> "requests.Session":
-    """A keep-alive session with the environment's proxy and CA bundle settings read once.
-
-    ``requests`` re-reads the whole environment for proxies on every request when ``trust_env`` is on
-    (a quarter of a request's CPU here); reading ``HTTPS_PROXY``/``NO_PROXY`` and ``REQUESTS_CA_BUNDLE``
-    once gives the same behaviour at a fraction of the cost.
-    """
-    session = requests.Session()
-    session.headers["User-Agent"] = "anylearn-reporter"
-    session.proxies.update(requests.utils.get_environ_proxies(base_url))
-    ca_bundle = os.environ.get("REQUESTS_CA_BUNDLE") or os.environ.get("CURL_CA_BUNDLE")
-    if ca_bundle:
-        session.verify = ca_bundle
-    session.trust_env = False
-    return session
+def _describe(exc: BaseException, base_url: str) -> str:
+    """A short reason for a failed exchange, naming the class and the OS's words, never a header."""
+    if isinstance(exc, (socket.timeout, TimeoutError)):
+        return f"timed out ({type(exc).__name__})"
+    if isinstance(exc, socket.gaierror):
+        return f"cannot resolve the host of {base_url} ({exc.strerror or exc})"
+    if isinstance(exc, ConnectionRefusedError):
+        return f"cannot connect to {base_url} (ConnectionRefusedError: {exc.strerror})"
+    if isinstance(exc, OSError):
+        return f"connection to {base_url} failed ({type(exc).__name__}: {exc.strerror or exc})"[:300]
+    if isinstance(exc, http.client.HTTPException):
+        return f"unreadable answer from {base_url} ({type(exc).__name__})"
+    return f"request failed ({type(exc).__name__})"
 
 
-def _short_cause(exc: BaseException) -> str:
-    """The innermost cause's class and message, without the URL noise requests adds."""
-    inner: BaseException = exc
-    while inner.__cause__ is not None or inner.__context__ is not None:
-        inner = inner.__cause__ or inner.__context__  # type: ignore[assignment]
-    text = str(inner)
-    if "]" in text and "Errno" in text:
-        text = text[text.index("[Errno"):]
-    return f"{type(inner).__name__}: {text}"[:200]
+# --- the retry policy ------------------------------------------------------------------------------
 
 
-class wait_retry_after_or(wait_base):
+class wait_retry_after_or:
     """Wait what ``fallback`` says, longer when the server's ``Retry-After`` asks for longer; never more
     than ``max_wait_s``."""
 
-    def __init__(self, fallback: wait_base, max_wait_s: float) -> None:
+    def __init__(self, fallback: Callable[[Any], float], max_wait_s: float) -> None:
         self.fallback = fallback
         self.max_wait_s = max_wait_s
 
-    def __call__(self, retry_state: "tenacity.RetryCallState") -> float:
+    def __call__(self, retry_state: Any) -> float:
         wait = self.fallback(retry_state)
         outcome = retry_state.outcome
         exc = outcome.exception() if outcome is not None else None
@@ -404,14 +542,17 @@ def delivery_retrying(
     initial_backoff_s: float = INITIAL_BACKOFF_S,
     max_backoff_s: float = MAX_BACKOFF_S,
     sleep: Optional[Callable[[float], Any]] = None,
-    before_sleep: Optional[Callable[["tenacity.RetryCallState"], None]] = None,
-) -> "tenacity.Retrying":
-    """The retry policy: transient failures retried until ``stop_event`` is set, never busy-looping.
+    before_sleep: Optional[Callable[[Any], None]] = None,
+) -> Any:
+    """The retry policy (a ``tenacity.Retrying``): transient failures retried until ``stop_event`` is set,
+    never busy-looping.
 
     Exponential backoff with full jitter capped at ``max_backoff_s``; a ``Retry-After`` longer than the
     backoff's own wait lengthens it (up to ``max_backoff_s``), a shorter one (0, negative, a past date) is
     ignored. The sleep is ``stop_event.wait`` by default, so shutting down interrupts a backoff.
     """
+    import tenacity  # on the first failure only: a healthy run never pays for it
+
     return tenacity.Retrying(
         retry=tenacity.retry_if_exception_type(TransientError),
         stop=tenacity.stop_when_event_set(stop_event),
@@ -420,3 +561,9 @@ def delivery_retrying(
         before_sleep=before_sleep,
         reraise=True,
     )
+
+
+__all__: List[str] = [
+    "Answer", "BackendClient", "ConnectionSettings", "Outcome", "SendResult", "TransientError", "classify",
+    "connection_settings", "delivery_retrying", "location_host", "retry_after_seconds",
+]

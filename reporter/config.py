@@ -66,6 +66,7 @@ DEFAULT_REPORTER_DIR = "anylearn-runs"
 DEFAULT_OBJECTIVE_METRIC = "metric"
 DEFAULT_FLUSH_TIMEOUT_S = 10.0
 DEFAULT_REQUEST_TIMEOUT_S = 30.0  # the total deadline of one HTTP request
+BURST_GAP_S = 0.002  # reports closer together than this are a burst: in-process delivery holds back
 DEFAULT_OUTPUT_DIR = "output"
 DEFAULT_GRACE_PERIOD_S = 30.0
 DEFAULT_DRAIN_TIMEOUT_S = 60.0
@@ -75,6 +76,8 @@ STANDALONE_NAMESPACE = "STANDALONE"
 BACKEND_URL_TEMPLATE = "http://anylearn-backend.{namespace}/api"
 
 # --- file names inside a run directory -------------------------------------------------------------
+OFFLINE_RUN_PREFIX = "offline-"  # a run directory of a run without a task id: offline-<time>-<hex>
+EXIT_PENDING = 3  # sync and the sidecar: records stay pending
 JOURNAL_FILE = "metrics.jsonl"
 CURSOR_FILE = "cursor"
 REJECTED_FILE = "rejected.jsonl"
@@ -286,7 +289,12 @@ def resolve_backend_url(env: Mapping[str, str], has_credentials: bool) -> Tuple[
 def offline_run_name(now: Optional[float] = None) -> str:
     """``offline-<UTC yyyymmdd-HHMMSS>-<6 hex>``, unique enough for one machine."""
     stamp = time.strftime("%Y%m%d-%H%M%S", time.gmtime(time.time() if now is None else now))
-    return f"offline-{stamp}-{secrets.token_hex(3)}"
+    return f"{OFFLINE_RUN_PREFIX}{stamp}-{secrets.token_hex(3)}"
+
+
+def task_of_run_name(name: str) -> Optional[str]:
+    """The task a run directory's name says it belongs to: its name, or None for an offline run."""
+    return None if not name or name.startswith(OFFLINE_RUN_PREFIX) else name
 
 
 def load_config(env: Optional[Mapping[str, str]] = None) -> Tuple[Config, List[str]]:

@@ -1,74 +1,208 @@
 """The one delivery engine: journal records -> backend, in order, with retries, acknowledged by a cursor.
 
-The same :class:`Deliverer` runs as a thread in the training process, inside the wrapper and in the
-sidecar. It takes the run directory's deliver lock first (waiting for it while another deliverer holds
-it, so delivery is never orphaned), then follows the journal after the cursor.
+The same :class:`Deliverer` runs in the training process, inside the wrapper and in the sidecar. Hosts
+use its door only: ``start()``, ``wait_for_lock(timeout_s)``, ``flush(timeout_s)``,
+``drain(timeout_s, on_progress)`` and ``close(timeout_s)``. Its worker thread takes the run directory's
+deliver lock first (waiting for it while another deliverer holds it, so delivery is never orphaned), then
+follows the journal after the cursor, woken by the writer's own ``write`` through inotify where the
+system has it.
 """
 
 from __future__ import annotations
 
+import errno
 import os
+import select
 import threading
 import time
-from dataclasses import dataclass
 from typing import Any, Callable, Dict, Optional
 
 from .client import (
+    INITIAL_BACKOFF_S,
+    MAX_BACKOFF_S,
     BackendClient,
     Outcome,
     SendResult,
     TransientError,
     delivery_retrying,
 )
-from .config import JOURNAL_FILE, STATUS_FILE, Config
+from .config import BURST_GAP_S, JOURNAL_FILE, Config
 from .journal import (
-    KIND_STATE,
     DeliverLock,
     JournalEntry,
     JournalReader,
+    Record,
     append_rejected,
-    atomic_write_json,
     count_pending,
     load_cursor,
     read_host_counters,
-    read_json,
     save_cursor,
     whole_lines_end,
 )
 from .log import get_logger
+from .policy import SKIP_STATE_OFF, SendRule, line_skip_reason, skip_reason
+from .runstatus import DeliveryStatus, read_status, write_status
 
-SKIP_OTHER_RANK = "from a rank other than 0"
-SKIP_NOT_OBJECTIVE = "not the objective metric"
-SKIP_NOT_A_NUMBER = "not a finite number"
-SKIP_STATE_OFF = "state reporting is off"
-SKIP_TORN = "torn or invalid line"
-SKIP_INVALID = "invalid record"  # followed by the reason, e.g. "invalid record (value is not a number)"
 PROGRESS_INTERVAL_S = 0.5
 
 
-@dataclass(frozen=True)
 class DeliveryOptions:
-    """How a deliverer behaves; every duration in seconds."""
+    """How a deliverer behaves; every duration in seconds. (A plain class: a dataclass would cost the
+    delivery thread of a training process an ``exec`` at import.)"""
 
-    objective_metric: str = "metric"
-    report_all_ranks: bool = False
-    poll_interval_s: float = 0.2
-    lock_poll_interval_s: float = 1.0
-    initial_backoff_s: float = 0.5
-    max_backoff_s: float = 30.0
-    cursor_fsync_interval_s: float = 1.0
-    status_interval_s: float = 0.5
-    max_defer_s: float = 0.1  # the longest a busy host can hold back one request
-    defer_step_s: float = 0.005
+    def __init__(
+        self,
+        rule: SendRule = SendRule(),  # which records are sent
+        poll_interval_s: float = 0.2,  # how often the journal is looked at where inotify is missing
+        watch_interval_s: float = 1.0,  # with inotify: the longest wait for an event (a safety net)
+        lock_poll_interval_s: float = 1.0,
+        initial_backoff_s: float = INITIAL_BACKOFF_S,
+        max_backoff_s: float = MAX_BACKOFF_S,
+        ack_interval_s: float = 0.05,  # the cursor is replaced at most this often, and when idle or stopping
+        cursor_fsync_interval_s: float = 1.0,
+        status_interval_s: float = 0.5,
+        burst_gap_s: float = BURST_GAP_S,  # records journalled closer together than this are a burst
+        max_defer_s: float = 0.1,  # the longest a busy host can hold back one request
+        defer_step_s: float = 0.005,  # the first look at whether the burst is over; later looks double it
+    ) -> None:
+        self.rule = rule
+        self.poll_interval_s = poll_interval_s
+        self.watch_interval_s = watch_interval_s
+        self.lock_poll_interval_s = lock_poll_interval_s
+        self.initial_backoff_s = initial_backoff_s
+        self.max_backoff_s = max_backoff_s
+        self.ack_interval_s = ack_interval_s
+        self.cursor_fsync_interval_s = cursor_fsync_interval_s
+        self.status_interval_s = status_interval_s
+        self.burst_gap_s = burst_gap_s
+        self.max_defer_s = max_defer_s
+        self.defer_step_s = defer_step_s
+
+    def __repr__(self) -> str:
+        return f"DeliveryOptions({', '.join(f'{k}={v!r}' for k, v in self.__dict__.items())})"
+
+
+# --- the wake-up ------------------------------------------------------------------------------------
+
+_IN_MODIFY, _IN_CREATE, _IN_MOVED_TO = 0x2, 0x100, 0x80
+_IN_NONBLOCK, _IN_CLOEXEC = 0o4000, 0o2000000
+_inotify: Any = None  # (init1, add_watch, rm_watch) from libc, False when the system has none
+
+
+def _inotify_calls() -> Any:
+    global _inotify
+    if _inotify is None:
+        try:
+            import ctypes
+
+            libc = ctypes.CDLL(None, use_errno=True)
+            init1, add_watch, rm_watch = libc.inotify_init1, libc.inotify_add_watch, libc.inotify_rm_watch
+            init1.argtypes, init1.restype = [ctypes.c_int], ctypes.c_int
+            add_watch.argtypes, add_watch.restype = [ctypes.c_int, ctypes.c_char_p, ctypes.c_uint32], ctypes.c_int
+            rm_watch.argtypes, rm_watch.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int
+            _inotify = (init1, add_watch, rm_watch)
+        except (ImportError, OSError, AttributeError):
+            _inotify = False
+    return _inotify
+
+
+class JournalWatch:
+    """Waits until the journal grows, ``interrupt()`` is called, or a timeout passes.
+
+    On Linux it blocks on inotify for the journal file (the directory until the file exists): the
+    writer's own ``os.write`` is the wake-up, so the hot path makes no extra call. Elsewhere, or when
+    inotify is out of watches, it sleeps ``poll_interval_s`` and the caller looks again.
+    """
+
+    def __init__(self, run_dir: str, poll_interval_s: float, watch_interval_s: float) -> None:
+        self.path = os.path.join(run_dir, JOURNAL_FILE)
+        self.run_dir = run_dir
+        self.poll_interval_s = poll_interval_s
+        self.watch_interval_s = watch_interval_s
+        self._wake_r, self._wake_w = os.pipe()
+        os.set_blocking(self._wake_r, False)
+        os.set_blocking(self._wake_w, False)
+        self._ifd = -1
+        self._dir_wd = -1
+        self._watching_file = False
+        calls = _inotify_calls()
+        if calls:
+            fd = calls[0](_IN_NONBLOCK | _IN_CLOEXEC)
+            if fd >= 0:
+                self._ifd = fd
+                self._arm()
+        self._poller = select.poll()
+        self._poller.register(self._wake_r, select.POLLIN)
+        if self._ifd >= 0:
+            self._poller.register(self._ifd, select.POLLIN)
+
+    @property
+    def uses_inotify(self) -> bool:
+        return self._ifd >= 0
+
+    def _arm(self) -> None:
+        _, add_watch, rm_watch = _inotify_calls()
+        if add_watch(self._ifd, os.fsencode(self.path), _IN_MODIFY) >= 0:
+            self._watching_file = True
+            if self._dir_wd >= 0:
+                rm_watch(self._ifd, self._dir_wd)
+                self._dir_wd = -1
+        elif self._dir_wd < 0:
+            self._dir_wd = add_watch(self._ifd, os.fsencode(self.run_dir), _IN_CREATE | _IN_MOVED_TO)
+            if self._dir_wd < 0:
+                os.close(self._ifd)  # no watch at all (ENOSPC: out of watches): poll instead
+                self._ifd = -1
+
+    def wait(self) -> None:
+        """Block until the journal may have grown (or the safety timeout passes)."""
+        timeout_s = self.watch_interval_s if self._ifd >= 0 else self.poll_interval_s
+        try:
+            ready = self._poller.poll(timeout_s * 1000)
+        except InterruptedError:
+            return
+        for fd, _ in ready:
+            _drain(fd)
+        if self._ifd >= 0 and not self._watching_file and os.path.exists(self.path):
+            self._arm()  # the journal appeared: watch the file itself from now on
+
+    def interrupt(self) -> None:
+        """Make a current or the next :meth:`wait` return at once (from any thread)."""
+        try:
+            os.write(self._wake_w, b"!")
+        except OSError:
+            pass
+
+    def close(self) -> None:
+        for fd in (self._ifd, self._wake_r, self._wake_w):
+            if fd >= 0:
+                try:
+                    os.close(fd)
+                except OSError:
+                    pass
+        self._ifd = self._wake_r = self._wake_w = -1
+
+
+def _drain(fd: int) -> None:
+    while True:
+        try:
+            if not os.read(fd, 4096):
+                return
+        except OSError as exc:
+            if exc.errno in (errno.EAGAIN, errno.EWOULDBLOCK) or exc.errno == errno.EBADF:
+                return
+            raise
+
+
+# --- the engine --------------------------------------------------------------------------------------
 
 
 class Deliverer:
-    """Delivers one run directory's journal to one task. ``start`` / ``flush(timeout)`` / ``close(timeout)``.
+    """Delivers one run directory's journal to one task.
 
+    The door for hosts: :meth:`start`, :meth:`wait_for_lock`, :meth:`flush`, :meth:`drain`, :meth:`close`.
     Never raises into its host: transient failures are retried with backoff while the deliverer runs,
     401/403 and any 3xx (never followed) pause delivery (records stay pending for ``sync``), other 4xx go
-    to ``rejected.jsonl``.
-    Every record it does not send is counted with its reason in :attr:`skipped`.
+    to ``rejected.jsonl``. Every record it does not send is counted with its reason in :attr:`skipped`.
     """
 
     def __init__(
@@ -81,10 +215,8 @@ class Deliverer:
         host_busy: Optional[Callable[[], bool]] = None,
     ) -> None:
         self.run_dir = run_dir
-        self.host_busy = host_busy
         self.client = client
         self.options = options
-        self.lock = DeliverLock(run_dir)
         self.delivered = 0
         self.skipped: Dict[str, int] = {}
         # What this deliverer did itself (``delivered``/``skipped`` carry on from an earlier status.json).
@@ -97,100 +229,70 @@ class Deliverer:
         self.last_delivery_ts: Optional[float] = None
         self.started_ts = time.time()
         self.state_reporting = True
-        self.holding = threading.Event()
-        self.first_lock_attempt = threading.Event()  # set once the worker knows whether it holds the lock
-        self.idle = threading.Event()
+        self._host_busy = host_busy
+        self._retry_sleep = retry_sleep
+        self._lock = DeliverLock(run_dir)
+        self._holding = False
+        self._lock_known = threading.Event()  # set once the worker knows whether it holds the lock
         self._stop = threading.Event()
         self._running = threading.Event()
-        self._finished = threading.Event()
-        self._worker_ident: Optional[int] = None
-        self._wake = threading.Event()
+        self._idle = False
         self._progress = threading.Condition()
         self._acked = 0
+        self._acked_saved = -1
         self._reader: Optional[JournalReader] = None
+        self._watch: Optional[JournalWatch] = None
         self._thread: Optional[threading.Thread] = None
         self._failing_since: Optional[float] = None
         self._deadline: Optional[float] = None
+        self._last_ack_write = 0.0
         self._last_fsync = 0.0
         self._last_status = 0.0
-        self._retrying = delivery_retrying(
-            self._stop,
-            initial_backoff_s=options.initial_backoff_s,
-            max_backoff_s=options.max_backoff_s,
-            sleep=retry_sleep,
-            before_sleep=self._before_retry,
-        )
+        self._retrying: Any = None
+        self._previous_ts: Optional[float] = None
         self._log = get_logger()
 
-    # --- host-facing --------------------------------------------------------------------------------
+    # --- the door -----------------------------------------------------------------------------------
 
     def start(self) -> "Deliverer":
         """Start the delivery thread (a daemon); it first waits for the deliver lock."""
         if self._thread is None:
-            self._thread = threading.Thread(target=self.run, name="anylearn-reporter-delivery", daemon=True)
+            self._running.set()
+            self._thread = threading.Thread(target=self._work, name="anylearn-reporter-delivery", daemon=True)
             self._thread.start()
         return self
 
-    @property
-    def alive(self) -> bool:
-        """True while :meth:`run` runs (in the thread ``start`` made, or in a host's own thread)."""
-        return self._running.is_set()
-
-    def wake(self) -> None:
-        """Tell the worker that the journal grew (it polls anyway; this only cuts latency)."""
-        if not self._wake.is_set():
-            self._wake.set()
-
-    def acked_offset(self) -> int:
-        """Byte offset acknowledged so far, by this deliverer or (when it does not hold the lock) another."""
-        if self.holding.is_set():
-            return self._acked
-        return load_cursor(self.run_dir)
-
-    def pending(self) -> int:
-        """Records journalled but not yet acknowledged."""
-        return count_pending(self.run_dir, self.acked_offset())
+    def wait_for_lock(self, timeout_s: Optional[float]) -> bool:
+        """Wait up to ``timeout_s`` for the worker's first try at the deliver lock; True when this deliverer
+        holds it (it then delivers), False when another process does (this one waits in the background
+        and takes over when that one exits) or the time ran out."""
+        self._lock_known.wait(timeout_s)
+        return self._holding
 
     def flush(self, timeout_s: Optional[float] = None) -> bool:
         """Wait until every record journalled so far is acknowledged; True if so before the timeout.
 
-        Returns False at once when delivery is paused (a rejected key).
+        Returns False at once when delivery is paused (a rejected key, a redirect).
         """
         target = whole_lines_end(os.path.join(self.run_dir, JOURNAL_FILE))
         deadline = None if timeout_s is None else time.monotonic() + timeout_s
-        self.wake()
         with self._progress:
             while True:
-                if self.acked_offset() >= target:
+                if self._acked_offset() >= target:
                     return True
-                if self.paused_reason or self._stop.is_set() or not self.alive:
+                if self.paused_reason or self._stop.is_set() or not self._running.is_set():
                     return False
                 remaining = None if deadline is None else deadline - time.monotonic()
                 if remaining is not None and remaining <= 0:
                     return False
                 # Another deliverer's progress is seen only in the cursor file: poll it.
-                wait_s = self.options.poll_interval_s if not self.holding.is_set() else 1.0
+                wait_s = 1.0 if self._holding else self.options.poll_interval_s
                 self._progress.wait(wait_s if remaining is None else min(wait_s, remaining))
-
-    def close(self, timeout_s: Optional[float] = None) -> bool:
-        """Deliver what is pending for up to ``timeout_s``, then stop; True if nothing stayed pending.
-
-        Whatever is left stays in the journal for the next deliverer (wrapper, sidecar, ``sync``).
-        """
-        deadline = None if timeout_s is None else time.monotonic() + timeout_s
-        self._deadline = deadline
-        drained = self.flush(timeout_s) if self.alive else False
-        self._stop.set()
-        self._wake.set()
-        if self.alive and threading.get_ident() != self._worker_ident:
-            remaining = 1.0 if deadline is None else max(0.1, deadline - time.monotonic())
-            self._finished.wait(remaining)
-        return drained
 
     def drain(self, timeout_s: Optional[float], on_progress: Optional[Callable[[int, bool], None]] = None) -> bool:
         """Deliver what is pending for up to ``timeout_s`` (None: until done), calling ``on_progress(pending,
         drained)`` about twice a second; then stop. True when nothing stayed pending. Returns early when
-        delivery pauses (a rejected key)."""
+        delivery pauses."""
         deadline = None if timeout_s is None else time.monotonic() + timeout_s
         drained = False
         try:
@@ -198,61 +300,81 @@ class Deliverer:
                 remaining = None if deadline is None else deadline - time.monotonic()
                 drained = self.flush(PROGRESS_INTERVAL_S if remaining is None else max(0.0, min(PROGRESS_INTERVAL_S, remaining)))
                 if on_progress is not None:
-                    on_progress(self.pending(), drained)
-                if drained or self.paused_reason or not self.alive or (remaining is not None and remaining <= 0):
+                    on_progress(count_pending(self.run_dir, self._acked_offset()), drained)
+                if drained or self.paused_reason or not self._running.is_set() or (remaining is not None and remaining <= 0):
                     return drained
         finally:
             self.close(0.5 if deadline is None else max(0.5, deadline - time.monotonic()))
 
-    def stop(self) -> None:
-        """Ask the worker to stop without draining."""
+    def close(self, timeout_s: Optional[float] = None) -> bool:
+        """Deliver what is pending for up to ``timeout_s`` (when this deliverer holds the lock), then stop;
+        True if nothing stayed pending. Whatever is left stays in the journal for the next deliverer
+        (wrapper, sidecar, ``sync``)."""
+        deadline = None if timeout_s is None else time.monotonic() + timeout_s
+        self._deadline = deadline
+        if self._running.is_set():
+            self._lock_known.wait(timeout_s)
+        remaining = None if deadline is None else max(0.0, deadline - time.monotonic())
+        drained = self.flush(remaining) if self._running.is_set() and self._holding else False
         self._stop.set()
-        self._wake.set()
+        if self._watch is not None:
+            self._watch.interrupt()
+        thread = self._thread
+        if thread is not None and thread is not threading.current_thread():
+            thread.join(1.0 if deadline is None else max(0.1, deadline - time.monotonic()))
+        return drained
 
-    def status(self) -> Dict[str, Any]:
+    # --- what the engine says about itself (status.json, the hosts' messages) -------------------------
+
+    @property
+    def alive(self) -> bool:
+        """True from :meth:`start` until the worker has stopped."""
+        return self._running.is_set()
+
+    def status(self) -> DeliveryStatus:
         """What ``status.json`` holds: counters, last delivery, last error, deliverer pid."""
-        return {
-            "task_id": self.client.task_id,
-            "backend_url": self.client.base_url,
-            "deliverer_pid": os.getpid(),
-            "deliverer_started": self.started_ts,
-            "cursor": self._acked,
-            "delivered": self.delivered,
-            "skipped": dict(self.skipped),
-            "counters": read_host_counters(self.run_dir),
-            "paused": self.paused_reason,
-            "state_reporting": self.state_reporting,
-            "last_delivery_ts": self.last_delivery_ts,
-            "last_error": self.last_error,
-            "last_error_ts": self.last_error_ts,
-            "failing_since": self._failing_since,
-            "updated": time.time(),
-            "running": not self._stop.is_set(),
-        }
+        return DeliveryStatus(
+            task_id=self.client.task_id,
+            backend_url=self.client.base_url,
+            deliverer_pid=os.getpid(),
+            deliverer_started=self.started_ts,
+            cursor=self._acked,
+            delivered=self.delivered,
+            skipped=dict(self.skipped),
+            counters=read_host_counters(self.run_dir),
+            paused=self.paused_reason,
+            state_reporting=self.state_reporting,
+            last_delivery_ts=self.last_delivery_ts,
+            last_error=self.last_error,
+            last_error_ts=self.last_error_ts,
+            failing_since=self._failing_since,
+            updated=time.time(),
+            running=not self._stop.is_set(),
+        )
 
     # --- the worker ---------------------------------------------------------------------------------
 
-    def run(self) -> None:
-        """Take the lock, then deliver until stopped. Runs in the caller's thread (``start`` threads it)."""
-        self._worker_ident = threading.get_ident()
-        self._running.set()
+    def _acked_offset(self) -> int:
+        """Byte offset acknowledged so far, by this deliverer or (when it does not hold the lock) another."""
+        return self._acked if self._holding else load_cursor(self.run_dir)
+
+    def _work(self) -> None:
         try:
-            if not self._wait_for_lock():
-                return
-            self._deliver_until_stopped()
+            if self._take_lock():
+                self._deliver_until_stopped()
         except Exception:  # never raise into the host; say what happened once
             self._log.exception("the delivery thread stopped on an unexpected error; records stay in the journal")
         finally:
-            self.first_lock_attempt.set()
+            self._lock_known.set()
             self._finish()
 
-    def _wait_for_lock(self) -> bool:
+    def _take_lock(self) -> bool:
         said: Optional[str] = None
         while not self._stop.is_set():
             try:
-                if self.lock.try_acquire():
-                    self.holding.set()
-                    self.first_lock_attempt.set()
+                if self._lock.try_acquire():
+                    self._holding = True
+                    self._lock_known.set()
                     return True
             except (OSError, ValueError) as exc:  # said once per cause, not once per attempt
                 why = getattr(exc, "strerror", None) or str(exc)
@@ -261,65 +383,50 @@ class Deliverer:
                     self._note_error(f"cannot take the deliver lock: {why}")
                     kept = "records stay in the journal" if os.path.exists(os.path.join(self.run_dir, JOURNAL_FILE)) else "and there is no journal there"
                     self._log.warning("cannot take the deliver lock in %s: %s; %s (said once)", self.run_dir, why, kept)
-            self.first_lock_attempt.set()
+            self._lock_known.set()
             self._stop.wait(self.options.lock_poll_interval_s)
         return False
 
     def _deliver_until_stopped(self) -> None:
         self._load_state()
+        watch = self._watch = JournalWatch(self.run_dir, self.options.poll_interval_s, self.options.watch_interval_s)
+        if self._stop.is_set():
+            return
         reader = self._reader = JournalReader(self.run_dir, self._acked)
         while not self._stop.is_set():
             entries = reader.read_available(max_records=256)
             if not entries:
-                if not self.idle.is_set():
-                    self.idle.set()
+                if not self._idle:
+                    self._idle = True
                     self._checkpoint(force=True)
-                self._wake.wait(self.options.poll_interval_s)
-                self._wake.clear()
+                    self._notify_progress()
+                watch.wait()
                 continue
-            self.idle.clear()
+            self._idle = False
             for entry in entries:
                 if not self._deliver_entry(entry):
                     return
 
     def _load_state(self) -> None:
-        self._acked = load_cursor(self.run_dir)
-        previous = read_json(os.path.join(self.run_dir, STATUS_FILE))
-        if isinstance(previous, dict) and previous.get("task_id") == self.client.task_id:
-            delivered = previous.get("delivered")
-            self.delivered = delivered if type(delivered) is int and delivered >= 0 else 0
-            skipped = previous.get("skipped")
-            if isinstance(skipped, dict):  # a hand-edited file must not stop delivery: keep what reads
-                self.skipped = {str(k): v for k, v in skipped.items() if type(v) is int and v >= 0}
-
-    def _skip_reason(self, record: Dict[str, Any]) -> Optional[str]:
-        rank = record.get("rank", 0)
-        if record["kind"] == KIND_STATE:  # only node rank 0's wrapper reports the task's state
-            if rank != 0:
-                return SKIP_OTHER_RANK
-            return None if self.state_reporting else SKIP_STATE_OFF
-        if rank != 0 and not self.options.report_all_ranks:
-            return SKIP_OTHER_RANK
-        if record.get("value") is None:
-            return SKIP_NOT_A_NUMBER
-        name = record.get("name")
-        if name is not None and name != self.options.objective_metric:
-            return SKIP_NOT_OBJECTIVE
-        return None
+        self._acked = self._acked_saved = load_cursor(self.run_dir)
+        previous, _ = read_status(self.run_dir)  # field by field: a hand-edited file cannot stop delivery
+        if previous is not None and previous.task_id == self.client.task_id:
+            self.delivered = previous.delivered
+            self.skipped = dict(previous.skipped)
 
     def _deliver_entry(self, entry: JournalEntry) -> bool:
         record = entry.record
         skip: Optional[str]
         if record is None:
-            skip = SKIP_TORN if entry.problem in (None, SKIP_TORN) else f"{SKIP_INVALID} ({entry.problem})"
+            skip = line_skip_reason(entry.problem)
         else:
-            skip = self._skip_reason(record)
+            skip = skip_reason(record, self.options.rule, state_reporting=self.state_reporting)
         if skip is not None:
             self._count_skip(skip)
         elif record is not None:
-            self._defer_while_host_busy()
+            self._defer_while_host_busy(record)
             try:
-                result: SendResult = self._retrying(self._send, record)
+                result = self._send_with_retries(record)
             except TransientError:
                 return False  # stopped while retrying: the record stays pending
             if not self._apply(record, result):
@@ -331,22 +438,50 @@ class Deliverer:
         self.skipped[reason] = self.skipped.get(reason, 0) + 1
         self.skipped_now[reason] = self.skipped_now.get(reason, 0) + 1
 
-    def _defer_while_host_busy(self) -> None:
-        """Training comes first: while the host process is reporting in a burst (a tight loop), hold the
-        next request back a little, at most ``max_defer_s``, so this thread does not compete with the
-        training thread for the interpreter. Gaps in the burst get full delivery speed."""
-        if self.host_busy is None:
+    def _defer_while_host_busy(self, record: Record) -> None:
+        """Training comes first: while the host process reports in a burst (records journalled closer
+        together than ``burst_gap_s``, and it is still at it), hold the next request back a little, at
+        most ``max_defer_s``, so this thread does not compete with the training thread for the
+        interpreter. A report on its own (the previous one well before it) goes at once, and gaps in a
+        burst get full delivery speed. The looks at the burst start at ``defer_step_s`` apart and double,
+        so a long burst costs a few wake-ups per request, not one every few milliseconds."""
+        previous, self._previous_ts = self._previous_ts, record.ts
+        if self._host_busy is None or previous is None or self._previous_ts is None:
             return
-        waited = 0.0
-        while waited < self.options.max_defer_s and self.host_busy() and not self._stop.is_set():
-            self._stop.wait(self.options.defer_step_s)
-            waited += self.options.defer_step_s
+        if self._previous_ts - previous >= self.options.burst_gap_s:
+            return
+        waited, step = 0.0, self.options.defer_step_s
+        while waited < self.options.max_defer_s and self._host_busy() and not self._stop.is_set():
+            step = min(step, self.options.max_defer_s - waited)
+            self._stop.wait(step)
+            waited += step
+            step *= 2
 
-    def _send(self, record: Dict[str, Any]) -> SendResult:
+    def _send(self, record: Record) -> SendResult:
         timeout_s = None if self._deadline is None else self._deadline - time.monotonic()
         return self.client.send(record, timeout_s)
 
-    def _apply(self, record: Dict[str, Any], result: SendResult) -> bool:
+    def _send_with_retries(self, record: Record) -> SendResult:
+        """One try; after a transient failure, the retry policy takes over (its first attempt is that
+        failure, so the backoff and any ``Retry-After`` apply before the second request)."""
+        try:
+            return self._send(record)
+        except TransientError as exc:
+            failed = [exc]
+        if self._retrying is None:
+            self._retrying = delivery_retrying(
+                self._stop, initial_backoff_s=self.options.initial_backoff_s, max_backoff_s=self.options.max_backoff_s,
+                sleep=self._retry_sleep, before_sleep=self._before_retry,
+            )
+
+        def attempt(rec: Record) -> SendResult:
+            if failed:
+                raise failed.pop()
+            return self._send(rec)
+
+        return self._retrying(attempt, record)
+
+    def _apply(self, record: Record, result: SendResult) -> bool:
         """Book an answer; False when delivery must pause (the record is then not acknowledged)."""
         if self._failing_since is not None:
             self._log.info("delivery resumed after %.0f s", time.time() - self._failing_since)
@@ -361,7 +496,7 @@ class Deliverer:
             self._note_error(f"HTTP {result.status}: {result.reason}")
             self._log.warning(
                 "the backend refused a %s record for good (HTTP %d: %s); kept in %s/rejected.jsonl",
-                record["kind"], result.status, result.reason, self.run_dir,
+                record.kind, result.status, result.reason, self.run_dir,
             )
         elif result.outcome is Outcome.UNSUPPORTED:
             self.state_reporting = False
@@ -393,8 +528,7 @@ class Deliverer:
         self._note_error(error)
         self._log.error("%s", message)
         self._checkpoint(force=True)
-        with self._progress:
-            self._progress.notify_all()
+        self._notify_progress()
 
     def _note_error(self, text: str) -> None:
         self.last_error = text
@@ -414,39 +548,47 @@ class Deliverer:
 
     def _acknowledge(self, offset: int) -> None:
         self._acked = offset
-        self._checkpoint()
+        if time.monotonic() - self._last_ack_write >= self.options.ack_interval_s:
+            self._checkpoint()
+        self._notify_progress()
+
+    def _notify_progress(self) -> None:
         with self._progress:
             self._progress.notify_all()
 
     def _checkpoint(self, force: bool = False) -> None:
-        """Persist the cursor after every record (an atomic rename survives a crash of this process);
-        fsync it at most once a ``cursor_fsync_interval_s`` and at idle and close, which bounds what a
-        power loss can resend (the idempotency keys make a resend harmless)."""
+        """Persist the cursor: replaced (an atomic rename) at most every ``ack_interval_s`` and whenever the
+        deliverer goes idle, pauses or stops, so a crash of this process resends at most that window's
+        records, with the same ``Idempotency-Key``s; fsynced at most once a ``cursor_fsync_interval_s``
+        and at idle and close, which bounds what a power loss can resend."""
         now = time.monotonic()
         fsync = force or now - self._last_fsync >= self.options.cursor_fsync_interval_s
         try:
-            save_cursor(self.run_dir, self._acked, fsync=fsync)
-            if fsync:
-                self._last_fsync = now
+            if self._acked != self._acked_saved or fsync:
+                save_cursor(self.run_dir, self._acked, fsync=fsync)
+                self._acked_saved = self._acked
+                self._last_ack_write = now
+                if fsync:
+                    self._last_fsync = now
             if force or now - self._last_status >= self.options.status_interval_s:
                 self._last_status = now
-                atomic_write_json(os.path.join(self.run_dir, STATUS_FILE), self.status())
+                write_status(self.run_dir, self.status())
         except OSError as exc:
             self._note_error(f"cannot save the cursor: {exc.strerror}")
 
     def _finish(self) -> None:
-        if self.holding.is_set():
+        if self._holding:
             self._stop.set()
             self._checkpoint(force=True)
-            self.lock.release()
-            self.holding.clear()
+            self._lock.release()
+            self._holding = False
         if self._reader is not None:
             self._reader.close()
+        if self._watch is not None:
+            self._watch.close()
         self.client.close()
         self._running.clear()
-        self._finished.set()
-        with self._progress:
-            self._progress.notify_all()
+        self._notify_progress()
 
 
 def build_deliverer(
@@ -458,11 +600,10 @@ def build_deliverer(
     client = BackendClient(config.backend_url or "", config.task_id or "", config.secret_key,
                            request_timeout_s=config.request_timeout_s)
     options = DeliveryOptions(
-        objective_metric=config.objective_metric,
-        report_all_ranks=config.report_all_ranks,
+        rule=SendRule.of(config),
         **option_overrides,
     )
     return Deliverer(run_dir or config.run_dir, client, options, host_busy=host_busy)
 
 
-__all__ = ["Deliverer", "DeliveryOptions", "build_deliverer"]
+__all__ = ["Deliverer", "DeliveryOptions", "JournalWatch", "build_deliverer"]

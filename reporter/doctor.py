@@ -91,9 +91,9 @@ def _auth_check(config: Config) -> List[Check]:
     finally:
         client.close()
     checks = []
-    status = answer.status_code
+    status = answer.status
     if 300 <= status < 400:
-        host = location_host(answer.headers.get("Location"))
+        host = location_host(answer.header("Location"))
         checks.append(Check(FAIL, "backend", f"{config.backend_url} answered HTTP {status} (redirect to {host}): redirects are "
                             "never followed (the secret key would go along); set ANYLEARN_BACKEND_URL to the address that answers itself"))
         return checks
@@ -105,7 +105,7 @@ def _auth_check(config: Config) -> List[Check]:
         checks.append(Check(OK, "auth", f"the backend accepted the secret key for task {config.task_id}"))
     else:
         checks.append(Check(WARN, "auth", f"the backend answered HTTP {status}"))
-    checks.append(_clock_check(answer.headers.get("Date")))
+    checks.append(_clock_check(answer.header("Date")))
     return checks
 
 

@@ -19,8 +19,8 @@ import stat
 import threading
 import time
 import weakref
-from dataclasses import dataclass
-from typing import Any, Callable, Dict, Iterator, List, Optional, Tuple
+from dataclasses import dataclass, fields
+from typing import Any, Callable, Dict, Iterator, List, Optional, Tuple, Union
 
 from .config import CURSOR_FILE, JOURNAL_FILE, LOCK_FILE, REJECTED_FILE
 from .log import get_logger
@@ -182,7 +182,7 @@ class JournalWriter:
             value_text = repr(value)
         key = f"{self._prefix}{next(self._counter)}"
         self.last_append_ts = now = time.time()
-        line = (
+        line = (  # a Record's fields in order, made by hand: the hot path's cost (read back by check_record)
             f'{{"kind":"{kind}","value":{value_text},"name":{name_json},'
             f'"step":{"null" if step is None else step},"ts":{now if ts is None else ts!r},'
             f'"rank":{self.rank},"pid":{self._pid},"key":"{key}"}}\n'
@@ -284,7 +284,38 @@ def read_host_counters(run_dir: str) -> Dict[str, Dict[str, int]]:
 # --- reading ---------------------------------------------------------------------------------------
 
 INVALID_NOT_JSON = "torn or invalid line"
-RECORD_FIELDS = ("kind", "value", "name", "step", "ts", "rank", "pid", "key")
+
+
+@dataclass(frozen=True)
+class Record:
+    """One journal record: what a report call journalled, as read back and validated.
+
+    The writer makes the same line by hand (see :meth:`JournalWriter.append`: an f-string is the hot
+    path's cost), in the order of these fields; :func:`check_record` is the only way back from JSON.
+    ``value`` is a finite float or None for a metric (a NaN or infinity is journalled as None), an int
+    for a task state.
+    """
+
+    kind: str
+    value: Optional[Union[float, int]]
+    name: Optional[str] = None
+    step: Optional[int] = None
+    ts: Optional[float] = None
+    rank: int = 0
+    pid: Optional[int] = None
+    key: str = ""
+
+    @property
+    def is_metric(self) -> bool:
+        """True for an intermediate or final metric, False for a task state."""
+        return self.kind != KIND_STATE
+
+    def as_json(self) -> Dict[str, Any]:
+        """The record as the journal's JSON object (for ``rejected.jsonl`` and ``show --metrics --json``)."""
+        return {f.name: getattr(self, f.name) for f in fields(self)}
+
+
+RECORD_FIELDS = tuple(f.name for f in fields(Record))
 
 
 def _is_int(value: Any) -> bool:
@@ -295,12 +326,12 @@ def _is_number(value: Any) -> bool:
     return type(value) is float or type(value) is int
 
 
-def check_record(obj: Any) -> Tuple[Optional[Dict[str, Any]], Optional[str]]:
-    """Validate one parsed journal value: (the record with exactly the known fields, None) or (None, why).
+def check_record(obj: Any) -> Tuple[Optional[Record], Optional[str]]:
+    """Validate one parsed journal value: (the :class:`Record`, None) or (None, why it is not one).
 
     A record has a known ``kind``; ``value`` a finite number or null (a state: an int); ``step`` an int
     or null; ``name`` a string or null; ``ts`` a time or null; ``rank`` and ``pid`` ints; ``key`` a
-    string an HTTP header can carry. Never raises.
+    string an HTTP header can carry. Unknown fields are dropped. Never raises.
     """
     if not isinstance(obj, dict):
         return None, "not a JSON object"
@@ -344,7 +375,7 @@ def check_record(obj: Any) -> Tuple[Optional[Dict[str, Any]], Optional[str]]:
     key = obj.get("key", "")
     if not isinstance(key, str) or len(key) > MAX_KEY_CHARS or not (key.isascii() and key.isprintable() and " " not in key):
         return None, "key is not a header-safe string"
-    return {"kind": kind, "value": value, "name": name, "step": step, "ts": ts, "rank": rank, "pid": pid, "key": key}, None
+    return Record(kind, value, name, step, ts, rank, pid, key), None
 
 
 @dataclass
@@ -352,11 +383,11 @@ class JournalEntry:
     """One line of the journal: its end offset and the record, or None and why the line was not valid."""
 
     end_offset: int
-    record: Optional[Dict[str, Any]]
+    record: Optional[Record]
     problem: Optional[str] = None
 
 
-def read_line(line: bytes) -> Tuple[Optional[Dict[str, Any]], Optional[str], bool]:
+def read_line(line: bytes) -> Tuple[Optional[Record], Optional[str], bool]:
     """Parse and validate a journal line: (record or None, why it is not valid or None, torn). Never raises.
 
     A writer killed mid-line leaves a fragment without a newline, and the next writer's record is glued
@@ -376,7 +407,7 @@ def read_line(line: bytes) -> Tuple[Optional[Dict[str, Any]], Optional[str], boo
     return None, INVALID_NOT_JSON, True
 
 
-def parse_line(line: bytes) -> Tuple[Optional[Dict[str, Any]], bool]:
+def parse_line(line: bytes) -> Tuple[Optional[Record], bool]:
     """Parse a journal line into (a valid record or None, torn); see :func:`read_line`."""
     record, problem, torn = read_line(line)
     return record, torn or (problem is not None)
@@ -506,7 +537,7 @@ class JournalReader:
             self._fd = -1
 
 
-def iter_records(run_dir: str) -> Iterator[Tuple[int, Dict[str, Any]]]:
+def iter_records(run_dir: str) -> Iterator[Tuple[int, Record]]:
     """Every whole, valid record of a run's journal with its end offset (for tools and tests); invalid
     lines are left out."""
     reader = JournalReader(run_dir)
@@ -558,9 +589,9 @@ def save_cursor(run_dir: str, offset: int, *, fsync: bool = True) -> None:
     atomic_write(os.path.join(run_dir, CURSOR_FILE), b"%d\n" % offset, fsync=fsync)
 
 
-def append_rejected(run_dir: str, record: Dict[str, Any], status: int, reason: str) -> None:
+def append_rejected(run_dir: str, record: Record, status: int, reason: str) -> None:
     """Keep a record the backend refused for good, with the HTTP status and the backend's reason."""
-    line = json.dumps({**record, "http_status": status, "reason": reason[:500]}) + "\n"
+    line = json.dumps({**record.as_json(), "http_status": status, "reason": reason[:500]}) + "\n"
     fd = os.open(os.path.join(run_dir, REJECTED_FILE), os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o644)
     try:
         os.write(fd, line.encode())
@@ -576,12 +607,13 @@ def is_regular_file(path: str) -> bool:
         return False
 
 
-def count_lines(path: str) -> int:
-    """Number of newline-terminated lines in a file (0 when missing or not a regular file)."""
+def count_lines(path: str, start: int = 0) -> int:
+    """Number of newline-terminated lines in a file after byte ``start`` (0 when missing or not a regular file)."""
     if not is_regular_file(path):
         return 0
     try:
         with open(path, "rb") as f:
+            f.seek(start)
             return sum(chunk.count(b"\n") for chunk in iter(lambda: f.read(1 << 20), b""))
     except OSError:
         return 0
@@ -610,16 +642,8 @@ def whole_lines_end(path: str) -> int:
 
 def count_pending(run_dir: str, offset: Optional[int] = None) -> int:
     """Whole journal lines after ``offset`` (default: the saved cursor)."""
-    path = os.path.join(run_dir, JOURNAL_FILE)
     start = load_cursor(run_dir) if offset is None else offset
-    if not is_regular_file(path):
-        return 0
-    try:
-        with open(path, "rb") as f:
-            f.seek(start)
-            return sum(chunk.count(b"\n") for chunk in iter(lambda: f.read(1 << 20), b""))
-    except OSError:
-        return 0
+    return count_lines(os.path.join(run_dir, JOURNAL_FILE), start)
 
 
 # --- the deliver lock -------------------------------------------------------------------------------

@@ -26,6 +26,7 @@ from .config import (
     ENV_RESOURCE_INTERVAL,
     ENV_TENSORBOARD_DIR,
     ENV_TENSORBOARD_TAG,
+    EXIT_PENDING,
     SUMMARY_FILE,
     Config,
     ConfigError,
@@ -35,7 +36,6 @@ from .config import (
 )
 from .log import get_logger, warn_pending
 
-EXIT_PENDING = 3
 END_CHECK_INTERVAL_S = 0.5
 
 
@@ -172,7 +172,7 @@ class Sidecar:
             from .tbevents import EventFileTailer
 
             tensorboard = EventFileTailer(self.options.tensorboard_dir, self.run_dir, JournalWriter(self.run_dir, rank=self.config.rank),
-                                          objective_tag=self.options.tensorboard_tag, on_journalled=deliverer.wake).start()
+                                          objective_tag=self.options.tensorboard_tag).start()  # its journal write wakes delivery
         self.log.info("sidecar for task %s: delivering %s to %s", self.config.task_id, self.run_dir, self.config.backend_url)
         next_sample = time.monotonic()
         next_beat = time.monotonic()

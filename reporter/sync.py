@@ -9,6 +9,7 @@ from dataclasses import replace
 from typing import Dict, List, Mapping, Optional
 
 from .config import (
+    EXIT_PENDING,
     Config,
     ConfigError,
     Secret,
@@ -17,19 +18,17 @@ from .config import (
     resolve_backend_url,
     secret_key_problem,
     task_id_problem,
+    task_of_run_name,
 )
-from .log import Progress, get_logger
+from .log import Progress, counted, get_logger
 from .runinfo import is_run_dir
-
-EXIT_PENDING = 3
 
 
 def _task_of(run_dir: str, given: Optional[str]) -> str:
-    name = os.path.basename(os.path.abspath(run_dir))
-    owner = None if name.startswith("offline-") else name
     problem = task_id_problem(given, "--task-id")
     if problem:
         raise ConfigError(problem)
+    owner = task_of_run_name(os.path.basename(os.path.abspath(run_dir)))
     if given and owner and owner != given:
         raise ConfigError(f"{run_dir} holds task {owner}'s records, not {given}'s; sync it without --task-id or with its own id")
     task_id = given or owner
@@ -67,8 +66,7 @@ def sync_one(run_dir: str, config: Config, timeout_s: Optional[float]) -> int:
         print(f"{run_dir}: nothing pending")
         return 0
     deliverer = build_deliverer(config, run_dir=run_dir, lock_poll_interval_s=0.05).start()
-    deliverer.first_lock_attempt.wait(5)
-    if not deliverer.holding.is_set():
+    if not deliverer.wait_for_lock(5):
         deliverer.close(0)
         log.warning("%s: another deliverer took the run first; leaving it to that process", run_dir)
         return count_pending(run_dir)
@@ -86,10 +84,8 @@ def sync_one(run_dir: str, config: Config, timeout_s: Optional[float]) -> int:
 def describe_sync(delivered: int, skipped: Dict[str, int], rejected: int, pending: int) -> str:
     """``3 delivered, 2 skipped (1 not the objective metric, 1 invalid record (...)), 0 rejected, 0 pending``."""
     parts = [f"{delivered} delivered"]
-    n_skipped = sum(skipped.values())
-    if n_skipped:
-        reasons = ", ".join(f"{n} {reason}" for reason, n in sorted(skipped.items()))
-        parts.append(f"{n_skipped} skipped ({reasons})")
+    if skipped:
+        parts.append(counted(skipped, "skipped"))
     if rejected:
         parts.append(f"{rejected} rejected (kept in rejected.jsonl)")
     parts.append(f"{pending} pending")

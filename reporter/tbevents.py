@@ -548,8 +548,8 @@ class EventFileTailer:
                     break
                 for entry in entries:
                     record = entry.record
-                    if record is not None and record.get("pid") == mark["pid"] and record.get("kind") == KIND_INTERMEDIATE:
-                        signature = (record.get("name"), record.get("step"), record.get("ts"))
+                    if record is not None and record.pid == mark["pid"] and record.kind == KIND_INTERMEDIATE:
+                        signature = (record.name, record.step, record.ts)
                         found[signature] = found.get(signature, 0) + 1
         finally:
             reader.close()

@@ -27,7 +27,7 @@ class _Handler(BaseHTTPRequestHandler):
         body = self.rfile.read(length) if length else b""
         with fake.lock:
             fake.requests.append((self.command, self.path, dict(self.headers.items()), body))
-        status, headers, payload = fake.answer
+        status, headers, payload = fake.next_answer(self.path)
         self.send_response(status)
         for name, value in headers.items():
             self.send_header(name, value)
@@ -38,11 +38,18 @@ class _Handler(BaseHTTPRequestHandler):
     do_GET = do_POST = _answer
 
 
-class FakeServer:
-    """Answers every request with ``answer`` = (status, headers, body) and records each request."""
+Answer = Tuple[int, Dict[str, str], bytes]
 
-    def __init__(self, status: int = 200, headers: Optional[Dict[str, str]] = None, body: bytes = b'{"msg": "ok"}') -> None:
-        self.answer: Tuple[int, Dict[str, str], bytes] = (status, dict(headers or {}), body)
+
+class FakeServer:
+    """Answers every request with (status, headers, body) and records each request as (method, path,
+    headers, body). ``answers`` are given out in order, the last one repeating; ``by_path`` answers the
+    requests whose path ends with a key (e.g. ``"train_task/state"``) instead."""
+
+    def __init__(self, status: int = 200, headers: Optional[Dict[str, str]] = None, body: bytes = b'{"msg": "ok"}', *,
+                 answers: Optional[List[Answer]] = None, by_path: Optional[Dict[str, Answer]] = None) -> None:
+        self.answers: List[Answer] = list(answers or [(status, dict(headers or {}), body)])
+        self.by_path = dict(by_path or {})
         self.requests: List[Tuple[str, str, Dict[str, str], bytes]] = []
         self.lock = threading.Lock()
         self._httpd = ThreadingHTTPServer(("127.0.0.1", 0), _Handler)
@@ -52,6 +59,17 @@ class FakeServer:
         self.root = f"http://127.0.0.1:{self.port}"
         self.base_url = self.root + "/api"
         self._thread = threading.Thread(target=self._httpd.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
+
+    def next_answer(self, path: str) -> Answer:
+        for suffix, answer in self.by_path.items():
+            if path.split("?")[0].endswith(suffix):
+                return answer
+        with self.lock:
+            return self.answers.pop(0) if len(self.answers) > 1 else self.answers[0]
+
+    def last(self) -> Tuple[str, str, Dict[str, str], bytes]:
+        with self.lock:
+            return self.requests[-1]
 
     def start(self) -> "FakeServer":
         self._thread.start()

@@ -37,7 +37,7 @@ def journal(run_dir: str) -> List[Row]:
     """The run's records as (kind, name, step, value), in journal order; state records left out."""
     if not os.path.exists(os.path.join(run_dir, "metrics.jsonl")):
         return []
-    return [(r["kind"], r["name"], r["step"], r["value"]) for _, r in iter_records(run_dir) if r["kind"] != "state"]
+    return [(r.kind, r.name, r.step, r.value) for _, r in iter_records(run_dir) if r.kind != "state"]
 
 
 def named(rows: List[Row]) -> List[Tuple[Optional[str], Optional[int], Optional[float]]]:

@@ -1,23 +1,24 @@
-"""The delivery engine against the real local backend on loopback (and requests-mock where a backend
-without an endpoint is needed)."""
+"""The delivery engine: its policy (skip, pause, reject, order, retry) with an in-memory client, and the
+wire against the real local backend on loopback (and requests-mock for sequences of failures)."""
 
 import json
 import os
-from urllib.parse import parse_qs
 
-import requests
-import requests_mock
+import pytest
 from conftest import SECRET_KEY, TASK_ID, wait_until
+from fakes import FakeClient, answer_by_value
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from reporter.client import BackendClient
+from reporter.client import BackendClient, Outcome, SendResult, TransientError
 from reporter.config import Secret
 from reporter.deliver import Deliverer, DeliveryOptions
 from reporter.devserver import Faults
 from reporter.journal import JournalWriter, count_pending, load_cursor
+from reporter.policy import SendRule
 
 FAST = DeliveryOptions(poll_interval_s=0.05, lock_poll_interval_s=0.05, initial_backoff_s=0.05, max_backoff_s=0.2)
+ALL_RANKS = DeliveryOptions(**{**FAST.__dict__, "rule": SendRule(report_all_ranks=True)})
 
 
 def make_deliverer(run_dir, base_url, key=SECRET_KEY, options=FAST):
@@ -29,6 +30,14 @@ def journal(run_dir, values, kind="intermediate", name=None, rank=0):
     for i, value in enumerate(values):
         writer.append(kind, value, name, i)
     writer.close()
+
+
+def deliver_with(run_dir, client, options=FAST):
+    """Run a deliverer over ``run_dir`` with ``client`` until everything is acknowledged or it pauses."""
+    deliverer = Deliverer(str(run_dir), client, options, retry_sleep=lambda s: None).start()
+    drained = deliverer.flush(10)
+    deliverer.close(5)
+    return deliverer, drained
 
 
 def intermediate_values(server):
@@ -72,40 +81,95 @@ def test_final_metric_and_state_are_delivered(server, tmp_path):
     assert (task["final_metric"], task["states"], task["state"]) == (0.93, [1, 2], 2)
 
 
-def test_skipped_records_are_counted_with_their_reason(server, tmp_path):
+# --- policy, with an in-memory client ---------------------------------------------------------------
+
+
+def test_records_are_sent_one_at_a_time_in_journal_order(tmp_path):
+    journal(tmp_path, [float(i) for i in range(20)])
+    client = FakeClient()
+    deliverer, drained = deliver_with(tmp_path, client)
+    assert drained and client.values() == [float(i) for i in range(20)]
+    assert [r.step for r in client.sent] == list(range(20))
+    assert load_cursor(str(tmp_path)) == os.path.getsize(tmp_path / "metrics.jsonl") and deliverer.delivered == 20
+
+
+def test_transient_failures_are_retried_until_the_record_is_delivered_once(tmp_path):
+    journal(tmp_path, [0.5, 0.6])
+    client = FakeClient(transient_failures=3)
+    deliverer, drained = deliver_with(tmp_path, client)
+    assert drained and client.values() == [0.5, 0.6] and len(client.attempts) == 5
+    assert deliverer.last_error == "HTTP 503 (fake)"
+
+
+def test_skipped_records_are_counted_with_their_reason(tmp_path):
     journal(tmp_path, [1.0])
     journal(tmp_path, [2.0], rank=1)
     journal(tmp_path, [3.0], name="loss")
     journal(tmp_path, [float("nan")])
     journal(tmp_path, [4.0], name="metric")
-    deliverer = make_deliverer(tmp_path, server.base_url).start()
-    assert deliverer.flush(10)
-    deliverer.close(5)
-    assert intermediate_values(server) == [1.0, 4.0]
-    assert deliverer.skipped == {"from a rank other than 0": 1, "not the objective metric": 1, "not a finite number": 1}
+    with open(tmp_path / "metrics.jsonl", "ab") as f:
+        f.write(b'{"kind": "intermediate", "value": "0.2x"}\n{not json\n')
+    client = FakeClient()
+    deliverer, drained = deliver_with(tmp_path, client)
+    assert drained and client.values() == [1.0, 4.0]
+    assert deliverer.skipped == {"from a rank other than 0": 1, "not the objective metric": 1, "not a finite number": 1,
+                                 "invalid record (value is not a number)": 1, "torn or invalid line": 1}
     status = json.loads((tmp_path / "status.json").read_text())
-    assert status["delivered"] == 2 and status["skipped"]["not the objective metric"] == 1
+    assert status["delivered"] == 2 and status["skipped"] == deliverer.skipped
 
 
-def test_report_ranks_all_delivers_every_rank(server, tmp_path):
+def test_report_ranks_all_sends_every_rank(tmp_path):
     journal(tmp_path, [1.0], rank=0)
     journal(tmp_path, [2.0], rank=3)
-    options = DeliveryOptions(**{**FAST.__dict__, "report_all_ranks": True})
-    deliverer = make_deliverer(tmp_path, server.base_url, options=options).start()
-    assert deliverer.flush(10)
-    deliverer.close(5)
-    assert intermediate_values(server) == [1.0, 2.0]
+    client = FakeClient()
+    deliver_with(tmp_path, client, ALL_RANKS)
+    assert client.values() == [1.0, 2.0]
 
 
-def test_state_records_of_other_node_ranks_are_never_sent(server, tmp_path):
+def test_state_records_of_other_node_ranks_are_never_sent(tmp_path):
     JournalWriter(str(tmp_path), rank=4).append("state", 2, None, None)  # node rank 1 of 4-process nodes
     JournalWriter(str(tmp_path), rank=0).append("state", 1, None, None)
-    options = DeliveryOptions(**{**FAST.__dict__, "report_all_ranks": True})
-    deliverer = make_deliverer(tmp_path, server.base_url, options=options).start()
-    assert deliverer.flush(10)
-    deliverer.close(5)
-    assert server.backend.tasks()[0]["states"] == [1]
+    client = FakeClient()
+    deliverer, _ = deliver_with(tmp_path, client, ALL_RANKS)
+    assert [(r.kind, r.value) for r in client.sent] == [("state", 1)]
     assert deliverer.skipped == {"from a rank other than 0": 1}
+
+
+@pytest.mark.parametrize("outcome, status, paused", [(Outcome.AUTH, 401, "auth: HTTP 401"), (Outcome.AUTH, 403, "auth: HTTP 403"),
+                                                     (Outcome.REDIRECT, 302, "redirect: HTTP 302")])
+def test_a_refused_key_or_a_redirect_pauses_delivery_and_keeps_every_record_pending(tmp_path, outcome, status, paused):
+    journal(tmp_path, [1.0, 2.0, 3.0])
+    client = FakeClient(answer_by_value({2.0: (outcome, status)}))
+    deliverer, drained = deliver_with(tmp_path, client)
+    assert not drained and deliverer.paused_reason.startswith(paused)
+    assert client.values() == [1.0, 2.0]  # nothing after the pause is tried
+    assert count_pending(str(tmp_path)) == 2 and deliverer.delivered == 1
+    assert json.loads((tmp_path / "status.json").read_text())["paused"] == deliverer.paused_reason
+
+
+def test_a_permanent_rejection_goes_to_rejected_jsonl_and_delivery_goes_on(tmp_path):
+    journal(tmp_path, [1.0, 2.0, 3.0])
+    client = FakeClient(answer_by_value({2.0: (Outcome.REJECTED, 400)}))
+    deliverer, drained = deliver_with(tmp_path, client)
+    assert drained and client.values() == [1.0, 2.0, 3.0] and deliverer.delivered == 2
+    (rejected,) = [json.loads(line) for line in (tmp_path / "rejected.jsonl").read_text().splitlines()]
+    assert (rejected["value"], rejected["step"], rejected["http_status"]) == (2.0, 1, 400)
+    assert rejected["reason"] == "rejected (fake)"
+
+
+def test_a_backend_without_a_state_endpoint_turns_state_reporting_off_once(tmp_path, capsys):
+    writer = JournalWriter(str(tmp_path))
+    writer.append("state", 1, None, None)
+    writer.append("intermediate", 0.5, None, None)
+    writer.append("state", 2, None, None)
+    client = FakeClient(answer_by_value({1: (Outcome.UNSUPPORTED, 404)}))
+    deliverer, drained = deliver_with(tmp_path, client)
+    assert drained and [(r.kind, r.value) for r in client.sent] == [("state", 1), ("intermediate", 0.5)]  # asked once
+    assert deliverer.skipped == {"state reporting is off": 2}
+    assert capsys.readouterr().err.count("state reporting is off") == 1
+
+
+# --- the wire, against the real local backend -----------------------------------------------------------
 
 
 def test_rejected_key_pauses_delivery_with_one_clear_message(server, tmp_path, capsys):
@@ -121,7 +185,7 @@ def test_rejected_key_pauses_delivery_with_one_clear_message(server, tmp_path, c
     assert server.backend.stats()["posts"] == 1  # paused: no hammering with a bad key
 
 
-def test_permanent_rejection_goes_to_rejected_jsonl_and_delivery_goes_on(server, tmp_path):
+def test_a_task_state_the_backend_refuses_is_kept_in_rejected_jsonl(server, tmp_path):
     writer = JournalWriter(str(tmp_path))
     writer.append("state", 7, None, None)  # not a task state: the backend answers 400
     writer.append("intermediate", 1.5, None, None)
@@ -131,23 +195,6 @@ def test_permanent_rejection_goes_to_rejected_jsonl_and_delivery_goes_on(server,
     (rejected,) = [json.loads(line) for line in (tmp_path / "rejected.jsonl").read_text().splitlines()]
     assert rejected["value"] == 7 and rejected["http_status"] == 400 and "state" in rejected["reason"]
     assert intermediate_values(server) == [1.5]
-
-
-def test_backend_without_state_endpoint_turns_state_reporting_off(tmp_path, requests_mock, capsys):
-    base = "http://no-state.test/api"
-    requests_mock.post(f"{base}/train_task/state", status_code=404, text="no")
-    metric = requests_mock.post(f"{base}/train_task/intermediate_metric", json={"msg": "ok"})
-    writer = JournalWriter(str(tmp_path))
-    writer.append("state", 1, None, None)
-    writer.append("intermediate", 1.0, None, None)
-    writer.append("state", 2, None, None)
-    deliverer = make_deliverer(tmp_path, base).start()
-    assert deliverer.flush(10)
-    deliverer.close(5)
-    assert metric.call_count == 1
-    assert [r.url.endswith("/state") for r in requests_mock.request_history].count(True) == 1  # asked once
-    assert capsys.readouterr().err.count("state reporting is off") == 1
-    assert deliverer.skipped == {"state reporting is off": 2}
 
 
 def test_backend_down_keeps_records_pending_and_close_honours_its_deadline(tmp_path):
@@ -168,10 +215,9 @@ def test_a_second_deliverer_waits_for_the_lock_then_takes_over(server, tmp_path)
     first = make_deliverer(tmp_path, server.base_url).start()
     assert first.flush(10)
     second = make_deliverer(tmp_path, server.base_url).start()
-    second.first_lock_attempt.wait(5)
-    assert not second.holding.is_set()
+    assert not second.wait_for_lock(5)
     first.close(5)
-    wait_until(second.holding.is_set, 10, what="the second deliverer to take the lock")
+    wait_until(lambda: second.wait_for_lock(0), 10, what="the second deliverer to take the lock")
     journal(tmp_path, [2.0])
     assert second.flush(10)
     second.close(5)
@@ -199,28 +245,22 @@ def test_any_sequence_of_transient_failures_delivers_each_record_once_in_order(t
     run_dir = tmp_path_factory.mktemp("prop")
     journal(run_dir, [float(i) for i in range(count)])
     plan = list(failures)
-    accepted = []
 
-    def answer(request, context):
+    def scripted(record):
         outcome = plan.pop(0) if plan else "ok"
         if outcome == "connection":
-            raise requests.ConnectionError("refused")
+            raise TransientError("cannot connect")
         if outcome == "not-json":
-            return "<html>proxy</html>"
+            raise TransientError("HTTP 200 with an answer that is not a JSON object", status=200)
         if outcome != "ok":
-            context.status_code = int(outcome)
-            return '{"msg": "later"}'
-        accepted.append(float(parse_qs(request.text)["metric"][0]))
-        return '{"msg": "ok"}'
+            raise TransientError(f"HTTP {outcome}", status=int(outcome))
+        return SendResult(Outcome.DELIVERED, 200)
 
-    base = "http://prop.test/api"
-    with requests_mock.Mocker() as mock:
-        mock.post(f"{base}/train_task/intermediate_metric", text=answer)
-        deliverer = Deliverer(str(run_dir), BackendClient(base, TASK_ID, Secret(SECRET_KEY)), FAST, retry_sleep=lambda s: None)
-        deliverer.start()
-        assert deliverer.flush(20)
-        deliverer.close(5)
-    assert accepted == [float(i) for i in range(count)]
+    client = FakeClient(scripted)  # without HTTP: the wire's classification is tested in test_client.py
+    deliverer = Deliverer(str(run_dir), client, FAST, retry_sleep=lambda s: None).start()
+    assert deliverer.flush(20)
+    deliverer.close(5)
+    assert client.values() == [float(i) for i in range(count)]
     assert load_cursor(str(run_dir)) == os.path.getsize(run_dir / "metrics.jsonl")
 
 

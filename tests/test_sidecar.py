@@ -4,7 +4,6 @@ import json
 import signal
 import subprocess
 import sys
-import time
 
 from conftest import SECRET_KEY, TASK_ID, clean_environ, cli, free_port, wait_until
 
@@ -66,7 +65,9 @@ def test_the_sidecar_killed_with_sigkill_and_restarted_loses_nothing(serve_proce
     _, err = second.communicate(timeout=60)
     assert second.returncode == 0, err
     assert server.task()["intermediate_metrics"] == [float(i) for i in range(300)]
-    assert server.get("/_dev/stats")["duplicates"] <= 1  # at most the record in flight at the kill
+    # At most what was acknowledged within one cursor window (50 ms; each request takes >= 5 ms here, so
+    # <= 10 records) plus the record in flight is sent again, with the same Idempotency-Keys.
+    assert server.get("/_dev/stats")["duplicates"] <= 11
     assert 30 <= delivered_before < 300
     assert len(list(iter_records(str(run_dir)))) == 300
 
@@ -159,54 +160,24 @@ def test_sidecar_without_a_task_is_a_usage_error(tmp_path):
     assert done.returncode == 2 and "ANYLEARN_TASK_ID" in done.stderr
 
 
-def test_status_exit_codes(serve_process, tmp_path):
-    server = serve_process()
-    run_dir = tmp_path / TASK_ID
-    JournalWriter(str(run_dir)).append("intermediate", 1.0, None, None)
-    assert cli("status", str(tmp_path / "nothing")).returncode == 1
-    unnamed = cli("status", env=clean_environ())
-    assert unnamed.returncode == 1 and "give RUN_DIR" in unnamed.stderr
-    pending = cli("status", str(run_dir))
-    assert pending.returncode == 1 and "no deliverer is running" in pending.stdout
-    env = shared_env(tmp_path, server.base_url)
-    flushed = subprocess.run([sys.executable, "-c", "import reporter; reporter.report_metric(2.0); print(reporter.flush(20))"],
-                             env=env, capture_output=True, text=True, timeout=60)
-    assert flushed.stdout.strip() == "True"
-    healthy = cli("status", env=env)  # RUN_DIR from the task id
-    assert healthy.returncode == 0, healthy.stdout
-    assert "2 journalled, 2 delivered, 0 pending" in healthy.stdout and "health:" in healthy.stdout
-    wrong = shared_env(tmp_path, server.base_url, ANYLEARN_SECRET_KEY="bad-key-0000")
-    subprocess.run([sys.executable, "-c", "import reporter; reporter.report_metric(3.0)"], env=wrong, capture_output=True, timeout=60)
-    paused = cli("status", str(run_dir), "--json")
-    assert paused.returncode == 1 and json.loads(paused.stdout)["paused"] == "auth: HTTP 401"
+def test_heartbeat_endpoint_missing_turns_heartbeats_off_once():
+    from httpfakes import FakeServer
 
-
-def test_status_is_unhealthy_when_delivery_fails_for_too_long(tmp_path):
-    env = shared_env(tmp_path, f"http://127.0.0.1:{free_port()}/api")
-    trainer = subprocess.Popen([sys.executable, "-c", "import reporter, time; reporter.report_metric(1.0); time.sleep(30)"], env=env)
-    try:
-        wait_until(lambda: (tmp_path / TASK_ID / "status.json").exists() and "failing_since" in (tmp_path / TASK_ID / "status.json").read_text()
-                   and json.loads((tmp_path / TASK_ID / "status.json").read_text())["failing_since"], 30, what="a failure")
-        assert cli("status", str(tmp_path / TASK_ID), "--stale-after", "1000").returncode == 0
-        time.sleep(1.1)
-        stuck = cli("status", str(tmp_path / TASK_ID), "--stale-after", "1")
-        assert stuck.returncode == 1 and "has failed for" in stuck.stdout
-    finally:
-        trainer.kill()
-        trainer.wait()
-
-
-def test_heartbeat_endpoint_missing_turns_heartbeats_off_once(requests_mock, caplog):
     from reporter.config import load_config
     from reporter.sidecar import Heartbeat
 
-    config, _ = load_config({"ANYLEARN_TASK_ID": TASK_ID, "ANYLEARN_SECRET_KEY": SECRET_KEY, "ANYLEARN_BACKEND_URL": "http://hb.test/api"})
-    adapter = requests_mock.post("http://hb.test/api/train_task/heartbeat", status_code=404, text="no")
-    heartbeat = Heartbeat(config)
-    for _ in range(3):
-        heartbeat.beat()
-    assert adapter.call_count == 1 and not heartbeat.enabled
-    assert adapter.last_request.headers["Secret-Key"] == SECRET_KEY
+    server = FakeServer(404, {}, b"no").start()
+    try:
+        config, _ = load_config({"ANYLEARN_TASK_ID": TASK_ID, "ANYLEARN_SECRET_KEY": SECRET_KEY, "ANYLEARN_BACKEND_URL": server.base_url})
+        heartbeat = Heartbeat(config)
+        for _ in range(3):
+            heartbeat.beat()
+        heartbeat.close()
+    finally:
+        server.stop()
+    assert server.count() == 1 and not heartbeat.enabled
+    method, path, headers, _ = server.last()
+    assert (method, path, headers["Secret-Key"]) == ("POST", "/api/train_task/heartbeat", SECRET_KEY)
 
 
 def test_kubernetes_pattern_wrapper_journals_and_the_sidecar_delivers_live(serve_process, tmp_path):

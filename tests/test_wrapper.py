@@ -51,7 +51,7 @@ def test_offline_run_journals_everything_and_says_where(tmp_path):
     assert done.returncode == 0, done.stderr
     (run_dir,) = (tmp_path / "runs").iterdir()
     assert done.stderr.count("offline mode") == 1 and str(run_dir) in done.stderr
-    kinds = [(r["kind"], r["value"]) for _, r in iter_records(str(run_dir))]
+    kinds = [(r.kind, r.value) for _, r in iter_records(str(run_dir))]
     assert kinds == [("state", 1), ("intermediate", 0.5), ("intermediate", 0.6), ("state", 2)]
 
 

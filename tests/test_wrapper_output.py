@@ -37,7 +37,7 @@ def test_metric_lines_of_any_program_arrive_and_output_passes_through(server, tm
     assert task["states"] == [1, 2]
     assert "epoch=3 acc=0.75" in (tmp_path / "run" / "stdout.log").read_text()
     assert (tmp_path / "run" / "stderr.log").read_text() == "to stderr\n"
-    steps = [r["step"] for _, r in iter_records(str(tmp_path / "run")) if r["kind"] == "intermediate"]
+    steps = [r.step for _, r in iter_records(str(tmp_path / "run")) if r.kind == "intermediate"]
     assert steps == [None, 2, 3]
     result = summary(tmp_path)
     assert result["state"] == 2 and result["exit_code"] == 0 and result["final_metric"] == 0.9
@@ -51,7 +51,7 @@ def test_metric_patterns_from_the_environment_one_per_line(server, tmp_path):
     env = run_env(server.base_url, tmp_path, ANYLEARN_METRIC_PATTERNS=patterns, ANYLEARN_OBJECTIVE_METRIC="acc")
     done = cli("run", "--", sys.executable, "-c", code, env=env, cwd=tmp_path)
     assert done.returncode == 0, done.stderr
-    records = [(r["name"], r["value"], r["step"]) for _, r in iter_records(str(tmp_path / "run")) if r["kind"] == "intermediate"]
+    records = [(r.name, r.value, r.step) for _, r in iter_records(str(tmp_path / "run")) if r.kind == "intermediate"]
     assert records == [(None, 0.5, 1), ("acc", 0.9, None)]
     assert server.backend.tasks()[0]["intermediate_metrics"] == [0.5, 0.9]  # unnamed and the objective are sent
 
@@ -65,7 +65,7 @@ def test_output_without_newlines_passes_through_whole_and_stays_bounded(tmp_path
     logged = (run_dir / "stdout.log").read_bytes()
     assert logged == (b"x" * 10000 + b"\r") * 300 + b"\nANYLEARN_METRIC 0.5\n"
     assert done.stdout.replace("\n", "").count("x") == 3_000_000  # all of it passed through
-    assert [r["value"] for _, r in iter_records(str(run_dir)) if r["kind"] == "intermediate"] == [0.5]
+    assert [r.value for _, r in iter_records(str(run_dir)) if r.kind == "intermediate"] == [0.5]
 
 
 BAD_METRIC_LINES = {
@@ -91,7 +91,7 @@ def test_an_unusable_metric_line_is_counted_and_output_and_parsing_go_on(tmp_pat
     assert done.returncode == 0, done.stderr[-2000:]
     assert "line 02999" in done.stdout and "ANYLEARN_METRIC 0.75" in done.stdout
     (run_dir,) = (tmp_path / "runs").iterdir()
-    assert [r["value"] for _, r in iter_records(str(run_dir)) if r["kind"] == "intermediate"] == [0.75]
+    assert [r.value for _, r in iter_records(str(run_dir)) if r.kind == "intermediate"] == [0.75]
     result = json.loads((run_dir / "summary.json").read_text())
     assert result["output"]["unreadable_metric_lines"] == 2 and result["records"]["unreadable_metric_lines"] == 2
     assert result["counters"]["unreadable"] == {"metric line": 2}  # the run's counters, which status.json shows too
@@ -116,7 +116,7 @@ def test_a_full_disk_under_stdout_log_is_counted_and_the_output_still_passes_thr
     assert done.returncode == 0, done.stderr[-2000:]
     assert done.stdout.count("\n") == 3001 and "ANYLEARN_METRIC 0.5" in done.stdout
     assert done.stderr.count("cannot write") == 1 and "No space left on device" in done.stderr
-    assert [r["value"] for _, r in iter_records(str(run_dir)) if r["kind"] == "intermediate"] == [0.5]
+    assert [r.value for _, r in iter_records(str(run_dir)) if r.kind == "intermediate"] == [0.5]
     failures = summary(tmp_path)["output"]["log_write_failures"]
     assert failures["stdout.log"] >= 1 and failures["stderr.log"] == 0
     assert (run_dir / "stderr.log").read_text() == "to stderr\n"
@@ -167,6 +167,6 @@ def test_a_step_beyond_64_bits_on_a_metric_line_is_journalled_as_null_like_the_h
     done = cli("run", "--", sys.executable, "-c", code, env=clean_environ(ANYLEARN_REPORTER_DIR=str(tmp_path / "runs")), cwd=tmp_path)
     assert done.returncode == 0, done.stderr
     (run_dir,) = (tmp_path / "runs").iterdir()
-    steps = sorted(((r["value"], r["step"]) for _, r in iter_records(str(run_dir)) if r["kind"] == "intermediate"))
+    steps = sorted(((r.value, r.step) for _, r in iter_records(str(run_dir)) if r.kind == "intermediate"))
     assert steps == [(0.125, None), (0.25, 2**63 - 1), (0.5, None)]
     assert "beyond a 64-bit integer was journalled as null" in done.stderr

@@ -32,6 +32,7 @@ from ..journal import (
     count_pending,
 )
 from ..log import Progress, get_logger, say_offline, warn_pending
+from ..policy import SendRule
 from ..runinfo import read_run
 from ..tbevents import EventFileTailer
 from .launch import (
@@ -102,20 +103,18 @@ class Run:
         from ..deliver import build_deliverer
 
         self.deliverer = build_deliverer(self.config, run_dir=self.run_dir).start()
-        self.deliverer.first_lock_attempt.wait(5)
+        self.deliverer.wait_for_lock(5)
 
     def _on_line(self, line: bytes) -> None:
         metric = self.parser.parse(line)
         if metric is not None:
-            self.writer.append(metric.kind, metric.value, metric.name, metric.step)
-            if self.deliverer is not None:
-                self.deliverer.wake()
+            self.writer.append(metric.kind, metric.value, metric.name, metric.step)  # the write wakes delivery
 
     def drain(self) -> int:
         """Deliver what is pending for up to the drain timeout; returns how many records stay pending."""
         if self.deliverer is None:
             return count_pending(self.run_dir)
-        total = self.deliverer.pending()
+        total = count_pending(self.run_dir)
         progress = Progress(self.run_dir, total)
         try:
             self.deliverer.drain(self.options.drain_timeout_s, lambda pending, _: progress.update(total - pending))
@@ -130,8 +129,8 @@ class Run:
         child_env = self.prepare()
         self.start_delivery()
         if self.options.tensorboard_dir:  # TensorBoard event files -> journal, until the command ends
-            self.tensorboard = EventFileTailer(self.options.tensorboard_dir, self.run_dir, self.writer, objective_tag=self.options.tensorboard_tag,
-                                               on_journalled=self.deliverer.wake if self.deliverer is not None else None).start()
+            self.tensorboard = EventFileTailer(self.options.tensorboard_dir, self.run_dir, self.writer,
+                                               objective_tag=self.options.tensorboard_tag).start()  # its journal write wakes delivery
         with signals_passed_to(self.child):
             self.log.info("running %s", " ".join(shlex.quote(a) for a in redacted(self.argv, self.config.secret_key)))
             self.writer.append(KIND_STATE, STATE_RUNNING, None, None)
@@ -152,7 +151,7 @@ class Run:
     def write_summary(self, started: float, outcome: Outcome, pending: int) -> None:
         ended = time.time()
         self.writer.counters.save()  # this process's counters, for read_run below
-        run = read_run(self.run_dir, self.config.objective_metric)  # the journal and the deliverer's status.json
+        run = read_run(self.run_dir, SendRule.of(self.config))  # the journal and the deliverer's status.json
         child = self.child
         returncode = child.returncode
         summary: Dict[str, Any] = {
