@@ -22,6 +22,7 @@ from .journal import (
     JournalWriter,
     count_pending,
     lock_holder_pid,
+    metric_number,
     register_fork_hook,
 )
 from .log import counted, get_logger, say_offline, warn_pending
@@ -182,20 +183,10 @@ def _reset_for_tests() -> None:
 
 
 def _as_float(value: Any) -> float:
-    kind = type(value)
-    if kind is float:
-        return value
-    if kind is int:
-        try:
-            return float(value)
-        except OverflowError:
-            return float("inf") if value > 0 else float("-inf")
-    if kind is bool or isinstance(value, (str, bytes)) or kind.__name__ in ("bool", "bool_") or not hasattr(value, "__float__"):
-        raise TypeError(f"a metric must be a number (int, float or a numeric scalar), not {kind.__name__}: {value!r:.60}")
-    try:
-        return float(value)
-    except Exception as exc:  # whatever __float__ raises, training sees a TypeError
-        raise TypeError(f"a metric must be a single number; float() of this {kind.__name__} failed: {exc}") from None
+    number = metric_number(value)
+    if number is None:  # a programming error: the one exception training code may see
+        raise TypeError(f"a metric must be a single number (int, float or a numeric scalar), not {type(value).__name__}: {value!r:.60}")
+    return number
 
 
 def _as_step(step: Any) -> Optional[int]:

@@ -58,6 +58,30 @@ def step_in_range(step: int) -> bool:
     return -MAX_STEP - 1 <= step <= MAX_STEP
 
 
+def metric_number(value: Any) -> Optional[float]:
+    """``value`` as one float, or None when it is not a single number: the one rule for every source.
+
+    An int, a float or anything with ``__float__`` (numpy scalars, 0-d tensors) is a number; an int too
+    large for a float is an infinity. A bool, a string, None, an array or a ``__float__`` that raises is not.
+    """
+    kind = type(value)
+    if kind is float:
+        return value
+    if kind is int:
+        try:
+            return float(value)
+        except OverflowError:
+            return math.inf if value > 0 else -math.inf
+    if kind is bool or isinstance(value, (str, bytes, bytearray)) or kind.__name__ in ("bool", "bool_"):
+        return None
+    if not hasattr(value, "__float__"):
+        return None
+    try:
+        return float(value)
+    except Exception:  # a multi-element array or tensor, or a __float__ that raises
+        return None
+
+
 _said: set = set()
 
 

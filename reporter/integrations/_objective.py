@@ -16,6 +16,7 @@ from typing import Any, Callable, Dict, Iterable, Mapping, Optional
 
 from .. import api
 from ..config import ENV_OBJECTIVE_METRIC, ENV_RANK
+from ..journal import metric_number
 from ..log import get_logger
 
 FINAL_CHOICES = ("best", "last")
@@ -57,18 +58,6 @@ def env_rank_is_zero() -> bool:
         return int(os.environ.get(ENV_RANK, "0").strip() or 0) == 0
     except ValueError:
         return True
-
-
-def as_number(value: Any) -> Optional[float]:
-    """The value as a float, or None when it is not a single number (strings, bools, arrays, None...)."""
-    if value is None or isinstance(value, (bool, str, bytes)) or type(value).__name__ in ("bool_", "bool"):
-        return None
-    if not hasattr(value, "__float__"):
-        return None
-    try:
-        return float(value)
-    except (TypeError, ValueError, RuntimeError, OverflowError):
-        return None
 
 
 def _same(a: float, b: float) -> bool:
@@ -179,7 +168,7 @@ class MetricSink:
             return
         numbers: Dict[str, float] = {}
         for key, value in metrics.items():
-            number = as_number(value)
+            number = metric_number(value)
             if number is None or not isinstance(key, str):
                 continue
             previous = self._last_at.get(key)
