@@ -10,7 +10,7 @@ import os
 import secrets
 import time
 from dataclasses import dataclass, field
-from typing import Any, List, Mapping, Optional, Tuple
+from typing import Any, Callable, List, Mapping, Optional, Tuple
 
 # --- environment variable names -------------------------------------------------------------------
 ENV_TASK_ID = "ANYLEARN_TASK_ID"
@@ -249,18 +249,18 @@ def secret_key_problem(key: Optional[str], where: str = ENV_SECRET_KEY) -> Optio
 
 def check_secret_key(env: Optional[Mapping[str, str]] = None) -> None:
     """Raise :class:`ConfigError` when the environment's secret key cannot travel in an HTTP header."""
-    env = os.environ if env is None else env
-    where = ENV_SECRET_KEY if env.get(ENV_SECRET_KEY, "").strip() else ENV_SECRET_KEY_PLATFORM
-    problem = secret_key_problem(_first(env, ENV_SECRET_KEY, ENV_SECRET_KEY_PLATFORM), where)
-    if problem:
-        raise ConfigError(problem)
+    _check_variable(os.environ if env is None else env, ENV_SECRET_KEY, ENV_SECRET_KEY_PLATFORM, secret_key_problem)
 
 
 def check_task_id(env: Optional[Mapping[str, str]] = None) -> None:
     """Raise :class:`ConfigError` when the environment's task id cannot be one (see :func:`task_id_problem`)."""
-    env = os.environ if env is None else env
-    where = ENV_TASK_ID if env.get(ENV_TASK_ID, "").strip() else ENV_TASK_ID_PLATFORM
-    problem = task_id_problem(_first(env, ENV_TASK_ID, ENV_TASK_ID_PLATFORM), where)
+    _check_variable(os.environ if env is None else env, ENV_TASK_ID, ENV_TASK_ID_PLATFORM, task_id_problem)
+
+
+def _check_variable(env: Mapping[str, str], name: str, platform_name: str,
+                    problem_of: Callable[[Optional[str], str], Optional[str]]) -> None:
+    where = name if env.get(name, "").strip() else platform_name
+    problem = problem_of(_first(env, name, platform_name), where)
     if problem:
         raise ConfigError(problem)
 
