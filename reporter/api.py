@@ -271,6 +271,12 @@ def report_metrics(metrics: Mapping[str, Any], *, step: Optional[int] = None) ->
         hook.emit(KIND_INTERMEDIATE, number, key, step)
 
 
+def run_directory() -> str:
+    """The run directory this process journals into (made on first use), for host-side files such as
+    ``params.json``; loads the configuration like the first report would, never raises."""
+    return _get_hook().config.run_dir
+
+
 def flush(timeout: Optional[float] = None) -> bool:
     """Wait up to ``timeout`` seconds (default ``ANYLEARN_FLUSH_TIMEOUT``) for pending records to be
     delivered; True when nothing this run journalled is still pending. Never raises for delivery trouble."""

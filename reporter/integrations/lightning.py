@@ -109,7 +109,7 @@ class AnylearnLogger(*_logger_bases()):  # type: ignore[misc]
             return
         try:
             self.hyperparams.update(_json_safe(_plain(params)))
-            run_dir = api._get_hook().config.run_dir
+            run_dir = api.run_directory()
             os.makedirs(run_dir, exist_ok=True)
             atomic_write_json(os.path.join(run_dir, PARAMS_FILE), self.hyperparams)
         except Exception as exc:  # hyper-parameters are a courtesy: never into training
