@@ -14,6 +14,7 @@ from .api import (
     report_metrics,
 )
 from .config import ConfigError
+from .integrations.autolog import autolog
 
 __version__ = "0.1.0"
 
@@ -24,5 +25,6 @@ __all__ = [
     "report_metrics",
     "flush",
     "ConfigError",
+    "autolog",
     "__version__",
 ]

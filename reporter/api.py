@@ -22,9 +22,10 @@ from .journal import (
     JournalWriter,
     count_pending,
     lock_holder_pid,
+    metric_number,
     register_fork_hook,
 )
-from .log import get_logger, say_offline, warn_pending
+from .log import counted, get_logger, say_offline, warn_pending
 
 if TYPE_CHECKING:  # the delivery side (requests, tenacity) is imported by the delivery thread only
     from .deliver import Deliverer
@@ -38,7 +39,6 @@ __all__ = [
 ]
 
 
-MAX_STEP = (1 << 63) - 1  # a step beyond a signed 64-bit int is journalled as null (said once)
 MAX_FLUSH_TIMEOUT_S = 1e9
 
 
@@ -89,8 +89,9 @@ class _Hook:
 
     def _delivery_main(self) -> None:
         try:
-            # the HTTP side loads here, off the caller's path
-            from .deliver import build_deliverer
+            from .deliver import (
+                build_deliverer,  # the HTTP side loads here, off the caller's path
+            )
 
             self.deliverer = build_deliverer(self.config, host_busy=self._reporting_in_a_burst).start()
         except Exception as exc:  # never into training code
@@ -116,8 +117,7 @@ class _Hook:
     def close_at_exit(self) -> None:
         self.writer.counters.save()
         if self.writer.lost:
-            lost = ", ".join(f"{count} ({reason})" for reason, count in self.writer.lost.items())
-            get_logger().warning("records that could not be journalled: %s", lost)
+            get_logger().warning("%s", counted(self.writer.lost, "records could not be journalled"))
         if not self.delivery_started or self.config.offline:
             return
         deadline = time.monotonic() + self.config.flush_timeout_s
@@ -183,23 +183,10 @@ def _reset_for_tests() -> None:
 
 
 def _as_float(value: Any) -> float:
-    kind = type(value)
-    if kind is float:
-        return value
-    if kind is int:
-        try:
-            return float(value)
-        except OverflowError:
-            return float("inf") if value > 0 else float("-inf")
-    if kind is bool or isinstance(value, (str, bytes)) or kind.__name__ in ("bool", "bool_") or not hasattr(value, "__float__"):
-        raise TypeError(f"a metric must be a number (int, float or a numeric scalar), not {kind.__name__}: {value!r:.60}")
-    try:
-        return float(value)
-    except Exception as exc:  # whatever __float__ raises, training sees a TypeError
-        raise TypeError(f"a metric must be a single number; float() of this {kind.__name__} failed: {exc}") from None
-
-
-_warned_steps: List[bool] = []
+    number = metric_number(value)
+    if number is None:  # a programming error: the one exception training code may see
+        raise TypeError(f"a metric must be a single number (int, float or a numeric scalar), not {type(value).__name__}: {value!r:.60}")
+    return number
 
 
 def _as_step(step: Any) -> Optional[int]:
@@ -212,12 +199,7 @@ def _as_step(step: Any) -> Optional[int]:
             step = int(step.__index__())
         except Exception as exc:
             raise TypeError(f"step must be an int or None; int() of this {type(step).__name__} failed: {exc}") from None
-    if -MAX_STEP - 1 <= step <= MAX_STEP:
-        return step
-    if not _warned_steps:
-        _warned_steps.append(True)
-        get_logger().warning("a step beyond a 64-bit integer was journalled as null (said once)")
-    return None
+    return step  # the journal writer keeps the one rule for a step beyond 64 bits
 
 
 def _as_flag(flag: Any) -> bool:
@@ -248,7 +230,7 @@ def report_metric(value: Any, *, step: Optional[int] = None, name: Optional[str]
         reporter.report_metric(best_accuracy, final=True)
     """
     number = _as_float(value)
-    if step is not None and (type(step) is not int or not -MAX_STEP - 1 <= step <= MAX_STEP):
+    if step is not None and type(step) is not int:
         step = _as_step(step)
     if name is not None and type(name) is not str:
         name = _as_name(name)
@@ -287,6 +269,12 @@ def report_metrics(metrics: Mapping[str, Any], *, step: Optional[int] = None) ->
     hook = _hook or _get_hook()
     for key, number in checked.items():
         hook.emit(KIND_INTERMEDIATE, number, key, step)
+
+
+def run_directory() -> str:
+    """The run directory this process journals into (made on first use), for host-side files such as
+    ``params.json``; loads the configuration like the first report would, never raises."""
+    return _get_hook().config.run_dir
 
 
 def flush(timeout: Optional[float] = None) -> bool:

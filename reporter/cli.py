@@ -15,6 +15,7 @@ from .config import ENV_SECRET_KEY, ENV_SECRET_KEY_PLATFORM, ConfigError
 
 EXIT_OK = 0
 EXIT_USAGE = 2
+EXIT_NOT_JOURNALLED = 1  # `report`: the record could not be written to the journal
 
 
 class _Parser(argparse.ArgumentParser):
@@ -152,6 +153,8 @@ def _add_run(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--nni", action="store_true",
                    help="run an unchanged NNI trial: nni.get_next_parameter() gets the hyper-parameters, its results are reported (ANYLEARN_NNI=1)")
     _add_tensorboard_options(p)
+    p.add_argument("--autolog", action="store_true",
+                   help="report from the command's transformers, Lightning, Keras, XGBoost and LightGBM trainers without changing its code (ANYLEARN_AUTOLOG=1)")
     p.add_argument("command", nargs=argparse.REMAINDER, help="the command (after --)")
     p.set_defaults(func=_cmd_run)
 
@@ -266,12 +269,36 @@ def _number_arg(text: str) -> float:
 
 def _cmd_report(args: argparse.Namespace) -> int:
     from . import api
-    from .config import check_secret_key
+    from .config import check_secret_key, check_task_id
 
     check_secret_key()  # a key that cannot be sent is a usage error here (exit 2), not a silent offline run
+    check_task_id()
+    problem = _journal_problem()
+    if problem:
+        print(f"anylearn-reporter: error: {problem}", file=sys.stderr)
+        return EXIT_NOT_JOURNALLED
 
+    hook = api._get_hook()
     api.report_metric(args.value, step=args.step, name=args.name, final=args.final)
+    if hook.writer.lost:  # the writer said why, once (e.g. ENOSPC): not again in the exit summary
+        hook.writer.lost.clear()
+        return EXIT_NOT_JOURNALLED
     return EXIT_OK
+
+
+def _journal_problem() -> Optional[str]:
+    """Why the run's journal cannot be opened for appending (one line naming the path and the fix), or None."""
+    from .config import ENV_REPORTER_DIR, ENV_RUN_DIR, JOURNAL_FILE, load_config
+
+    run_dir = load_config()[0].run_dir
+    try:
+        os.makedirs(run_dir, exist_ok=True)
+        os.close(os.open(os.path.join(run_dir, JOURNAL_FILE), os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o644))
+    except (OSError, ValueError) as exc:
+        why = getattr(exc, "strerror", None) or str(exc)
+        return (f"cannot journal the record in {run_dir}: {why}; nothing was reported: "
+                f"set {ENV_REPORTER_DIR} (or {ENV_RUN_DIR}) to a directory you can write")
+    return None
 
 
 def _add_report(sub: argparse._SubParsersAction) -> None:
@@ -334,8 +361,19 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _escape_unprintable_output() -> None:
+    """Text our output cannot encode (a lone surrogate in a metric name or a backend's reason, a character
+    outside a non-UTF-8 terminal's charset) is printed as its backslash escape, never a traceback."""
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.reconfigure(errors="backslashreplace")  # type: ignore[union-attr]
+        except Exception:  # noqa: BLE001 - not a TextIOWrapper (a test's capture, a redirect): leave it
+            pass
+
+
 def main(argv: Optional[List[str]] = None) -> int:
     """Run the command line; returns the exit code."""
+    _escape_unprintable_output()
     parser = build_parser()
     argv = list(sys.argv[1:] if argv is None else argv)
     command: Optional[List[str]] = None

@@ -23,7 +23,7 @@ from typing import Any, Callable, Dict, List, Mapping, NamedTuple, Optional, Tup
 from urllib.parse import quote, unquote, urlencode, urlsplit
 
 from .config import DEFAULT_REQUEST_TIMEOUT_S, ENV_REQUEST_TIMEOUT, Secret, parse_number
-from .journal import KIND_FINAL, KIND_INTERMEDIATE, KIND_STATE
+from .journal import KIND_FINAL, KIND_INTERMEDIATE, KIND_STATE, Record
 
 RETRYABLE_STATUSES = frozenset({408, 425, 429, 500, 502, 503, 504})
 AUTH_STATUSES = frozenset({401, 403})
@@ -541,15 +541,15 @@ class BackendClient:
         if self._connection is not None:
             self._connection.close()
 
-    def send(self, record: Mapping[str, Any], timeout_s: Optional[float] = None) -> SendResult:
+    def send(self, record: Record, timeout_s: Optional[float] = None) -> SendResult:
         """POST one journal record to its endpoint; raise :class:`TransientError` to have it retried."""
-        kind = record["kind"]
+        kind = record.kind
         if kind == KIND_STATE:
-            body = f"{self._task_form}&state={int(record['value'])}"
+            body = f"{self._task_form}&state={record.value}"
         else:
-            body = f"{self._task_form}&metric={float(record['value'])!r}"
+            body = f"{self._task_form}&metric={record.value!r}"
         answer = self.request("POST", ENDPOINTS[kind], body=body.encode(), timeout_s=timeout_s,
-                              headers={"Idempotency-Key": str(record.get("key", ""))})
+                              headers={"Idempotency-Key": record.key})
         return classify(answer, optional_endpoint=kind == KIND_STATE)
 
     def heartbeat(self, timeout_s: Optional[float] = None) -> SendResult:

@@ -7,8 +7,10 @@ agent reads from the environment is named here, once.
 from __future__ import annotations
 
 import os
+import secrets
 import time
-from typing import Any, List, Mapping, NamedTuple, Optional, Tuple
+from dataclasses import dataclass, field
+from typing import Any, Callable, List, Mapping, Optional, Tuple
 
 # --- environment variable names -------------------------------------------------------------------
 ENV_TASK_ID = "ANYLEARN_TASK_ID"
@@ -25,6 +27,7 @@ ENV_FLUSH_TIMEOUT = "ANYLEARN_FLUSH_TIMEOUT"
 ENV_REQUEST_TIMEOUT = "ANYLEARN_REQUEST_TIMEOUT"
 ENV_RANK = "RANK"
 ENV_SUPERVISOR_PID = "ANYLEARN_REPORTER_SUPERVISOR_PID"  # set by the wrapper for its child
+ENV_AUTOLOG = "ANYLEARN_AUTOLOG"  # 1: every Python process of `run`'s command hooks the supported trainers
 
 # wrapper
 ENV_ENTRYPOINT = "ANYLEARN_ENTRYPOINT"
@@ -73,6 +76,8 @@ STANDALONE_NAMESPACE = "STANDALONE"
 BACKEND_URL_TEMPLATE = "http://anylearn-backend.{namespace}/api"
 
 # --- file names inside a run directory -------------------------------------------------------------
+OFFLINE_RUN_PREFIX = "offline-"  # a run directory of a run without a task id: offline-<time>-<hex>
+EXIT_PENDING = 3  # sync and the sidecar: records stay pending
 JOURNAL_FILE = "metrics.jsonl"
 CURSOR_FILE = "cursor"
 REJECTED_FILE = "rejected.jsonl"
@@ -121,9 +126,7 @@ class Secret:
         return bool(self._value)
 
     def __eq__(self, other: object) -> bool:
-        import hmac  # here: its import (with hashlib) costs `import reporter` 3 ms, a comparison is rare
-
-        return isinstance(other, Secret) and hmac.compare_digest(self._value.encode(), other._value.encode())
+        return isinstance(other, Secret) and secrets.compare_digest(self._value, other._value)
 
     def __hash__(self) -> int:
         return hash(("Secret", len(self._value)))
@@ -137,12 +140,12 @@ class Secret:
         raise TypeError("a Secret cannot be pickled")
 
 
-class Config(NamedTuple):
-    """The agent's configuration, resolved from the environment once (immutable; ``_replace`` makes a
-    changed copy). A named tuple, not a dataclass: ``dataclasses`` costs ``import reporter`` 6 ms."""
+@dataclass(frozen=True)
+class Config:
+    """The agent's configuration, resolved from the environment once."""
 
     task_id: Optional[str]
-    secret_key: Optional[Secret]
+    secret_key: Optional[Secret] = field(repr=False)
     backend_url: Optional[str]
     backend_url_source: str
     reporter_dir: str
@@ -194,6 +197,41 @@ def parse_number(
     return value
 
 
+def read_text_file(path: str, what: str, *, secret: bool = False) -> str:
+    """The UTF-8 text of the file ``path`` given as ``what`` (``--params-file``); a UTF-8 byte-order mark is
+    dropped. :class:`ConfigError` in one line names the file and what is wrong (unreadable, not UTF-8 text);
+    with ``secret`` the message never shows a byte of the content."""
+    try:
+        with open(path, "rb") as f:
+            data = f.read()
+    except OSError as exc:
+        raise ConfigError(f"cannot read {what} {path}: {exc.strerror or exc}") from None
+    try:
+        return data.decode("utf-8-sig")
+    except UnicodeDecodeError as exc:
+        bom = data[:2] in (b"\xff\xfe", b"\xfe\xff")
+        found = "it starts with a UTF-16 byte-order mark" if bom else (
+            f"an invalid byte at offset {exc.start}" if secret else f"byte 0x{data[exc.start]:02x} at offset {exc.start} is invalid")
+        raise ConfigError(f"{what} {path} is not UTF-8 text ({found}); save it as UTF-8") from None
+
+
+MAX_TASK_ID_BYTES = 255  # a file name's limit on Linux: the task id names the run directory
+
+
+def task_id_problem(task_id: Optional[str], where: str = ENV_TASK_ID) -> Optional[str]:
+    """Why ``task_id`` cannot be a task id (it names the run directory and travels in requests): one line,
+    the id shown escaped; None when it can (or when there is none)."""
+    if not task_id:
+        return None
+    if (task_id.startswith(".") or "/" in task_id or "\\" in task_id
+            or any(ord(c) < 0x20 or 0x7F <= ord(c) < 0xA0 or 0xD800 <= ord(c) < 0xE000 for c in task_id)
+            or len(task_id.encode("utf-8", "surrogatepass")) > MAX_TASK_ID_BYTES):
+        shown = task_id[:80].encode("ascii", "backslashreplace").decode("ascii")
+        return (f"{where}={shown!r} cannot be a task id (a path separator, a leading dot, a control or undecodable "
+                f"character, or more than {MAX_TASK_ID_BYTES} bytes); use the id AnyLearn gave")
+    return None
+
+
 def secret_key_problem(key: Optional[str], where: str = ENV_SECRET_KEY) -> Optional[str]:
     """Why ``key`` cannot travel in an HTTP header (a character outside Latin-1, a control character),
     in one line that never shows the key; None when it can (or when there is no key)."""
@@ -211,9 +249,18 @@ def secret_key_problem(key: Optional[str], where: str = ENV_SECRET_KEY) -> Optio
 
 def check_secret_key(env: Optional[Mapping[str, str]] = None) -> None:
     """Raise :class:`ConfigError` when the environment's secret key cannot travel in an HTTP header."""
-    env = os.environ if env is None else env
-    where = ENV_SECRET_KEY if env.get(ENV_SECRET_KEY, "").strip() else ENV_SECRET_KEY_PLATFORM
-    problem = secret_key_problem(_first(env, ENV_SECRET_KEY, ENV_SECRET_KEY_PLATFORM), where)
+    _check_variable(os.environ if env is None else env, ENV_SECRET_KEY, ENV_SECRET_KEY_PLATFORM, secret_key_problem)
+
+
+def check_task_id(env: Optional[Mapping[str, str]] = None) -> None:
+    """Raise :class:`ConfigError` when the environment's task id cannot be one (see :func:`task_id_problem`)."""
+    _check_variable(os.environ if env is None else env, ENV_TASK_ID, ENV_TASK_ID_PLATFORM, task_id_problem)
+
+
+def _check_variable(env: Mapping[str, str], name: str, platform_name: str,
+                    problem_of: Callable[[Optional[str], str], Optional[str]]) -> None:
+    where = name if env.get(name, "").strip() else platform_name
+    problem = problem_of(_first(env, name, platform_name), where)
     if problem:
         raise ConfigError(problem)
 
@@ -242,7 +289,12 @@ def resolve_backend_url(env: Mapping[str, str], has_credentials: bool) -> Tuple[
 def offline_run_name(now: Optional[float] = None) -> str:
     """``offline-<UTC yyyymmdd-HHMMSS>-<6 hex>``, unique enough for one machine."""
     stamp = time.strftime("%Y%m%d-%H%M%S", time.gmtime(time.time() if now is None else now))
-    return f"offline-{stamp}-{os.urandom(3).hex()}"
+    return f"{OFFLINE_RUN_PREFIX}{stamp}-{secrets.token_hex(3)}"
+
+
+def task_of_run_name(name: str) -> Optional[str]:
+    """The task a run directory's name says it belongs to: its name, or None for an offline run."""
+    return None if not name or name.startswith(OFFLINE_RUN_PREFIX) else name
 
 
 def load_config(env: Optional[Mapping[str, str]] = None) -> Tuple[Config, List[str]]:
@@ -269,8 +321,9 @@ def load_config(env: Optional[Mapping[str, str]] = None) -> Tuple[Config, List[s
             "set it like http://127.0.0.1:8080/api"
         )
         backend_url, source = None, "offline: invalid backend URL"
-    if task_id and (task_id.startswith(".") or "/" in task_id or "\x00" in task_id):
-        problems.append(f"the task id {task_id!r} cannot name a run directory; use the id AnyLearn gave")
+    id_problem = task_id_problem(task_id, ENV_TASK_ID if env.get(ENV_TASK_ID, "").strip() else ENV_TASK_ID_PLATFORM)
+    if id_problem:
+        problems.append(id_problem)
         task_id = None
 
     reporter_dir = os.path.abspath(_first(env, ENV_REPORTER_DIR) or DEFAULT_REPORTER_DIR)

@@ -27,29 +27,23 @@ from .client import (
     TransientError,
     delivery_retrying,
 )
-from .config import BURST_GAP_S, JOURNAL_FILE, STATUS_FILE, Config
+from .config import BURST_GAP_S, JOURNAL_FILE, Config
 from .journal import (
-    KIND_STATE,
     DeliverLock,
     JournalEntry,
     JournalReader,
+    Record,
     append_rejected,
-    atomic_write_json,
     count_pending,
     load_cursor,
     read_host_counters,
-    read_json,
     save_cursor,
     whole_lines_end,
 )
 from .log import get_logger
+from .policy import SKIP_STATE_OFF, SendRule, line_skip_reason, skip_reason
+from .runstatus import DeliveryStatus, read_status, write_status
 
-SKIP_OTHER_RANK = "from a rank other than 0"
-SKIP_NOT_OBJECTIVE = "not the objective metric"
-SKIP_NOT_A_NUMBER = "not a finite number"
-SKIP_STATE_OFF = "state reporting is off"
-SKIP_TORN = "torn or invalid line"
-SKIP_INVALID = "invalid record"  # followed by the reason, e.g. "invalid record (value is not a number)"
 PROGRESS_INTERVAL_S = 0.5
 BURST_HISTORY = 8  # records whose gaps decide whether the host reports in a burst
 
@@ -60,8 +54,7 @@ class DeliveryOptions:
 
     def __init__(
         self,
-        objective_metric: str = "metric",
-        report_all_ranks: bool = False,
+        rule: SendRule = SendRule(),  # which records are sent
         poll_interval_s: float = 0.2,  # how often the journal is looked at where inotify is missing
         watch_interval_s: float = 1.0,  # with inotify: the longest wait for an event (a safety net)
         lock_poll_interval_s: float = 1.0,
@@ -74,8 +67,7 @@ class DeliveryOptions:
         max_defer_s: float = 0.1,  # the longest a busy host can hold back one request
         burst_ack_interval_s: float = 1.0,  # while the host reports in a burst: the cursor's and status's pace
     ) -> None:
-        self.objective_metric = objective_metric
-        self.report_all_ranks = report_all_ranks
+        self.rule = rule
         self.poll_interval_s = poll_interval_s
         self.watch_interval_s = watch_interval_s
         self.lock_poll_interval_s = lock_poll_interval_s
@@ -347,26 +339,26 @@ class Deliverer:
         """True from :meth:`start` until the worker has stopped."""
         return self._running.is_set()
 
-    def status(self) -> Dict[str, Any]:
+    def status(self) -> DeliveryStatus:
         """What ``status.json`` holds: counters, last delivery, last error, deliverer pid."""
-        return {
-            "task_id": self.client.task_id,
-            "backend_url": self.client.base_url,
-            "deliverer_pid": os.getpid(),
-            "deliverer_started": self.started_ts,
-            "cursor": self._acked,
-            "delivered": self.delivered,
-            "skipped": dict(self.skipped),
-            "counters": read_host_counters(self.run_dir),
-            "paused": self.paused_reason,
-            "state_reporting": self.state_reporting,
-            "last_delivery_ts": self.last_delivery_ts,
-            "last_error": self.last_error,
-            "last_error_ts": self.last_error_ts,
-            "failing_since": self._failing_since,
-            "updated": time.time(),
-            "running": not self._stop.is_set(),
-        }
+        return DeliveryStatus(
+            task_id=self.client.task_id,
+            backend_url=self.client.base_url,
+            deliverer_pid=os.getpid(),
+            deliverer_started=self.started_ts,
+            cursor=self._acked,
+            delivered=self.delivered,
+            skipped=dict(self.skipped),
+            counters=read_host_counters(self.run_dir),
+            paused=self.paused_reason,
+            state_reporting=self.state_reporting,
+            last_delivery_ts=self.last_delivery_ts,
+            last_error=self.last_error,
+            last_error_ts=self.last_error_ts,
+            failing_since=self._failing_since,
+            updated=time.time(),
+            running=not self._stop.is_set(),
+        )
 
     # --- the worker ---------------------------------------------------------------------------------
 
@@ -397,9 +389,8 @@ class Deliverer:
                 if why != said:
                     said = why
                     self._note_error(f"cannot take the deliver lock: {why}")
-                    self._log.warning(
-                        "cannot take the deliver lock in %s: %s; records stay in the journal (said once)", self.run_dir, why,
-                    )
+                    kept = "records stay in the journal" if os.path.exists(os.path.join(self.run_dir, JOURNAL_FILE)) else "and there is no journal there"
+                    self._log.warning("cannot take the deliver lock in %s: %s; %s (said once)", self.run_dir, why, kept)
             self._lock_known.set()
             self._stop.wait(self.options.lock_poll_interval_s)
         return False
@@ -429,36 +420,18 @@ class Deliverer:
 
     def _load_state(self) -> None:
         self._acked = self._acked_saved = load_cursor(self.run_dir)
-        previous = read_json(os.path.join(self.run_dir, STATUS_FILE))
-        if isinstance(previous, dict) and previous.get("task_id") == self.client.task_id:
-            delivered = previous.get("delivered")
-            self.delivered = delivered if type(delivered) is int and delivered >= 0 else 0
-            skipped = previous.get("skipped")
-            if isinstance(skipped, dict):  # a hand-edited file must not stop delivery: keep what reads
-                self.skipped = {str(k): v for k, v in skipped.items() if type(v) is int and v >= 0}
-
-    def _skip_reason(self, record: Dict[str, Any]) -> Optional[str]:
-        rank = record.get("rank", 0)
-        if record["kind"] == KIND_STATE:  # only node rank 0's wrapper reports the task's state
-            if rank != 0:
-                return SKIP_OTHER_RANK
-            return None if self.state_reporting else SKIP_STATE_OFF
-        if rank != 0 and not self.options.report_all_ranks:
-            return SKIP_OTHER_RANK
-        if record.get("value") is None:
-            return SKIP_NOT_A_NUMBER
-        name = record.get("name")
-        if name is not None and name != self.options.objective_metric:
-            return SKIP_NOT_OBJECTIVE
-        return None
+        previous, _ = read_status(self.run_dir)  # field by field: a hand-edited file cannot stop delivery
+        if previous is not None and previous.task_id == self.client.task_id:
+            self.delivered = previous.delivered
+            self.skipped = dict(previous.skipped)
 
     def _deliver_entry(self, entry: JournalEntry) -> bool:
         record = entry.record
         skip: Optional[str]
         if record is None:
-            skip = SKIP_TORN if entry.problem in (None, SKIP_TORN) else f"{SKIP_INVALID} ({entry.problem})"
+            skip = line_skip_reason(entry.problem)
         else:
-            skip = self._skip_reason(record)
+            skip = skip_reason(record, self.options.rule, state_reporting=self.state_reporting)
         if skip is not None:
             self._count_skip(skip)
         elif record is not None:
@@ -476,7 +449,7 @@ class Deliverer:
         self.skipped[reason] = self.skipped.get(reason, 0) + 1
         self.skipped_now[reason] = self.skipped_now.get(reason, 0) + 1
 
-    def _defer_while_host_busy(self, record: Dict[str, Any]) -> None:
+    def _defer_while_host_busy(self, record: Record) -> None:
         """Training comes first: the delivery thread keeps out of the training thread's way.
 
         While the host reports in a burst (it reported within ``burst_gap_s`` just now, and at least half
@@ -487,8 +460,8 @@ class Deliverer:
         Otherwise a request waits until the host has not reported for ``burst_gap_s`` (at most
         ``max_defer_s``): woken by the journal write itself, this thread would else run its request
         while the training thread is still inside the report call, or about to make the next."""
-        ts = record.get("ts")
-        previous, self._previous_ts = self._previous_ts, ts if isinstance(ts, float) else None
+        ts = record.ts
+        previous, self._previous_ts = self._previous_ts, float(ts) if isinstance(ts, (int, float)) else None
         if self._previous_ts is not None and previous is not None:
             self._short_gaps.append(self._previous_ts - previous < self.options.burst_gap_s)
         self._in_burst = False
@@ -505,11 +478,11 @@ class Deliverer:
             if not self._host_busy():
                 return
 
-    def _send(self, record: Dict[str, Any]) -> SendResult:
+    def _send(self, record: Record) -> SendResult:
         timeout_s = None if self._deadline is None else self._deadline - time.monotonic()
         return self.client.send(record, timeout_s)
 
-    def _send_with_retries(self, record: Dict[str, Any]) -> SendResult:
+    def _send_with_retries(self, record: Record) -> SendResult:
         """One try; after a transient failure, the retry policy takes over (its first attempt is that
         failure, so the backoff and any ``Retry-After`` apply before the second request)."""
         try:
@@ -522,14 +495,14 @@ class Deliverer:
                 sleep=self._retry_sleep, before_sleep=self._before_retry,
             )
 
-        def attempt(rec: Dict[str, Any]) -> SendResult:
+        def attempt(rec: Record) -> SendResult:
             if failed:
                 raise failed.pop()
             return self._send(rec)
 
         return self._retrying(attempt, record)
 
-    def _apply(self, record: Dict[str, Any], result: SendResult) -> bool:
+    def _apply(self, record: Record, result: SendResult) -> bool:
         """Book an answer; False when delivery must pause (the record is then not acknowledged)."""
         if self._failing_since is not None:
             self._log.info("delivery resumed after %.0f s", time.time() - self._failing_since)
@@ -544,7 +517,7 @@ class Deliverer:
             self._note_error(f"HTTP {result.status}: {result.reason}")
             self._log.warning(
                 "the backend refused a %s record for good (HTTP %d: %s); kept in %s/rejected.jsonl",
-                record["kind"], result.status, result.reason, self.run_dir,
+                record.kind, result.status, result.reason, self.run_dir,
             )
         elif result.outcome is Outcome.UNSUPPORTED:
             self.state_reporting = False
@@ -625,7 +598,7 @@ class Deliverer:
             status_interval = self.options.burst_ack_interval_s if self._in_burst else self.options.status_interval_s
             if force or now - self._last_status >= status_interval:
                 self._last_status = now
-                atomic_write_json(os.path.join(self.run_dir, STATUS_FILE), self.status())
+                write_status(self.run_dir, self.status())
         except OSError as exc:
             self._note_error(f"cannot save the cursor: {exc.strerror}")
 
@@ -653,8 +626,7 @@ def build_deliverer(
     client = BackendClient(config.backend_url or "", config.task_id or "", config.secret_key,
                            request_timeout_s=config.request_timeout_s)
     options = DeliveryOptions(
-        objective_metric=config.objective_metric,
-        report_all_ranks=config.report_all_ranks,
+        rule=SendRule.of(config),
         **option_overrides,
     )
     return Deliverer(run_dir or config.run_dir, client, options, host_busy=host_busy)

@@ -10,9 +10,11 @@ from __future__ import annotations
 
 import datetime as _dt
 import hmac
+import io
 import json
 import random
 import secrets
+import socket
 import sqlite3
 import threading
 import time
@@ -260,6 +262,31 @@ class Backend:
             self._db.close()
 
 
+class _DeadlineSocketIO(io.RawIOBase):
+    """The socket's read side, each read waiting at most the idle timeout and, while a request line and
+    its headers are read, no later than their deadline: a client that drips header bytes just inside the
+    idle timeout cannot hold a thread for ever."""
+
+    def __init__(self, sock: socket.socket, handler: "_Handler") -> None:
+        super().__init__()
+        self._sock = sock
+        self._handler = handler
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer: Any) -> int:
+        timeout = self._handler.timeout
+        deadline = self._handler.headers_deadline
+        if deadline is not None:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise TimeoutError("the request line and headers took longer than the idle timeout")
+            timeout = remaining if timeout is None else min(timeout, remaining)
+        self._sock.settimeout(timeout)
+        return self._sock.recv_into(buffer)
+
+
 class _Handler(BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"
     disable_nagle_algorithm = True  # answers go out at once, not after the client's delayed ACK
@@ -268,9 +295,25 @@ class _Handler(BaseHTTPRequestHandler):
     prefix: str = API_PREFIX
     quiet: bool = True
 
+    headers_deadline: Optional[float] = None  # while a request line and headers are read: when they must be in
+
     def setup(self) -> None:
         super().setup()
+        self.rfile = io.BufferedReader(_DeadlineSocketIO(self.connection, self))
         self.backend.count("connections")  # keep-alive clients open few
+
+    def handle_one_request(self) -> None:
+        # The request line and headers together get the idle timeout (the body has its own reads' timeout).
+        self.headers_deadline = time.monotonic() + (self.timeout or DEFAULT_IDLE_TIMEOUT_S)
+        try:
+            super().handle_one_request()
+        finally:
+            self.headers_deadline = None
+
+    def parse_request(self) -> bool:
+        parsed = super().parse_request()
+        self.headers_deadline = None
+        return parsed
 
     def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 (the base class's name)
         if not self.quiet:

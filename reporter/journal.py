@@ -14,10 +14,13 @@ import itertools
 import json
 import math
 import os
+import secrets
+import stat
 import threading
 import time
 import weakref
-from typing import Any, Callable, Dict, Iterator, List, NamedTuple, Optional, Tuple
+from dataclasses import dataclass, fields
+from typing import Any, Callable, Dict, Iterator, List, Optional, Tuple, Union
 
 from .config import CURSOR_FILE, JOURNAL_FILE, LOCK_FILE, REJECTED_FILE
 from .log import get_logger
@@ -28,12 +31,64 @@ KIND_STATE = "state"
 RECORD_KINDS = (KIND_INTERMEDIATE, KIND_FINAL, KIND_STATE)
 _RECORD_START = b'{"kind"'
 _READ_CHUNK_BYTES = 1 << 16
+MAX_LINE_BYTES = 1 << 20  # far above any line a writer makes (a name is cut to 250 characters): a longer one is skipped
+INVALID_TOO_LONG = f"line longer than {MAX_LINE_BYTES} bytes"
+INVALID_NOT_REGULAR = "the journal is not a regular file"
 MAX_KEY_CHARS = 200
 MAX_TS = 1e11  # seconds since the epoch (year 5138): beyond it a time stamp is not a time
 COUNTERS_FILE_GLOB = "counters.*.json"
 COUNTERS_SAVE_INTERVAL_S = 1.0
 COUNTER_LOST = "lost"  # records a writer could not journal, by reason
 COUNTER_UNREADABLE = "unreadable"  # output lines a host could not read a metric from, by kind of line
+COUNTER_LOG_WRITE_FAILED = "log_write_failed"  # writes of the wrapper's stdout.log/stderr.log that failed, by file
+MAX_STEP = (1 << 63) - 1  # a step beyond a signed 64-bit int is journalled as null (said once), whoever reports it
+MAX_NAME_CHARS = 250  # MLflow's limit on a metric key; a longer name is journalled cut to this length (said once)
+
+
+def clean_name(name: str) -> str:
+    """A metric name as it is journalled: encodable as UTF-8 (a lone surrogate becomes its ``\\udXXX``
+    escape) and at most :data:`MAX_NAME_CHARS` characters. Never raises."""
+    if not name.isascii():
+        name = name.encode("utf-8", "backslashreplace").decode("utf-8")
+    return name[:MAX_NAME_CHARS]
+
+
+def step_in_range(step: int) -> bool:
+    """Whether ``step`` fits a signed 64-bit integer, the one rule for every source of records."""
+    return -MAX_STEP - 1 <= step <= MAX_STEP
+
+
+def metric_number(value: Any) -> Optional[float]:
+    """``value`` as one float, or None when it is not a single number: the one rule for every source.
+
+    An int, a float or anything with ``__float__`` (numpy scalars, 0-d tensors) is a number; an int too
+    large for a float is an infinity. A bool, a string, None, an array or a ``__float__`` that raises is not.
+    """
+    kind = type(value)
+    if kind is float:
+        return value
+    if kind is int:
+        try:
+            return float(value)
+        except OverflowError:
+            return math.inf if value > 0 else -math.inf
+    if kind is bool or isinstance(value, (str, bytes, bytearray)) or kind.__name__ in ("bool", "bool_"):
+        return None
+    if not hasattr(value, "__float__"):
+        return None
+    try:
+        return float(value)
+    except Exception:  # a multi-element array or tensor, or a __float__ that raises
+        return None
+
+
+_said: set = set()
+
+
+def _say_once(message: str) -> None:
+    if message not in _said:
+        _said.add(message)
+        get_logger().warning("%s (said once)", message)
 
 
 def atomic_write(path: str, data: bytes, *, fsync: bool = True) -> None:
@@ -93,7 +148,7 @@ class JournalWriter:
 
     def _reset_identity(self) -> None:
         self._pid = os.getpid()
-        self._prefix = f"{os.urandom(6).hex()}-{self._pid}-"
+        self._prefix = f"{secrets.token_hex(6)}-{self._pid}-"
         self._counter = itertools.count(1)
 
     def _open(self) -> bool:
@@ -136,7 +191,13 @@ class JournalWriter:
             return None
         name_json = self._names.get(name)
         if name_json is None:
-            name_json = self._names[name] = json.dumps(name)
+            cleaned = name if name is None else clean_name(name)
+            if cleaned is not None and len(cleaned) < len(name):  # type: ignore[arg-type]
+                _say_once(f"a metric name longer than {MAX_NAME_CHARS} characters was journalled cut to its first {MAX_NAME_CHARS}")
+            name_json = self._names[name] = json.dumps(cleaned)
+        if step is not None and not step_in_range(step):
+            _say_once("a step beyond a 64-bit integer was journalled as null")
+            step = None
         if value is None or value - value != 0:  # NaN and +-inf fail x - x == 0
             value_text = "null"
             if value is not None and self.on_non_finite is not None:
@@ -145,7 +206,7 @@ class JournalWriter:
             value_text = repr(value)
         key = f"{self._prefix}{next(self._counter)}"
         self.last_append_ts = now = time.time()
-        line = (
+        line = (  # a Record's fields in order, made by hand: the hot path's cost (read back by check_record)
             f'{{"kind":"{kind}","value":{value_text},"name":{name_json},'
             f'"step":{"null" if step is None else step},"ts":{now if ts is None else ts!r},'
             f'"rank":{self.rank},"pid":{self._pid},"key":"{key}"}}\n'
@@ -247,7 +308,38 @@ def read_host_counters(run_dir: str) -> Dict[str, Dict[str, int]]:
 # --- reading ---------------------------------------------------------------------------------------
 
 INVALID_NOT_JSON = "torn or invalid line"
-RECORD_FIELDS = ("kind", "value", "name", "step", "ts", "rank", "pid", "key")
+
+
+@dataclass(frozen=True)
+class Record:
+    """One journal record: what a report call journalled, as read back and validated.
+
+    The writer makes the same line by hand (see :meth:`JournalWriter.append`: an f-string is the hot
+    path's cost), in the order of these fields; :func:`check_record` is the only way back from JSON.
+    ``value`` is a finite float or None for a metric (a NaN or infinity is journalled as None), an int
+    for a task state.
+    """
+
+    kind: str
+    value: Optional[Union[float, int]]
+    name: Optional[str] = None
+    step: Optional[int] = None
+    ts: Optional[float] = None
+    rank: int = 0
+    pid: Optional[int] = None
+    key: str = ""
+
+    @property
+    def is_metric(self) -> bool:
+        """True for an intermediate or final metric, False for a task state."""
+        return self.kind != KIND_STATE
+
+    def as_json(self) -> Dict[str, Any]:
+        """The record as the journal's JSON object (for ``rejected.jsonl`` and ``show --metrics --json``)."""
+        return {f.name: getattr(self, f.name) for f in fields(self)}
+
+
+RECORD_FIELDS = tuple(f.name for f in fields(Record))
 
 
 def _is_int(value: Any) -> bool:
@@ -258,12 +350,12 @@ def _is_number(value: Any) -> bool:
     return type(value) is float or type(value) is int
 
 
-def check_record(obj: Any) -> Tuple[Optional[Dict[str, Any]], Optional[str]]:
-    """Validate one parsed journal value: (the record with exactly the known fields, None) or (None, why).
+def check_record(obj: Any) -> Tuple[Optional[Record], Optional[str]]:
+    """Validate one parsed journal value: (the :class:`Record`, None) or (None, why it is not one).
 
     A record has a known ``kind``; ``value`` a finite number or null (a state: an int); ``step`` an int
     or null; ``name`` a string or null; ``ts`` a time or null; ``rank`` and ``pid`` ints; ``key`` a
-    string an HTTP header can carry. Never raises.
+    string an HTTP header can carry. Unknown fields are dropped. Never raises.
     """
     if not isinstance(obj, dict):
         return None, "not a JSON object"
@@ -286,9 +378,13 @@ def check_record(obj: Any) -> Tuple[Optional[Dict[str, Any]], Optional[str]]:
     step = obj.get("step")
     if step is not None and not _is_int(step):
         return None, "step is not an integer"
+    if step is not None and not step_in_range(step):
+        return None, "step is beyond a 64-bit integer"
     name = obj.get("name")
-    if name is not None and not isinstance(name, str):
-        return None, "name is not a string"
+    if name is not None:
+        if not isinstance(name, str):
+            return None, "name is not a string"
+        name = clean_name(name)
     ts = obj.get("ts")
     if ts is not None:
         if not _is_number(ts) or not -MAX_TS <= ts <= MAX_TS:
@@ -303,19 +399,19 @@ def check_record(obj: Any) -> Tuple[Optional[Dict[str, Any]], Optional[str]]:
     key = obj.get("key", "")
     if not isinstance(key, str) or len(key) > MAX_KEY_CHARS or not (key.isascii() and key.isprintable() and " " not in key):
         return None, "key is not a header-safe string"
-    return {"kind": kind, "value": value, "name": name, "step": step, "ts": ts, "rank": rank, "pid": pid, "key": key}, None
+    return Record(kind, value, name, step, ts, rank, pid, key), None
 
 
-class JournalEntry(NamedTuple):
-    """One line of the journal: its end offset and the record, or None and why the line was not valid.
-    (A named tuple: ``dataclasses`` would cost ``import reporter`` 6 ms.)"""
+@dataclass
+class JournalEntry:
+    """One line of the journal: its end offset and the record, or None and why the line was not valid."""
 
     end_offset: int
-    record: Optional[Dict[str, Any]]
+    record: Optional[Record]
     problem: Optional[str] = None
 
 
-def read_line(line: bytes) -> Tuple[Optional[Dict[str, Any]], Optional[str], bool]:
+def read_line(line: bytes) -> Tuple[Optional[Record], Optional[str], bool]:
     """Parse and validate a journal line: (record or None, why it is not valid or None, torn). Never raises.
 
     A writer killed mid-line leaves a fragment without a newline, and the next writer's record is glued
@@ -335,7 +431,7 @@ def read_line(line: bytes) -> Tuple[Optional[Dict[str, Any]], Optional[str], boo
     return None, INVALID_NOT_JSON, True
 
 
-def parse_line(line: bytes) -> Tuple[Optional[Dict[str, Any]], bool]:
+def parse_line(line: bytes) -> Tuple[Optional[Record], bool]:
     """Parse a journal line into (a valid record or None, torn); see :func:`read_line`."""
     record, problem, torn = read_line(line)
     return record, torn or (problem is not None)
@@ -359,14 +455,25 @@ class JournalReader:
         self.offset = offset
         self.torn_lines = 0
         self.invalid: Dict[str, int] = {}  # whole lines that are not valid records, by reason
+        self.not_regular = False  # a device, a FIFO...: never followed (/dev/full would be read forever)
         self._fd = -1
+        self._scanned_to = -1  # how far a long line after :attr:`offset` was searched for its newline
 
     def _ensure_open(self) -> bool:
+        if self.not_regular:
+            return False
         if self._fd < 0:
             try:
-                self._fd = os.open(self.path, os.O_RDONLY | os.O_CLOEXEC)
+                fd = os.open(self.path, os.O_RDONLY | os.O_CLOEXEC | os.O_NONBLOCK)
             except FileNotFoundError:
                 return False
+            if not stat.S_ISREG(os.fstat(fd).st_mode):
+                os.close(fd)
+                self.not_regular = True
+                self.invalid[INVALID_NOT_REGULAR] = 1
+                get_logger().warning("%s is not a regular file: it is not read (nothing in it can be delivered)", self.path)
+                return False
+            self._fd = fd
         return True
 
     def size(self) -> int:
@@ -395,6 +502,13 @@ class JournalReader:
                 long_line = self._read_long_line()
                 if long_line is None:
                     break
+                if isinstance(long_line, int):  # too long to hold: skipped unread, up to its newline
+                    start, self.offset = self.offset, long_line
+                    if INVALID_TOO_LONG not in self.invalid:
+                        get_logger().warning("skipping a %s at byte %d of %s (said once)", INVALID_TOO_LONG, start, self.path)
+                    self.invalid[INVALID_TOO_LONG] = self.invalid.get(INVALID_TOO_LONG, 0) + 1
+                    entries.append(JournalEntry(long_line, None, INVALID_TOO_LONG))
+                    continue
                 chunk, last_newline = long_line, len(long_line) - 1
             position = self.offset
             for line in chunk[: last_newline + 1].split(b"\n")[:-1]:
@@ -422,16 +536,24 @@ class JournalReader:
                 self.offset = position
         return entries
 
-    def _read_long_line(self) -> Optional[bytes]:
-        data = b""
+    def _read_long_line(self) -> "Optional[bytes | int]":
+        """The line at :attr:`offset` (with its newline) when it spans more than one chunk; the offset just
+        past it when it is longer than :data:`MAX_LINE_BYTES` (its bytes are never held); None when its
+        newline is not written yet. Linear: chunks are joined once, and a search resumes where it stopped."""
+        position = max(self.offset, self._scanned_to)
         while True:
-            more = os.pread(self._fd, _READ_CHUNK_BYTES, self.offset + len(data))
+            more = os.pread(self._fd, _READ_CHUNK_BYTES, position)
             if not more:
+                self._scanned_to = position
                 return None
-            data += more
-            newline = data.find(b"\n")
+            newline = more.find(b"\n")
             if newline >= 0:
-                return data[: newline + 1]
+                end = position + newline + 1
+                self._scanned_to = -1
+                if end - self.offset > MAX_LINE_BYTES:
+                    return end
+                return os.pread(self._fd, end - self.offset, self.offset)
+            position += len(more)
 
     def close(self) -> None:
         if self._fd >= 0:
@@ -439,7 +561,7 @@ class JournalReader:
             self._fd = -1
 
 
-def iter_records(run_dir: str) -> Iterator[Tuple[int, Dict[str, Any]]]:
+def iter_records(run_dir: str) -> Iterator[Tuple[int, Record]]:
     """Every whole, valid record of a run's journal with its end offset (for tools and tests); invalid
     lines are left out."""
     reader = JournalReader(run_dir)
@@ -491,9 +613,9 @@ def save_cursor(run_dir: str, offset: int, *, fsync: bool = True) -> None:
     atomic_write(os.path.join(run_dir, CURSOR_FILE), b"%d\n" % offset, fsync=fsync)
 
 
-def append_rejected(run_dir: str, record: Dict[str, Any], status: int, reason: str) -> None:
+def append_rejected(run_dir: str, record: Record, status: int, reason: str) -> None:
     """Keep a record the backend refused for good, with the HTTP status and the backend's reason."""
-    line = json.dumps({**record, "http_status": status, "reason": reason[:500]}) + "\n"
+    line = json.dumps({**record.as_json(), "http_status": status, "reason": reason[:500]}) + "\n"
     fd = os.open(os.path.join(run_dir, REJECTED_FILE), os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o644)
     try:
         os.write(fd, line.encode())
@@ -501,10 +623,21 @@ def append_rejected(run_dir: str, record: Dict[str, Any], status: int, reason: s
         os.close(fd)
 
 
-def count_lines(path: str) -> int:
-    """Number of newline-terminated lines in a file (0 when missing)."""
+def is_regular_file(path: str) -> bool:
+    """Whether ``path`` is a regular file (following symbolic links); False when it is missing."""
+    try:
+        return stat.S_ISREG(os.stat(path).st_mode)
+    except OSError:
+        return False
+
+
+def count_lines(path: str, start: int = 0) -> int:
+    """Number of newline-terminated lines in a file after byte ``start`` (0 when missing or not a regular file)."""
+    if not is_regular_file(path):
+        return 0
     try:
         with open(path, "rb") as f:
+            f.seek(start)
             return sum(chunk.count(b"\n") for chunk in iter(lambda: f.read(1 << 20), b""))
     except OSError:
         return 0
@@ -533,14 +666,8 @@ def whole_lines_end(path: str) -> int:
 
 def count_pending(run_dir: str, offset: Optional[int] = None) -> int:
     """Whole journal lines after ``offset`` (default: the saved cursor)."""
-    path = os.path.join(run_dir, JOURNAL_FILE)
     start = load_cursor(run_dir) if offset is None else offset
-    try:
-        with open(path, "rb") as f:
-            f.seek(start)
-            return sum(chunk.count(b"\n") for chunk in iter(lambda: f.read(1 << 20), b""))
-    except OSError:
-        return 0
+    return count_lines(os.path.join(run_dir, JOURNAL_FILE), start)
 
 
 # --- the deliver lock -------------------------------------------------------------------------------

@@ -10,7 +10,7 @@ import logging
 import os
 import sys
 import time
-from typing import Any
+from typing import Any, Mapping
 
 LOGGER_NAME = "anylearn_reporter"
 BAR_WIDTH = 30
@@ -87,3 +87,9 @@ class Progress:
     def finish(self) -> None:
         if self.tty:
             self.stream.write("\n")
+
+
+def counted(counts: Mapping[str, int], what: str = "") -> str:
+    """Counts by reason as one phrase: ``3 skipped (2 not the objective metric, 1 torn or invalid line)``."""
+    total = f"{sum(counts.values())} {what}".rstrip()
+    return f"{total} (" + ", ".join(f"{n} {why}" for why, n in sorted(counts.items())) + ")"

@@ -14,12 +14,11 @@ This module imports no NNI code: the functions here are pure and never raise, wh
 from __future__ import annotations
 
 import json
-import math
 from dataclasses import dataclass
 from typing import Any, Dict, List, Mapping, Optional, Tuple
 
 from .config import ENV_NNI, ENV_NNI_PARAMETERS, ConfigError
-from .journal import KIND_FINAL, KIND_INTERMEDIATE
+from .journal import KIND_FINAL, KIND_INTERMEDIATE, metric_number
 
 CHANNEL_URL = "import://reporter.nni_channel.AnyLearnTrialChannel"
 STANDALONE = "STANDALONE"  # NNI's own id when a trial runs outside an experiment
@@ -104,26 +103,6 @@ class ResultRecord:
     step: Optional[int]
 
 
-def _number(value: Any) -> Optional[float]:
-    """A metric value as a float, or None when it is not one number (bool, str, None, an array...)."""
-    kind = type(value)
-    if kind is float:
-        return value
-    if kind is int:
-        try:
-            return float(value)
-        except OverflowError:
-            return math.copysign(math.inf, value)
-    if kind is bool or isinstance(value, (str, bytes, bytearray)) or kind.__name__ in ("bool", "bool_"):
-        return None
-    if not hasattr(value, "__float__"):
-        return None
-    try:
-        return float(value)
-    except Exception:  # a multi-element array or tensor, or a __float__ that raises
-        return None
-
-
 def result_records(metric_type: Any, sequence: Any, value: Any) -> Tuple[List[ResultRecord], List[str]]:
     """Turn one NNI result into journal records; returns them and the reasons for what was dropped.
 
@@ -152,14 +131,14 @@ def _result_records(metric_type: Any, sequence: Any, value: Any) -> Tuple[List[R
         if not any(key == OBJECTIVE_KEY for key, _ in items):
             problems.append("a dict result without a 'default' key: its values are journalled by name, none is sent")
         for key, item in items:
-            number = _number(item)
+            number = metric_number(item)
             if number is None:
                 problems.append(f"a result value that is not a number ({type(item).__name__})")
                 continue
             name = None if key == OBJECTIVE_KEY else str(key)
             records.append(ResultRecord(kind, number, name, step))
         return records, problems
-    number = _number(value)
+    number = metric_number(value)
     if number is None:
         return [], [f"a result that is neither a number nor a dict ({type(value).__name__})"]
     return [ResultRecord(kind, number, None, step)], []

@@ -1,18 +1,75 @@
-"""Resource samples for ``resources.jsonl``: the system, a watched process tree, and GPUs through NVML.
+"""Resource samples: the system, a watched process tree, and GPUs through NVML.
 
-psutil is imported when a sampler is made (the sidecar's path), never by ``import reporter``. NVML is
-optional (the ``gpu`` extra): without it, or without a GPU, GPU sampling is skipped without an error.
+The sidecar's :class:`ResourceSampler` writes ``resources.jsonl``; the wrapper's :class:`PeakRss` keeps the
+peak RSS of the command's tree for ``summary.json``. Both count a tree the same way: the process and all its
+descendants (:func:`tree_members`), each member's RSS or 0 when it vanished meanwhile (:func:`rss_bytes`).
+
+psutil is imported when a sampler runs, never by ``import reporter``. NVML is optional (the ``gpu`` extra):
+without it, or without a GPU, GPU sampling is skipped without an error.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import threading
 import time
 from typing import Any, Dict, List, Optional
 
 from .config import RESOURCES_FILE
 from .log import get_logger
+
+
+def tree_members(root: Any) -> List[Any]:
+    """``root`` (a ``psutil.Process``) and all its descendants; raises ``psutil.Error`` when root is gone."""
+    return [root] + root.children(recursive=True)
+
+
+def rss_bytes(process: Any) -> int:
+    """The resident set size of one ``psutil.Process``, 0 when it vanished or cannot be read."""
+    try:
+        return int(process.memory_info().rss)
+    except Exception:  # noqa: BLE001 - psutil.Error, or a process gone between listing and reading
+        return 0
+
+
+def tree_rss_bytes(root: Any) -> int:
+    """The RSS of ``root``'s whole tree, summed; raises ``psutil.Error`` when root is gone."""
+    return sum(rss_bytes(member) for member in tree_members(root))
+
+
+class PeakRss(threading.Thread):
+    """Samples the RSS of a process tree every ``interval_s`` until :meth:`stop`; keeps the peak.
+
+    Without psutil, or when the process is already gone, the peak stays 0.
+    """
+
+    def __init__(self, pid: int, interval_s: float = 0.5) -> None:
+        super().__init__(name="anylearn-reporter-rss", daemon=True)
+        self.pid = pid
+        self.interval_s = interval_s
+        self.peak_bytes = 0
+        self._stop_event = threading.Event()
+
+    def run(self) -> None:
+        try:
+            import psutil
+        except ImportError:
+            return
+        try:
+            root = psutil.Process(self.pid)
+        except psutil.Error:
+            return
+        while not self._stop_event.is_set():
+            try:
+                total = tree_rss_bytes(root)
+            except psutil.Error:
+                break
+            self.peak_bytes = max(self.peak_bytes, total)
+            self._stop_event.wait(self.interval_s)
+
+    def stop(self) -> None:
+        self._stop_event.set()
 
 
 class GpuSampler:
@@ -73,8 +130,7 @@ class ResourceSampler:
         """CPU %, RSS, threads and open files of ``pid`` and its descendants (None when it is gone)."""
         psutil = self._psutil
         try:
-            root = self._process(pid)
-            members = [root] + root.children(recursive=True)
+            members = tree_members(self._process(pid))
         except psutil.Error:
             self._processes.pop(pid, None)
             return None
@@ -85,7 +141,7 @@ class ResourceSampler:
                 process = self._process(member.pid)
                 with process.oneshot():
                     totals["cpu_percent"] += process.cpu_percent(None)
-                    totals["rss_bytes"] += process.memory_info().rss
+                    totals["rss_bytes"] += rss_bytes(process)
                     totals["threads"] += process.num_threads()
                     totals["open_files"] += process.num_fds()
                 totals["processes"] += 1

@@ -13,8 +13,8 @@ from .config import (
     JOURNAL_FILE,
     REJECTED_FILE,
     STATE_NAMES,
-    STATUS_FILE,
     SUMMARY_FILE,
+    task_of_run_name,
 )
 from .journal import (
     KIND_FINAL,
@@ -29,6 +29,9 @@ from .journal import (
     read_host_counters,
     read_json,
 )
+from .log import counted
+from .policy import SendRule, skip_reason
+from .runstatus import read_status
 
 
 @dataclass
@@ -90,7 +93,7 @@ class RunInfo:
 
 
 def is_run_dir(path: str) -> bool:
-    return os.path.isfile(os.path.join(path, JOURNAL_FILE)) or os.path.isfile(os.path.join(path, SUMMARY_FILE))
+    return os.path.exists(os.path.join(path, JOURNAL_FILE)) or os.path.isfile(os.path.join(path, SUMMARY_FILE))
 
 
 def find_runs(reporter_dir: str) -> List[str]:
@@ -113,8 +116,11 @@ def _newest_mtime(run_dir: str) -> float:
     return max(times, default=0.0)
 
 
-def read_run(run_dir: str, objective_metric: str = "metric", *, with_metrics: bool = True) -> RunInfo:
+def read_run(run_dir: str, rule: SendRule = SendRule(), *, with_metrics: bool = True) -> RunInfo:
     """Read what a run directory holds; unreadable parts become entries of ``problems``, never errors.
+
+    The metrics are those ``rule`` sends (:func:`~reporter.policy.skip_reason`, the deliverer's own rule),
+    so ``show`` and ``summary.json`` report the numbers that were sent.
 
     ``with_metrics=False`` (the ``status`` probe) counts lines instead of parsing every record, so a probe
     stays cheap on a long journal; the task state then comes from the journal's last state record.
@@ -128,7 +134,7 @@ def read_run(run_dir: str, objective_metric: str = "metric", *, with_metrics: bo
     if not os.path.exists(journal):
         info.problems.append(f"no {JOURNAL_FILE}")
     if with_metrics:
-        _read_records(info, objective_metric)
+        _read_records(info, rule)
     else:
         info.journalled = count_lines(journal)
         info.pending = count_pending(run_dir)
@@ -144,18 +150,18 @@ def _last_state(journal: str, max_bytes: int = 1 << 20) -> Optional[int]:
             f.seek(0, os.SEEK_END)
             size = f.tell()
             f.seek(max(0, size - max_bytes))
-            tail = f.read()
+            tail = f.read(max_bytes)  # bounded: a device (/dev/full) would give zeros forever
     except OSError:
         return None
     for line in reversed(tail.split(b"\n")):
         if line.startswith(b'{"kind":"state"'):
             record, _ = parse_line(line)
-            if record is not None and record["kind"] == KIND_STATE:
-                return record["value"]
+            if record is not None and record.kind == KIND_STATE and record.rank == 0:
+                return int(record.value or 0)
     return None
 
 
-def _read_records(info: RunInfo, objective_metric: str) -> None:
+def _read_records(info: RunInfo, rule: SendRule) -> None:
     run_dir = info.run_dir
     reader = JournalReader(run_dir)
     cursor = load_cursor(run_dir) if os.path.exists(os.path.join(run_dir, CURSOR_FILE)) else 0
@@ -171,18 +177,16 @@ def _read_records(info: RunInfo, objective_metric: str) -> None:
                 record = entry.record
                 if record is None:
                     continue
-                ts = record["ts"]
-                if ts is not None:
-                    info.started = ts if info.started is None else min(info.started, ts)
-                if record["kind"] == KIND_STATE:
-                    info.state = record.get("value")
+                if record.ts is not None:
+                    info.started = record.ts if info.started is None else min(info.started, record.ts)
+                if skip_reason(record, rule) is not None or record.value is None:
                     continue
-                if record.get("rank", 0) != 0 or record.get("name") not in (None, objective_metric) or record.get("value") is None:
-                    continue
-                if record["kind"] == KIND_INTERMEDIATE:
-                    info.metrics.append(record["value"])
-                elif record["kind"] == KIND_FINAL:
-                    info.final_metric = record["value"]
+                if record.kind == KIND_STATE:
+                    info.state = int(record.value)
+                elif record.kind == KIND_INTERMEDIATE:
+                    info.metrics.append(float(record.value))
+                elif record.kind == KIND_FINAL:
+                    info.final_metric = float(record.value)
     except OSError as exc:
         info.problems.append(f"cannot read {JOURNAL_FILE}: {exc.strerror}")
     finally:
@@ -192,30 +196,27 @@ def _read_records(info: RunInfo, objective_metric: str) -> None:
     if info.torn_lines:
         info.problems.append(f"{info.torn_lines} torn or invalid journal lines")
     if info.invalid:
-        reasons = ", ".join(f"{n} {why}" for why, n in sorted(info.invalid.items()))
-        info.problems.append(f"{sum(info.invalid.values())} invalid journal records skipped ({reasons})")
+        info.problems.append(counted(info.invalid, "invalid journal records skipped"))
 
 
 def _read_status_files(info: RunInfo) -> None:
     run_dir = info.run_dir
-    status = read_json(os.path.join(run_dir, STATUS_FILE))
-    if isinstance(status, dict):  # every field checked: a hand-edited file must not break status or show
-        info.task_id = _typed(status, "task_id", str)
-        info.delivered = _typed(status, "delivered", int) or 0
-        skipped = status.get("skipped")
-        info.skipped = {k: v for k, v in skipped.items() if type(v) is int} if isinstance(skipped, dict) else {}
-        info.paused = _typed(status, "paused", str)
-        info.last_delivery_ts = _typed(status, "last_delivery_ts", float)
-        info.last_error = _typed(status, "last_error", str)
-        info.failing_since = _typed(status, "failing_since", float)
-    elif os.path.exists(os.path.join(run_dir, STATUS_FILE)):
-        info.problems.append(f"{STATUS_FILE} is not valid JSON")
+    status, problem = read_status(run_dir)  # every field type-checked: a hand-edited file cannot break show
+    if status is not None:
+        info.task_id = status.task_id
+        info.delivered = status.delivered
+        info.skipped = dict(status.skipped)
+        info.paused = status.paused
+        info.last_delivery_ts = status.last_delivery_ts
+        info.last_error = status.last_error
+        info.failing_since = status.failing_since
+    if problem:
+        info.problems.append(problem)
     info.rejected = count_lines(os.path.join(run_dir, REJECTED_FILE))
     info.deliverer_pid = lock_holder_pid(run_dir)
     info.counters = read_host_counters(run_dir)
     if info.lost:
-        reasons = ", ".join(f"{n} {why}" for why, n in sorted(info.lost.items()))
-        info.problems.append(f"{sum(info.lost.values())} records could not be journalled ({reasons})")
+        info.problems.append(counted(info.lost, "records could not be journalled"))
 
     summary = read_json(os.path.join(run_dir, SUMMARY_FILE))
     if isinstance(summary, dict):
@@ -231,8 +232,8 @@ def _read_status_files(info: RunInfo) -> None:
             info.final_metric = float(final_metric)
     elif os.path.exists(os.path.join(run_dir, SUMMARY_FILE)):
         info.problems.append(f"{SUMMARY_FILE} is not valid JSON")
-    if info.task_id is None and not info.name.startswith("offline-"):
-        info.task_id = info.name
+    if info.task_id is None:
+        info.task_id = task_of_run_name(info.name)
 
 
 def _typed(data: Dict[str, Any], key: str, kind: type) -> Any:

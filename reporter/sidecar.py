@@ -26,6 +26,7 @@ from .config import (
     ENV_RESOURCE_INTERVAL,
     ENV_TENSORBOARD_DIR,
     ENV_TENSORBOARD_TAG,
+    EXIT_PENDING,
     SUMMARY_FILE,
     Config,
     ConfigError,
@@ -35,7 +36,6 @@ from .config import (
 )
 from .log import get_logger, warn_pending
 
-EXIT_PENDING = 3
 END_CHECK_INTERVAL_S = 0.5
 
 

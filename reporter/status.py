@@ -3,14 +3,15 @@
 from __future__ import annotations
 
 import json
-import math
 import os
 import sys
 import time
 from typing import Dict, List, Optional, Sequence, Tuple
 
 from .config import ENV_RUN_DIR, JOURNAL_FILE, load_config
-from .journal import load_cursor, parse_line
+from .journal import is_regular_file, load_cursor, parse_line
+from .log import counted
+from .policy import SendRule
 from .runinfo import RunInfo, find_runs, is_run_dir, read_run
 
 DEFAULT_STALE_AFTER_S = 300.0
@@ -38,10 +39,7 @@ def oldest_pending_ts(run_dir: str) -> Optional[float]:
     if not line.endswith(b"\n"):
         return None
     record, _ = parse_line(line.rstrip(b"\n"))
-    ts = record.get("ts") if record is not None else None
-    if isinstance(ts, (int, float)) and not isinstance(ts, bool) and math.isfinite(ts):
-        return float(ts)
-    return None
+    return record.ts if record is not None else None  # a validated record's ts is a finite time or None
 
 
 def health(info: RunInfo, stale_after_s: float) -> Tuple[bool, str]:
@@ -49,6 +47,9 @@ def health(info: RunInfo, stale_after_s: float) -> Tuple[bool, str]:
     records pending with no delivery for longer than ``stale_after_s`` whatever the cause (failing, a
     request stuck in flight, no deliverer running)."""
     now = time.time()
+    journal = os.path.join(info.run_dir, JOURNAL_FILE)
+    if os.path.lexists(journal) and not is_regular_file(journal):
+        return False, f"{JOURNAL_FILE} in {info.run_dir} is not a regular file: nothing in it can be read or delivered"
     if info.paused:
         return False, f"paused ({info.paused}): fix it, then `anylearn-reporter sync {info.run_dir}`"
     if info.failing_since is not None and now - info.failing_since > stale_after_s:
@@ -101,9 +102,7 @@ def status_command(run_dir: Optional[str], *, as_json: bool = False, stale_after
 
 
 def _reasons(counts: Dict[str, int]) -> str:
-    if not counts:
-        return "none"
-    return f"{sum(counts.values())} (" + ", ".join(f"{n} {why}" for why, n in sorted(counts.items())) + ")"
+    return counted(counts) if counts else "none"
 
 
 # --- show -------------------------------------------------------------------------------------------
@@ -153,7 +152,7 @@ def show_command(run_dirs: List[str], *, as_json: bool = False, metrics: bool = 
             return 0
     if metrics:
         return _show_metrics(run_dirs, as_json)
-    infos = [read_run(d, config.objective_metric) for d in run_dirs]
+    infos = [read_run(d, SendRule.of(config)) for d in run_dirs]
     if as_json:
         print(json.dumps([i.as_dict() for i in infos], indent=2))
         return 0
@@ -181,14 +180,14 @@ def _show_metrics(run_dirs: List[str], as_json: bool) -> int:
     for run_dir in run_dirs:
         records = [r for _, r in iter_records(run_dir)] if os.path.isdir(run_dir) else []
         if as_json:
-            print(json.dumps(records, indent=2))
+            print(json.dumps([r.as_json() for r in records], indent=2))
             continue
         print(f"# {run_dir}")
         print(f"{'time (UTC)':<19}  {'kind':<12}  {'name':<10}  {'step':>6}  {'rank':>4}  value")
         for r in records:
-            stamp = time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(r.get("ts") or 0))
-            step = "" if r.get("step") is None else str(r["step"])
-            print(f"{stamp:<19}  {r['kind']:<12}  {str(r.get('name') or '-'):<10}  {step:>6}  {r.get('rank', 0):>4}  {r.get('value')}")
+            stamp = time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(r.ts or 0))
+            step = "" if r.step is None else str(r.step)
+            print(f"{stamp:<19}  {r.kind:<12}  {r.name or '-':<10}  {step:>6}  {r.rank:>4}  {r.value}")
     return 0
 
 

@@ -5,25 +5,30 @@ rejected key). Resumable: interrupted and run again, each record still reaches t
 from __future__ import annotations
 
 import os
+from dataclasses import replace
 from typing import Dict, List, Mapping, Optional
 
 from .config import (
+    EXIT_PENDING,
     Config,
     ConfigError,
     Secret,
     load_config_strict,
+    read_text_file,
     resolve_backend_url,
     secret_key_problem,
+    task_id_problem,
+    task_of_run_name,
 )
-from .log import Progress, get_logger
+from .log import Progress, counted, get_logger
 from .runinfo import is_run_dir
-
-EXIT_PENDING = 3
 
 
 def _task_of(run_dir: str, given: Optional[str]) -> str:
-    name = os.path.basename(os.path.abspath(run_dir))
-    owner = None if name.startswith("offline-") else name
+    problem = task_id_problem(given, "--task-id")
+    if problem:
+        raise ConfigError(problem)
+    owner = task_of_run_name(os.path.basename(os.path.abspath(run_dir)))
     if given and owner and owner != given:
         raise ConfigError(f"{run_dir} holds task {owner}'s records, not {given}'s; sync it without --task-id or with its own id")
     task_id = given or owner
@@ -34,11 +39,7 @@ def _task_of(run_dir: str, given: Optional[str]) -> str:
 
 def _secret(secret_key_file: Optional[str], config: Config) -> Secret:
     if secret_key_file:
-        try:
-            with open(secret_key_file, encoding="utf-8") as f:
-                key = f.read().strip()
-        except OSError as exc:
-            raise ConfigError(f"cannot read --secret-key-file {secret_key_file}: {exc.strerror}") from None
+        key = read_text_file(secret_key_file, "--secret-key-file", secret=True).strip()
         if not key:
             raise ConfigError(f"--secret-key-file {secret_key_file} is empty")
         problem = secret_key_problem(key, f"--secret-key-file {secret_key_file}")
@@ -83,10 +84,8 @@ def sync_one(run_dir: str, config: Config, timeout_s: Optional[float]) -> int:
 def describe_sync(delivered: int, skipped: Dict[str, int], rejected: int, pending: int) -> str:
     """``3 delivered, 2 skipped (1 not the objective metric, 1 invalid record (...)), 0 rejected, 0 pending``."""
     parts = [f"{delivered} delivered"]
-    n_skipped = sum(skipped.values())
-    if n_skipped:
-        reasons = ", ".join(f"{n} {reason}" for reason, n in sorted(skipped.items()))
-        parts.append(f"{n_skipped} skipped ({reasons})")
+    if skipped:
+        parts.append(counted(skipped, "skipped"))
     if rejected:
         parts.append(f"{rejected} rejected (kept in rejected.jsonl)")
     parts.append(f"{pending} pending")
@@ -107,6 +106,6 @@ def sync_command(run_dirs: List[str], *, task_id: Optional[str], backend_url: Op
         url = backend_url or resolve_backend_url(os.environ if env is None else env, True)[0]
         if not url or not url.startswith(("http://", "https://")):
             raise ConfigError("no backend URL: set ANYLEARN_BACKEND_URL or give --backend-url http://host/api")
-        config = base._replace(task_id=task, secret_key=secret, backend_url=url.rstrip("/"), run_dir=os.path.abspath(run_dir))
+        config = replace(base, task_id=task, secret_key=secret, backend_url=url.rstrip("/"), run_dir=os.path.abspath(run_dir))
         pending += sync_one(config.run_dir, config, timeout_s)
     return EXIT_PENDING if pending else 0

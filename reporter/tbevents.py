@@ -24,7 +24,14 @@ from dataclasses import dataclass, field
 from typing import Any, Dict, Iterator, List, Optional, Tuple
 
 from .config import JOURNAL_FILE, TENSORBOARD_LOCK_FILE, TENSORBOARD_POSITION_FILE
-from .journal import COUNTER_UNREADABLE, KIND_INTERMEDIATE, DeliverLock, JournalReader, atomic_write, read_json
+from .journal import (
+    COUNTER_UNREADABLE,
+    KIND_INTERMEDIATE,
+    DeliverLock,
+    JournalReader,
+    atomic_write,
+    read_json,
+)
 from .log import get_logger
 
 EVENT_FILE_PREFIX = "events.out.tfevents."
@@ -541,8 +548,8 @@ class EventFileTailer:
                     break
                 for entry in entries:
                     record = entry.record
-                    if record is not None and record.get("pid") == mark["pid"] and record.get("kind") == KIND_INTERMEDIATE:
-                        signature = (record.get("name"), record.get("step"), record.get("ts"))
+                    if record is not None and record.pid == mark["pid"] and record.kind == KIND_INTERMEDIATE:
+                        signature = (record.name, record.step, record.ts)
                         found[signature] = found.get(signature, 0) + 1
         finally:
             reader.close()

@@ -13,6 +13,7 @@ import pytest
 
 from reporter import api
 from reporter.devserver import DevServer, Faults, make_server
+from reporter.journal import JournalWriter
 
 TASK_ID = "TRAI" + "testtask0000000000000000000a"
 SECRET_KEY = "s3cret-Key-never-logged-7f3a9c"
@@ -163,3 +164,26 @@ def _loopback_only(monkeypatch: pytest.MonkeyPatch) -> None:
         return real(host, *args, **kwargs)
 
     monkeypatch.setattr(socket, "getaddrinfo", guarded)
+
+
+def offline_run(tmp_path, count, name="offline-20261125-101500-abc123"):
+    run_dir = tmp_path / "runs" / name
+    writer = JournalWriter(str(run_dir))
+    writer.append("state", 1, None, None)
+    for i in range(count):
+        writer.append("intermediate", float(i), None, i)
+    writer.append("final", float(count), None, None)
+    writer.append("state", 2, None, None)
+    writer.close()
+    return run_dir
+
+
+
+# Journal lines a hand edit or another tool could leave: each is an invalid record, skipped and counted.
+HAND_EDITED = (
+    b'{"kind": "intermediate", "value": "0.2x", "name": null, "step": 9}\n'
+    b'{"kind": "intermediate", "value": 1e400, "step": 10}\n'
+    b'{"kind": "bogus", "value": 1.0}\n'
+    b'["not", "a", "record"]\n'
+)
+

@@ -6,6 +6,7 @@ import subprocess
 import sys
 import threading
 import time
+from dataclasses import replace
 from email.utils import formatdate
 from urllib.parse import parse_qs
 
@@ -27,9 +28,10 @@ from reporter.client import (
     retry_after_seconds,
 )
 from reporter.config import Secret
+from reporter.journal import Record
 
 KEY = "k-very-secret-99"
-RECORD = {"kind": "intermediate", "value": 0.125, "name": None, "step": 3, "ts": 1.0, "rank": 0, "pid": 1, "key": "abc-1"}
+RECORD = Record("intermediate", 0.125, None, 3, 1.0, 0, 1, "abc-1")
 
 
 @pytest.fixture
@@ -72,9 +74,9 @@ def test_intermediate_metric_request_has_the_contract_shape(backend):
 
 def test_final_and_state_records_go_to_their_endpoints(backend):
     server, client = backend
-    client.send({**RECORD, "kind": "final", "value": 1e-05})
+    client.send(replace(RECORD, kind="final", value=1e-05))
     final = server.last()
-    client.send({**RECORD, "kind": "state", "value": -2})
+    client.send(replace(RECORD, kind="state", value=-2))
     state = server.last()
     assert final[1] == "/api/train_task/final_metric" and parse_qs(final[3].decode())["metric"] == ["1e-05"]
     assert state[1] == "/api/train_task/state" and parse_qs(state[3].decode()) == {"id": ["TRAIx"], "state": ["-2"]}
@@ -116,7 +118,7 @@ def test_final_answers_are_classified(fakes, status, outcome):
 @pytest.mark.parametrize("status", [404, 405])
 def test_missing_state_endpoint_is_unsupported_not_rejected(fakes, status):
     client = client_of(fakes(status, {}, b"Not Found"))
-    assert client.send({**RECORD, "kind": "state", "value": 1}).outcome is Outcome.UNSUPPORTED
+    assert client.send(replace(RECORD, kind="state", value=1)).outcome is Outcome.UNSUPPORTED
     client.close()
 
 

@@ -177,3 +177,59 @@ def test_the_in_process_hook_says_it_once_and_journals(tmp_path):
     assert done.returncode == 0 and "Traceback" not in done.stderr
     assert done.stderr.count("ANYLEARN_SECRET_KEY") == 1 and key not in done.stderr
     assert len((tmp_path / TASK_ID / "metrics.jsonl").read_text().splitlines()) == 5
+
+
+@pytest.mark.parametrize("content", [b"\xff\xfe{\x00}\x00", b'{"lr": 0.1, "x": "\xe9t\xe9"}'], ids=["utf16-bom", "latin1"])
+def test_a_params_file_that_is_not_utf8_is_one_line_and_exit_2(tmp_path, content):
+    params = tmp_path / "params.json"
+    params.write_bytes(content)
+    done = _reporter("run", "--params-file", str(params), "--", sys.executable, "-c", "pass",
+                     env=clean_environ(ANYLEARN_REPORTER_DIR=str(tmp_path / "runs")))
+    assert done.returncode == 2, done.stderr
+    assert "Traceback" not in done.stderr and len(done.stderr.strip().splitlines()) == 1
+    assert str(params) in done.stderr and "not UTF-8" in done.stderr
+
+
+def test_a_key_file_that_is_not_utf8_is_one_line_exit_2_and_never_shows_the_key(tmp_path):
+    run_dir = tmp_path / TASK_ID
+    run_dir.mkdir()
+    (run_dir / "metrics.jsonl").write_text('{"kind":"intermediate","value":0.5,"name":null,"step":1,"ts":1.0,"rank":0,"pid":1,"key":"a-1"}\n')
+    key_file = tmp_path / "keyfile"
+    key_file.write_bytes(b"k3y-\xe9-s3cr3t\n")
+    done = _reporter("sync", str(run_dir), "--secret-key-file", str(key_file), env=_key_env(tmp_path, "fine-key"))
+    assert done.returncode == 2, done.stderr
+    assert "Traceback" not in done.stderr and len(done.stderr.strip().splitlines()) == 1
+    assert str(key_file) in done.stderr and "not UTF-8" in done.stderr
+    assert "s3cr3t" not in done.stderr and "k3y" not in done.stderr and "0xe9" not in done.stderr
+
+
+BAD_TASK_IDS = ["ab\ncd", "a\tb", "a\x7fb", "a/b", "a\\b", ".hidden", "x\udcff", "t" * 256]
+
+
+@pytest.mark.parametrize("task_id", BAD_TASK_IDS)
+def test_a_task_id_that_cannot_name_a_run_directory_is_a_configuration_problem(tmp_path, task_id):
+    config, problems = load_config({"ANYLEARN_TASK_ID": task_id, "ANYLEARN_SECRET_KEY": KEY, "ANYLEARN_REPORTER_DIR": str(tmp_path)})
+    assert config.task_id is None and config.offline and len(problems) == 1
+    assert "ANYLEARN_TASK_ID" in problems[0] and "\n" not in problems[0]
+    assert os.path.dirname(config.run_dir) == str(tmp_path) and os.path.basename(config.run_dir).startswith("offline-")
+    assert load_config({"ANYLEARN_TASK_ID": "TRAI" + "0" * 251, "ANYLEARN_SECRET_KEY": KEY})[1] == []  # 255 bytes: fine
+
+
+@pytest.mark.parametrize("command", [("run", "--", sys.executable, "-c", "pass"), ("report", "0.5"), ("sidecar",)])
+def test_the_cli_refuses_a_task_id_with_a_newline_in_one_line_with_exit_2(tmp_path, command):
+    env = _key_env(tmp_path, KEY)
+    env["ANYLEARN_TASK_ID"] = "TRAIab\ncd"
+    done = _reporter(*command, env=env)
+    assert done.returncode == 2, done.stderr
+    assert len(done.stderr.strip().splitlines()) == 1 and "ANYLEARN_TASK_ID='TRAIab\\ncd' cannot be a task id" in done.stderr
+    assert list(tmp_path.iterdir()) == []  # no run directory made
+
+
+def test_the_hook_says_a_bad_task_id_once_and_journals_locally(tmp_path):
+    env = _key_env(tmp_path, KEY)
+    env["ANYLEARN_TASK_ID"] = "TRAIab\ncd"
+    done = subprocess.run([sys.executable, "-c", "import reporter\nfor i in range(3): reporter.report_metric(i / 10, step=i)"],
+                          env=env, capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0 and done.stderr.count("cannot be a task id") == 1, done.stderr
+    (run_dir,) = tmp_path.iterdir()
+    assert run_dir.name.startswith("offline-") and (run_dir / "metrics.jsonl").read_text().count("\n") == 3

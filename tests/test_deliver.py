@@ -1,5 +1,5 @@
-"""The delivery engine against the real local backend on loopback (and a scripted client where a backend
-without an endpoint is needed)."""
+"""The delivery engine: its policy (skip, pause, reject, order, retry) with an in-memory client, and the
+wire against the real local backend on loopback (and requests-mock for sequences of failures)."""
 
 import json
 import os
@@ -7,6 +7,7 @@ import threading
 
 import pytest
 from conftest import SECRET_KEY, TASK_ID, wait_until
+from fakes import FakeClient, answer_by_value
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -15,8 +16,10 @@ from reporter.config import Secret
 from reporter.deliver import Deliverer, DeliveryOptions
 from reporter.devserver import Faults
 from reporter.journal import JournalWriter, count_pending, load_cursor
+from reporter.policy import SendRule
 
 FAST = DeliveryOptions(poll_interval_s=0.05, lock_poll_interval_s=0.05, initial_backoff_s=0.05, max_backoff_s=0.2)
+ALL_RANKS = DeliveryOptions(**{**FAST.__dict__, "rule": SendRule(report_all_ranks=True)})
 
 
 def make_deliverer(run_dir, base_url, key=SECRET_KEY, options=FAST):
@@ -28,6 +31,14 @@ def journal(run_dir, values, kind="intermediate", name=None, rank=0):
     for i, value in enumerate(values):
         writer.append(kind, value, name, i)
     writer.close()
+
+
+def deliver_with(run_dir, client, options=FAST):
+    """Run a deliverer over ``run_dir`` with ``client`` until everything is acknowledged or it pauses."""
+    deliverer = Deliverer(str(run_dir), client, options, retry_sleep=lambda s: None).start()
+    drained = deliverer.flush(10)
+    deliverer.close(5)
+    return deliverer, drained
 
 
 def intermediate_values(server):
@@ -71,40 +82,95 @@ def test_final_metric_and_state_are_delivered(server, tmp_path):
     assert (task["final_metric"], task["states"], task["state"]) == (0.93, [1, 2], 2)
 
 
-def test_skipped_records_are_counted_with_their_reason(server, tmp_path):
+# --- policy, with an in-memory client ---------------------------------------------------------------
+
+
+def test_records_are_sent_one_at_a_time_in_journal_order(tmp_path):
+    journal(tmp_path, [float(i) for i in range(20)])
+    client = FakeClient()
+    deliverer, drained = deliver_with(tmp_path, client)
+    assert drained and client.values() == [float(i) for i in range(20)]
+    assert [r.step for r in client.sent] == list(range(20))
+    assert load_cursor(str(tmp_path)) == os.path.getsize(tmp_path / "metrics.jsonl") and deliverer.delivered == 20
+
+
+def test_transient_failures_are_retried_until_the_record_is_delivered_once(tmp_path):
+    journal(tmp_path, [0.5, 0.6])
+    client = FakeClient(transient_failures=3)
+    deliverer, drained = deliver_with(tmp_path, client)
+    assert drained and client.values() == [0.5, 0.6] and len(client.attempts) == 5
+    assert deliverer.last_error == "HTTP 503 (fake)"
+
+
+def test_skipped_records_are_counted_with_their_reason(tmp_path):
     journal(tmp_path, [1.0])
     journal(tmp_path, [2.0], rank=1)
     journal(tmp_path, [3.0], name="loss")
     journal(tmp_path, [float("nan")])
     journal(tmp_path, [4.0], name="metric")
-    deliverer = make_deliverer(tmp_path, server.base_url).start()
-    assert deliverer.flush(10)
-    deliverer.close(5)
-    assert intermediate_values(server) == [1.0, 4.0]
-    assert deliverer.skipped == {"from a rank other than 0": 1, "not the objective metric": 1, "not a finite number": 1}
+    with open(tmp_path / "metrics.jsonl", "ab") as f:
+        f.write(b'{"kind": "intermediate", "value": "0.2x"}\n{not json\n')
+    client = FakeClient()
+    deliverer, drained = deliver_with(tmp_path, client)
+    assert drained and client.values() == [1.0, 4.0]
+    assert deliverer.skipped == {"from a rank other than 0": 1, "not the objective metric": 1, "not a finite number": 1,
+                                 "invalid record (value is not a number)": 1, "torn or invalid line": 1}
     status = json.loads((tmp_path / "status.json").read_text())
-    assert status["delivered"] == 2 and status["skipped"]["not the objective metric"] == 1
+    assert status["delivered"] == 2 and status["skipped"] == deliverer.skipped
 
 
-def test_report_ranks_all_delivers_every_rank(server, tmp_path):
+def test_report_ranks_all_sends_every_rank(tmp_path):
     journal(tmp_path, [1.0], rank=0)
     journal(tmp_path, [2.0], rank=3)
-    options = DeliveryOptions(**{**FAST.__dict__, "report_all_ranks": True})
-    deliverer = make_deliverer(tmp_path, server.base_url, options=options).start()
-    assert deliverer.flush(10)
-    deliverer.close(5)
-    assert intermediate_values(server) == [1.0, 2.0]
+    client = FakeClient()
+    deliver_with(tmp_path, client, ALL_RANKS)
+    assert client.values() == [1.0, 2.0]
 
 
-def test_state_records_of_other_node_ranks_are_never_sent(server, tmp_path):
+def test_state_records_of_other_node_ranks_are_never_sent(tmp_path):
     JournalWriter(str(tmp_path), rank=4).append("state", 2, None, None)  # node rank 1 of 4-process nodes
     JournalWriter(str(tmp_path), rank=0).append("state", 1, None, None)
-    options = DeliveryOptions(**{**FAST.__dict__, "report_all_ranks": True})
-    deliverer = make_deliverer(tmp_path, server.base_url, options=options).start()
-    assert deliverer.flush(10)
-    deliverer.close(5)
-    assert server.backend.tasks()[0]["states"] == [1]
+    client = FakeClient()
+    deliverer, _ = deliver_with(tmp_path, client, ALL_RANKS)
+    assert [(r.kind, r.value) for r in client.sent] == [("state", 1)]
     assert deliverer.skipped == {"from a rank other than 0": 1}
+
+
+@pytest.mark.parametrize("outcome, status, paused", [(Outcome.AUTH, 401, "auth: HTTP 401"), (Outcome.AUTH, 403, "auth: HTTP 403"),
+                                                     (Outcome.REDIRECT, 302, "redirect: HTTP 302")])
+def test_a_refused_key_or_a_redirect_pauses_delivery_and_keeps_every_record_pending(tmp_path, outcome, status, paused):
+    journal(tmp_path, [1.0, 2.0, 3.0])
+    client = FakeClient(answer_by_value({2.0: (outcome, status)}))
+    deliverer, drained = deliver_with(tmp_path, client)
+    assert not drained and deliverer.paused_reason.startswith(paused)
+    assert client.values() == [1.0, 2.0]  # nothing after the pause is tried
+    assert count_pending(str(tmp_path)) == 2 and deliverer.delivered == 1
+    assert json.loads((tmp_path / "status.json").read_text())["paused"] == deliverer.paused_reason
+
+
+def test_a_permanent_rejection_goes_to_rejected_jsonl_and_delivery_goes_on(tmp_path):
+    journal(tmp_path, [1.0, 2.0, 3.0])
+    client = FakeClient(answer_by_value({2.0: (Outcome.REJECTED, 400)}))
+    deliverer, drained = deliver_with(tmp_path, client)
+    assert drained and client.values() == [1.0, 2.0, 3.0] and deliverer.delivered == 2
+    (rejected,) = [json.loads(line) for line in (tmp_path / "rejected.jsonl").read_text().splitlines()]
+    assert (rejected["value"], rejected["step"], rejected["http_status"]) == (2.0, 1, 400)
+    assert rejected["reason"] == "rejected (fake)"
+
+
+def test_a_backend_without_a_state_endpoint_turns_state_reporting_off_once(tmp_path, capsys):
+    writer = JournalWriter(str(tmp_path))
+    writer.append("state", 1, None, None)
+    writer.append("intermediate", 0.5, None, None)
+    writer.append("state", 2, None, None)
+    client = FakeClient(answer_by_value({1: (Outcome.UNSUPPORTED, 404)}))
+    deliverer, drained = deliver_with(tmp_path, client)
+    assert drained and [(r.kind, r.value) for r in client.sent] == [("state", 1), ("intermediate", 0.5)]  # asked once
+    assert deliverer.skipped == {"state reporting is off": 2}
+    assert capsys.readouterr().err.count("state reporting is off") == 1
+
+
+# --- the wire, against the real local backend -----------------------------------------------------------
 
 
 def test_rejected_key_pauses_delivery_with_one_clear_message(server, tmp_path, capsys):
@@ -120,7 +186,7 @@ def test_rejected_key_pauses_delivery_with_one_clear_message(server, tmp_path, c
     assert server.backend.stats()["posts"] == 1  # paused: no hammering with a bad key
 
 
-def test_permanent_rejection_goes_to_rejected_jsonl_and_delivery_goes_on(server, tmp_path):
+def test_a_task_state_the_backend_refuses_is_kept_in_rejected_jsonl(server, tmp_path):
     writer = JournalWriter(str(tmp_path))
     writer.append("state", 7, None, None)  # not a task state: the backend answers 400
     writer.append("intermediate", 1.5, None, None)
@@ -130,27 +196,6 @@ def test_permanent_rejection_goes_to_rejected_jsonl_and_delivery_goes_on(server,
     (rejected,) = [json.loads(line) for line in (tmp_path / "rejected.jsonl").read_text().splitlines()]
     assert rejected["value"] == 7 and rejected["http_status"] == 400 and "state" in rejected["reason"]
     assert intermediate_values(server) == [1.5]
-
-
-def test_backend_without_state_endpoint_turns_state_reporting_off(tmp_path, capsys):
-    from httpfakes import FakeServer
-
-    server = FakeServer(by_path={"train_task/state": (404, {}, b"no")}).start()
-    try:
-        writer = JournalWriter(str(tmp_path))
-        writer.append("state", 1, None, None)
-        writer.append("intermediate", 1.0, None, None)
-        writer.append("state", 2, None, None)
-        deliverer = make_deliverer(tmp_path, server.base_url).start()
-        assert deliverer.flush(10)
-        deliverer.close(5)
-    finally:
-        server.stop()
-    paths = [path for _, path, _, _ in server.requests]
-    assert paths.count("/api/train_task/intermediate_metric") == 1
-    assert paths.count("/api/train_task/state") == 1  # asked once
-    assert capsys.readouterr().err.count("state reporting is off") == 1
-    assert deliverer.skipped == {"state reporting is off": 2}
 
 
 def test_backend_down_keeps_records_pending_and_close_honours_its_deadline(tmp_path):
@@ -201,32 +246,22 @@ def test_any_sequence_of_transient_failures_delivers_each_record_once_in_order(t
     run_dir = tmp_path_factory.mktemp("prop")
     journal(run_dir, [float(i) for i in range(count)])
     plan = list(failures)
-    accepted = []
 
-    class ScriptedClient:
-        """A client without HTTP that answers as the plan says (the wire is tested in test_client.py)."""
+    def scripted(record):
+        outcome = plan.pop(0) if plan else "ok"
+        if outcome == "connection":
+            raise TransientError("cannot connect")
+        if outcome == "not-json":
+            raise TransientError("HTTP 200 with an answer that is not a JSON object", status=200)
+        if outcome != "ok":
+            raise TransientError(f"HTTP {outcome}", status=int(outcome))
+        return SendResult(Outcome.DELIVERED, 200)
 
-        task_id, base_url = TASK_ID, "http://scripted.invalid/api"
-
-        def send(self, record, timeout_s=None):
-            outcome = plan.pop(0) if plan else "ok"
-            if outcome == "connection":
-                raise TransientError("cannot connect")
-            if outcome == "not-json":
-                raise TransientError("HTTP 200 with an answer that is not a JSON object", status=200)
-            if outcome != "ok":
-                raise TransientError(f"HTTP {outcome}", status=int(outcome))
-            accepted.append(record["value"])
-            return SendResult(Outcome.DELIVERED, 200)
-
-        def close(self):
-            pass
-
-    deliverer = Deliverer(str(run_dir), ScriptedClient(), FAST, retry_sleep=lambda s: None)
-    deliverer.start()
+    client = FakeClient(scripted)  # without HTTP: the wire's classification is tested in test_client.py
+    deliverer = Deliverer(str(run_dir), client, FAST, retry_sleep=lambda s: None).start()
     assert deliverer.flush(20)
     deliverer.close(5)
-    assert accepted == [float(i) for i in range(count)]
+    assert client.values() == [float(i) for i in range(count)]
     assert load_cursor(str(run_dir)) == os.path.getsize(run_dir / "metrics.jsonl")
 
 

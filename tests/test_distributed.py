@@ -10,7 +10,7 @@ import pytest
 from conftest import cli, task_env
 
 from reporter.config import ConfigError
-from reporter.wrapper import RunOptions, build_argv, options_from
+from reporter.wrapper.launch import RunOptions, build_argv, options_from
 
 
 def options(command, **kw):

@@ -83,7 +83,7 @@ def test_kill_9_right_after_reporting_keeps_every_record_for_the_next_deliverer(
     assert trainer.stdout.readline().strip() == "reported"
     trainer.send_signal(signal.SIGKILL)
     trainer.wait(10)
-    assert [r["step"] for _, r in iter_records(str(run_dir))] == list(range(37))
+    assert [r.step for _, r in iter_records(str(run_dir))] == list(range(37))
 
     server = serve_process()
     from conftest import TASK_ID

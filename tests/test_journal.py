@@ -11,6 +11,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from reporter.journal import (
+    RECORD_FIELDS,
     DeliverLock,
     JournalReader,
     JournalWriter,
@@ -56,17 +57,19 @@ def test_concurrent_writers_from_several_processes_never_interleave(tmp_path):
 def test_record_has_every_contract_field(tmp_path):
     writer = JournalWriter(str(tmp_path), rank=2)
     key = writer.append("final", 0.5, "metric", 7)
+    line = json.loads((tmp_path / "metrics.jsonl").read_bytes())
+    assert list(line) == list(RECORD_FIELDS)  # the writer's hand-made line has the Record's fields, in order
     (record,) = [r for _, r in iter_records(str(tmp_path))]
-    assert set(record) == {"kind", "value", "name", "step", "ts", "rank", "pid", "key"}
-    assert record["kind"] == "final" and record["value"] == 0.5 and record["step"] == 7
-    assert record["rank"] == 2 and record["pid"] == os.getpid() and record["key"] == key
+    assert record == check_record(line)[0] and record.as_json() == line
+    assert record.kind == "final" and record.value == 0.5 and record.step == 7
+    assert record.rank == 2 and record.pid == os.getpid() and record.key == key
 
 
 @pytest.mark.parametrize("value", [float("nan"), float("inf"), float("-inf")])
 def test_non_finite_values_are_journalled_as_null(tmp_path, value):
     JournalWriter(str(tmp_path)).append("intermediate", value, None, None)
     (record,) = [r for _, r in iter_records(str(tmp_path))]
-    assert record["value"] is None
+    assert record.value is None
 
 
 @settings(max_examples=200, deadline=None)
@@ -81,7 +84,8 @@ def test_any_value_name_and_step_round_trip_through_one_json_line(tmp_path_facto
     data = open(os.path.join(run_dir, "metrics.jsonl"), "rb").read()
     assert data.count(b"\n") == 1 and data.endswith(b"\n")
     record = json.loads(data)
-    assert (record["value"], record["name"], record["step"]) == (value, name, step)
+    kept_step = step if step is None or step < 2**63 else None  # beyond a signed 64-bit int: null, for every source
+    assert (record["value"], record["name"], record["step"]) == (value, name, kept_step)
 
 
 def test_torn_last_line_is_skipped_with_a_warning_and_the_next_record_survives(tmp_path, capsys):
@@ -90,10 +94,10 @@ def test_torn_last_line_is_skipped_with_a_warning_and_the_next_record_survives(t
     with open(tmp_path / "metrics.jsonl", "ab") as f:
         f.write(b'{"kind":"intermediate","value":2.0,"na')  # a writer killed mid-line
     reader = JournalReader(str(tmp_path))
-    assert [e.record["value"] for e in reader.read_available()] == [1.0]  # the tail waits
+    assert [e.record.value for e in reader.read_available()] == [1.0]  # the tail waits
     JournalWriter(str(tmp_path)).append("intermediate", 3.0, None, 3)  # a new writer appends after the fragment
     entries = reader.read_available()
-    assert [e.record["value"] for e in entries] == [3.0]
+    assert [e.record.value for e in entries] == [3.0]
     assert reader.torn_lines == 1
     assert "torn" in capsys.readouterr().err
 
@@ -101,7 +105,7 @@ def test_torn_last_line_is_skipped_with_a_warning_and_the_next_record_survives(t
 def test_a_torn_line_glued_to_the_next_record_recovers_that_record():
     glued = b'{"kind":"intermediate","val{"kind":"final","value":5.0,"name":null,"step":null,"ts":1.0,"rank":0,"pid":1,"key":"k"}'
     record, torn = parse_line(glued)
-    assert record["value"] == 5.0 and torn
+    assert record.value == 5.0 and torn
     assert parse_line(b"not json at all") == (None, True)
 
 
@@ -134,7 +138,7 @@ def test_reader_follows_a_growing_file(tmp_path):
     assert len(reader.read_available()) == 1
     writer.append("intermediate", 2.0, None, None)
     (entry,) = reader.read_available()
-    assert entry.record["value"] == 2.0 and entry.end_offset == os.path.getsize(tmp_path / "metrics.jsonl")
+    assert entry.record.value == 2.0 and entry.end_offset == os.path.getsize(tmp_path / "metrics.jsonl")
 
 
 def test_deliver_lock_is_exclusive_between_processes(tmp_path):
@@ -161,8 +165,8 @@ def test_forked_child_neither_holds_the_lock_nor_reuses_keys(tmp_path):
     assert os.waitstatus_to_exitcode(status) == 0
     assert lock.held and lock_holder_pid(str(tmp_path)) == os.getpid()  # the child's exit did not free it
     records = [r for _, r in iter_records(str(tmp_path))]
-    assert [r["pid"] for r in records] == [os.getpid(), pid]
-    assert len({r["key"] for r in records}) == 2
+    assert [r.pid for r in records] == [os.getpid(), pid]
+    assert len({r.key for r in records}) == 2
     lock.release()
 
 
@@ -175,7 +179,7 @@ def test_a_short_write_is_counted_as_lost_and_never_raises(tmp_path, monkeypatch
     monkeypatch.setattr(os, "write", real_write)
     assert writer.append("intermediate", 3.0, None, None)
     assert writer.lost == {"short write (is the disk full?)": 1}
-    assert [r["value"] for _, r in iter_records(str(tmp_path))] == [1.0, 3.0]  # the fragment is skipped
+    assert [r.value for _, r in iter_records(str(tmp_path))] == [1.0, 3.0]  # the fragment is skipped
     assert "could not be journalled" in capsys.readouterr().err
 
 
@@ -211,7 +215,7 @@ def test_a_nan_literal_in_the_journal_is_not_a_finite_number():
 
 def test_a_valid_record_keeps_exactly_the_known_fields():
     record, problem = check_record({**GOOD, "value": 2, "extra": "dropped"})
-    assert problem is None and record == {**GOOD, "value": 2.0}
+    assert problem is None and record.as_json() == {**GOOD, "value": 2.0}
 
 
 def test_the_reader_skips_invalid_records_counts_them_by_reason_and_reads_on(tmp_path, capsys):
@@ -224,7 +228,7 @@ def test_the_reader_skips_invalid_records_counts_them_by_reason_and_reads_on(tmp
     writer.append("intermediate", 4.0, None, 4)
     reader = JournalReader(str(tmp_path))
     entries = reader.read_available()
-    assert [(e.record or {}).get("value") for e in entries] == [1.0, None, None, None, 4.0]
+    assert [e.record and e.record.value for e in entries] == [1.0, None, None, None, 4.0]
     assert [e.problem for e in entries][1:4] == ["value is not a number"] * 2 + ["torn or invalid line"]
     assert reader.invalid == {"value is not a number": 2}
     assert capsys.readouterr().err.count("value is not a number") == 1  # said once per reason
@@ -242,9 +246,9 @@ RECORDISH = st.fixed_dictionaries(
 
 
 def _assert_valid(record):
-    again, problem = check_record(record)
+    again, problem = check_record(record.as_json())
     assert problem is None and again == record  # what the reader returns is itself a valid record
-    assert record["value"] is None or record["value"] - record["value"] == 0
+    assert record.value is None or record.value - record.value == 0
 
 
 @settings(max_examples=300, deadline=None)

@@ -149,7 +149,7 @@ def test_the_channel_gives_the_parameters_once_and_journals_through_the_api(monk
     channel.send_metric("PERIODICAL", 0, "t", 3, {"default": 0.25, "loss": math.inf, "s": "x"})
     channel.send_metric("FINAL", 0, "t", 0, [1, 2])
     api._reset_for_tests()
-    got = [(r["kind"], r["value"], r["name"], r["step"]) for _, r in iter_records(str(tmp_path / "run"))]
+    got = [(r.kind, r.value, r.name, r.step) for _, r in iter_records(str(tmp_path / "run"))]
     assert got == [("intermediate", 0.25, None, 3), ("intermediate", None, "loss", 3)]  # inf is journalled as null
     assert channel.dropped == {"a result value that is not a number (str)": 1,
                                "a result that is neither a number nor a dict (list)": 1}
@@ -170,7 +170,7 @@ def test_an_unchanged_nni_trial_reports_in_order_with_the_right_final_metric(ser
     (task,) = server.backend.tasks()
     assert task["intermediate_metrics"] == [0.5, 0.6, 0.7, 0.8] and task["final_metric"] == 0.8
     assert task["states"] == [1, 2]
-    named = [(r["kind"], r["value"], r["step"]) for _, r in iter_records(str(tmp_path / "run")) if r["name"] == "loss"]
+    named = [(r.kind, r.value, r.step) for _, r in iter_records(str(tmp_path / "run")) if r.name == "loss"]
     assert [(kind, round(value, 6), step) for kind, value, step in named] == [
         ("intermediate", 0.4, 1), ("intermediate", 0.2, 3), ("final", 0.125, None)]
     assert "not a number (str) (said once)" in done.stderr

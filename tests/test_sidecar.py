@@ -4,7 +4,6 @@ import json
 import signal
 import subprocess
 import sys
-import time
 
 from conftest import SECRET_KEY, TASK_ID, clean_environ, cli, free_port, wait_until
 
@@ -159,43 +158,6 @@ def test_the_sidecar_takes_over_from_an_in_process_thread_that_held_the_lock(ser
 def test_sidecar_without_a_task_is_a_usage_error(tmp_path):
     done = cli("sidecar", env=clean_environ(ANYLEARN_REPORTER_DIR=str(tmp_path)))
     assert done.returncode == 2 and "ANYLEARN_TASK_ID" in done.stderr
-
-
-def test_status_exit_codes(serve_process, tmp_path):
-    server = serve_process()
-    run_dir = tmp_path / TASK_ID
-    JournalWriter(str(run_dir)).append("intermediate", 1.0, None, None)
-    assert cli("status", str(tmp_path / "nothing")).returncode == 1
-    unnamed = cli("status", env=clean_environ())
-    assert unnamed.returncode == 1 and "give RUN_DIR" in unnamed.stderr
-    pending = cli("status", str(run_dir))
-    assert pending.returncode == 1 and "no deliverer is running" in pending.stdout
-    env = shared_env(tmp_path, server.base_url)
-    flushed = subprocess.run([sys.executable, "-c", "import reporter; reporter.report_metric(2.0); print(reporter.flush(20))"],
-                             env=env, capture_output=True, text=True, timeout=60)
-    assert flushed.stdout.strip() == "True"
-    healthy = cli("status", env=env)  # RUN_DIR from the task id
-    assert healthy.returncode == 0, healthy.stdout
-    assert "2 journalled, 2 delivered, 0 pending" in healthy.stdout and "health:" in healthy.stdout
-    wrong = shared_env(tmp_path, server.base_url, ANYLEARN_SECRET_KEY="bad-key-0000")
-    subprocess.run([sys.executable, "-c", "import reporter; reporter.report_metric(3.0)"], env=wrong, capture_output=True, timeout=60)
-    paused = cli("status", str(run_dir), "--json")
-    assert paused.returncode == 1 and json.loads(paused.stdout)["paused"] == "auth: HTTP 401"
-
-
-def test_status_is_unhealthy_when_delivery_fails_for_too_long(tmp_path):
-    env = shared_env(tmp_path, f"http://127.0.0.1:{free_port()}/api")
-    trainer = subprocess.Popen([sys.executable, "-c", "import reporter, time; reporter.report_metric(1.0); time.sleep(30)"], env=env)
-    try:
-        wait_until(lambda: (tmp_path / TASK_ID / "status.json").exists() and "failing_since" in (tmp_path / TASK_ID / "status.json").read_text()
-                   and json.loads((tmp_path / TASK_ID / "status.json").read_text())["failing_since"], 30, what="a failure")
-        assert cli("status", str(tmp_path / TASK_ID), "--stale-after", "1000").returncode == 0
-        time.sleep(1.1)
-        stuck = cli("status", str(tmp_path / TASK_ID), "--stale-after", "1")
-        assert stuck.returncode == 1 and "has failed for" in stuck.stdout
-    finally:
-        trainer.kill()
-        trainer.wait()
 
 
 def test_heartbeat_endpoint_missing_turns_heartbeats_off_once():

@@ -76,7 +76,7 @@ def scalar_file(values, tag="loss"):
 
 
 def journal(run_dir):
-    return [(r["name"], r["value"], r["step"]) for _, r in iter_records(str(run_dir)) if r["kind"] == "intermediate"]
+    return [(r.name, r.value, r.step) for _, r in iter_records(str(run_dir)) if r.kind == "intermediate"]
 
 
 def tailer(tmp_path, **kwargs):
@@ -339,7 +339,7 @@ def test_wall_time_of_the_event_is_the_records_time(tmp_path):
     reader.poll_once()
     reader.stop()
     ((_, record),) = [(o, r) for o, r in iter_records(str(tmp_path / "run"))]
-    assert record["ts"] == 1234567890.25 and record["step"] == 1
+    assert record.ts == 1234567890.25 and record.step == 1
 
 
 # --- end to end: real writers while the wrapper runs, a restart, the sidecar ---------------------------

@@ -87,20 +87,42 @@ def _all_pids() -> Iterable[int]:
     return [int(name) for name in names if name.isdigit()]
 
 
-def leftovers(pgid: int, exclude: Set[int]) -> Set[int]:
-    """Live processes in the process group ``pgid``, and live children of ours (re-parented orphans of the
-    command), except ``exclude`` (children we had before the command started)."""
-    me = os.getpid()
-    found = set()
+def _table() -> Dict[int, Tuple[str, int, int]]:
+    """Every live process as ``pid -> (state, parent, group)``; zombies and the dead left out."""
+    table = {}
     for pid in _all_pids():
         stat = _stat(pid)
-        if stat is None or pid == me or pid in exclude:
+        if stat is not None and stat[0] not in ("Z", "X"):
+            table[pid] = stat
+    return table
+
+
+def leftovers(pgid: int, exclude: Set[int]) -> Set[int]:
+    """Live processes the command left: those in its process group ``pgid``, our children (the command's
+    orphans, re-parented to us as subreaper), every descendant of those, and every member of their process
+    groups (a process that left the command's group with ``setsid`` takes its own children with it).
+    ``exclude`` (children we had before the command started) and their descendants are never included,
+    nor this process or its own group."""
+    me = os.getpid()
+    my_group = os.getpgrp()
+    table = _table()
+    children: Dict[int, Set[int]] = {}
+    for pid, (_, parent, _) in table.items():
+        children.setdefault(parent, set()).add(pid)
+    found: Set[int] = set()
+    todo = [pid for pid, (_, parent, group) in table.items()
+            if pid != me and pid not in exclude and (group == pgid or parent == me)]
+    groups = {pgid}
+    while todo:
+        pid = todo.pop()
+        if pid in found or pid == me or pid in exclude or pid not in table:
             continue
-        state, parent, group = stat
-        if state in ("Z", "X"):
-            continue
-        if group == pgid or parent == me:
-            found.add(pid)
+        found.add(pid)
+        todo.extend(children.get(pid, ()))
+        group = table[pid][2]
+        if group not in groups and group != my_group:
+            groups.add(group)
+            todo.extend(other for other, (_, _, g) in table.items() if g == group)
     return found
 
 
@@ -110,11 +132,20 @@ def own_children() -> Set[int]:
     return {pid for pid in _all_pids() if (_stat(pid) or ("", 0, 0))[1] == me}
 
 
-def _signal_all(pids: Iterable[int], pgid: int, signum: int) -> None:
-    try:
-        os.killpg(pgid, signum)
-    except (ProcessLookupError, PermissionError):
-        pass
+def _signal_all(pids: Iterable[int], signum: int) -> None:
+    """``signum`` to each of ``pids`` and to each of their process groups except our own."""
+    my_group = os.getpgrp()
+    groups = set()
+    for pid in pids:
+        try:
+            groups.add(os.getpgid(pid))
+        except (ProcessLookupError, PermissionError):
+            pass
+    for group in groups - {my_group, 0}:
+        try:
+            os.killpg(group, signum)
+        except (ProcessLookupError, PermissionError):
+            pass
     for pid in pids:
         try:
             os.kill(pid, signum)
@@ -129,30 +160,36 @@ def stop_leftovers(
     *,
     interval_s: float = 0.05,
     clock: Callable[[], float] = time.monotonic,
+    kill_wait_s: float = 5.0,
 ) -> Dict[str, int]:
     """Stop what the command left running: SIGTERM, up to ``grace_period_s``, then SIGKILL.
 
-    Returns ``{"stopped": n, "killed": k}``: n processes were left, k of them needed SIGKILL.
+    The set is scanned again on every round, so what a stopped process leaves behind (its children,
+    re-parented to us) is stopped too. Returns ``{"stopped": n, "killed": k}``: n distinct processes were
+    left, k of them were still alive at the end of the grace period and got SIGKILL.
     """
-    left = leftovers(pgid, exclude)
-    if not left:
-        return {"stopped": 0, "killed": 0}
-    _signal_all(left, pgid, signal.SIGTERM)
+    seen: Set[int] = set()
+    termed: Set[int] = set()
     deadline = clock() + grace_period_s
-    alive = set(left)
-    while alive:
+    while True:
         reap_orphans(None)
-        alive = {pid for pid in alive if (_stat(pid) or ("Z",))[0] not in ("Z", "X")}
+        alive = leftovers(pgid, exclude)
+        fresh = alive - termed
+        if fresh:
+            _signal_all(fresh, signal.SIGTERM)
+            termed |= fresh
+        seen |= alive
         if not alive or clock() >= deadline:
             break
         time.sleep(interval_s)
-    killed = len(alive)
-    if alive:
-        _signal_all(alive, pgid, signal.SIGKILL)
-        end = clock() + 5.0
-        while alive and clock() < end:
-            reap_orphans(None)
-            alive = {pid for pid in alive if (_stat(pid) or ("Z",))[0] not in ("Z", "X")}
-            time.sleep(interval_s)
+    killed: Set[int] = set()
+    end = clock() + kill_wait_s
+    while alive and clock() < end:
+        killed |= alive
+        seen |= alive
+        _signal_all(alive, signal.SIGKILL)
+        time.sleep(interval_s)
+        reap_orphans(None)
+        alive = leftovers(pgid, exclude)
     reap_orphans(None)
-    return {"stopped": len(left), "killed": killed}
+    return {"stopped": len(seen), "killed": len(killed)}

@@ -1,0 +1,224 @@
+"""The one rule shared by every framework adapter: which logged key is the objective, what is final.
+
+An adapter hands :meth:`MetricSink.log` a mapping of what its framework logged and the step; the sink
+keeps the numbers, reports the objective as the task's intermediate metric and every other number by its
+own name, remembers the best and last objective value, and reports the final metric once at
+:meth:`MetricSink.finish`. It only calls the in-process API (:mod:`reporter.api`): no journal, HTTP or
+thread of its own.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import re
+from typing import Any, Callable, Dict, Iterable, Mapping, Optional
+
+from .. import api
+from ..config import ENV_OBJECTIVE_METRIC, ENV_RANK
+from ..journal import metric_number
+from ..log import get_logger
+
+FINAL_CHOICES = ("best", "last")
+MODE_CHOICES = ("max", "min")
+# Names that are errors to minimise although they contain neither "loss" nor "error" (whole words only).
+_ERROR_WORDS = frozenset({"mse", "rmse", "mae", "mape", "rmsle", "l1", "l2", "huber", "perplexity", "ppl", "wer", "cer"})
+
+
+class MissingFramework(ImportError):
+    """The framework an integration needs is not installed; the message names the extra to install."""
+
+
+def require(module: str, extra: str) -> Any:
+    """Import ``module`` or raise :class:`MissingFramework` naming ``pip install anylearn-reporter[extra]``."""
+    import importlib
+
+    try:
+        return importlib.import_module(module)
+    except ImportError as exc:
+        raise MissingFramework(
+            f"reporter.integrations.{extra} needs {module.split('.')[0]}: "
+            f"pip install 'anylearn-reporter[{extra}]' ({exc})"
+        ) from exc
+
+
+def default_mode(name: str) -> str:
+    """``min`` for names containing ``loss`` or ``error`` (or naming a usual error measure such as
+    ``rmse`` or ``l2``), ``max`` otherwise."""
+    lowered = name.lower()
+    if "loss" in lowered or "error" in lowered:
+        return "min"
+    words = set(re.split(r"[^a-z0-9]+", lowered))
+    return "min" if words & _ERROR_WORDS else "max"
+
+
+def env_rank_is_zero() -> bool:
+    """True unless ``RANK`` names a global rank other than 0 (an unreadable value counts as rank 0)."""
+    try:
+        return int(os.environ.get(ENV_RANK, "0").strip() or 0) == 0
+    except ValueError:
+        return True
+
+
+def _same(a: float, b: float) -> bool:
+    return a == b or (math.isnan(a) and math.isnan(b))
+
+
+def check_choices(final: str, mode: Optional[str]) -> None:
+    """Raise ValueError for a ``final`` or ``mode`` the sink does not know (a programming error)."""
+    if final not in FINAL_CHOICES:
+        raise ValueError(f"final must be 'best' or 'last', not {final!r}")
+    if mode is not None and mode not in MODE_CHOICES:
+        raise ValueError(f"mode must be 'max' or 'min', not {mode!r}")
+
+
+class MetricSink:
+    """Objective choice, best/last tracking and the translation of logs into report calls.
+
+    ``natural`` is the framework's own choice of objective: a key, or a function of the logged keys (in
+    their logged order) returning one, with ``natural_why`` saying where it comes from for the log line.
+    ``mode_of`` may give the framework's own knowledge of a key's direction (LightGBM's
+    ``is_higher_better``); without it (or when it answers None) :func:`default_mode` decides.
+    ``is_rank_zero`` answers whether this process reports (default: ``RANK`` is 0 or unset, read at
+    :meth:`reset`, i.e. when the sink is made and when a training run starts).
+    """
+
+    def __init__(
+        self,
+        framework: str,
+        *,
+        objective: Optional[str] = None,
+        final: str = "best",
+        mode: Optional[str] = None,
+        natural: Any = None,
+        natural_why: str = "",
+        is_rank_zero: Optional[Callable[[], bool]] = None,
+    ) -> None:
+        check_choices(final, mode)
+        self.framework = framework
+        self.requested = objective
+        self.final = final
+        self.requested_mode = mode
+        self.natural = natural
+        self.natural_why = natural_why
+        self._rank_check = is_rank_zero  # None: RANK, read once per training run (at reset)
+        self.mode_hints: Dict[str, str] = {}
+        self._troubled = False
+        self.reset()
+
+    def reset(self) -> None:
+        """Forget what was logged (a new training run with the same callback)."""
+        self._env_rank_zero = env_rank_is_zero() if self._rank_check is None else True
+        self.objective: Optional[str] = None
+        self.mode: Optional[str] = None
+        self.best: Optional[float] = None
+        self.last: Optional[float] = None
+        self.seen_objective = False
+        self.finished = False
+        self._last_at: Dict[str, Any] = {}  # key -> (step, value) last reported, to drop a repeat
+        self._keys_seen: Dict[str, None] = {}
+        self._keys_chosen_from = 0
+
+    def is_rank_zero(self) -> bool:
+        """Whether this process reports (the framework's answer, else ``RANK`` as read at :meth:`reset`)."""
+        return self._rank_check() if self._rank_check is not None else self._env_rank_zero
+
+    # --- choosing the objective ---------------------------------------------------------------
+
+    def _choose(self, keys: Iterable[str]) -> None:
+        keys = list(keys)
+        if self.requested is not None:
+            if self.requested in keys:
+                self._settle(self.requested, "objective=")
+            return
+        configured = os.environ.get(ENV_OBJECTIVE_METRIC, "").strip()
+        if configured and configured in keys:
+            self._settle(configured, ENV_OBJECTIVE_METRIC)
+            return
+        natural = self.natural(keys) if callable(self.natural) else self.natural
+        if natural is not None and natural in keys:
+            self._settle(natural, self.natural_why or f"{self.framework}'s default")
+
+    def _settle(self, key: str, why: str) -> None:
+        self.objective = key
+        self.mode = self.requested_mode or self.mode_hints.get(key) or default_mode(key)
+        detail = f"final = {self.final}" + (f" ({self.mode})" if self.final == "best" else "")
+        get_logger().info("%s: objective metric is %r (from %s); %s", self.framework, key, why, detail)
+
+    # --- the hot path -------------------------------------------------------------------------
+
+    def log(self, metrics: Mapping[str, Any], step: Optional[int]) -> None:
+        """Report every number in ``metrics`` at ``step``: the objective as the task's intermediate
+        metric, the rest by name. Non-numbers are skipped; a value already reported for the same key at
+        the same step (a framework telling two hooks the same thing) is not reported again. Never raises:
+        a log the sink cannot read is said once and training goes on."""
+        try:
+            self._log(metrics, step)
+        except Exception as exc:  # a framework handing us something unforeseen: never into training
+            self._trouble(exc)
+
+    def _trouble(self, exc: Exception) -> None:
+        if not self._troubled:
+            self._troubled = True
+            get_logger().warning("%s: a log could not be reported (%s: %s); said once, training goes on",
+                                 self.framework, type(exc).__name__, exc)
+
+    def _log(self, metrics: Mapping[str, Any], step: Optional[int]) -> None:
+        if not metrics or not self.is_rank_zero():
+            return
+        numbers: Dict[str, float] = {}
+        for key, value in metrics.items():
+            number = metric_number(value)
+            if number is None or not isinstance(key, str):
+                continue
+            previous = self._last_at.get(key)
+            if previous is not None and previous[0] == step and _same(previous[1], number):
+                continue
+            self._last_at[key] = (step, number)
+            numbers[key] = number
+            self._keys_seen[key] = None
+        if not numbers:
+            return
+        if self.objective is None and len(self._keys_seen) != self._keys_chosen_from:
+            self._keys_chosen_from = len(self._keys_seen)  # choose again only when a new key shows up
+            self._choose(list(self._keys_seen))
+        objective_value = numbers.pop(self.objective, None) if self.objective is not None else None
+        if numbers:
+            api.report_metrics(numbers, step=step)
+        if objective_value is not None:
+            api.report_metric(objective_value, step=step)
+            self._track(objective_value)
+
+    def _track(self, value: float) -> None:
+        self.seen_objective = True
+        self.last = value
+        better = self.best is None or (value > self.best if self.mode == "max" else value < self.best)
+        if math.isfinite(value) and better:
+            self.best = value
+
+    def finish(self) -> Optional[float]:
+        """Report the final metric once (the best or the last objective value); returns it, or None when
+        no objective value was logged (said in one line naming the keys that were). Never raises."""
+        try:
+            return self._finish()
+        except Exception as exc:
+            self._trouble(exc)
+            return None
+
+    def _finish(self) -> Optional[float]:
+        if self.finished or not self.is_rank_zero():
+            return None
+        self.finished = True
+        if not self.seen_objective:
+            wanted = self.requested or os.environ.get(ENV_OBJECTIVE_METRIC, "").strip() or (
+                self.natural if isinstance(self.natural, str) else None)
+            if self._keys_seen:
+                get_logger().warning(
+                    "%s: no final metric: the objective %s was never logged (logged: %s); name one with objective=",
+                    self.framework, repr(wanted) if wanted else "", ", ".join(list(self._keys_seen)[:20]),
+                )
+            return None
+        value = self.best if self.final == "best" and self.best is not None else self.last
+        assert value is not None
+        api.report_metric(value, final=True)
+        return value

@@ -1,0 +1,334 @@
+"""Autolog: hook every supported trainer, imported before or after the call, without a code change.
+
+:func:`autolog` patches the trainers of the frameworks already imported and installs a post-import
+hook (a ``sys.meta_path`` finder whose loader runs the patch right after the framework's module has
+executed) for those imported later:
+
+- ``transformers.Trainer`` gets :class:`reporter.integrations.transformers.AnylearnCallback`;
+- a Lightning ``Trainer`` (``lightning`` and ``pytorch_lightning``) gets
+  :class:`reporter.integrations.lightning.AnylearnLogger` beside the user's own loggers;
+- ``keras.Model.fit`` gets :class:`reporter.integrations.keras.AnylearnCallback`;
+- ``xgboost.train`` (so ``XGBModel.fit``) and ``lightgbm.train`` (so ``LGBMModel.fit``) get their
+  callbacks.
+
+A trainer that already has ours is not given a second one. A patch never breaks a run: when a
+framework's internals have moved, it says so once and training goes on unhooked.
+
+``anylearn-reporter run --autolog`` (or ``ANYLEARN_AUTOLOG=1``) turns this on for a command without
+touching its code: :func:`autolog_environment` puts a directory holding a ``sitecustomize`` module
+first on the command's ``PYTHONPATH``; that module runs any ``sitecustomize`` it hides, then calls
+:func:`autolog` when ``ANYLEARN_AUTOLOG`` is set. This module imports no framework itself.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import sys
+import threading
+from typing import Any, Callable, Dict, Iterable, List, Mapping, Optional, Sequence
+
+from ..config import ENV_AUTOLOG
+from ..log import get_logger
+
+__all__ = ["autolog", "autolog_requested", "autolog_environment", "SITE_DIR", "FRAMEWORKS"]
+
+SITE_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "_autolog_site")
+MARK = "__anylearn_autolog__"
+TRUE_WORDS = ("1", "true", "yes", "on")
+
+_lock = threading.RLock()
+_watch: Dict[str, tuple] = {}  # module name -> (framework, patch), for the frameworks enabled
+_said: set = set()  # frameworks whose trouble has been said once
+
+
+def _say_once(framework: str, what: str) -> None:
+    if framework not in _said:
+        _said.add(framework)
+        get_logger().warning("autolog: %s: %s; training goes on without it", framework, what)
+
+
+def _safely(framework: str, action: Callable[[], Any], default: Any = None) -> Any:
+    """Run ``action``; on any failure say so once for ``framework`` and return ``default``."""
+    try:
+        return action()
+    except Exception as exc:  # a framework's internals moved: never into training
+        _say_once(framework, f"cannot hook it ({type(exc).__name__}: {exc})")
+        return default
+
+
+def _wrap(owner: Any, name: str, make: Callable[[Callable[..., Any]], Callable[..., Any]]) -> bool:
+    """Replace ``owner.name`` by ``make(original)`` unless it is ours already; True when it is ours now."""
+    original = getattr(owner, name)
+    if getattr(original, MARK, False):
+        return True
+    wrapper = functools.wraps(original)(make(original))
+    setattr(wrapper, MARK, True)
+    setattr(owner, name, wrapper)
+    return True
+
+
+def _with_callback(
+    original: Callable[..., Any], args: Sequence[Any], kwargs: Dict[str, Any], parameter: str,
+    ours: type, make: Callable[[], Any],
+) -> tuple:
+    """The call's arguments with one of ``ours`` added to the list argument ``parameter`` (unless one is
+    there already), and the instance of ours in it."""
+    import inspect  # on the first hooked call, not at `import reporter`
+
+    bound = inspect.signature(original).bind_partial(*args, **kwargs)
+    given = bound.arguments.get(parameter)
+    if given is None:
+        callbacks: List[Any] = []
+    elif isinstance(given, (list, tuple)):
+        callbacks = list(given)
+    else:
+        raise TypeError(f"{parameter} is a {type(given).__name__}, not a list")
+    present = [cb for cb in callbacks if isinstance(cb, ours)]
+    if present:
+        return args, kwargs, present[0]
+    instance = make()
+    bound.arguments[parameter] = callbacks + [instance]
+    return bound.args, bound.kwargs, instance
+
+
+# --- one patch per framework ------------------------------------------------------------------------
+
+
+def _patch_transformers(module: Any) -> None:
+    def make(original: Callable[..., Any]) -> Callable[..., Any]:
+        def __init__(self: Any, *args: Any, **kwargs: Any) -> None:
+            original(self, *args, **kwargs)
+            _safely("transformers", lambda: _give_transformers_callback(self))
+
+        return __init__
+
+    _wrap(module.Trainer, "__init__", make)
+
+
+def _give_transformers_callback(trainer: Any) -> None:
+    from .transformers import AnylearnCallback
+
+    if not any(isinstance(cb, AnylearnCallback) for cb in trainer.callback_handler.callbacks):
+        trainer.add_callback(AnylearnCallback())
+
+
+def _patch_lightning(module: Any) -> None:
+    def make(original: Callable[..., Any]) -> Callable[..., Any]:
+        def __init__(self: Any, *args: Any, **kwargs: Any) -> None:
+            original(self, *args, **kwargs)
+            _safely("lightning", lambda: _give_lightning_logger(self))
+
+        return __init__
+
+    _wrap(module.Trainer, "__init__", make)
+
+
+def _give_lightning_logger(trainer: Any) -> None:
+    from .lightning import AnylearnLogger
+
+    loggers = list(trainer.loggers)
+    if any(isinstance(logger, AnylearnLogger) for logger in loggers):
+        return
+    if not loggers:
+        # logger=False: a sole logger of ours would move the checkpoints under its name; respect the choice.
+        _say_once("lightning", "this Trainer has logger=False, so autolog adds no logger (pass logger=AnylearnLogger())")
+        return
+    trainer.loggers = loggers + [AnylearnLogger()]
+
+
+def _patch_keras(module: Any) -> None:
+    def make(original: Callable[..., Any]) -> Callable[..., Any]:
+        def fit(*args: Any, **kwargs: Any) -> Any:
+            from .keras import AnylearnCallback
+
+            args, kwargs, _ = _safely(
+                "keras", lambda: _with_callback(original, args, kwargs, "callbacks", AnylearnCallback, AnylearnCallback),
+                (args, kwargs, None),
+            )
+            return original(*args, **kwargs)
+
+        return fit
+
+    _wrap(module.Model, "fit", make)
+
+
+def _patch_train_functions(framework: str, modules: Iterable[Any], make: Callable[[Callable[..., Any]], Callable[..., Any]]) -> None:
+    """Wrap ``train`` once and point every module's ``train`` that names the same function at the wrapper."""
+    modules = [m for m in modules if m is not None and hasattr(m, "train")]
+    if not modules:
+        raise AttributeError(f"no {framework}.train found")
+    original = modules[0].train
+    if getattr(original, MARK, False):
+        return
+    wrapper = functools.wraps(original)(make(original))
+    setattr(wrapper, MARK, True)
+    for module in modules:
+        if module.train is original:
+            module.train = wrapper
+
+
+def _patch_xgboost(module: Any) -> None:
+    def make(original: Callable[..., Any]) -> Callable[..., Any]:
+        def train(*args: Any, **kwargs: Any) -> Any:
+            from .xgboost import AnylearnCallback
+
+            args, kwargs, _ = _safely(
+                "xgboost", lambda: _with_callback(original, args, kwargs, "callbacks", AnylearnCallback, AnylearnCallback),
+                (args, kwargs, None),
+            )
+            return original(*args, **kwargs)
+
+        return train
+
+    _patch_train_functions(
+        "xgboost", [sys.modules.get("xgboost.training"), module, sys.modules.get("xgboost.sklearn")], make,
+    )
+
+
+def _patch_lightgbm(module: Any) -> None:
+    def make(original: Callable[..., Any]) -> Callable[..., Any]:
+        def train(*args: Any, **kwargs: Any) -> Any:
+            from .lightgbm import AnylearnLightGBMCallback
+
+            args, kwargs, ours = _safely(
+                "lightgbm",
+                lambda: _with_callback(original, args, kwargs, "callbacks", AnylearnLightGBMCallback, AnylearnLightGBMCallback),
+                (args, kwargs, None),
+            )
+            booster = original(*args, **kwargs)
+            if ours is not None:
+                _safely("lightgbm", ours.finish)  # LightGBM tells callbacks nothing when it stops early
+            return booster
+
+        return train
+
+    _patch_train_functions(
+        "lightgbm", [sys.modules.get("lightgbm.engine"), module, sys.modules.get("lightgbm.sklearn")], make,
+    )
+
+
+# framework -> {module whose execution completes the objects to patch: patch}
+FRAMEWORKS: Dict[str, Dict[str, Callable[[Any], None]]] = {
+    "transformers": {"transformers.trainer": _patch_transformers},
+    "lightning": {
+        "lightning.pytorch.trainer.trainer": _patch_lightning,
+        "pytorch_lightning.trainer.trainer": _patch_lightning,
+    },
+    "keras": {"keras": _patch_keras},
+    "xgboost": {"xgboost": _patch_xgboost},
+    "lightgbm": {"lightgbm": _patch_lightgbm},
+}
+
+
+# --- the post-import hook ---------------------------------------------------------------------------
+
+
+class _PatchingLoader:
+    """Delegates to the module's own loader, then runs the patch on the executed module."""
+
+    def __init__(self, loader: Any, framework: str, patch: Callable[[Any], None]) -> None:
+        self._loader = loader
+        self._framework = framework
+        self._patch = patch
+
+    def create_module(self, spec: Any) -> Any:
+        return self._loader.create_module(spec)
+
+    def exec_module(self, module: Any) -> None:
+        self._loader.exec_module(module)
+        _safely(self._framework, lambda: self._patch(module))
+
+    def __getattr__(self, name: str) -> Any:  # get_resource_reader, get_filename, is_package...
+        return getattr(self._loader, name)
+
+
+class _PostImportFinder:
+    """Finds nothing itself: for a watched module it asks the other finders and wraps their loader.
+    (Duck-typed, as ``sys.meta_path`` allows: importing ``importlib.abc`` would slow ``import reporter``.)"""
+
+    def __init__(self) -> None:
+        self._busy = threading.local()
+
+    def find_spec(self, fullname: str, path: Optional[Sequence[str]], target: Any = None) -> Any:
+        watched = _watch.get(fullname)  # every import of the process passes here: one dict lookup
+        if watched is None or getattr(self._busy, "name", None) == fullname:
+            return None
+        self._busy.name = fullname
+        try:
+            for finder in sys.meta_path:
+                if finder is self or not hasattr(finder, "find_spec"):
+                    continue
+                spec = finder.find_spec(fullname, path, target)
+                if spec is not None:
+                    break
+            else:
+                return None
+        finally:
+            self._busy.name = None
+        if spec.loader is None or not hasattr(spec.loader, "exec_module"):
+            return spec
+        spec.loader = _PatchingLoader(spec.loader, *watched)  # type: ignore[assignment]  # duck-typed Loader
+        return spec
+
+
+_finder: Optional[_PostImportFinder] = None
+
+
+def autolog(frameworks: Optional[Iterable[str]] = None) -> List[str]:
+    """Report from every supported trainer without changing the training code.
+
+    ``frameworks``: a subset of ``transformers``, ``lightning``, ``keras``, ``xgboost``, ``lightgbm``
+    (default all). Trainers imported already are patched now, the others when they are imported. Safe
+    to call more than once. Returns the frameworks hooked so far (imported and patched).
+    """
+    global _finder
+    wanted = list(FRAMEWORKS) if frameworks is None else list(frameworks)
+    unknown = [name for name in wanted if name not in FRAMEWORKS]
+    if unknown:
+        raise ValueError(f"autolog knows {', '.join(FRAMEWORKS)}; not {', '.join(unknown)}")
+    with _lock:
+        _watch.update({module: (name, patch) for name in wanted for module, patch in FRAMEWORKS[name].items()})
+        if _finder is None:
+            _finder = _PostImportFinder()
+            sys.meta_path.insert(0, _finder)
+        for framework in wanted:
+            for module_name, patch in FRAMEWORKS[framework].items():
+                module = sys.modules.get(module_name)
+                if module is not None and getattr(module, "__spec__", None) is not None:
+                    _safely(framework, functools.partial(patch, module))
+    return hooked()
+
+
+def hooked() -> List[str]:
+    """The frameworks whose trainer carries our patch in this process."""
+    found = []
+    probes = {
+        "transformers": lambda: sys.modules["transformers.trainer"].Trainer.__init__,
+        "lightning": lambda: (sys.modules.get("lightning.pytorch.trainer.trainer") or sys.modules["pytorch_lightning.trainer.trainer"]).Trainer.__init__,
+        "keras": lambda: sys.modules["keras"].Model.fit,
+        "xgboost": lambda: sys.modules["xgboost"].train,
+        "lightgbm": lambda: sys.modules["lightgbm"].train,
+    }
+    for framework, probe in probes.items():
+        try:
+            if getattr(probe(), MARK, False):
+                found.append(framework)
+        except (KeyError, AttributeError):
+            pass
+    return found
+
+
+# --- `run --autolog` --------------------------------------------------------------------------------
+
+
+def autolog_requested(args: Any, env: Mapping[str, str]) -> bool:
+    """True when ``run`` was given ``--autolog`` or ``ANYLEARN_AUTOLOG`` is set to a true word."""
+    return bool(getattr(args, "autolog", False)) or env.get(ENV_AUTOLOG, "").strip().lower() in TRUE_WORDS
+
+
+def autolog_environment(env: Mapping[str, str]) -> Dict[str, str]:
+    """What ``run --autolog`` adds to the command's environment: ``ANYLEARN_AUTOLOG=1`` and our
+    ``sitecustomize`` directory first on ``PYTHONPATH`` (it runs any ``sitecustomize`` it hides)."""
+    existing = [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p and p != SITE_DIR]
+    return {ENV_AUTOLOG: "1", "PYTHONPATH": os.pathsep.join([SITE_DIR, *existing])}

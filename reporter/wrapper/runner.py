@@ -1,0 +1,224 @@
+"""One run from the run directory to ``summary.json``: the order of the steps, and what the run reports.
+
+Validate everything first (exit 2, nothing launched, nothing reported), prepare the run and output
+directories, take the run's deliver lock and deliver its journal while the command runs, journal state 1,
+supervise the command (:mod:`.supervise`) while its output is read for metrics (:mod:`.output`), journal
+its final state, drain, and write ``summary.json``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shlex
+import time
+from typing import Any, Dict, Mapping, Optional
+
+from ..config import (
+    ENV_SECRET_KEY,
+    STATE_NAMES,
+    STATE_RUNNING,
+    SUMMARY_FILE,
+    Config,
+    ConfigError,
+    load_config_strict,
+)
+from ..journal import (
+    COUNTER_LOG_WRITE_FAILED,
+    COUNTER_UNREADABLE,
+    KIND_STATE,
+    JournalWriter,
+    atomic_write_json,
+    count_pending,
+)
+from ..log import Progress, get_logger, say_offline, warn_pending
+from ..policy import SendRule
+from ..runinfo import read_run
+from ..tbevents import EventFileTailer
+from .launch import (
+    RunOptions,
+    build_argv,
+    check_launchable,
+    child_environment,
+    options_from,
+    prepare_output_dir,
+    prepare_run_dir,
+    redacted,
+)
+from .output import STDERR_TAIL_LINES, MetricLineParser
+from .reaper import become_subreaper, make_non_dumpable
+from .supervise import Child, Outcome, signal_name, signals_passed_to
+
+
+class Run:
+    """One run of the command; :meth:`run` returns the wrapper's exit code.
+
+    The order is the failure ladder's: everything that can fail without the command is done before it is
+    launched (exit 2, nothing reported); once it runs, a failure of the wrapper's own bookkeeping is
+    logged and the command stays supervised to its end.
+    """
+
+    def __init__(self, config: Config, options: RunOptions, env: Mapping[str, str]) -> None:
+        self.config = config
+        self.options = options
+        self.env = env
+        self.argv = build_argv(options)
+        self.log = get_logger()
+        self.run_dir = config.run_dir
+        self.state_rank = options.node_rank * options.nproc_per_node  # only node 0's state records are sent
+        self.writer = JournalWriter(self.run_dir, rank=self.state_rank)
+        counters = self.writer.counters  # the run's host counters: status.json and summary.json show them
+        self.parser = MetricLineParser(options.metric_patterns, on_unreadable=lambda: counters.count(COUNTER_UNREADABLE, "metric line"))
+        self.child = Child(self.argv, self.run_dir, options.grace_period_s, self._on_line,
+                           on_log_failure=lambda name: counters.count(COUNTER_LOG_WRITE_FAILED, name))
+        self.deliverer: Any = None
+        self.tensorboard: Optional[EventFileTailer] = None
+
+    # -- steps --
+
+    def prepare(self) -> Dict[str, str]:
+        """Everything before launch; ConfigError (exit 2, nothing reported) when something cannot be done.
+        Returns the command's environment."""
+        child_env, _ = child_environment(self.env, self.config, self.options)
+        check_launchable(self.argv, child_env)
+        prepare_run_dir(self.run_dir)
+        try:
+            os.unlink(os.path.join(self.run_dir, SUMMARY_FILE))  # a resumed task: the old run's end is not this one's
+        except FileNotFoundError:
+            pass
+        except OSError as exc:
+            raise ConfigError(f"cannot replace {os.path.join(self.run_dir, SUMMARY_FILE)}: {exc.strerror}; remove it") from None
+        prepare_output_dir(self.options.output_dir)
+        if self.options.isolate_secret and not make_non_dumpable():
+            raise ConfigError("--isolate-secret needs Linux (prctl PR_SET_DUMPABLE) to hide the key from the command; run without it")
+        if not become_subreaper():
+            self.log.debug("cannot become the subreaper of the command's tree: its orphans go to init")
+        return child_env
+
+    def start_delivery(self) -> None:
+        if self.config.offline:
+            # No lock taken: a sidecar sharing the run directory may deliver while the command runs.
+            say_offline(self.run_dir)
+            return
+        from ..deliver import build_deliverer
+
+        self.deliverer = build_deliverer(self.config, run_dir=self.run_dir).start()
+        self.deliverer.wait_for_lock(5)
+
+    def _on_line(self, line: bytes) -> None:
+        metric = self.parser.parse(line)
+        if metric is not None:
+            self.writer.append(metric.kind, metric.value, metric.name, metric.step)  # the write wakes delivery
+
+    def drain(self) -> int:
+        """Deliver what is pending for up to the drain timeout; returns how many records stay pending."""
+        if self.deliverer is None:
+            return count_pending(self.run_dir)
+        total = count_pending(self.run_dir)
+        progress = Progress(self.run_dir, total)
+        try:
+            self.deliverer.drain(self.options.drain_timeout_s, lambda pending, _: progress.update(total - pending))
+        finally:
+            progress.finish()
+        return count_pending(self.run_dir)
+
+    # -- the whole run --
+
+    def run(self) -> int:
+        started = time.time()
+        child_env = self.prepare()
+        self.start_delivery()
+        if self.options.tensorboard_dir:  # TensorBoard event files -> journal, until the command ends
+            self.tensorboard = EventFileTailer(self.options.tensorboard_dir, self.run_dir, self.writer,
+                                               objective_tag=self.options.tensorboard_tag).start()  # its journal write wakes delivery
+        with signals_passed_to(self.child):
+            self.log.info("running %s", " ".join(shlex.quote(a) for a in redacted(self.argv, self.config.secret_key)))
+            self.writer.append(KIND_STATE, STATE_RUNNING, None, None)
+            outcome = self.child.supervise(child_env)
+            if self.tensorboard is not None:
+                self.tensorboard.stop()  # reads what the command flushed last, before the final state
+            self.writer.append(KIND_STATE, outcome.state, None, None)
+            pending = self.drain()
+        if pending:
+            warn_pending(pending, self.run_dir)
+        try:
+            self.write_summary(started, outcome, pending)
+        except OSError as exc:
+            self.log.error("cannot write %s (%s)", os.path.join(self.run_dir, SUMMARY_FILE), exc.strerror)
+        self.writer.close()
+        return outcome.exit_code
+
+    def write_summary(self, started: float, outcome: Outcome, pending: int) -> None:
+        ended = time.time()
+        self.writer.counters.save()  # this process's counters, for read_run below
+        run = read_run(self.run_dir, SendRule.of(self.config))  # the journal and the deliverer's status.json
+        child = self.child
+        returncode = child.returncode
+        summary: Dict[str, Any] = {
+            "task_id": self.config.task_id,
+            "command": redacted(self.argv, self.config.secret_key),
+            "output_dir": self.options.output_dir,
+            "started": started,
+            "ended": ended,
+            "started_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(started)),
+            "ended_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(ended)),
+            "duration_s": round(ended - started, 3),
+            "exit_code": outcome.exit_code,
+            "signal": signal_name(-returncode) if returncode is not None and returncode < 0 else None,
+            "stop_signal": signal_name(child.stop_signal) if child.stop_signal else None,
+            "state": outcome.state,
+            "state_name": STATE_NAMES[outcome.state],
+            "offline": self.config.offline,
+            "records": {
+                "journalled": run.journalled,
+                "delivered": run.delivered,
+                "pending": pending,
+                "rejected": run.rejected,
+                "skipped": run.skipped,
+                "unreadable_metric_lines": self.parser.unreadable,
+                "invalid": run.invalid,
+                "lost": run.lost,
+            },
+            "counters": run.counters,
+            "last_intermediate_metric": run.last_metric,
+            "final_metric": run.final_metric,
+            "peak_rss_bytes": child.peak_rss_bytes,
+            "output": {
+                "unreadable_metric_lines": self.parser.unreadable,
+                "log_write_failures": child.log_write_failures,
+            },
+            "process_tree": {
+                "leftovers_stopped": child.leftovers["stopped"],
+                "leftovers_killed": child.leftovers["killed"],
+                "orphans_reaped": child.orphans_reaped,
+            },
+        }
+        if outcome.failure:
+            summary["failure"] = {"reason": outcome.failure, "stderr_tail": child.stderr_tail[-STDERR_TAIL_LINES:]}
+        atomic_write_json(os.path.join(self.run_dir, SUMMARY_FILE), summary)
+
+
+def dry_run(config: Config, options: RunOptions, env: Mapping[str, str]) -> int:
+    """Print the final argv (a JSON array) and what the wrapper adds to the environment; launch nothing."""
+    argv = build_argv(options)
+    child_env, added = child_environment(env, config, options)
+    check_launchable(argv, child_env)
+    shown: Dict[str, Optional[str]] = dict(added)
+    if options.isolate_secret:
+        shown[ENV_SECRET_KEY] = None  # removed from the child's environment
+    print(json.dumps(redacted(argv, config.secret_key)))
+    print(json.dumps(shown, indent=2))
+    if options.tensorboard_dir:
+        tag = f", objective tag {options.tensorboard_tag!r}" if options.tensorboard_tag else ", no objective tag: scalars are journalled, none sent"
+        get_logger().info("would follow TensorBoard event files under %s%s", options.tensorboard_dir, tag)
+    return 0
+
+
+def run(args: Any, env: Optional[Mapping[str, str]] = None) -> int:
+    """The ``run`` command: returns the exit code (the child's, 2 for bad usage)."""
+    env = dict(os.environ if env is None else env)
+    config = load_config_strict(env)  # ConfigError -> exit 2 in the CLI
+    options = options_from(args, env)
+    if options.dry_run:
+        return dry_run(config, options, env)
+    return Run(config, options, env).run()

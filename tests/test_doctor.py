@@ -1,0 +1,45 @@
+"""``anylearn-reporter doctor``: each check against the real local backend."""
+
+
+from conftest import (
+    SECRET_KEY,
+    clean_environ,
+    cli,
+    free_port,
+    task_env,
+)
+
+
+def test_doctor_passes_against_serve_with_the_right_key(server, tmp_path):
+    done = cli("doctor", env=task_env(server.base_url, str(tmp_path / "run"), ANYLEARN_REPORTER_DIR=str(tmp_path)))
+    assert done.returncode == 0, done.stdout
+    assert "accepted the secret key" in done.stdout and "ending in" in done.stdout
+    assert SECRET_KEY not in done.stdout + done.stderr
+
+
+def test_doctor_fails_against_serve_with_a_wrong_key(server, tmp_path):
+    wrong = "Wrong-Key-abcdef99"
+    done = cli("doctor", env=task_env(server.base_url, str(tmp_path / "run"), ANYLEARN_SECRET_KEY=wrong, ANYLEARN_REPORTER_DIR=str(tmp_path)))
+    assert done.returncode == 1
+    assert "refused the secret key" in done.stdout
+    assert wrong not in done.stdout + done.stderr and "'99'" in done.stdout  # at most the last two characters
+
+
+def test_doctor_fails_against_a_closed_port(tmp_path):
+    port = free_port()
+    done = cli("doctor", env=task_env(f"http://127.0.0.1:{port}/api", str(tmp_path / "run"), ANYLEARN_REPORTER_DIR=str(tmp_path)))
+    assert done.returncode == 1
+    assert f"cannot connect to 127.0.0.1:{port}" in done.stdout
+
+
+def test_doctor_with_nothing_configured_says_what_to_set(tmp_path):
+    done = cli("doctor", env=clean_environ(ANYLEARN_REPORTER_DIR=str(tmp_path)))
+    assert done.returncode == 1
+    assert "ANYLEARN_TASK_ID" in done.stdout and "ANYLEARN_SECRET_KEY" in done.stdout and "ANYLEARN_BACKEND_URL" in done.stdout
+
+
+def test_doctor_reports_an_unwritable_reporter_directory(tmp_path):
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    done = cli("doctor", env=clean_environ(ANYLEARN_REPORTER_DIR=str(blocker / "runs")))
+    assert done.returncode == 1 and "is not writable" in done.stdout

@@ -1,0 +1,34 @@
+"""The log and the drain progress (``log.Progress``): a bar on a terminal, plain lines otherwise."""
+
+
+
+
+
+def test_sync_progress_is_a_bar_on_a_terminal_and_plain_lines_otherwise():
+    import io
+
+    from reporter.log import Progress
+
+    class Terminal(io.StringIO):
+        def isatty(self):
+            return True
+
+    terminal = Terminal()
+    bar = Progress("/runs/offline-x", 10, terminal)
+    bar.update(5)
+    bar.finish()
+    assert terminal.getvalue() == "\roffline-x [###############...............] 5/10\n"
+    plain = io.StringIO()
+    lines = Progress("/runs/offline-x", 10, plain)
+    lines.update(5)
+    lines.update(6)  # a plain line only every 5 s of a long delivery
+    lines.update(12, force=True)  # and the last one; records journalled meanwhile do not count
+    assert plain.getvalue() == "/runs/offline-x: 10/10 records\n"
+
+
+def test_counts_by_reason_read_as_one_phrase():
+    from reporter.log import counted
+
+    assert counted({"torn or invalid line": 1, "not the objective metric": 2}, "skipped") == (
+        "3 skipped (2 not the objective metric, 1 torn or invalid line)")
+    assert counted({"EFBIG": 4}) == "4 (4 EFBIG)"
