@@ -42,6 +42,7 @@ DEFAULT_READ_TIMEOUT_S = 30.0
 INITIAL_BACKOFF_S = 0.5
 MAX_BACKOFF_S = 30.0
 MAX_RETRY_AFTER_S = 3600.0
+REDACTED = "***"  # what a key echoed by the backend reads as
 MAX_ANSWER_BYTES = 1 << 20  # an answer body longer than this is cut (and its connection not reused)
 IDLE_CHECK_S = 1.0  # a keep-alive connection idle this long is checked before reuse
 
@@ -67,13 +68,22 @@ class SendResult(NamedTuple):
 class Answer:
     """An HTTP answer as received: status, headers (looked up case-insensitively) and body."""
 
-    __slots__ = ("_headers", "body", "reason", "status")
+    __slots__ = ("_headers", "_secret", "body", "reason", "status")
 
-    def __init__(self, status: int, headers: Mapping[str, str], body: bytes = b"", reason: str = "") -> None:
+    def __init__(self, status: int, headers: Mapping[str, str], body: bytes = b"", reason: str = "",
+                 secret: Optional[str] = None) -> None:
+        # A backend may echo the key it was sent (a 401 saying "invalid key ..."): with ``secret`` given,
+        # every copy of it in the status text, headers and body is masked here, before anything can log,
+        # count or write it.
+        self._secret = secret or None
         self.status = status
-        self.reason = reason
-        self.body = body
-        self._headers = {str(k).lower(): str(v) for k, v in headers.items()}
+        self.reason = self.redacted(reason)
+        self.body = body.replace(secret.encode("latin-1"), REDACTED.encode()) if self._secret else body
+        self._headers = {str(k).lower(): self.redacted(str(v)) for k, v in headers.items()}
+
+    def redacted(self, text: str) -> str:
+        """``text`` with the key masked (also as it reads after JSON escapes are undone)."""
+        return text.replace(self._secret, REDACTED) if self._secret and self._secret in text else text
 
     def header(self, name: str) -> Optional[str]:
         """The value of header ``name``, or None."""
@@ -145,7 +155,7 @@ def _reason_of(answer: Answer) -> str:
     try:
         body = answer.json()
         if isinstance(body, dict) and body.get("msg"):
-            return str(body["msg"])[:200]
+            return answer.redacted(str(body["msg"]))[:200]
     except Exception:  # not JSON, too deep to parse: fall back to the text
         pass
     text = answer.body[:400].decode("utf-8", "replace").strip().replace("\n", " ")
@@ -535,7 +545,8 @@ class BackendClient:
         if response.will_close or not response.isclosed():
             connection.close()  # the server ends the connection, or the answer was longer than we read
         connection.last_used = time.monotonic()
-        return Answer(response.status, dict(response.getheaders()), content, response.reason)
+        secret = self._secret_key.reveal() if self._secret_key else None
+        return Answer(response.status, dict(response.getheaders()), content, response.reason, secret=secret)
 
     def _drop_connection(self) -> None:
         if self._connection is not None:

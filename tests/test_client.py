@@ -2,6 +2,7 @@
 policy (no redirects, a total deadline) and the retry policy."""
 
 import json as _json
+import socket
 import subprocess
 import sys
 import threading
@@ -17,6 +18,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from reporter.client import (
+    MAX_ANSWER_BYTES,
     Answer,
     BackendClient,
     Outcome,
@@ -353,3 +355,62 @@ def test_status_json_of_a_redirected_deliverer_names_the_pause(tmp_path, fakes):
     assert status["delivered"] == 0 and count_pending(str(tmp_path)) == 3
     assert elsewhere.count() == 0 and redirecting.count() == 1
     assert SECRET_KEY not in (tmp_path / "status.json").read_text()
+
+
+# --- what the backend sends back cannot carry the key out, nor flood the process ----------------------------
+
+
+@pytest.mark.parametrize("status", [400, 401, 503])
+def test_a_key_the_backend_echoes_is_masked_in_every_message_file_and_status(fakes, tmp_path, status):
+    echo = _json.dumps({"msg": f"invalid secret key {SECRET_KEY}"}).encode()
+    server = fakes(status, {"X-Echo": SECRET_KEY, "Retry-After": "60"}, echo)
+    run_dir = tmp_path / "run"
+    env = clean_environ(ANYLEARN_BACKEND_URL=server.base_url, ANYLEARN_TASK_ID=TASK_ID, ANYLEARN_SECRET_KEY=SECRET_KEY,
+                        ANYLEARN_REPORTER_RUN_DIR=str(run_dir), ANYLEARN_FLUSH_TIMEOUT="2")
+    done = subprocess.run([sys.executable, "-m", "reporter", "report", "0.5"], env=env, capture_output=True, text=True, timeout=60)
+    assert server.count() >= 1 and "***" in done.stderr  # the backend's reason is shown, masked
+    shown = subprocess.run([sys.executable, "-m", "reporter", "status", str(run_dir)], env=env, capture_output=True, text=True, timeout=60)
+    written = b"".join(p.read_bytes() for p in run_dir.iterdir() if p.is_file())
+    assert SECRET_KEY not in done.stdout + done.stderr + shown.stdout + shown.stderr
+    assert SECRET_KEY.encode() not in written
+
+
+def test_a_key_echoed_inside_json_escapes_is_masked_too():
+    key = 'k"ey\\with-quotes'
+    body = _json.dumps({"msg": f"bad key {key}"}).encode()  # the quote and backslash arrive escaped
+    answer = Answer(401, {}, body, "Unauthorized " + key, secret=key)
+    result = classify(answer)
+    assert key not in result.reason and "***" in result.reason
+    assert key not in answer.reason and key.encode() not in answer.body
+
+
+def test_an_endless_answer_is_read_up_to_the_bound_and_the_process_stays_small():
+    """A server announcing 8 GB and streaming it as fast as it can: the client reads its bound and hangs up."""
+    listener = socket.create_server(("127.0.0.1", 0))
+    sent = {"bytes": 0}
+
+    def serve() -> None:
+        conn, _ = listener.accept()
+        with conn:
+            conn.recv(65536)
+            conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: 8000000000\r\n\r\n")
+            chunk = b"x" * 65536
+            try:
+                while sent["bytes"] < 8_000_000_000:
+                    conn.sendall(chunk)
+                    sent["bytes"] += len(chunk)
+            except OSError:  # the client hung up: what we wanted
+                pass
+
+    thread = threading.Thread(target=serve, daemon=True)
+    thread.start()
+    client = BackendClient(f"http://127.0.0.1:{listener.getsockname()[1]}/api", "TRAIx", Secret(KEY), request_timeout_s=20)
+    try:
+        with pytest.raises(TransientError, match="not a JSON object"):  # cut at the bound: retried later
+            client.send(RECORD)
+    finally:
+        client.close()
+        thread.join(20)
+        listener.close()
+    assert not thread.is_alive()
+    assert sent["bytes"] < 64 * MAX_ANSWER_BYTES  # read to the bound, then the connection was dropped
