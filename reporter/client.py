@@ -78,7 +78,7 @@ class Answer:
         self._secret = secret or None
         self.status = status
         self.reason = self.redacted(reason)
-        self.body = body.replace(secret.encode("latin-1"), REDACTED.encode()) if self._secret else body
+        self.body = body.replace(self._secret.encode("latin-1"), REDACTED.encode()) if self._secret else body
         self._headers = {str(k).lower(): self.redacted(str(v)) for k, v in headers.items()}
 
     def redacted(self, text: str) -> str:

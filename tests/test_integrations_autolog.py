@@ -10,7 +10,7 @@ import sys
 import textwrap
 
 import pytest
-from conftest import cli, clean_environ, run_python, task_env
+from conftest import clean_environ, cli, run_python, task_env
 from integrations_support import journal, run_autolog
 
 from reporter.integrations.autolog import SITE_DIR

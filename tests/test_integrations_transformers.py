@@ -10,7 +10,12 @@ pytest.importorskip("accelerate", reason="transformers' Trainer needs accelerate
 
 import torch  # noqa: E402
 from integrations_support import close, delivered, journal, named, reporting  # noqa: E402,F401
-from transformers import BertConfig, BertForSequenceClassification, Trainer, TrainingArguments  # noqa: E402
+from transformers import (  # noqa: E402
+    BertConfig,
+    BertForSequenceClassification,
+    Trainer,
+    TrainingArguments,
+)
 
 from reporter.integrations.transformers import AnylearnCallback  # noqa: E402
 
