@@ -20,7 +20,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from typing import Dict, List, Tuple
+from typing import Dict, List, Optional, Tuple
 from urllib.parse import urlsplit
 
 TASK_ID = "TRAIbenchmark000000000000000000"
@@ -123,7 +123,7 @@ def drain_rate(records: int, directory: str) -> Tuple[float, float]:
     server = Serve()
     try:
         floor = floor_http_client(server.base_url, records)
-        run_dir = os.path.join(directory, "drain")
+        run_dir = tempfile.mkdtemp(dir=directory)  # a fresh run each call: callers repeat it
         writer = JournalWriter(run_dir)
         for step in range(records):
             writer.append("intermediate", step * 0.001, None, step)
@@ -203,10 +203,15 @@ def main() -> None:
         f"| floor: bare http.client keep-alive loop | {floor_rate:,.0f} | 100% |",
         f"| Deliverer (http.client, retries, grouped acknowledgement) | {rate:,.0f} | {rate / floor_rate:.0%} |",
     ]
+    publish(lines, args.write, "core")
+
+
+def publish(lines: List[str], path: Optional[str], name: str) -> None:
+    """Print a benchmark's table and, given ``path``, write it into that file's section ``name``."""
     table = "\n".join(lines)
     print(table)
-    if args.write:
-        write_section(args.write, "core", table)
+    if path:
+        write_section(path, name, table)
 
 
 def write_section(path: str, name: str, body: str) -> None:

@@ -31,39 +31,14 @@ import time
 from typing import Any, Dict, List, Tuple
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from bench_core import KEY, TASK_ID, Serve, floor_http_client, machine, write_section
+from bench_core import KEY, TASK_ID, Serve, machine, publish
+from bench_core import drain_rate as drain_once
 
 STEPS = 3000
 LATENCY_REPORTS = 150
 
 
 # --- drain --------------------------------------------------------------------------------------------
-
-
-def drain_once(records: int, directory: str) -> Tuple[float, float]:
-    from reporter.client import BackendClient
-    from reporter.config import Secret
-    from reporter.deliver import Deliverer
-    from reporter.journal import JournalWriter
-
-    server = Serve()
-    try:
-        floor = floor_http_client(server.base_url, records)
-        run_dir = tempfile.mkdtemp(dir=directory)
-        writer = JournalWriter(run_dir)
-        for step in range(records):
-            writer.append("intermediate", step * 0.001, None, step)
-        writer.close()
-        deliverer = Deliverer(run_dir, BackendClient(server.base_url, TASK_ID, Secret(KEY)))
-        start = time.perf_counter()
-        deliverer.start()
-        if not deliverer.flush(600):
-            raise SystemExit("the drain did not finish")
-        elapsed = time.perf_counter() - start
-        deliverer.close(5)
-        return records / elapsed, floor
-    finally:
-        server.stop()
 
 
 # --- training -----------------------------------------------------------------------------------------
@@ -374,10 +349,7 @@ def main() -> None:
         "| --- | ---: | ---: | ---: | --- |",
         *rows,
     ]
-    table = "\n".join(lines)
-    print(table)
-    if args.write:
-        write_section(args.write, "engine", table)
+    publish(lines, args.write, "engine")
 
 
 if __name__ == "__main__":

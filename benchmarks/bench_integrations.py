@@ -25,7 +25,7 @@ import time
 from typing import Any, Callable, Dict, List, Tuple
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from bench_core import KEY, TASK_ID, Serve, machine, write_section  # noqa: E402
+from bench_core import KEY, TASK_ID, Serve, machine, publish  # noqa: E402
 
 FRAMEWORKS = ("transformers", "lightning", "keras", "xgboost", "lightgbm")
 HOOK_TIME_NS = [0]  # inside the per-step hooks
@@ -53,7 +53,12 @@ def timed_hooks(cls: type, *names: str, total: List[int] = HOOK_TIME_NS) -> None
 
 def setup_transformers(steps: int) -> Callable[[bool], float]:
     import torch
-    from transformers import BertConfig, BertForSequenceClassification, Trainer, TrainingArguments
+    from transformers import (
+        BertConfig,
+        BertForSequenceClassification,
+        Trainer,
+        TrainingArguments,
+    )
 
     from reporter.integrations.transformers import AnylearnCallback
 
@@ -172,7 +177,10 @@ def setup_lightgbm(steps: int) -> Callable[[bool], float]:
     import lightgbm
     import numpy as np
 
-    from reporter.integrations.lightgbm import AnylearnLightGBMCallback, anylearn_callback
+    from reporter.integrations.lightgbm import (
+        AnylearnLightGBMCallback,
+        anylearn_callback,
+    )
 
     timed_hooks(AnylearnLightGBMCallback, "__call__")
     x = np.random.default_rng(0).normal(size=(500, 4))
@@ -259,10 +267,7 @@ def main() -> None:
             f"| {framework} ({r['version']}) | {r['floor_step_us']:.0f} | {r['with_step_us']:.0f} | "
             f"{r['hook_us_per_step']:.1f} | {share:.1f}% | {r['end_ms']:.1f} |"
         )
-    table = "\n".join(lines)
-    print(table)
-    if args.write:
-        write_section(args.write, "integrations", table)
+    publish(lines, args.write, "integrations")
 
 
 if __name__ == "__main__":

@@ -20,7 +20,7 @@ from typing import Dict, Tuple
 import psutil
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from bench_core import KEY, TASK_ID, Serve, machine, write_section  # noqa: E402
+from bench_core import KEY, TASK_ID, Serve, machine, publish  # noqa: E402
 
 FLOOR = "import http.client, psutil, time\nwhile True: time.sleep(3600)"
 
@@ -75,10 +75,7 @@ def main() -> None:
         "| --- | ---: | ---: |",
     ]
     lines += [f"| {name} | {rss:.1f} | {cpu:.2f} |" for name, (rss, cpu) in results.items()]
-    table = "\n".join(lines)
-    print(table)
-    if args.write:
-        write_section(args.write, "sidecar", table)
+    publish(lines, args.write, "sidecar")
 
 
 if __name__ == "__main__":

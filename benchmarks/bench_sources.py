@@ -26,7 +26,7 @@ from typing import List, Tuple
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from bench_core import machine, write_section  # noqa: E402
+from bench_core import machine, publish  # noqa: E402
 
 from reporter.journal import JournalWriter, count_lines  # noqa: E402
 from reporter.tbevents import EventFileTailer, crc32c, frame_record, read_scalars  # noqa: E402
@@ -140,10 +140,7 @@ def main() -> None:
         f"median {statistics.median(delays) * 1000:.0f} ms, max {max(delays) * 1000:.0f} ms "
         "(the floor is the poll interval: 0 to 250 ms of waiting).",
     ]
-    table = "\n".join(lines)
-    print(table)
-    if args.write:
-        write_section(args.write, "sources", table)
+    publish(lines, args.write, "sources")
 
 
 if __name__ == "__main__":
