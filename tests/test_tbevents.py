@@ -1,6 +1,7 @@
 """TensorBoard event files: the stdlib reader (framing, CRC-32C, protobuf fields), the tailer's position
 and lock in the run directory, and ``run``/``sidecar --tensorboard-dir`` with real writers end to end."""
 
+import contextlib
 import json
 import os
 import struct
@@ -217,6 +218,19 @@ def test_reading_in_any_pieces_gives_the_records_of_reading_the_whole(records, p
 # --- the tailer ------------------------------------------------------------------------------------------
 
 
+@contextlib.contextmanager
+def running_sidecar(env, cwd):
+    """``anylearn-reporter sidecar`` as a real process, killed at the end if it has not ended by itself."""
+    sidecar = subprocess.Popen([sys.executable, "-m", "reporter", "sidecar", "--heartbeat", "60", "--interval", "60"],
+                               env=env, cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        yield sidecar
+    finally:
+        if sidecar.poll() is None:
+            sidecar.kill()
+            sidecar.wait()
+
+
 def test_a_record_cut_short_waits_for_the_rest(tmp_path):
     data = scalar_file([(0, 1.0), (1, 2.0)])
     path = tmp_path / "tb" / "events.out.tfevents.1.host"
@@ -402,18 +416,12 @@ def test_the_sidecar_reads_the_event_files_until_the_run_ends(server, tmp_path):
     path = tmp_path / "tb" / "events.out.tfevents.10.host"
     data = scalar_file([(step, step / 4) for step in range(4)], tag="acc")
     write(path, data[:-7])  # the last record is cut short for now
-    sidecar = subprocess.Popen([sys.executable, "-m", "reporter", "sidecar", "--heartbeat", "60", "--interval", "60"],
-                               env=env, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    try:
+    with running_sidecar(env, tmp_path) as sidecar:
         wait_until(lambda: len(server.backend.tasks()) == 1 and len(server.backend.tasks()[0]["intermediate_metrics"]) == 3,
                    20, what="three scalars delivered by the sidecar")
         write(path, data[-7:])
         (run_dir / "summary.json").write_text("{}")
         assert sidecar.wait(30) == 0
-    finally:
-        if sidecar.poll() is None:
-            sidecar.kill()
-            sidecar.wait()
     (task,) = server.backend.tasks()
     assert task["intermediate_metrics"] == [0.0, 0.25, 0.5, 0.75]
 
@@ -434,9 +442,7 @@ def test_a_wrapper_and_a_sidecar_on_one_run_never_both_read_the_files(server, tm
                 time.sleep(0.01)
     """))
     sidecar_env = task_env(server.base_url, str(run_dir), ANYLEARN_TENSORBOARD_DIR="tb", ANYLEARN_TENSORBOARD_TAG="acc")
-    sidecar = subprocess.Popen([sys.executable, "-m", "reporter", "sidecar", "--heartbeat", "60", "--interval", "60"],
-                               env=sidecar_env, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    try:
+    with running_sidecar(sidecar_env, tmp_path) as sidecar:
         wait_until(lambda: (run_dir / "deliver.lock").exists(), 20, what="the sidecar's start")
         # the training container: the same run directory, no key (offline: it journals, the sidecar delivers)
         wrapper_env = task_env("", str(run_dir), ANYLEARN_SECRET_KEY="", ANYLEARN_BACKEND_URL="")
@@ -444,10 +450,6 @@ def test_a_wrapper_and_a_sidecar_on_one_run_never_both_read_the_files(server, tm
                    env=wrapper_env, cwd=tmp_path, timeout_s=60)
         assert done.returncode == 0, done.stderr
         assert sidecar.wait(30) == 0
-    finally:
-        if sidecar.poll() is None:
-            sidecar.kill()
-            sidecar.wait()
     (task,) = server.backend.tasks()
     assert task["intermediate_metrics"] == [step / 8 for step in range(8)]  # each once, whoever read it
     assert [step for _, _, step in journal(run_dir)] == list(range(8))
