@@ -64,7 +64,7 @@ def _probability(text: str) -> float:
 
 def _cmd_serve(args: argparse.Namespace) -> int:
     from .config import ENV_TOKEN
-    from .devserver import Faults, serve_command
+    from .emulator.server import Faults, serve_command
 
     faults = Faults(
         latency_ms=args.latency_ms, fail_first=args.fail_first, fail_rate=args.fail_rate,

@@ -12,7 +12,7 @@ from typing import Callable, Dict, Iterator, List, Optional
 import pytest
 
 from reporter import api
-from reporter.devserver import DevServer, Faults, make_server
+from reporter.emulator.server import DevServer, Faults, make_server
 from reporter.journal import JournalWriter
 
 TASK_ID = "TRAI" + "testtask0000000000000000000a"

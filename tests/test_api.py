@@ -22,7 +22,7 @@ from hypothesis import strategies as st
 
 import reporter
 from reporter import api
-from reporter.devserver import Faults
+from reporter.emulator.server import Faults
 from reporter.journal import iter_records, lock_holder_pid
 
 

@@ -14,7 +14,7 @@ from hypothesis import strategies as st
 from reporter.client import BackendClient, Outcome, SendResult, TransientError
 from reporter.config import Secret
 from reporter.deliver import Deliverer, DeliveryOptions
-from reporter.devserver import Faults
+from reporter.emulator.server import Faults
 from reporter.journal import JournalWriter, count_pending, load_cursor
 from reporter.policy import SendRule
 

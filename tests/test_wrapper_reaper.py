@@ -265,7 +265,7 @@ def test_isolate_secret_hides_the_key_from_every_process_an_unprivileged_command
     import shutil
     import tempfile
 
-    from reporter.devserver import make_server
+    from reporter.emulator.server import make_server
 
     if os.geteuid() != 0:
         pytest.skip("switching to an unprivileged user needs root")

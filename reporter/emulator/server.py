@@ -23,7 +23,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any, Dict, List, Mapping, Optional, Tuple
 from urllib.parse import parse_qs, urlsplit
 
-from .config import STATE_NAMES
+from ..config import STATE_NAMES
 
 API_PREFIX = "/api"
 MAX_BODY_BYTES = 1 << 20  # larger request bodies get 413 unread
@@ -392,7 +392,7 @@ class _Handler(BaseHTTPRequestHandler):
             return
         path, query = self._route()
         if path == "/":
-            from .devpage import render_page
+            from .page import render_page
 
             return self._send(200, render_page(self.backend.tasks()).encode(), content_type="text/html; charset=utf-8")
         if path == "/_dev/tasks":
@@ -524,7 +524,7 @@ def serve_command(tasks: Mapping[str, str], *, host: str, port: int, db_path: st
     """The ``serve`` command: serve until SIGTERM or Ctrl-C."""
     import signal
 
-    from .config import ENV_TOKEN, ConfigError
+    from ..config import ENV_TOKEN, ConfigError
 
     try:
         server = DevServer(tasks, host=host, port=port, db_path=db_path, faults=faults, quiet=not verbose,

@@ -7,7 +7,7 @@ import pytest
 import requests
 from conftest import SECRET_KEY, TASK_ID, clean_environ, cli
 
-from reporter.devserver import Faults, make_server
+from reporter.emulator.server import Faults, make_server
 
 AUTH = {"Secret-Key": SECRET_KEY}
 
