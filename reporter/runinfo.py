@@ -96,6 +96,17 @@ def is_run_dir(path: str) -> bool:
     return os.path.exists(os.path.join(path, JOURNAL_FILE)) or os.path.isfile(os.path.join(path, SUMMARY_FILE))
 
 
+def recorded_task_id(run_dir: str) -> Optional[str]:
+    """The task a run directory's own files say it belongs to (``status.json``, else ``summary.json``),
+    whatever the directory is called; None when neither records one. Never raises."""
+    status, _ = read_status(run_dir)
+    if status is not None and status.task_id:
+        return status.task_id
+    summary = read_json(os.path.join(run_dir, SUMMARY_FILE))
+    task_id = summary.get("task_id") if isinstance(summary, dict) else None
+    return task_id if isinstance(task_id, str) and task_id else None
+
+
 def find_runs(reporter_dir: str) -> List[str]:
     """Run directories under ``reporter_dir``, newest first."""
     try:

@@ -21,16 +21,21 @@ from .config import (
     task_of_run_name,
 )
 from .log import Progress, counted, get_logger
-from .runinfo import is_run_dir
+from .runinfo import is_run_dir, recorded_task_id
 
 
 def _task_of(run_dir: str, given: Optional[str]) -> str:
     problem = task_id_problem(given, "--task-id")
     if problem:
         raise ConfigError(problem)
-    owner = task_of_run_name(os.path.basename(os.path.abspath(run_dir)))
+    # The run's own files know its task; the directory's name is only a guess (ANYLEARN_REPORTER_RUN_DIR
+    # may name it anything).
+    recorded = recorded_task_id(run_dir)
+    owner = recorded or task_of_run_name(os.path.basename(os.path.abspath(run_dir)))
     if given and owner and owner != given:
-        raise ConfigError(f"{run_dir} holds task {owner}'s records, not {given}'s; sync it without --task-id or with its own id")
+        where = "its own files say so" if recorded else "its name says so"
+        raise ConfigError(f"{run_dir} holds task {owner}'s records ({where}), not {given}'s; "
+                          "sync it without --task-id or with its own id")
     task_id = given or owner
     if not task_id:
         raise ConfigError(f"{run_dir} is an offline run: say which task it belongs to with --task-id or ANYLEARN_TASK_ID")

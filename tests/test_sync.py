@@ -11,7 +11,9 @@ from conftest import (
     TASK_ID,
     clean_environ,
     cli,
+    free_port,
     offline_run,
+    task_env,
     wait_until,
 )
 
@@ -106,3 +108,23 @@ def test_sync_delivers_past_invalid_records_and_says_what_it_skipped(serve_proce
             "1 not the objective metric), 0 pending") in done.stdout
     status = cli("status", str(run_dir), env=clean_environ())
     assert "skipped:       5 (" in status.stdout and "value is not a number" in status.stdout, status.stdout
+
+
+def test_a_run_directory_named_anything_syncs_to_the_task_its_own_files_record(serve_process, tmp_path):
+    """ANYLEARN_REPORTER_RUN_DIR may name the run directory anything: the task comes from its status.json."""
+    run_dir = tmp_path / "my-experiment"
+    closed = f"http://127.0.0.1:{free_port()}/api"  # the backend is down while training reports
+    code = "import reporter\nfor i in range(3): reporter.report_metric(i / 4)\n"
+    trained = subprocess.run([sys.executable, "-c", code], env=task_env(closed, str(run_dir), ANYLEARN_FLUSH_TIMEOUT="1"),
+                             capture_output=True, text=True, timeout=60)
+    assert trained.returncode == 0, trained.stderr
+    assert TASK_ID in (run_dir / "status.json").read_text()
+
+    server = serve_process()
+    done = cli("sync", str(run_dir), "--backend-url", server.base_url, env=sync_env())  # no task id given
+    assert done.returncode == 0, done.stderr
+    assert server.task()["intermediate_metrics"] == [0.0, 0.25, 0.5]
+    again = cli("sync", str(run_dir), "--backend-url", server.base_url, env=sync_env(ANYLEARN_TASK_ID=TASK_ID))
+    assert again.returncode == 0 and "nothing pending" in again.stdout, again.stderr
+    other = cli("sync", str(run_dir), "--task-id", "TRAIsomeoneelse", "--backend-url", server.base_url, env=sync_env())
+    assert other.returncode == 2 and "its own files say so" in other.stderr
