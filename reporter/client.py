@@ -387,7 +387,8 @@ class _Connection:
     def target(self, endpoint: str, query: str) -> str:
         path = f"{self.path}/{endpoint}" + (f"?{query}" if query else "")
         if self.proxy and self.scheme == "http":  # absolute form through a plain proxy
-            return f"http://{self.host}:{self.port}{path}"
+            host = f"[{self.host}]" if ":" in self.host else self.host  # an IPv6 literal keeps its brackets
+            return f"http://{host}:{self.port}{path}"
         return path
 
     def socket(self) -> Optional[socket.socket]:

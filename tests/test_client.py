@@ -169,6 +169,15 @@ def test_a_plain_http_proxy_gets_the_absolute_url_and_its_own_credentials(fakes)
     assert headers["Proxy-Authorization"] == "Basic dXNlcjpwQHNz"  # user:p@ss
 
 
+def test_an_ipv6_backend_through_a_plain_proxy_keeps_its_brackets(fakes):
+    proxy = fakes()
+    client = BackendClient("http://[::1]:9/api", "TRAIx", Secret(KEY), env={"http_proxy": f"http://127.0.0.1:{proxy.port}"})
+    assert client.send(RECORD).outcome is Outcome.DELIVERED
+    client.close()
+    _, path, headers, _ = proxy.last()
+    assert path == "http://[::1]:9/api/train_task/intermediate_metric" and headers["Host"] == "[::1]:9"
+
+
 def test_retry_after_in_seconds_and_as_an_http_date():
     assert retry_after_seconds("2") == 2.0
     assert retry_after_seconds(None) is None and retry_after_seconds("soon") is None
