@@ -55,6 +55,7 @@ class Outcome(enum.Enum):
     AUTH = "auth"  # 401/403: delivery pauses for the run
     UNSUPPORTED = "unsupported"  # 404/405 on an optional endpoint (state, heartbeat)
     REDIRECT = "redirect"  # a 3xx: never followed (the key would go along); delivery pauses like AUTH
+    SETUP = "setup"  # no request can be made as configured (an unsupported proxy): delivery pauses like AUTH
 
 
 class SendResult(NamedTuple):
@@ -226,6 +227,17 @@ def connection_settings(base_url: str, env: Optional[Mapping[str, str]] = None) 
         except ImportError:
             ca_bundle = None
     return ConnectionSettings(proxy, ca_bundle)
+
+
+def proxy_problem(settings: ConnectionSettings) -> Optional[str]:
+    """Why no request can go through the configured proxy (a scheme this client does not speak), or None."""
+    if not settings.proxy:
+        return None
+    scheme = settings.proxy.split("://", 1)[0].lower() if "://" in settings.proxy else "http"
+    if scheme != "http":
+        return (f"the proxy is a {scheme}:// URL and only http:// proxies are supported: "
+                "unset the proxy variable (ALL_PROXY, HTTPS_PROXY, ...) or give an http:// proxy")
+    return None
 
 
 def _bypasses_proxy(host: str, port: Optional[int], no_proxy: str) -> bool:
@@ -482,6 +494,7 @@ class BackendClient:
         self.read_timeout_s = read_timeout_s
         self.request_timeout_s = request_timeout_from_env(env) if request_timeout_s is None else request_timeout_s
         self.settings = connection_settings(self.base_url, env)
+        self.setup_problem = proxy_problem(self.settings)  # said as a pause, not retried for ever
         self._connection: Optional[_Connection] = None
         self._watchdog = _Watchdog(self.request_timeout_s, self._current_socket)
         self._task_form = "id=" + quote(task_id, safe="")
@@ -555,6 +568,8 @@ class BackendClient:
 
     def send(self, record: Record, timeout_s: Optional[float] = None) -> SendResult:
         """POST one journal record to its endpoint; raise :class:`TransientError` to have it retried."""
+        if self.setup_problem:
+            return SendResult(Outcome.SETUP, 0, self.setup_problem)
         kind = record.kind
         if kind == KIND_STATE:
             body = f"{self._task_form}&state={record.value}"
@@ -566,6 +581,8 @@ class BackendClient:
 
     def heartbeat(self, timeout_s: Optional[float] = None) -> SendResult:
         """POST a heartbeat for the task; raise :class:`TransientError` on a passing failure."""
+        if self.setup_problem:
+            return SendResult(Outcome.SETUP, 0, self.setup_problem)
         answer = self.request("POST", HEARTBEAT_ENDPOINT, body=self._task_form.encode(), timeout_s=timeout_s)
         return classify(answer, optional_endpoint=True)
 

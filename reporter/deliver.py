@@ -531,6 +531,13 @@ class Deliverer:
                 f"ANYLEARN_SECRET_KEY (or secret_key), then run `anylearn-reporter sync {self.run_dir}`",
             )
             return False
+        elif result.outcome is Outcome.SETUP:
+            self._pause(
+                f"setup: {result.reason}", result.reason,
+                f"cannot reach the backend as configured ({result.reason}); delivery is paused and records stay "
+                f"pending in {self.run_dir}; once that is fixed, run `anylearn-reporter sync {self.run_dir}`",
+            )
+            return False
         elif result.outcome is Outcome.REDIRECT:
             # Never followed: the Secret-Key header (and the body) would go to whatever host Location names.
             self._pause(

@@ -109,6 +109,9 @@ class Heartbeat:
             self.enabled = False  # never followed: the key would go along
             log.warning("heartbeat answered HTTP %d (%s): redirects are never followed; heartbeats are off",
                         result.status, result.reason)
+        elif result.outcome is Outcome.SETUP:
+            self.enabled = False
+            log.warning("heartbeats are off: %s", result.reason)
         elif result.outcome is not Outcome.DELIVERED:
             log.warning("heartbeat refused (HTTP %d: %s)", result.status, result.reason)
 

@@ -148,6 +148,15 @@ def test_a_refused_key_or_a_redirect_pauses_delivery_and_keeps_every_record_pend
     assert json.loads((tmp_path / "status.json").read_text())["paused"] == deliverer.paused_reason
 
 
+def test_a_proxy_the_client_cannot_speak_pauses_delivery_once_instead_of_retrying_for_ever(server, tmp_path, capsys):
+    journal(tmp_path, [1.0, 2.0])
+    client = BackendClient(server.base_url, TASK_ID, Secret(SECRET_KEY), env={"ALL_PROXY": "socks5://127.0.0.1:1080"})
+    deliverer, drained = deliver_with(tmp_path, client)
+    assert not drained and deliverer.paused_reason.startswith("setup: the proxy is a socks5:// URL")
+    assert count_pending(str(tmp_path)) == 2 and server.backend.tasks()[0]["intermediate_metrics"] == []  # nothing sent or lost
+    assert capsys.readouterr().err.count("cannot reach the backend as configured") == 1
+
+
 def test_a_permanent_rejection_goes_to_rejected_jsonl_and_delivery_goes_on(tmp_path):
     journal(tmp_path, [1.0, 2.0, 3.0])
     client = FakeClient(answer_by_value({2.0: (Outcome.REJECTED, 400)}))
