@@ -95,15 +95,20 @@ def _with_callback(
 # --- one patch per framework ------------------------------------------------------------------------
 
 
-def _patch_transformers(module: Any) -> None:
+def _after_init(cls: Any, framework: str, give: Callable[[Any], None]) -> None:
+    """Patch ``cls.__init__`` so that each new instance is handed to ``give`` (safely) once it is built."""
     def make(original: Callable[..., Any]) -> Callable[..., Any]:
         def __init__(self: Any, *args: Any, **kwargs: Any) -> None:
             original(self, *args, **kwargs)
-            _safely("transformers", lambda: _give_transformers_callback(self))
+            _safely(framework, lambda: give(self))
 
         return __init__
 
-    _wrap(module.Trainer, "__init__", make)
+    _wrap(cls, "__init__", make)
+
+
+def _patch_transformers(module: Any) -> None:
+    _after_init(module.Trainer, "transformers", _give_transformers_callback)
 
 
 def _give_transformers_callback(trainer: Any) -> None:
@@ -114,14 +119,7 @@ def _give_transformers_callback(trainer: Any) -> None:
 
 
 def _patch_lightning(module: Any) -> None:
-    def make(original: Callable[..., Any]) -> Callable[..., Any]:
-        def __init__(self: Any, *args: Any, **kwargs: Any) -> None:
-            original(self, *args, **kwargs)
-            _safely("lightning", lambda: _give_lightning_logger(self))
-
-        return __init__
-
-    _wrap(module.Trainer, "__init__", make)
+    _after_init(module.Trainer, "lightning", _give_lightning_logger)
 
 
 def _give_lightning_logger(trainer: Any) -> None:
