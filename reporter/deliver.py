@@ -14,6 +14,7 @@ import collections
 import errno
 import os
 import select
+import struct
 import threading
 import time
 from typing import Any, Callable, Deque, Dict, Optional
@@ -35,10 +36,11 @@ from .journal import (
     Record,
     append_rejected,
     count_pending,
+    journal_end,
     load_cursor,
+    load_cursor_state,
     read_host_counters,
     save_cursor,
-    whole_lines_end,
 )
 from .log import get_logger
 from .policy import SKIP_STATE_OFF, SendRule, line_skip_reason, skip_reason
@@ -87,6 +89,9 @@ class DeliveryOptions:
 # --- the wake-up ------------------------------------------------------------------------------------
 
 _IN_MODIFY, _IN_CREATE, _IN_MOVED_TO = 0x2, 0x100, 0x80
+_IN_ATTRIB, _IN_DELETE_SELF, _IN_MOVE_SELF = 0x4, 0x400, 0x800  # an unlink of a file held open is an IN_ATTRIB
+_FILE_EVENTS = _IN_MODIFY | _IN_ATTRIB | _IN_DELETE_SELF | _IN_MOVE_SELF
+_EVENT_HEADER = struct.Struct("iIII")  # struct inotify_event: wd, mask, cookie, len (then len bytes of name)
 _IN_NONBLOCK, _IN_CLOEXEC = 0o4000, 0o2000000
 _inotify: Any = None  # (init1, add_watch, rm_watch) from libc, False when the system has none
 
@@ -112,7 +117,8 @@ class JournalWatch:
     """Waits until the journal grows, ``interrupt()`` is called, or a timeout passes.
 
     On Linux it blocks on inotify for the journal file (the directory until the file exists): the
-    writer's own ``os.write`` is the wake-up, so the hot path makes no extra call. Elsewhere, or when
+    writer's own ``os.write`` is the wake-up, so the hot path makes no extra call. When the file is
+    deleted or renamed away, it watches the directory again, then the new file. Elsewhere, or when
     inotify is out of watches, it sleeps ``poll_interval_s`` and the caller looks again.
     """
 
@@ -127,6 +133,8 @@ class JournalWatch:
         os.set_blocking(self._wake_w, False)
         self._ifd = -1
         self._dir_wd = -1
+        self._file_wd = -1
+        self._file_ino: Optional[int] = None  # the inode the file watch is on
         self._watching_file = False
         calls = _inotify_calls()
         if calls:
@@ -145,8 +153,16 @@ class JournalWatch:
 
     def _arm(self) -> None:
         _, add_watch, rm_watch = _inotify_calls()
-        if add_watch(self._ifd, os.fsencode(self.path), _IN_MODIFY) >= 0:
+        wd = add_watch(self._ifd, os.fsencode(self.path), _FILE_EVENTS)
+        if wd >= 0:
+            if self._file_wd >= 0 and self._file_wd != wd:
+                rm_watch(self._ifd, self._file_wd)  # the replaced file's
+            self._file_wd = wd
             self._watching_file = True
+            try:
+                self._file_ino = os.stat(self.path).st_ino
+            except OSError:
+                self._file_ino = None
             if self._dir_wd >= 0:
                 rm_watch(self._ifd, self._dir_wd)
                 self._dir_wd = -1
@@ -163,10 +179,28 @@ class JournalWatch:
             ready = self._poller.poll(timeout_s * 1000)
         except InterruptedError:
             return
+        events = 0
         for fd, _ in ready:
-            _drain(fd)
+            data = _drain(fd)
+            if fd == self._ifd:
+                events |= _event_masks(data)
+        if self._ifd >= 0 and self._watching_file and events & ~_IN_MODIFY:
+            self._follow_replacement()
         if self._ifd >= 0 and not self._watching_file and os.path.exists(self.path):
             self._arm()  # the journal appeared: watch the file itself from now on
+
+    def _follow_replacement(self) -> None:
+        """After an event other than a write on the file: when the path now names another file or none,
+        watch the directory (until the file appears again) and the file the path names."""
+        try:
+            ino: Optional[int] = os.stat(self.path).st_ino
+        except OSError:
+            ino = None
+        if ino is not None and ino == self._file_ino:
+            return
+        self._watching_file = False
+        if self._dir_wd < 0:
+            self._dir_wd = _inotify_calls()[1](self._ifd, os.fsencode(self.run_dir), _IN_CREATE | _IN_MOVED_TO)
 
     def interrupt(self) -> None:
         """Make a current or the next :meth:`wait` return at once (from any thread)."""
@@ -188,15 +222,29 @@ class JournalWatch:
                     pass
 
 
-def _drain(fd: int) -> None:
+def _drain(fd: int) -> bytes:
+    data = b""
     while True:
         try:
-            if not os.read(fd, 4096):
-                return
+            chunk = os.read(fd, 4096)
         except OSError as exc:
             if exc.errno in (errno.EAGAIN, errno.EWOULDBLOCK) or exc.errno == errno.EBADF:
-                return
+                return data
             raise
+        if not chunk:
+            return data
+        data += chunk
+
+
+def _event_masks(data: bytes) -> int:
+    """The masks of the inotify events in ``data``, or-ed together."""
+    masks = 0
+    position = 0
+    while position + _EVENT_HEADER.size <= len(data):
+        _, mask, _, name_len = _EVENT_HEADER.unpack_from(data, position)
+        masks |= mask
+        position += _EVENT_HEADER.size + name_len
+    return masks
 
 
 # --- the engine --------------------------------------------------------------------------------------
@@ -245,6 +293,8 @@ class Deliverer:
         self._idle = False
         self._progress = threading.Condition()
         self._acked = 0
+        self._acked_ino: Optional[int] = None  # the inode of the journal file ``_acked`` is an offset in
+        self._acked_head: Optional[int] = None  # that file's mark, saved with the cursor (journal_head)
         self._acked_saved = -1
         self._reader: Optional[JournalReader] = None
         self._watch: Optional[JournalWatch] = None
@@ -282,11 +332,17 @@ class Deliverer:
 
         Returns False at once when delivery is paused (a rejected key, a redirect).
         """
-        target = whole_lines_end(os.path.join(self.run_dir, JOURNAL_FILE))
+        target_ino, target = journal_end(os.path.join(self.run_dir, JOURNAL_FILE))
         deadline = None if timeout_s is None else time.monotonic() + timeout_s
         with self._progress:
             while True:
-                if self._acked_offset() >= target:
+                # An offset counts only in the file it was acknowledged in (the journal may have been replaced;
+                # the cursor file is checked against the journal there by load_cursor).
+                if self._holding:
+                    acked = self._acked if self._acked_ino == target_ino else 0
+                else:
+                    acked = load_cursor(self.run_dir)
+                if acked >= target:
                     return True
                 if self.paused_reason or self._stop.is_set() or not self._running.is_set():
                     return False
@@ -401,6 +457,13 @@ class Deliverer:
         watch: Optional[JournalWatch] = None
         while not self._stop.is_set():
             entries = reader.read_available(max_records=256)
+            if self._acked_ino is None:
+                self._acked_ino = reader.ino
+            if not entries and watch is not None and reader.replaced():
+                entries = reader.read_available(max_records=256)  # the old file to its end first
+                if not entries:
+                    self._follow_new_journal(reader)
+                    continue
             if not entries:
                 if watch is None:
                     # Made at the first idle moment (a host reporting in a burst never pays for ctypes
@@ -418,8 +481,16 @@ class Deliverer:
                 if not self._deliver_entry(entry):
                     return
 
+    def _follow_new_journal(self, reader: JournalReader) -> None:
+        """The journal was replaced and the old file is delivered to its end: start the new one at 0."""
+        reader.follow_replacement()
+        self._acked, self._acked_ino, self._acked_head = 0, reader.ino, None
+        self._checkpoint(force=True)
+        self._notify_progress()
+
     def _load_state(self) -> None:
-        self._acked = self._acked_saved = load_cursor(self.run_dir)
+        self._acked, self._acked_head = load_cursor_state(self.run_dir)
+        self._acked_saved = self._acked
         previous, _ = read_status(self.run_dir)  # field by field: a hand-edited file cannot stop delivery
         if previous is not None and previous.task_id == self.client.task_id:
             self.delivered = previous.delivered
@@ -597,7 +668,9 @@ class Deliverer:
         fsync = force or now - self._last_fsync >= self.options.cursor_fsync_interval_s
         try:
             if self._acked != self._acked_saved or fsync:
-                save_cursor(self.run_dir, self._acked, fsync=fsync)
+                if self._acked_head is None and self._acked > 0 and self._reader is not None:
+                    self._acked_head = self._reader.head()  # once per file: its first line is whole by now
+                save_cursor(self.run_dir, self._acked, fsync=fsync, head=self._acked_head)
                 self._acked_saved = self._acked
                 self._last_ack_write = now
                 if fsync:

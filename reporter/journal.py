@@ -18,6 +18,7 @@ import stat
 import threading
 import time
 import weakref
+import zlib
 from dataclasses import dataclass, fields
 from typing import Any, Callable, Dict, Iterator, List, Optional, Tuple, Union
 
@@ -475,6 +476,40 @@ class JournalReader:
             self._fd = fd
         return True
 
+    def head(self) -> Optional[int]:
+        """The mark of the file being read (see :func:`journal_head`; None before it is opened)."""
+        return journal_head(self._fd) if self._fd >= 0 else None
+
+    @property
+    def ino(self) -> Optional[int]:
+        """The inode number of the file being read (None before it is opened)."""
+        return os.fstat(self._fd).st_ino if self._fd >= 0 else None
+
+    def replaced(self) -> bool:
+        """Whether the journal's path now names another file than the one being read (deleted and made
+        again, or renamed away by log rotation). Two ``stat`` calls: look only when idle at the end."""
+        if self._fd < 0:
+            return False
+        try:
+            named = os.stat(self.path)
+        except OSError:  # gone: keep the open file; a new one is taken when it appears
+            return False
+        own = os.fstat(self._fd)
+        return (named.st_ino, named.st_dev) != (own.st_ino, own.st_dev)
+
+    def follow_replacement(self) -> None:
+        """Leave the file being read (call once it is read to its end) for the one the path names now,
+        from its start."""
+        left = os.fstat(self._fd).st_size - self.offset if self._fd >= 0 else 0
+        get_logger().warning(
+            "the journal %s was replaced (deleted or renamed); following the new file from its start%s",
+            self.path, f" ({left} unterminated bytes at the end of the old one are skipped)" if left > 0 else "",
+        )
+        self.close()
+        self.offset = 0
+        self._scanned_to = -1
+        self._ensure_open()
+
     def size(self) -> int:
         """Current size of the journal in bytes (0 when it does not exist yet)."""
         if not self._ensure_open():
@@ -579,37 +614,82 @@ def iter_records(run_dir: str) -> Iterator[Tuple[int, Record]]:
 # --- the cursor and the rejected file ---------------------------------------------------------------
 
 
-def load_cursor(run_dir: str) -> int:
-    """The acknowledged byte offset; a missing cursor is 0, a corrupt one restarts from 0 with a warning."""
+HEAD_BYTES = 4096
+
+
+def journal_head(fd: int) -> int:
+    """A mark of which file a journal is: the CRC-32 of its first line (at most :data:`HEAD_BYTES`). The
+    first record holds its time and a random key, so another journal's differs, even one that got the
+    same inode number after a delete; a copy of the run directory keeps it."""
+    head = os.pread(fd, HEAD_BYTES, 0)
+    newline = head.find(b"\n")
+    return zlib.crc32(head if newline < 0 else head[: newline + 1])
+
+
+_said_stale_cursor: set = set()
+
+
+def load_cursor_state(run_dir: str) -> Tuple[int, Optional[int]]:
+    """The acknowledged byte offset and the mark of the journal it belongs to (:func:`journal_head`; None
+    for a cursor of an older version, a plain offset). A missing cursor is 0; a corrupt one, one past the
+    journal's end or one of another file (the journal was replaced since) restarts from 0, with a warning."""
     path = os.path.join(run_dir, CURSOR_FILE)
     try:
         with open(path, "rb") as f:
             text = f.read().strip()
     except FileNotFoundError:
-        return 0
+        return 0, None
     except OSError as exc:
         get_logger().warning("cannot read %s (%s); delivering again from the start", path, exc.strerror)
-        return 0
+        return 0, None
     try:
-        offset = int(text)
-        if offset < 0:
+        parts = text.split()
+        if not 1 <= len(parts) <= 2:
+            raise ValueError
+        offset = int(parts[0])
+        head = int(parts[1]) if len(parts) == 2 else None
+        if offset < 0 or (head is not None and head < 0):
             raise ValueError
     except ValueError:
         get_logger().warning("the cursor %s is corrupt; delivering again from the start (at least once)", path)
-        return 0
+        return 0, None
+    if offset == 0:
+        return 0, head
+    size, journal_mark = 0, None
     try:
-        size = os.path.getsize(os.path.join(run_dir, JOURNAL_FILE))
+        fd = os.open(os.path.join(run_dir, JOURNAL_FILE), os.O_RDONLY | os.O_CLOEXEC | os.O_NONBLOCK)
     except OSError:
-        size = 0
+        pass
+    else:
+        try:
+            info = os.fstat(fd)
+            if stat.S_ISREG(info.st_mode):
+                size = info.st_size
+                journal_mark = journal_head(fd) if head is not None else None
+        except OSError:
+            pass
+        finally:
+            os.close(fd)
     if offset > size:
         get_logger().warning("the cursor %s points past the journal's end; delivering again from the start", path)
-        return 0
-    return offset
+        return 0, None
+    if head is not None and head != journal_mark:
+        if (path, head) not in _said_stale_cursor:  # flush() of a deliverer without the lock polls this
+            _said_stale_cursor.add((path, head))
+            get_logger().warning("the cursor %s belongs to an earlier journal (it was replaced); delivering the journal from its start", path)
+        return 0, None
+    return offset, head
 
 
-def save_cursor(run_dir: str, offset: int, *, fsync: bool = True) -> None:
-    """Atomically record that every byte before ``offset`` is acknowledged."""
-    atomic_write(os.path.join(run_dir, CURSOR_FILE), b"%d\n" % offset, fsync=fsync)
+def load_cursor(run_dir: str) -> int:
+    """The acknowledged byte offset of the journal there now; see :func:`load_cursor_state`."""
+    return load_cursor_state(run_dir)[0]
+
+
+def save_cursor(run_dir: str, offset: int, *, fsync: bool = True, head: Optional[int] = None) -> None:
+    """Atomically record that every byte before ``offset`` of the journal marked ``head`` is acknowledged."""
+    data = b"%d\n" % offset if head is None else b"%d %d\n" % (offset, head)
+    atomic_write(os.path.join(run_dir, CURSOR_FILE), data, fsync=fsync)
 
 
 def append_rejected(run_dir: str, record: Record, status: int, reason: str) -> None:
@@ -644,21 +724,26 @@ def count_lines(path: str, start: int = 0) -> int:
 
 def whole_lines_end(path: str) -> int:
     """Byte offset just after the journal's last complete line (an unterminated tail is not counted)."""
+    return journal_end(path)[1]
+
+
+def journal_end(path: str) -> Tuple[Optional[int], int]:
+    """The journal's inode (None when missing) and the byte offset just after its last complete line."""
     try:
         fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
     except OSError:
-        return 0
+        return None, 0
     try:
-        end = os.fstat(fd).st_size
-        position = end
+        info = os.fstat(fd)
+        position = info.st_size
         while position > 0:
             start = max(0, position - 4096)
             chunk = os.pread(fd, position - start, start)
             newline = chunk.rfind(b"\n")
             if newline >= 0:
-                return start + newline + 1
+                return info.st_ino, start + newline + 1
             position = start
-        return 0
+        return info.st_ino, 0
     finally:
         os.close(fd)
 

@@ -361,7 +361,7 @@ def test_the_cursor_is_saved_in_groups_yet_complete_at_idle_and_close(server, tm
 
     saves = []
     real = deliver.save_cursor
-    monkeypatch.setattr(deliver, "save_cursor", lambda run_dir, offset, fsync=True: (saves.append(offset), real(run_dir, offset, fsync=fsync)))
+    monkeypatch.setattr(deliver, "save_cursor", lambda run_dir, offset, **kw: (saves.append(offset), real(run_dir, offset, **kw)))
     journal(tmp_path, [float(i) for i in range(200)])
     grouped = DeliveryOptions(poll_interval_s=0.05, lock_poll_interval_s=0.05, ack_interval_s=3600)
     deliverer = make_deliverer(tmp_path, server.base_url, options=grouped).start()
@@ -403,3 +403,80 @@ def test_a_lone_record_waits_for_a_quiet_host_and_a_burst_holds_each_request_bac
     before_the_burst_shows = BURST_HISTORY // 2  # records 3 to 6: their history is not a burst yet
     assert len(asked) == before_the_burst_shows * looks_per_lone_record + (12 - before_the_burst_shows)
     assert intermediate_values(server) == [1.0, 2.0] + [3.0 + i for i in range(12)]
+
+
+def replace_journal(run_dir, how):
+    """Take the journal away as a user or logrotate would: delete it, or rename it aside."""
+    path = run_dir / "metrics.jsonl"
+    if how == "delete":
+        path.unlink()
+    else:
+        path.rename(run_dir / "metrics.jsonl.1")
+
+
+@pytest.mark.parametrize("how", ["delete", "rename"])
+def test_a_replaced_journal_is_followed_and_flush_waits_for_the_new_file(tmp_path, capsys, how):
+    gate = threading.Event()
+
+    def answer(record):
+        if record.value >= 5:
+            gate.wait(30)  # the new file's records are held until the test has looked at flush()
+        return SendResult(Outcome.DELIVERED, 200, "ok")
+
+    client = FakeClient(answer)
+    deliverer = Deliverer(str(tmp_path), client, FAST).start()
+    assert deliverer.wait_for_lock(10)
+    journal(tmp_path, [0.0, 1.0, 2.0, 3.0, 4.0])
+    assert deliverer.flush(10)
+    replace_journal(tmp_path, how)
+    journal(tmp_path, [5.0, 6.0, 7.0])
+    assert not deliverer.flush(0.5)  # the new file's records are not acknowledged yet
+    gate.set()
+    assert deliverer.flush(10)
+    deliverer.close(5)
+    assert client.values() == [0.0, 1.0, 2.0, 3.0, 4.0, 5.0, 6.0, 7.0]  # the old file's records not sent again
+    assert load_cursor(str(tmp_path)) == os.path.getsize(tmp_path / "metrics.jsonl")
+    assert capsys.readouterr().err.count("was replaced") == 1
+
+
+def test_a_cursor_of_a_replaced_journal_starts_the_next_deliverer_at_zero(tmp_path):
+    journal(tmp_path, [0.0, 1.0])
+    first, drained = deliver_with(tmp_path, FakeClient())
+    assert drained and first.client.values() == [0.0, 1.0]
+    replace_journal(tmp_path, "delete")  # with no deliverer running: the cursor now lies inside the new file
+    journal(tmp_path, [2.0, 3.0, 4.0, 5.0])
+    assert os.path.getsize(tmp_path / "metrics.jsonl") > int((tmp_path / "cursor").read_text().split()[0])
+    second, drained = deliver_with(tmp_path, FakeClient())
+    assert drained and second.client.values() == [2.0, 3.0, 4.0, 5.0]
+
+
+def test_the_watch_follows_the_journal_to_its_new_file(tmp_path):
+    from reporter.deliver import JournalWatch
+
+    journal(tmp_path, [0.0])
+    watch = JournalWatch(str(tmp_path), poll_interval_s=60, watch_interval_s=60)
+    if not watch.uses_inotify:
+        watch.close()
+        pytest.skip("no inotify on this system: the deliverer polls (tested above)")
+    woken = []
+    done = threading.Event()
+
+    def waiter():
+        while not done.is_set():
+            watch.wait()
+            woken.append(1)
+
+    thread = threading.Thread(target=waiter, daemon=True)
+    thread.start()
+    replace_journal(tmp_path, "rename")
+    journal(tmp_path, [1.0])  # the new file: watched once it is made
+    wait_until(lambda: woken, 20, what="a wake-up for the rename or the new file")
+    wait_until(lambda: watch._watching_file and watch._file_ino == os.stat(tmp_path / "metrics.jsonl").st_ino, 20,
+               what="the watch on the new file")
+    woken.clear()
+    journal(tmp_path, [2.0])  # a write to the new file wakes the watch (a 60 s timeout otherwise)
+    wait_until(lambda: woken, 20, what="a wake-up by a write to the new file")
+    done.set()
+    watch.interrupt()
+    thread.join(10)
+    watch.close()  # after the thread's last wait(): its descriptors are never polled once given back

@@ -17,7 +17,9 @@ from reporter.journal import (
     JournalWriter,
     check_record,
     iter_records,
+    journal_head,
     load_cursor,
+    load_cursor_state,
     lock_holder_pid,
     parse_line,
     read_host_counters,
@@ -298,3 +300,34 @@ def test_records_a_writer_could_not_journal_are_saved_for_the_run_status(tmp_pat
     good.count_lost("ENOSPC (No space left on device)")
     good.close()
     assert read_host_counters(str(tmp_path / "run")) == {"lost": {"ENOSPC (No space left on device)": 2}}
+
+
+def test_the_cursor_names_its_journal_and_an_older_plain_offset_still_counts(tmp_path):
+    JournalWriter(str(tmp_path)).append("intermediate", 1.0, None, None)
+    size = os.path.getsize(tmp_path / "metrics.jsonl")
+    with open(tmp_path / "metrics.jsonl", "rb") as f:
+        head = journal_head(f.fileno())
+    save_cursor(str(tmp_path), size, head=head)
+    assert load_cursor_state(str(tmp_path)) == (size, head)
+    (tmp_path / "cursor").write_text(f"{size}\n")  # a cursor of an earlier version: the journal there
+    assert load_cursor_state(str(tmp_path)) == (size, None)
+    save_cursor(str(tmp_path), size, head=head ^ 1)  # another journal's
+    assert load_cursor(str(tmp_path)) == 0
+
+
+def test_the_reader_finishes_a_replaced_file_then_reads_the_new_one_from_its_start(tmp_path):
+    writer = JournalWriter(str(tmp_path))
+    writer.append("intermediate", 1.0, None, None)
+    reader = JournalReader(str(tmp_path))
+    assert [e.record.value for e in reader.read_available()] == [1.0]
+    writer.append("intermediate", 2.0, None, None)  # written to the old file after the reader's last look
+    os.rename(tmp_path / "metrics.jsonl", tmp_path / "metrics.jsonl.1")
+    assert not reader.replaced()  # the path names no file: nothing to switch to yet
+    JournalWriter(str(tmp_path)).append("intermediate", 3.0, None, None)
+    assert reader.replaced()
+    assert [e.record.value for e in reader.read_available()] == [2.0]
+    assert reader.read_available() == []
+    reader.follow_replacement()
+    assert reader.offset == 0 and not reader.replaced()
+    assert [e.record.value for e in reader.read_available()] == [3.0]
+    reader.close()
