@@ -135,20 +135,32 @@ def _give_lightning_logger(trainer: Any) -> None:
     trainer.loggers = loggers + [AnylearnLogger()]
 
 
-def _patch_keras(module: Any) -> None:
+def _adding_our_callback(framework: str, module_name: str, class_name: str,
+                         after_call: Optional[Callable[[Any], None]] = None) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+    """A wrapper maker for a training call taking ``callbacks=[...]``: it adds one of our ``class_name``
+    (from ``reporter.integrations.<module_name>``) unless the call has one, and gives the instance to
+    ``after_call`` once the call returns. Any trouble of ours is said once and the call goes on unhooked."""
     def make(original: Callable[..., Any]) -> Callable[..., Any]:
-        def fit(*args: Any, **kwargs: Any) -> Any:
-            from .keras import AnylearnCallback
+        def call(*args: Any, **kwargs: Any) -> Any:
+            def hooked() -> tuple:
+                import importlib
 
-            args, kwargs, _ = _safely(
-                "keras", lambda: _with_callback(original, args, kwargs, "callbacks", AnylearnCallback, AnylearnCallback),
-                (args, kwargs, None),
-            )
-            return original(*args, **kwargs)
+                ours = getattr(importlib.import_module(f".{module_name}", __package__), class_name)
+                return _with_callback(original, args, kwargs, "callbacks", ours, ours)
 
-        return fit
+            call_args, call_kwargs, instance = _safely(framework, hooked, (args, kwargs, None))
+            result = original(*call_args, **call_kwargs)
+            if instance is not None and after_call is not None:
+                _safely(framework, lambda: after_call(instance))
+            return result
 
-    _wrap(module.Model, "fit", make)
+        return call
+
+    return make
+
+
+def _patch_keras(module: Any) -> None:
+    _wrap(module.Model, "fit", _adding_our_callback("keras", "keras", "AnylearnCallback"))
 
 
 def _patch_train_functions(framework: str, modules: Iterable[Any], make: Callable[[Callable[..., Any]], Callable[..., Any]]) -> None:
@@ -167,42 +179,17 @@ def _patch_train_functions(framework: str, modules: Iterable[Any], make: Callabl
 
 
 def _patch_xgboost(module: Any) -> None:
-    def make(original: Callable[..., Any]) -> Callable[..., Any]:
-        def train(*args: Any, **kwargs: Any) -> Any:
-            from .xgboost import AnylearnCallback
-
-            args, kwargs, _ = _safely(
-                "xgboost", lambda: _with_callback(original, args, kwargs, "callbacks", AnylearnCallback, AnylearnCallback),
-                (args, kwargs, None),
-            )
-            return original(*args, **kwargs)
-
-        return train
-
     _patch_train_functions(
-        "xgboost", [sys.modules.get("xgboost.training"), module, sys.modules.get("xgboost.sklearn")], make,
+        "xgboost", [sys.modules.get("xgboost.training"), module, sys.modules.get("xgboost.sklearn")],
+        _adding_our_callback("xgboost", "xgboost", "AnylearnCallback"),
     )
 
 
 def _patch_lightgbm(module: Any) -> None:
-    def make(original: Callable[..., Any]) -> Callable[..., Any]:
-        def train(*args: Any, **kwargs: Any) -> Any:
-            from .lightgbm import AnylearnLightGBMCallback
-
-            args, kwargs, ours = _safely(
-                "lightgbm",
-                lambda: _with_callback(original, args, kwargs, "callbacks", AnylearnLightGBMCallback, AnylearnLightGBMCallback),
-                (args, kwargs, None),
-            )
-            booster = original(*args, **kwargs)
-            if ours is not None:
-                _safely("lightgbm", ours.finish)  # LightGBM tells callbacks nothing when it stops early
-            return booster
-
-        return train
-
+    # LightGBM tells callbacks nothing when it stops early: the final metric is reported when train returns.
     _patch_train_functions(
-        "lightgbm", [sys.modules.get("lightgbm.engine"), module, sys.modules.get("lightgbm.sklearn")], make,
+        "lightgbm", [sys.modules.get("lightgbm.engine"), module, sys.modules.get("lightgbm.sklearn")],
+        _adding_our_callback("lightgbm", "lightgbm", "AnylearnLightGBMCallback", after_call=lambda ours: ours.finish()),
     )
 
 
