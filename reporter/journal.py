@@ -53,6 +53,9 @@ def clean_name(name: str) -> str:
     return name[:MAX_NAME_CHARS]
 
 
+MAX_CACHED_NAMES = 4096  # the writer keeps this many names' JSON text at most
+
+
 def step_in_range(step: int) -> bool:
     """Whether ``step`` fits a signed 64-bit integer, the one rule for every source of records."""
     return -MAX_STEP - 1 <= step <= MAX_STEP
@@ -194,6 +197,8 @@ class JournalWriter:
             cleaned = name if name is None else clean_name(name)
             if cleaned is not None and len(cleaned) < len(name):  # type: ignore[arg-type]
                 _say_once(f"a metric name longer than {MAX_NAME_CHARS} characters was journalled cut to its first {MAX_NAME_CHARS}")
+            if len(self._names) >= MAX_CACHED_NAMES:  # a name per step must not grow the process for ever
+                self._names.clear()
             name_json = self._names[name] = json.dumps(cleaned)
         if step is not None and not step_in_range(step):
             _say_once("a step beyond a 64-bit integer was journalled as null")

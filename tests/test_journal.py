@@ -331,3 +331,14 @@ def test_the_reader_finishes_a_replaced_file_then_reads_the_new_one_from_its_sta
     assert reader.offset == 0 and not reader.replaced()
     assert [e.record.value for e in reader.read_available()] == [3.0]
     reader.close()
+
+
+def test_names_are_journalled_right_across_the_writers_bounded_name_cache(tmp_path):
+    from reporter.journal import MAX_CACHED_NAMES
+
+    writer = JournalWriter(str(tmp_path))
+    names = [f"metric/{i}" for i in range(MAX_CACHED_NAMES + 10)]
+    for i, name in enumerate(names):
+        writer.append("intermediate", 0.5, name, i)
+    writer.close()
+    assert [r.name for _, r in iter_records(str(tmp_path))] == names  # the cache was emptied once on the way
