@@ -466,14 +466,12 @@ class EventFileTailer:
         *,
         objective_tag: Optional[str] = None,
         poll_interval_s: float = DEFAULT_POLL_INTERVAL_S,
-        on_journalled: Any = None,
     ) -> None:
         self.directory = os.path.abspath(directory)
         self.run_dir = run_dir
         self.writer = writer  # anything with append(kind, value, name, step, ts=...): the host's JournalWriter
         self.objective_tag = objective_tag or None
         self.poll_interval_s = poll_interval_s
-        self.on_journalled = on_journalled  # e.g. the deliverer's wake
         self.position_path = os.path.join(run_dir, TENSORBOARD_POSITION_FILE)
         self.scalars_journalled = 0
         self.duplicates_skipped = 0  # scalars a killed predecessor had journalled without saving its position
@@ -607,8 +605,6 @@ class EventFileTailer:
             if changed:
                 self._save_positions()
             self._already_journalled = {}  # the first pass after taking the role has read past them
-            if journalled and self.on_journalled is not None:
-                self.on_journalled()
             return journalled
 
     def _read_file(self, rel: str, state: _FileState) -> Tuple[int, bool]:
