@@ -334,11 +334,6 @@ class Record:
     pid: Optional[int] = None
     key: str = ""
 
-    @property
-    def is_metric(self) -> bool:
-        """True for an intermediate or final metric, False for a task state."""
-        return self.kind != KIND_STATE
-
     def as_json(self) -> Dict[str, Any]:
         """The record as the journal's JSON object (for ``rejected.jsonl`` and ``show --metrics --json``)."""
         return {f.name: getattr(self, f.name) for f in fields(self)}
@@ -725,11 +720,6 @@ def count_lines(path: str, start: int = 0) -> int:
             return sum(chunk.count(b"\n") for chunk in iter(lambda: f.read(1 << 20), b""))
     except OSError:
         return 0
-
-
-def whole_lines_end(path: str) -> int:
-    """Byte offset just after the journal's last complete line (an unterminated tail is not counted)."""
-    return journal_end(path)[1]
 
 
 def journal_end(path: str) -> Tuple[Optional[int], int]:

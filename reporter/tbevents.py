@@ -478,7 +478,6 @@ class EventFileTailer:
         self.files: Dict[str, _FileState] = {}
         self._already_journalled: Dict[Tuple[Any, Any, Any], int] = {}
         self._lock = DeliverLock(run_dir, TENSORBOARD_LOCK_FILE)
-        self._loaded = False
         self._stop = threading.Event()
         self._thread: Optional[threading.Thread] = None
         self._said_waiting = False
@@ -528,7 +527,6 @@ class EventFileTailer:
                     scanner=RecordScanner(at_file_start=offset == 0),
                 )
                 self.files[rel] = state
-        self._loaded = True
 
     def _journalled_after_last_save(self, mark: Any) -> Dict[Tuple[Any, Any, Any], int]:
         """What the previous reader journalled after its last save of the positions: a reader killed
