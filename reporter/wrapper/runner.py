@@ -15,6 +15,7 @@ import time
 from typing import Any, Dict, Mapping, Optional
 
 from ..config import (
+    ENV_OBJECTIVE_MODE,
     ENV_SECRET_KEY,
     STATE_NAMES,
     STATE_RUNNING,
@@ -34,6 +35,7 @@ from ..journal import (
 from ..log import Progress, get_logger, say_offline, warn_pending
 from ..policy import SendRule
 from ..runinfo import read_run
+from ..runmeta import HOST_RUN, attempt_summary_file, mark_attempt, write_objective
 from ..tbevents import EventFileTailer
 from .launch import (
     RunOptions,
@@ -73,6 +75,7 @@ class Run:
                            on_log_failure=lambda name: counters.count(COUNTER_LOG_WRITE_FAILED, name))
         self.deliverer: Any = None
         self.tensorboard: Optional[EventFileTailer] = None
+        self.attempt: Optional[int] = None
 
     # -- steps --
 
@@ -89,6 +92,9 @@ class Run:
         except OSError as exc:
             raise ConfigError(f"cannot replace {os.path.join(self.run_dir, SUMMARY_FILE)}: {exc.strerror}; remove it") from None
         prepare_output_dir(self.options.output_dir)
+        self.attempt = mark_attempt(self.run_dir, HOST_RUN)  # a resumed task: its records start here
+        if self.config.objective_mode:
+            write_objective(self.run_dir, self.config.objective_metric, self.config.objective_mode, ENV_OBJECTIVE_MODE, replace=False)
         if self.options.isolate_secret and not make_non_dumpable():
             raise ConfigError("--isolate-secret needs Linux (prctl PR_SET_DUMPABLE) to hide the key from the command; run without it")
         if not become_subreaper():
@@ -152,6 +158,7 @@ class Run:
         ended = time.time()
         self.writer.counters.save()  # this process's counters, for read_run below
         run = read_run(self.run_dir, SendRule.of(self.config))  # the journal and the deliverer's status.json
+        current = run.attempts[-1] if run.attempts else run  # this attempt's metrics, not earlier ones'
         child = self.child
         returncode = child.returncode
         summary: Dict[str, Any] = {
@@ -168,6 +175,7 @@ class Run:
             "stop_signal": signal_name(child.stop_signal) if child.stop_signal else None,
             "state": outcome.state,
             "state_name": STATE_NAMES[outcome.state],
+            "attempt": self.attempt,
             "offline": self.config.offline,
             "records": {
                 "journalled": run.journalled,
@@ -180,8 +188,8 @@ class Run:
                 "lost": run.lost,
             },
             "counters": run.counters,
-            "last_intermediate_metric": run.last_metric,
-            "final_metric": run.final_metric,
+            "last_intermediate_metric": current.last_metric,
+            "final_metric": current.final_metric,
             "peak_rss_bytes": child.peak_rss_bytes,
             "output": {
                 "unreadable_metric_lines": self.parser.unreadable,
@@ -195,6 +203,8 @@ class Run:
         }
         if outcome.failure:
             summary["failure"] = {"reason": outcome.failure, "stderr_tail": child.stderr_tail[-STDERR_TAIL_LINES:]}
+        if self.attempt is not None:  # summary.json is overwritten by the next attempt; this copy stays
+            atomic_write_json(os.path.join(self.run_dir, attempt_summary_file(self.attempt)), summary)
         atomic_write_json(os.path.join(self.run_dir, SUMMARY_FILE), summary)
 
 
