@@ -49,28 +49,44 @@ def thin(points: List[Tuple[float, float]], limit: int = MAX_DRAWN_POINTS) -> Li
     return kept
 
 
-def nice_ticks(low: float, high: float, count: int) -> List[float]:
-    """About ``count`` round values covering ``[low, high]`` (1, 2 or 5 times a power of ten apart)."""
+def nice_step(low: float, high: float, count: int, *, whole: bool = False) -> float:
+    """A round distance (1, 2, 2.5 or 5 times a power of ten) giving about ``count`` ticks over
+    ``[low, high]``; inf when the span is beyond floats (``+-1e308``)."""
     half_span = high / 2 - low / 2
-    if not half_span > 0:
-        return [low]
-    raw = 2 * (half_span / max(count - 1, 1)) if half_span < 1e307 else math.inf
-    if not math.isfinite(raw) or raw <= 0:
-        return [low, high]
+    raw = 2 * (half_span / max(count - 1, 1))
+    if not (math.isfinite(raw) and raw > 0) or half_span >= 1e307:
+        return math.inf
     power = 10 ** math.floor(math.log10(raw))
-    step = next((m * power for m in (1, 2, 5, 10) if m * power >= raw), 10 * power)
-    first = math.ceil(low / step) * step
-    ticks = []
-    value = first
-    while value <= high + step * 1e-9 and len(ticks) < 50:
-        ticks.append(0.0 if abs(value) < step * 1e-9 else value)
+    step = next((m * power for m in (1, 2, 2.5, 5, 10) if m * power >= raw * 0.999), 10 * power)
+    if whole:  # steps are whole numbers: no tick between them, no 2.5
+        step = max(1.0, 2 * step if step % 1 else step)
+    return step
+
+
+def nice_ticks(low: float, high: float, count: int, *, whole: bool = False) -> List[float]:
+    """Round values covering ``[low, high]``, about ``count`` of them (just the two ends for a span beyond
+    floats); whole numbers only with ``whole``."""
+    step = nice_step(low, high, count, whole=whole)
+    if not math.isfinite(step):
+        return [low, high] if high > low else [low]
+    first = math.ceil(low / step - 1e-9) * step
+    ticks: List[float] = []
+    while len(ticks) < 60:
         value = first + step * len(ticks)
+        if value > high + step * 1e-9:
+            break
+        ticks.append(0.0 if abs(value) < step * 1e-9 else value)
     return ticks or [low]
 
 
 def tick_text(value: float, unit: str = "") -> str:
-    """A short label: ``0.25``, ``1.2e+06``, ``3`` (``unit`` after it)."""
-    text = f"{value:.4g}"
+    """A short label: ``0.25``, ``12000``, ``1.2e+06`` (``unit`` after it)."""
+    if value == 0:
+        return "0" + unit
+    magnitude = abs(value)
+    text = f"{value:.6g}" if 1e-4 <= magnitude < 1e6 else f"{value:.3g}"
+    if "e" not in text and "." in text and len(text) > 7:
+        text = f"{value:.4g}"
     return text + unit
 
 
@@ -91,15 +107,16 @@ def line_chart(
     lines = [(label, pts) for label, pts in lines if pts]
     if final is not None and not math.isfinite(final):
         final = None
-    pad_l, pad_r, pad_t, pad_b = 60, 14, 30, 34
+    pad_r, pad_t, pad_b = 16, 30, 34
     parts = [
         f'<svg class="chart" role="img" width="{width}" height="{height}" viewBox="0 0 {width} {height}" '
         f'xmlns="http://www.w3.org/2000/svg" data-series="{len(lines)}"><title>{html.escape(title)}</title>',
         f'<rect x="0.5" y="0.5" width="{width - 1}" height="{height - 1}" rx="6" fill="#ffffff" stroke="#e2e5ea"/>',
     ]
+    shown_title = _cut(title, int((width * 0.55) / 7.2))
     if title:
         parts.append(f'<text class="chart-title" x="12" y="19" font-size="13" font-weight="600" fill="#1f2937" {_FONT}>'
-                     f"{html.escape(_cut(title, int((width * 0.55) / 7.2)))}</text>")
+                     f"{html.escape(shown_title)}</text>")
     if not lines and final is None:
         parts.append(f'<text x="{width / 2:.0f}" y="{height / 2:.0f}" font-size="12" fill="#6b7280" text-anchor="middle" {_FONT}>'
                      f"{html.escape(empty)}</text></svg>")
@@ -114,10 +131,17 @@ def line_chart(
         y_low, y_high = y_low - margin, y_high + margin
     if x_high / 2 - x_low / 2 <= 0:
         x_low, x_high = x_low - 1, x_high + 1
-    plot_w, plot_h = width - pad_l - pad_r, height - pad_t - pad_b
-    y_ticks = [t for t in nice_ticks(y_low, y_high, max(2, plot_h // 34)) if y_low <= t <= y_high]
+    plot_h = height - pad_t - pad_b
+    y_count = max(3, plot_h // 30)
+    step = nice_step(y_low, y_high, y_count)
+    if math.isfinite(step):  # widen to round ends, so the top and bottom lines carry labels
+        y_low, y_high = math.floor(y_low / step + 1e-9) * step, math.ceil(y_high / step - 1e-9) * step
+    y_ticks = [t for t in nice_ticks(y_low, y_high, y_count) if y_low - abs(y_low) * 1e-12 <= t <= y_high + abs(y_high) * 1e-12]
+    pad_l = max(40, int(max(len(tick_text(t, unit)) for t in y_ticks) * CHAR_W) + 14)
+    plot_w = width - pad_l - pad_r
     x_label_w = max(len(tick_text(v)) for v in (x_low, x_high)) * CHAR_W + 14
-    x_ticks = [t for t in nice_ticks(x_low, x_high, max(2, int(plot_w // x_label_w))) if x_low <= t <= x_high]
+    whole = all(float(x).is_integer() for x in xs)
+    x_ticks = [t for t in nice_ticks(x_low, x_high, max(2, int(plot_w // x_label_w)), whole=whole) if x_low <= t <= x_high]
     x_span, y_span = x_high / 2 - x_low / 2, y_high / 2 - y_low / 2
 
     def px(x: float) -> float:
@@ -129,7 +153,7 @@ def line_chart(
     for t in y_ticks:
         parts.append(f'<line x1="{pad_l}" y1="{py(t):.1f}" x2="{width - pad_r}" y2="{py(t):.1f}" stroke="#eef0f3"/>')
         parts.append(f'<text class="tick tick-y" x="{pad_l - 6}" y="{py(t) + 4:.1f}" font-size="11" fill="#4b5563" '
-                     f'text-anchor="end" {_FONT}>{html.escape(_cut(tick_text(t, unit), 9))}</text>')
+                     f'text-anchor="end" {_FONT}>{html.escape(tick_text(t, unit))}</text>')
     for t in x_ticks:
         parts.append(f'<line x1="{px(t):.1f}" y1="{pad_t + plot_h}" x2="{px(t):.1f}" y2="{pad_t + plot_h + 4}" stroke="#9ca3af"/>')
         parts.append(f'<text class="tick tick-x" x="{px(t):.1f}" y="{pad_t + plot_h + 16}" font-size="11" fill="#4b5563" '
@@ -150,10 +174,10 @@ def line_chart(
         parts.append(f'<line class="final" x1="{pad_l}" y1="{py(final):.1f}" x2="{width - pad_r}" y2="{py(final):.1f}" '
                      f'stroke="{FINAL_COLOR}" stroke-dasharray="6 4" stroke-width="2"/>')
         above = py(final) - 6 if py(final) - 6 > pad_t + 10 else py(final) + 15
-        parts.append(f'<text class="final-label" x="{width - pad_r - 4}" y="{above:.1f}" font-size="12" fill="{FINAL_COLOR}" '
-                     f'text-anchor="end" {_FONT}>final {final:.4g}</text>')
+        parts.append(f'<text class="final-label" x="{pad_l + 8}" y="{above:.1f}" font-size="12" fill="{FINAL_COLOR}" '
+                     f'font-weight="600" {_FONT}>final {final:.4g}</text>')
     if len(lines) > 1:
-        parts.append(_legend([label for label, _ in lines], width - pad_r, title_w=len(title) * 7.2 + 24 if title else 12))
+        parts.append(_legend([label for label, _ in lines], width - pad_r, title_w=len(shown_title) * 7.6 + 24 if title else 12))
     parts.append("</svg>")
     return "".join(parts)
 
