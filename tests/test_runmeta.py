@@ -117,3 +117,12 @@ def test_a_second_process_while_the_first_runs_is_the_same_attempt(tmp_path):
         sleeper.communicate(b"")
     assert mark_attempt(run_dir, "hook", only_if_ended=True) == 2
     assert [m.attempt for m in attempt_segments(run_dir)] == [2]  # both at offset 0: attempt 1 journalled nothing
+
+
+def test_the_wrapper_records_the_hyper_parameters_for_ui_with_the_key_masked(tmp_path):
+    env = clean_environ(ANYLEARN_REPORTER_DIR=str(tmp_path), ANYLEARN_TASK_ID=TASK_ID, ANYLEARN_SECRET_KEY="k3y-s3cret",
+                        ANYLEARN_BACKEND_URL="http://127.0.0.1:9/api", ANYLEARN_DRAIN_TIMEOUT="0",
+                        ANYLEARN_TRAIN_PARAMS='{"lr": 0.01, "token": "k3y-s3cret"}')
+    cli("run", "--", sys.executable, "-c", "pass", env=env)
+    with open(tmp_path / TASK_ID / "params.json") as f:
+        assert json.load(f) == {"lr": 0.01, "token": "***"}

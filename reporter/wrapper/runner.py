@@ -17,6 +17,7 @@ from typing import Any, Dict, Mapping, Optional
 from ..config import (
     ENV_OBJECTIVE_MODE,
     ENV_SECRET_KEY,
+    PARAMS_FILE,
     STATE_NAMES,
     STATE_RUNNING,
     SUMMARY_FILE,
@@ -93,6 +94,7 @@ class Run:
             raise ConfigError(f"cannot replace {os.path.join(self.run_dir, SUMMARY_FILE)}: {exc.strerror}; remove it") from None
         prepare_output_dir(self.options.output_dir)
         self.attempt = mark_attempt(self.run_dir, HOST_RUN)  # a resumed task: its records start here
+        self.write_params()
         if self.config.objective_mode:
             write_objective(self.run_dir, self.config.objective_metric, self.config.objective_mode, ENV_OBJECTIVE_MODE, replace=False)
         if self.options.isolate_secret and not make_non_dumpable():
@@ -100,6 +102,18 @@ class Run:
         if not become_subreaper():
             self.log.debug("cannot become the subreaper of the command's tree: its orphans go to init")
         return child_env
+
+    def write_params(self) -> None:
+        """The command's hyper-parameters as ``params.json`` (for ``ui``), the key masked like in argv;
+        a failure is logged, the run goes on."""
+        if not self.options.params:
+            return
+        text = json.dumps(self.options.params, default=str)
+        key = self.config.secret_key.reveal() if self.config.secret_key else None
+        try:
+            atomic_write_json(os.path.join(self.run_dir, PARAMS_FILE), json.loads(text.replace(key, "***") if key else text))
+        except (OSError, ValueError) as exc:
+            self.log.warning("cannot write %s: %s", PARAMS_FILE, exc)
 
     def start_delivery(self) -> None:
         if self.config.offline:
