@@ -20,7 +20,7 @@ import json
 import os
 import time
 from dataclasses import dataclass
-from typing import Any, Dict, List, Optional
+from typing import List, Optional
 
 from .config import ATTEMPTS_FILE, JOURNAL_FILE, OBJECTIVE_FILE
 from .journal import atomic_write_json, read_json
