@@ -26,6 +26,7 @@ from .journal import (
     register_fork_hook,
 )
 from .log import counted, get_logger, say_offline, warn_pending
+from .runmeta import HOST_HOOK, mark_attempt, write_objective
 
 if TYPE_CHECKING:  # the delivery side (requests, tenacity) is imported by the delivery thread only
     from .deliver import Deliverer
@@ -50,6 +51,7 @@ class _Hook:
         self.writer = JournalWriter(config.run_dir, rank=config.rank, on_non_finite=self._warn_non_finite)
         self.deliverer: Optional["Deliverer"] = None
         self.delivery_started = False
+        self.attempt_begun = False
         self._deliverer_ready = threading.Event()
         self._warned_non_finite: set = set()
         for problem in problems:
@@ -58,6 +60,8 @@ class _Hook:
 
     def emit(self, kind: str, value: float, name: Optional[str], step: Optional[int]) -> None:
         try:
+            if not self.attempt_begun:
+                self._begin_attempt()
             self.writer.append(kind, value, name, step)
             if not self.delivery_started:
                 self._start_delivery()
@@ -65,6 +69,22 @@ class _Hook:
             self.writer.count_lost(f"internal error ({type(exc).__name__}: {exc})"[:200])
         # No wake-up call here: the journal write itself wakes the deliverer (inotify), or it finds new
         # records by itself within its poll interval where inotify is missing.
+
+    def _begin_attempt(self) -> None:
+        """Before this process's first record: mark a new attempt when the last one's process has ended
+        (a run without the wrapper run again), and record ``ANYLEARN_OBJECTIVE_MODE``. The wrapper does
+        both itself for its command; other ranks leave it to rank 0."""
+        self.attempt_begun = True
+        if os.environ.get(ENV_SUPERVISOR_PID) or self.config.rank != 0:
+            return
+        try:
+            os.makedirs(self.config.run_dir, exist_ok=True)
+        except OSError:
+            return  # the writer counts the record as lost
+        mark_attempt(self.config.run_dir, HOST_HOOK, only_if_ended=True)
+        if self.config.objective_mode:
+            write_objective(self.config.run_dir, self.config.objective_metric, self.config.objective_mode,
+                            "ANYLEARN_OBJECTIVE_MODE", replace=False)
 
     def _warn_non_finite(self, name: Optional[str], value: float) -> None:
         if name not in self._warned_non_finite:

@@ -11,7 +11,7 @@ import os
 import sys
 from typing import Callable, List, Optional
 
-from .config import ENV_SECRET_KEY, ENV_SECRET_KEY_PLATFORM, ConfigError
+from .config import DEFAULT_UI_PORT, ENV_REPORTER_DIR, ENV_SECRET_KEY, ENV_SECRET_KEY_PLATFORM, ConfigError
 
 EXIT_OK = 0
 EXIT_USAGE = 2
@@ -340,8 +340,41 @@ def _add_doctor(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=_cmd_doctor)
 
 
+def _cmd_ui(args: argparse.Namespace) -> int:
+    from .config import load_config
+    from .ui.server import ui_command
+
+    config, _ = load_config()
+    paths = args.paths or [config.reporter_dir]
+    missing = [p for p in paths if not os.path.isdir(p)]
+    if missing:
+        print(f"anylearn-reporter: no directory {missing[0]}: give a run directory or a reporter directory "
+              f"(default {ENV_REPORTER_DIR}, now {config.reporter_dir})", file=sys.stderr)
+        return EXIT_USAGE
+    return ui_command(paths, port=args.port, default_mode=config.objective_mode)
+
+
+def _add_ui(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "ui",
+        help="a local page of every run's curves, read from the run directories",
+        formatter_class=_formatter,
+        description=(
+            "Serves one page on 127.0.0.1: the runs with state, duration, objective, best and final; per run every "
+            "named metric as a chart (attempts drawn apart), the resource samples, the hyper-parameters (params.json) "
+            "and the failure reason; one metric of several runs overlaid. Reads the run directories directly and "
+            "follows them as they grow; needs no backend and loads nothing from elsewhere."
+        ),
+        epilog="examples:\n  anylearn-reporter ui\n  anylearn-reporter ui anylearn-runs/TRAI1 anylearn-runs/TRAI2 --port 8091",
+    )
+    p.add_argument("paths", nargs="*", metavar="RUN_DIR_OR_REPORTER_DIR",
+                   help=f"run directories, or directories of runs (default: {ENV_REPORTER_DIR}, else ./anylearn-runs)")
+    p.add_argument("--port", type=int, default=DEFAULT_UI_PORT, help=f"the port on 127.0.0.1 (default {DEFAULT_UI_PORT})")
+    p.set_defaults(func=_cmd_ui)
+
+
 _COMMANDS: List[Callable[[argparse._SubParsersAction], None]] = [
-    _add_run, _add_sidecar, _add_sync, _add_report, _add_show, _add_status, _add_doctor, _add_serve,
+    _add_run, _add_sidecar, _add_sync, _add_report, _add_show, _add_status, _add_doctor, _add_serve, _add_ui,
 ]
 
 

@@ -22,6 +22,7 @@ ENV_REPORTER_DIR = "ANYLEARN_REPORTER_DIR"
 ENV_RUN_DIR = "ANYLEARN_REPORTER_RUN_DIR"
 ENV_REPORT_RANKS = "ANYLEARN_REPORT_RANKS"
 ENV_OBJECTIVE_METRIC = "ANYLEARN_OBJECTIVE_METRIC"
+ENV_OBJECTIVE_MODE = "ANYLEARN_OBJECTIVE_MODE"  # min|max: which way the objective is better (default: by its name)
 ENV_FLUSH_TIMEOUT = "ANYLEARN_FLUSH_TIMEOUT"
 ENV_REQUEST_TIMEOUT = "ANYLEARN_REQUEST_TIMEOUT"
 ENV_RANK = "RANK"
@@ -70,6 +71,7 @@ DEFAULT_OUTPUT_DIR = "output"
 DEFAULT_GRACE_PERIOD_S = 30.0
 DEFAULT_DRAIN_TIMEOUT_S = 60.0
 DEFAULT_RESOURCE_INTERVAL_S = 10.0
+DEFAULT_UI_PORT = 8090  # anylearn-reporter ui, on 127.0.0.1
 DEFAULT_HEARTBEAT_INTERVAL_S = 30.0
 STANDALONE_NAMESPACE = "STANDALONE"
 BACKEND_URL_TEMPLATE = "http://anylearn-backend.{namespace}/api"
@@ -89,6 +91,9 @@ STDOUT_LOG = "stdout.log"
 STDERR_LOG = "stderr.log"
 TENSORBOARD_POSITION_FILE = "tensorboard.json"  # how far each event file was read
 TENSORBOARD_LOCK_FILE = "tensorboard.lock"  # one reader of the event files per run
+OBJECTIVE_FILE = "objective.json"  # the objective's name and direction, when known
+ATTEMPTS_FILE = "attempts.jsonl"  # one line per attempt: where it starts in the journal
+PARAMS_FILE = "params.json"  # the hyper-parameters an integration recorded
 
 # --- task states (AnyLearn) ------------------------------------------------------------------------
 STATE_CREATED = 0
@@ -156,6 +161,7 @@ class Config:
     flush_timeout_s: float
     rank: int
     request_timeout_s: float = DEFAULT_REQUEST_TIMEOUT_S
+    objective_mode: Optional[str] = None  # "min" or "max" when ANYLEARN_OBJECTIVE_MODE says so
 
     @property
     def offline(self) -> bool:
@@ -358,6 +364,11 @@ def load_config(env: Optional[Mapping[str, str]] = None) -> Tuple[Config, List[s
         problems.append(f"{exc}; treating this process as rank 0")
         rank = 0
 
+    objective_mode = (_first(env, ENV_OBJECTIVE_MODE) or "").strip().lower() or None
+    if objective_mode not in (None, "min", "max"):
+        problems.append(f"{ENV_OBJECTIVE_MODE}={objective_mode!r} must be 'min' or 'max'")
+        objective_mode = None
+
     config = Config(
         task_id=task_id,
         secret_key=secret,
@@ -370,6 +381,7 @@ def load_config(env: Optional[Mapping[str, str]] = None) -> Tuple[Config, List[s
         flush_timeout_s=flush_timeout_s,
         rank=rank,
         request_timeout_s=request_timeout_s,
+        objective_mode=objective_mode,
     )
     return config, problems
 

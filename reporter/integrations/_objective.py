@@ -144,6 +144,10 @@ class MetricSink:
         self.mode = self.requested_mode or self.mode_hints.get(key) or default_mode(key)
         detail = f"final = {self.final}" + (f" ({self.mode})" if self.final == "best" else "")
         get_logger().info("%s: objective metric is %r (from %s); %s", self.framework, key, why, detail)
+        if self.is_rank_zero():  # show/status/ui then call the right value "best"
+            from ..runmeta import write_objective
+
+            write_objective(api.run_directory(), key, self.mode, self.framework)
 
     # --- the hot path -------------------------------------------------------------------------
 

@@ -15,7 +15,9 @@ import time
 from typing import Any, Dict, Mapping, Optional
 
 from ..config import (
+    ENV_OBJECTIVE_MODE,
     ENV_SECRET_KEY,
+    PARAMS_FILE,
     STATE_NAMES,
     STATE_RUNNING,
     SUMMARY_FILE,
@@ -34,6 +36,7 @@ from ..journal import (
 from ..log import Progress, get_logger, say_offline, warn_pending
 from ..policy import SendRule
 from ..runinfo import read_run
+from ..runmeta import HOST_RUN, attempt_summary_file, mark_attempt, write_objective
 from ..tbevents import EventFileTailer
 from .launch import (
     RunOptions,
@@ -73,6 +76,7 @@ class Run:
                            on_log_failure=lambda name: counters.count(COUNTER_LOG_WRITE_FAILED, name))
         self.deliverer: Any = None
         self.tensorboard: Optional[EventFileTailer] = None
+        self.attempt: Optional[int] = None
 
     # -- steps --
 
@@ -89,11 +93,27 @@ class Run:
         except OSError as exc:
             raise ConfigError(f"cannot replace {os.path.join(self.run_dir, SUMMARY_FILE)}: {exc.strerror}; remove it") from None
         prepare_output_dir(self.options.output_dir)
+        self.attempt = mark_attempt(self.run_dir, HOST_RUN)  # a resumed task: its records start here
+        self.write_params()
+        if self.config.objective_mode:
+            write_objective(self.run_dir, self.config.objective_metric, self.config.objective_mode, ENV_OBJECTIVE_MODE, replace=False)
         if self.options.isolate_secret and not make_non_dumpable():
             raise ConfigError("--isolate-secret needs Linux (prctl PR_SET_DUMPABLE) to hide the key from the command; run without it")
         if not become_subreaper():
             self.log.debug("cannot become the subreaper of the command's tree: its orphans go to init")
         return child_env
+
+    def write_params(self) -> None:
+        """The command's hyper-parameters as ``params.json`` (for ``ui``), the key masked like in argv;
+        a failure is logged, the run goes on."""
+        if not self.options.params:
+            return
+        text = json.dumps(self.options.params, default=str)
+        key = self.config.secret_key.reveal() if self.config.secret_key else None
+        try:
+            atomic_write_json(os.path.join(self.run_dir, PARAMS_FILE), json.loads(text.replace(key, "***") if key else text))
+        except (OSError, ValueError) as exc:
+            self.log.warning("cannot write %s: %s", PARAMS_FILE, exc)
 
     def start_delivery(self) -> None:
         if self.config.offline:
@@ -152,6 +172,7 @@ class Run:
         ended = time.time()
         self.writer.counters.save()  # this process's counters, for read_run below
         run = read_run(self.run_dir, SendRule.of(self.config))  # the journal and the deliverer's status.json
+        current = run.attempts[-1] if run.attempts else run  # this attempt's metrics, not earlier ones'
         child = self.child
         returncode = child.returncode
         summary: Dict[str, Any] = {
@@ -168,6 +189,7 @@ class Run:
             "stop_signal": signal_name(child.stop_signal) if child.stop_signal else None,
             "state": outcome.state,
             "state_name": STATE_NAMES[outcome.state],
+            "attempt": self.attempt,
             "offline": self.config.offline,
             "records": {
                 "journalled": run.journalled,
@@ -180,8 +202,8 @@ class Run:
                 "lost": run.lost,
             },
             "counters": run.counters,
-            "last_intermediate_metric": run.last_metric,
-            "final_metric": run.final_metric,
+            "last_intermediate_metric": current.last_metric,
+            "final_metric": current.final_metric,
             "peak_rss_bytes": child.peak_rss_bytes,
             "output": {
                 "unreadable_metric_lines": self.parser.unreadable,
@@ -195,6 +217,8 @@ class Run:
         }
         if outcome.failure:
             summary["failure"] = {"reason": outcome.failure, "stderr_tail": child.stderr_tail[-STDERR_TAIL_LINES:]}
+        if self.attempt is not None:  # summary.json is overwritten by the next attempt; this copy stays
+            atomic_write_json(os.path.join(self.run_dir, attempt_summary_file(self.attempt)), summary)
         atomic_write_json(os.path.join(self.run_dir, SUMMARY_FILE), summary)
 
 
