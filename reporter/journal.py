@@ -459,6 +459,8 @@ class JournalReader:
         self.not_regular = False  # a device, a FIFO...: never followed (/dev/full would be read forever)
         self._fd = -1
         self._scanned_to = -1  # how far a long line after :attr:`offset` was searched for its newline
+        self._head: Optional[int] = None  # the file's mark (journal_head) once its first line was read
+        self._at_end = False  # the last read reached the end of the file
 
     def _ensure_open(self) -> bool:
         if self.not_regular:
@@ -509,6 +511,7 @@ class JournalReader:
         self.close()
         self.offset = 0
         self._scanned_to = -1
+        self._head = None
         self._ensure_open()
 
     def size(self) -> int:
@@ -525,6 +528,11 @@ class JournalReader:
         """
         if not self._ensure_open():
             return []
+        if self._at_end and self._head is not None and self.offset > 0 and journal_head(self._fd) != self._head:
+            # Read to its end before, and now another first line: truncated and written again past the offset
+            # (a line end there by chance). Looked at once per call after the end, not per record.
+            self._restart_truncated()
+        self._at_end = False
         entries: List[JournalEntry] = []
         while len(entries) < max_records:
             if self.offset > 0:
@@ -540,10 +548,12 @@ class JournalReader:
             else:
                 chunk = os.pread(self._fd, _READ_CHUNK_BYTES, 0)
             if not chunk:
+                self._at_end = True
                 break
             last_newline = chunk.rfind(b"\n")
             if last_newline < 0:
                 if len(chunk) < _READ_CHUNK_BYTES:
+                    self._at_end = True
                     break  # an unterminated tail
                 long_line = self._read_long_line()
                 if long_line is None:
@@ -580,6 +590,8 @@ class JournalReader:
                     self.invalid[problem] = self.invalid.get(problem, 0) + 1
                 entries.append(JournalEntry(position, record, problem))
                 self.offset = position
+        if self._head is None and self.offset > 0:
+            self._head = journal_head(self._fd)  # once per file: its first line is whole now
         return entries
 
     def _restart_truncated(self) -> None:
@@ -587,11 +599,12 @@ class JournalReader:
         place (logrotate's ``copytruncate``), so it is a new journal, read from its start."""
         self.truncations += 1
         get_logger().warning(
-            "the journal %s was truncated in place (by logrotate's copytruncate?) below the %d bytes already read; "
+            "the journal %s was truncated in place (by logrotate's copytruncate?) after %d bytes of it were read; "
             "it is a new journal now, read from its start", self.path, self.offset,
         )
         self.offset = 0
         self._scanned_to = -1
+        self._head = None
 
     def _read_long_line(self) -> "Optional[bytes | int]":
         """The line at :attr:`offset` (with its newline) when it spans more than one chunk; the offset just
