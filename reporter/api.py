@@ -26,6 +26,7 @@ from .journal import (
     register_fork_hook,
 )
 from .log import counted, get_logger, say_offline, warn_pending
+from .policy import is_short_gap
 from .runmeta import HOST_HOOK, mark_attempt, write_objective
 
 if TYPE_CHECKING:  # the delivery side (requests, tenacity) is imported by the delivery thread only
@@ -120,7 +121,7 @@ class _Hook:
             self._deliverer_ready.set()
 
     def _reporting_in_a_burst(self) -> bool:
-        return time.time() - self.writer.last_append_ts < BURST_GAP_S
+        return is_short_gap(time.time() - self.writer.last_append_ts, BURST_GAP_S)
 
     def flush(self, timeout_s: Optional[float]) -> bool:
         if not self.delivery_started:

@@ -43,7 +43,7 @@ from .journal import (
     save_cursor,
 )
 from .log import get_logger
-from .policy import SKIP_STATE_OFF, SendRule, line_skip_reason, skip_reason
+from .policy import SKIP_STATE_OFF, SendRule, is_short_gap, line_skip_reason, skip_reason
 from .runstatus import DeliveryStatus, read_status, write_status
 
 PROGRESS_INTERVAL_S = 0.5
@@ -136,16 +136,15 @@ class JournalWatch:
         self._file_wd = -1
         self._file_ino: Optional[int] = None  # the inode the file watch is on
         self._watching_file = False
+        self._poller = select.poll()
+        self._poller.register(self._wake_r, select.POLLIN)
         calls = _inotify_calls()
         if calls:
             fd = calls[0](_IN_NONBLOCK | _IN_CLOEXEC)
             if fd >= 0:
                 self._ifd = fd
+                self._poller.register(fd, select.POLLIN)
                 self._arm()
-        self._poller = select.poll()
-        self._poller.register(self._wake_r, select.POLLIN)
-        if self._ifd >= 0:
-            self._poller.register(self._ifd, select.POLLIN)
 
     @property
     def uses_inotify(self) -> bool:
@@ -154,6 +153,10 @@ class JournalWatch:
     def _arm(self) -> None:
         _, add_watch, rm_watch = _inotify_calls()
         wd = add_watch(self._ifd, os.fsencode(self.path), _FILE_EVENTS)
+        if wd < 0 and self._file_wd >= 0:  # out of watches (ENOSPC): the replaced file's watch frees one
+            rm_watch(self._ifd, self._file_wd)
+            self._file_wd = -1
+            wd = add_watch(self._ifd, os.fsencode(self.path), _FILE_EVENTS)
         if wd >= 0:
             if self._file_wd >= 0 and self._file_wd != wd:
                 rm_watch(self._ifd, self._file_wd)  # the replaced file's
@@ -169,8 +172,24 @@ class JournalWatch:
         elif self._dir_wd < 0:
             self._dir_wd = add_watch(self._ifd, os.fsencode(self.run_dir), _IN_CREATE | _IN_MOVED_TO)
             if self._dir_wd < 0:
-                os.close(self._ifd)  # no watch at all (ENOSPC: out of watches): poll instead
-                self._ifd = -1
+                self._stop_watching()  # no watch at all (ENOSPC: out of watches): poll instead
+
+    def _stop_watching(self) -> None:
+        """Give inotify up for timed polling. The descriptor leaves the poller before it is closed: a closed
+        descriptor still registered reads as ready (POLLNVAL) at once, for ever, and the wait would spin."""
+        fd, self._ifd = self._ifd, -1
+        self._file_wd = self._dir_wd = -1
+        self._watching_file = False
+        try:
+            self._poller.unregister(fd)
+        except (KeyError, ValueError):
+            pass
+        try:
+            os.close(fd)
+        except OSError:
+            pass
+        get_logger().info("no inotify watch is left for %s; looking at the journal every %g s instead",
+                          self.path, self.poll_interval_s)
 
     def wait(self) -> None:
         """Block until the journal may have grown (or the safety timeout passes)."""
@@ -180,7 +199,10 @@ class JournalWatch:
         except InterruptedError:
             return
         events = 0
-        for fd, _ in ready:
+        for fd, revents in ready:
+            if revents & select.POLLNVAL:  # a descriptor closed under the poller: never poll it again
+                self._poller.unregister(fd)
+                continue
             data = _drain(fd)
             if fd == self._ifd:
                 events |= _event_masks(data)
@@ -308,6 +330,9 @@ class Deliverer:
         self._previous_ts: Optional[float] = None
         self._short_gaps: Deque[bool] = collections.deque(maxlen=BURST_HISTORY)  # recent gaps under burst_gap_s
         self._in_burst = False  # the last request was held back for a host reporting in a burst
+        self.held_back = 0  # requests held back because the host was reporting just now
+        self._said_odd_answer = False  # a 2xx without a JSON object was said
+        self._lock_error: Optional[str] = None  # why the last try at the deliver lock failed (not a conflict)
         self._log = get_logger()
 
     # --- the door -----------------------------------------------------------------------------------
@@ -332,7 +357,8 @@ class Deliverer:
 
         Returns False at once when delivery is paused (a rejected key, a redirect).
         """
-        target_ino, target = journal_end(os.path.join(self.run_dir, JOURNAL_FILE))
+        path = os.path.join(self.run_dir, JOURNAL_FILE)
+        target_ino, target = journal_end(path)
         deadline = None if timeout_s is None else time.monotonic() + timeout_s
         with self._progress:
             while True:
@@ -342,6 +368,8 @@ class Deliverer:
                     acked = self._acked if self._acked_ino == target_ino else 0
                 else:
                     acked = load_cursor(self.run_dir)
+                if acked > target and acked > journal_end(path)[1]:
+                    acked = 0  # the journal is shorter than what was acknowledged: truncated in place, a new journal
                 if acked >= target:
                     return True
                 if self.paused_reason or self._stop.is_set() or not self._running.is_set():
@@ -386,6 +414,12 @@ class Deliverer:
         thread = self._thread
         if thread is not None and thread is not threading.current_thread():
             thread.join(1.0 if deadline is None else max(0.1, deadline - time.monotonic()))
+        if self._lock_error is not None:  # nobody delivered: say so at the end too, not only when it began
+            self._log.warning(
+                "nothing was delivered: the deliver lock in %s could not be taken (%s); %d records stay pending, "
+                "deliver them with `anylearn-reporter sync %s`", self.run_dir, self._lock_error,
+                count_pending(self.run_dir), self.run_dir,
+            )
         return drained
 
     # --- what the engine says about itself (status.json, the hosts' messages) -------------------------
@@ -438,10 +472,12 @@ class Deliverer:
             try:
                 if self._lock.try_acquire():
                     self._holding = True
+                    self._lock_error = None
                     self._lock_known.set()
                     return True
-            except (OSError, ValueError) as exc:  # said once per cause, not once per attempt
-                why = getattr(exc, "strerror", None) or str(exc)
+                self._lock_error = None  # another process holds it: that one delivers
+            except (OSError, ValueError) as exc:  # said once per cause, not once per attempt; tried again later
+                why = self._lock_error = getattr(exc, "strerror", None) or str(exc)
                 if why != said:
                     said = why
                     self._note_error(f"cannot take the deliver lock: {why}")
@@ -455,10 +491,15 @@ class Deliverer:
         self._load_state()
         reader = self._reader = JournalReader(self.run_dir, self._acked)
         watch: Optional[JournalWatch] = None
+        truncations = 0
         while not self._stop.is_set():
             entries = reader.read_available(max_records=256)
             if self._acked_ino is None:
                 self._acked_ino = reader.ino
+            if reader.truncations != truncations:  # truncated in place: a new journal, acknowledged from 0
+                truncations = reader.truncations
+                self._acked, self._acked_head = 0, None
+                self._checkpoint(force=True)
             if not entries and watch is not None and reader.replaced():
                 entries = reader.read_available(max_records=256)  # the old file to its end first
                 if not entries:
@@ -534,10 +575,11 @@ class Deliverer:
         ts = record.ts
         previous, self._previous_ts = self._previous_ts, float(ts) if isinstance(ts, (int, float)) else None
         if self._previous_ts is not None and previous is not None:
-            self._short_gaps.append(self._previous_ts - previous < self.options.burst_gap_s)
+            self._short_gaps.append(is_short_gap(self._previous_ts - previous, self.options.burst_gap_s))
         self._in_burst = False
         if self._host_busy is None or not self._host_busy():
             return
+        self.held_back += 1
         if 2 * sum(self._short_gaps) >= BURST_HISTORY:
             self._in_burst = True
             self._stop.wait(self.options.max_defer_s)
@@ -579,6 +621,10 @@ class Deliverer:
             self._log.info("delivery resumed after %.0f s", time.time() - self._failing_since)
             self._failing_since = None
         if result.outcome is Outcome.DELIVERED:
+            if result.reason and not self._said_odd_answer:  # a 2xx is delivered whatever its body
+                self._said_odd_answer = True
+                self._log.warning("the backend took a %s record with an odd answer (%s); counted as delivered (said once)",
+                                  record.kind, result.reason)
             self.delivered += 1
             self.delivered_now += 1
             self.last_delivery_ts = time.time()

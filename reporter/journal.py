@@ -454,10 +454,13 @@ class JournalReader:
         self.path = os.path.join(run_dir, JOURNAL_FILE)
         self.offset = offset
         self.torn_lines = 0
+        self.truncations = 0  # times the file was found truncated in place and read again from its start
         self.invalid: Dict[str, int] = {}  # whole lines that are not valid records, by reason
         self.not_regular = False  # a device, a FIFO...: never followed (/dev/full would be read forever)
         self._fd = -1
         self._scanned_to = -1  # how far a long line after :attr:`offset` was searched for its newline
+        self._head: Optional[int] = None  # the file's mark (journal_head) once its first line was read
+        self._at_end = False  # the last read reached the end of the file
 
     def _ensure_open(self) -> bool:
         if self.not_regular:
@@ -508,6 +511,7 @@ class JournalReader:
         self.close()
         self.offset = 0
         self._scanned_to = -1
+        self._head = None
         self._ensure_open()
 
     def size(self) -> int:
@@ -524,14 +528,32 @@ class JournalReader:
         """
         if not self._ensure_open():
             return []
+        if self._at_end and self._head is not None and self.offset > 0 and journal_head(self._fd) != self._head:
+            # Read to its end before, and now another first line: truncated and written again past the offset
+            # (a line end there by chance). Looked at once per call after the end, not per record.
+            self._restart_truncated()
+        self._at_end = False
         entries: List[JournalEntry] = []
         while len(entries) < max_records:
-            chunk = os.pread(self._fd, _READ_CHUNK_BYTES, self.offset)
+            if self.offset > 0:
+                # The byte before the offset comes along in the same read: it is the newline of the last
+                # line read, unless the journal was truncated in place (and written again) since.
+                chunk = os.pread(self._fd, _READ_CHUNK_BYTES + 1, self.offset - 1)
+                if chunk[:1] != b"\n":
+                    if entries:
+                        break  # hand over what was read; the next call starts the new journal
+                    self._restart_truncated()
+                    continue
+                chunk = chunk[1:]
+            else:
+                chunk = os.pread(self._fd, _READ_CHUNK_BYTES, 0)
             if not chunk:
+                self._at_end = True
                 break
             last_newline = chunk.rfind(b"\n")
             if last_newline < 0:
                 if len(chunk) < _READ_CHUNK_BYTES:
+                    self._at_end = True
                     break  # an unterminated tail
                 long_line = self._read_long_line()
                 if long_line is None:
@@ -568,7 +590,21 @@ class JournalReader:
                     self.invalid[problem] = self.invalid.get(problem, 0) + 1
                 entries.append(JournalEntry(position, record, problem))
                 self.offset = position
+        if self._head is None and self.offset > 0:
+            self._head = journal_head(self._fd)  # once per file: its first line is whole now
         return entries
+
+    def _restart_truncated(self) -> None:
+        """The journal is shorter than the offset, or no longer has a line end there: it was truncated in
+        place (logrotate's ``copytruncate``), so it is a new journal, read from its start."""
+        self.truncations += 1
+        get_logger().warning(
+            "the journal %s was truncated in place (by logrotate's copytruncate?) after %d bytes of it were read; "
+            "it is a new journal now, read from its start", self.path, self.offset,
+        )
+        self.offset = 0
+        self._scanned_to = -1
+        self._head = None
 
     def _read_long_line(self) -> "Optional[bytes | int]":
         """The line at :attr:`offset` (with its newline) when it spans more than one chunk; the offset just
@@ -671,7 +707,10 @@ def load_cursor_state(run_dir: str) -> Tuple[int, Optional[int]]:
         finally:
             os.close(fd)
     if offset > size:
-        get_logger().warning("the cursor %s points past the journal's end; delivering again from the start", path)
+        if (path, offset, "past") not in _said_stale_cursor:  # flush() of a deliverer without the lock polls this
+            _said_stale_cursor.add((path, offset, "past"))
+            get_logger().warning("the cursor %s points past the journal's end (the journal was truncated: a new "
+                                 "journal); delivering it from its start", path)
         return 0, None
     if head is not None and head != journal_mark:
         if (path, head) not in _said_stale_cursor:  # flush() of a deliverer without the lock polls this
@@ -783,8 +822,12 @@ class DeliverLock:
         except OSError:
             os.close(fd)
             return False
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, b"%d\n" % os.getpid(), 0)
+        try:
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, b"%d\n" % os.getpid(), 0)
+        except BaseException:  # a full disk: give the lock back (closing the descriptor releases it), or it
+            os.close(fd)  # would stay taken by this very process, which could then never take it again
+            raise
         self._fd, self._owner_pid = fd, os.getpid()
         return True
 
