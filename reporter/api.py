@@ -16,6 +16,7 @@ import time
 from typing import TYPE_CHECKING, Any, Dict, List, Mapping, Optional
 
 from .config import BURST_GAP_S, ENV_SUPERVISOR_PID, Config, load_config
+from . import journal
 from .journal import (
     KIND_FINAL,
     KIND_INTERMEDIATE,
@@ -169,6 +170,7 @@ _hook_lock = threading.Lock()
 
 def _get_hook() -> _Hook:
     global _hook
+    journal._said.clear()  # the writer's say-once memory, so each test sees its own first warning
     with _hook_lock:
         if _hook is None:
             try:
