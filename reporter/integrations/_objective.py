@@ -23,7 +23,8 @@ FINAL_CHOICES = ("best", "last")
 MODE_CHOICES = ("max", "min")
 # Names that are errors to minimise although they contain neither "loss" nor "error" (whole words only).
 _ERROR_WORDS = frozenset({"mse", "rmse", "mae", "mape", "rmsle", "l1", "l2", "huber", "perplexity", "ppl", "wer", "cer"})
-# The latest objective value sent in this process: (the sink that sent it, the value, whether it is a tracker's).
+# The latest objective value sent in this process: [the sink that sent it (None once another sink's echo of
+# it was absorbed), the value, whether that sink is a tracker bridge].
 _last_sent: list = [None, None, False]
 
 
@@ -202,7 +203,10 @@ class MetricSink:
         trainer logging to a tracker (Lightning's MLFlowLogger, transformers' WandbCallback) tells both the
         trainer's hook and the tracker's the same objective value, which goes to the backend once."""
         sender, sent, by_tracker = _last_sent
-        return sender is not None and sender is not self and (self.tracker or by_tracker) and _same(sent, value)
+        if sender is None or sender is self or not (self.tracker or by_tracker) or not _same(sent, value):
+            return False
+        _last_sent[0] = None  # a value sent absorbs one echo: a later sink logging it again is not one
+        return True
 
     def _track(self, value: float) -> None:
         self.seen_objective = True
