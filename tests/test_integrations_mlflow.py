@@ -66,3 +66,43 @@ def test_without_an_objective_every_number_is_journalled_and_none_is_sent(server
     assert len(named(rows)) == 10 and all(name for name, _, _ in named(rows))
     assert "final" not in [kind for kind, *_ in rows] and "objective metric is" not in done.stderr
     assert not task.get("intermediate_metrics") and task.get("final_metric") is None
+
+
+LIGHTNING = """
+    import torch, lightning as L
+    from lightning.pytorch.loggers import MLFlowLogger
+
+    class Regression(L.LightningModule):
+        def __init__(self):
+            super().__init__()
+            self.layer = torch.nn.Linear(4, 1)
+        def training_step(self, batch, _):
+            x, y = batch
+            return torch.nn.functional.mse_loss(self.layer(x), y)
+        def validation_step(self, batch, _):
+            x, y = batch
+            self.log("val_loss", torch.nn.functional.mse_loss(self.layer(x), y))
+        def configure_optimizers(self):
+            return torch.optim.SGD(self.parameters(), lr=0.1)
+
+    torch.manual_seed(0)
+    x = torch.randn(16, 4)
+    data = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x, x.sum(1, keepdim=True)), batch_size=8)
+    logger = MLFlowLogger()
+    trainer = L.Trainer(max_epochs=3, logger=logger, enable_checkpointing=False, enable_progress_bar=False,
+                        enable_model_summary=False, accelerator="cpu")
+    trainer.fit(Regression(), data, data)
+    print("LOGGERS", [type(lg).__name__ for lg in trainer.loggers])
+    print("VAL", [m.value for m in logger.experiment.get_metric_history(logger.run_id, "val_loss")])
+"""
+
+
+def test_a_lightning_trainer_logging_to_mlflow_sends_each_objective_value_once(server, tmp_path):
+    pytest.importorskip("lightning", reason="lightning is not installed")
+    env = {**offline_tracker_env(tmp_path), "ANYLEARN_OBJECTIVE_METRIC": "val_loss"}
+    done, rows, task = run_autolog(LIGHTNING, server, tmp_path, **env)
+    assert "LOGGERS ['MLFlowLogger', 'AnylearnLogger']" in done.stdout, done.stdout + done.stderr
+    val_loss = json.loads([line for line in done.stdout.splitlines() if line.startswith("VAL ")][0][4:])
+    assert len(val_loss) == 3
+    assert task["intermediate_metrics"] == pytest.approx(val_loss)  # told to both hooks, sent once
+    assert task["final_metric"] == pytest.approx(min(val_loss)) and [k for k, *_ in rows].count("final") == 1

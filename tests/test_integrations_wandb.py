@@ -13,6 +13,7 @@ import pytest
 
 pytest.importorskip("wandb", reason="wandb is not installed (pip install 'anylearn-reporter[wandb]')")
 
+from conftest import clean_environ, run_python  # noqa: E402
 from integrations_support import named, offline_tracker_env, run_autolog  # noqa: E402
 
 SCRIPT = """
@@ -81,3 +82,17 @@ def test_an_unchanged_wandb_script_reports_offline_by_key_and_step_and_wandb_kee
     ours = [(name or "eval/acc", step, value) for name, step, value in named(rows)]
     assert sorted(from_wandb) == sorted(ours)
     assert all(row["note"] == "text" for row in history[:3])  # what we skip, W&B keeps
+
+
+@pytest.mark.parametrize(("given", "mode"), [
+    ({"WANDB_MODE": "online"}, "online"),  # the user's choice stays
+    ({"WANDB_API_KEY": "k" * 40}, None),  # an account: W&B decides, as without us
+    ({"ANYLEARN_AUTOLOG": ""}, None),  # reporter.autolog() called by the script: W&B's mode untouched
+])
+def test_wandb_is_made_offline_only_under_run_autolog_without_an_account_or_a_mode(given, mode, tmp_path):
+    env = {k: v for k, v in clean_environ(**offline_tracker_env(tmp_path)).items() if k not in ("WANDB_MODE", "WANDB_API_KEY")}
+    env.update({"ANYLEARN_AUTOLOG": "1", **given})
+    code = "import os, reporter; reporter.autolog(); import wandb; print('MODE', os.environ.get('WANDB_MODE'))"
+    done = run_python(code, env)
+    assert done.returncode == 0 and f"MODE {mode}" in done.stdout, done.stderr
+    assert "W&B runs offline" not in done.stderr
