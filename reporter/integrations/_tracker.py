@@ -46,7 +46,11 @@ class TrackerBridge:
             if sink is None:
                 sink = self._sinks[run] = MetricSink(self.tracker, tracker=True)
                 if not self._exit_hook:
-                    self._exit_hook = True  # registered after the reporter's own exit flush: runs before it
+                    # After the reporter's own exit flush (made by run_directory() if not yet), so that it runs
+                    # before that flush: a tracker's own exit hook ending its runs was registered earlier, and
+                    # runs after the flush, too late.
+                    api.run_directory()
+                    self._exit_hook = True
                     atexit.register(self.end_all)
             return sink
 
