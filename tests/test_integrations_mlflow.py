@@ -32,7 +32,7 @@ SCRIPT = """
 """
 
 
-def test_an_unchanged_mlflow_script_reports_by_name_and_step_and_mlflow_keeps_its_record(server, tmp_path):
+def test_an_unchanged_mlflow_script_reports_by_name_and_step_and_mlflow_keeps_its_record(server, tmp_path, monkeypatch):
     env = {**offline_tracker_env(tmp_path), "ANYLEARN_OBJECTIVE_METRIC": "val_loss"}
     done, rows, task = run_autolog(SCRIPT, server, tmp_path, **env)
     assert "RAISED MlflowException" in done.stdout, done.stdout + done.stderr
@@ -49,15 +49,12 @@ def test_an_unchanged_mlflow_script_reports_by_name_and_step_and_mlflow_keeps_it
         assert json.load(f) == {"lr": "0.1", "layers": "2"}
 
     run_id = [line.split()[1] for line in done.stdout.splitlines() if line.startswith("RUN ")][0]
-    os.environ["MLFLOW_ALLOW_FILE_STORE"] = "true"  # read MLflow's own store back, as MLflow does
-    try:
-        from mlflow import MlflowClient
+    monkeypatch.setenv("MLFLOW_ALLOW_FILE_STORE", "true")  # read MLflow's own store back, as MLflow does
+    from mlflow import MlflowClient
 
-        client = MlflowClient(tracking_uri=env["MLFLOW_TRACKING_URI"])
-        history = {key: [(m.step, m.value) for m in client.get_metric_history(run_id, key)]
-                   for key in ("train_loss", "val_loss", "val_acc", "lr")}
-    finally:
-        del os.environ["MLFLOW_ALLOW_FILE_STORE"]
+    client = MlflowClient(tracking_uri=env["MLFLOW_TRACKING_URI"])
+    history = {key: [(m.step, m.value) for m in client.get_metric_history(run_id, key)]
+               for key in ("train_loss", "val_loss", "val_acc", "lr")}
     assert history["val_loss"] == [(s, pytest.approx(0.9 - 0.1 * s)) for s in range(3)]
     assert history["train_loss"] == [(s, pytest.approx(1.0 / (s + 1))) for s in range(3)]
     assert history["lr"] == [(3, 0.01)] and len(history["val_acc"]) == 3
