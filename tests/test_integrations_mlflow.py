@@ -107,20 +107,7 @@ def test_a_lightning_trainer_logging_to_mlflow_sends_each_objective_value_once(s
     assert task["final_metric"] == pytest.approx(min(val_loss)) and [k for k, *_ in rows].count("final") == 1
 
 
-def test_a_run_never_ended_by_the_script_reports_its_final_when_the_process_exits(server, tmp_path):
-    script = """
-        import mlflow
-        mlflow.start_run()  # never ended by the script: MLflow ends it at exit
-        for step in range(3):
-            mlflow.log_metric("val_loss", 0.5 - 0.1 * step, step=step)
-    """
-    env = {**offline_tracker_env(tmp_path), "ANYLEARN_OBJECTIVE_METRIC": "val_loss"}
-    done, rows, task = run_autolog(script, server, tmp_path, **env)
-    assert [kind for kind, *_ in rows] == ["intermediate"] * 3 + ["final"], done.stderr
-    assert task["final_metric"] == pytest.approx(0.3) and "pending" not in done.stderr
-
-
-def test_without_the_wrapper_the_final_at_exit_is_delivered_before_the_process_ends(server, tmp_path):
+def test_a_run_the_script_never_ended_has_its_final_delivered_before_the_process_ends(server, tmp_path):
     code = textwrap.dedent("""
         import reporter
         reporter.autolog(["mlflow"])
