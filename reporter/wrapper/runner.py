@@ -2,8 +2,9 @@
 
 Validate everything first (exit 2, nothing launched, nothing reported), prepare the run and output
 directories, take the run's deliver lock and deliver its journal while the command runs, journal state 1,
-supervise the command (:mod:`.supervise`) while its output is read for metrics (:mod:`.output`), journal
-its final state, drain, and write ``summary.json``.
+supervise the command (:mod:`.supervise`) while its output is read for metrics (:mod:`.output`) and, for a
+local task (a user's token), shipped with a heartbeat (:mod:`..logship`), journal its final state, drain,
+and write ``summary.json``.
 """
 
 from __future__ import annotations
@@ -72,6 +73,7 @@ class Run:
         self.child = Child(self.argv, self.run_dir, options.grace_period_s, self._on_line,
                            on_log_failure=lambda name: counters.count(COUNTER_LOG_WRITE_FAILED, name))
         self.deliverer: Any = None
+        self.agent: Any = None  # a local task's heartbeat and log shipping (reporter/logship.py)
         self.tensorboard: Optional[EventFileTailer] = None
 
     # -- steps --
@@ -111,7 +113,16 @@ class Run:
             self.writer.append(metric.kind, metric.value, metric.name, metric.step)  # the write wakes delivery
 
     def drain(self) -> int:
-        """Deliver what is pending for up to the drain timeout; returns how many records stay pending."""
+        """Deliver what is pending for up to the drain timeout (the local task's output meanwhile); returns
+        how many records stay pending."""
+        deadline = time.monotonic() + self.options.drain_timeout_s
+        try:
+            return self._drain_journal()
+        finally:
+            if self.agent is not None:
+                self.agent.close(deadline - time.monotonic())
+
+    def _drain_journal(self) -> int:
         if self.deliverer is None:
             return count_pending(self.run_dir)
         total = count_pending(self.run_dir)
@@ -131,6 +142,10 @@ class Run:
         if self.options.tensorboard_dir:  # TensorBoard event files -> journal, until the command ends
             self.tensorboard = EventFileTailer(self.options.tensorboard_dir, self.run_dir, self.writer,
                                                objective_tag=self.options.tensorboard_tag).start()  # its journal write wakes delivery
+        if not self.config.offline and self.config.auth_token:
+            from ..logship import local_agent
+
+            self.agent = local_agent(self.config, self.run_dir)
         with signals_passed_to(self.child):
             self.log.info("running %s", " ".join(shlex.quote(a) for a in redacted(self.argv, self.config.secret_key)))
             self.writer.append(KIND_STATE, STATE_RUNNING, None, None)
@@ -138,6 +153,8 @@ class Run:
             if self.tensorboard is not None:
                 self.tensorboard.stop()  # reads what the command flushed last, before the final state
             self.writer.append(KIND_STATE, outcome.state, None, None)
+            if self.agent is not None:
+                self.agent.finish(outcome.exit_code)
             pending = self.drain()
         if pending:
             warn_pending(pending, self.run_dir)
