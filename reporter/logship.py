@@ -60,11 +60,14 @@ class _Stream:
     def next_slice(self, final: bool) -> Optional[bytes]:
         """The bytes to ship next (None: nothing now): whole lines, or a partial line that waited long
         enough, a full slice, or (``final``) everything; always cut on a whole UTF-8 character."""
+        if self.size() <= self.offset:  # the usual case while the command is quiet: one stat, no open
+            self.partial_since = None
+            return None
         try:
             with open(self.path, "rb") as f:
                 f.seek(self.offset)
                 data = f.read(SLICE_BYTES)
-        except FileNotFoundError:
+        except OSError:
             return None
         if not data:
             self.partial_since = None
