@@ -125,9 +125,15 @@ class LocalAgent:
         self._exit_code = exit_code
         self._wake.set()
 
+    def wait(self, timeout_s: float) -> bool:
+        """Wait up to ``timeout_s`` for the shipping to end (everything shipped, or shipping off); True when
+        it ended."""
+        self._threads[0].join(max(timeout_s, 0.0))
+        return not self._threads[0].is_alive()
+
     def close(self, timeout_s: float) -> bool:
         """Wait up to ``timeout_s`` for the shipping to end, then stop; True when everything was shipped."""
-        self._threads[0].join(max(timeout_s, 0.0))
+        self.wait(timeout_s)
         self._stop.set()
         self._wake.set()
         for thread in self._threads:

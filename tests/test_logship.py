@@ -238,3 +238,28 @@ def test_a_backend_without_local_task_endpoints_turns_shipping_off_once(tmp_path
     assert ("GET", "/api/train_task/local_task_catch") in methods and ("PATCH", "/api/train_task/local_logs") not in methods
     assert methods.count(("PATCH", "/api/train_task/heartbeat")) == 1  # said once, then off
     assert all(h["Authorization"] == f"Bearer {TOKEN}" for _, _, h, _ in fake.requests)
+
+
+def test_the_sdks_stream_log_follows_a_running_local_task_to_its_end_line(tmp_path):
+    train_task = pytest.importorskip("anylearn.interfaces.train_task", reason="the released AnyLearn SDK (anylearn==0.20.7) is not installed")
+    from anylearn.config import AnylearnConfig
+
+    server = make_server({TASK_ID: SECRET_KEY}, token=TOKEN).start()
+    AnylearnConfig.cluster_address, AnylearnConfig.token, AnylearnConfig.refresh_token = server.base_url[: -len("/api")], TOKEN, None
+    code = ("import os, time\nprint('first é', flush=True)\nwhile not os.path.exists('go'):\n    time.sleep(0.02)\n"
+            "print('second 世界')")
+    streamed = []
+    try:
+        proc = wrapper(local_env(server.base_url, tmp_path / "run", ANYLEARN_AUTH_TOKEN=TOKEN), code, tmp_path)
+        wait_until(lambda: server.backend.logs(TASK_ID, 1, "init", -1), 30, what="the first line shipped")
+        follower = threading.Thread(target=lambda: streamed.extend(train_task.TrainTask(id=TASK_ID, state=1).stream_log(polling=0.2)))
+        follower.start()
+        wait_until(lambda: streamed, 30, what="stream_log's first line")
+        (tmp_path / "go").touch()
+        out, err = proc.communicate(timeout=60)
+        follower.join(30)
+    finally:
+        server.stop()
+    assert proc.returncode == 0, err.decode(errors="replace")
+    assert not follower.is_alive()  # it saw the task finish
+    assert [line.split("] ", 1)[1] for line in streamed] == ["first é", "second 世界", "Task finished with code 0"]

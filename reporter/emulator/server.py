@@ -243,6 +243,16 @@ class Backend:
             rows = dict(self._db.execute("SELECT key, value FROM local_task_catch WHERE train_task_id = ?", (task_id,)).fetchall())
         return {key: int(rows.get(key, 0)) for key in CATCH_KEYS}
 
+    def detail(self, task_id: str) -> List[Dict[str, Any]]:
+        """``GET /train_task/query``'s answer as the SDK's ``TrainTask.get_detail`` reads it (its ``stream_log``
+        polls it to learn the task ended); the fields the emulator does not keep are empty, the key is never sent."""
+        with self._lock:
+            row = self._db.execute("SELECT state FROM task WHERE id = ?", (task_id,)).fetchone()
+        empty = ("description", "creator_id", "project_id", "algorithm_id", "algorithm_git_ref", "files", "results_id",
+                 "secret_key", "create_time", "finish_time", "entrypoint", "output", "mirror_id", "envs")
+        return [{"id": task_id, "name": task_id, "state": row[0] if row else None, "args": "{}", "is_local": 1,
+                 "resource_request": "[]", **dict.fromkeys(empty)}]
+
     def logs(self, task_id: str, limit: int, direction: str, offset_index: int) -> List[Dict[str, Any]]:
         """The SDK's ``get_log`` answer: ``init`` gives the newest ``limit`` lines newest first, ``back`` the
         lines after the row ``offset_index`` oldest first."""
@@ -459,7 +469,7 @@ class _Handler(BaseHTTPRequestHandler):
             return self._send(200, self.backend.tasks())
         if path == "/_dev/stats":
             return self._send(200, self.backend.stats())
-        if path in ("/train_task/local_task_catch", "/train_task/logs"):  # a local task's agent and log readers
+        if path in ("/train_task/local_task_catch", "/train_task/logs", "/train_task/query"):  # a local task's agent, the SDK's readers
             task_id = query.get("id", "")
             if not self._bearer_authorized():
                 return self._answer(401, {"msg": "invalid or missing bearer token"})
@@ -467,6 +477,8 @@ class _Handler(BaseHTTPRequestHandler):
                 return self._answer(400, {"msg": f"no such task: {task_id!r}"})
             if path.endswith("local_task_catch"):
                 return self._answer(200, self.backend.catch(task_id))
+            if path.endswith("query"):
+                return self._answer(200, self.backend.detail(task_id))
             try:
                 limit, offset_index = int(query.get("limit", "100")), int(query.get("offset_index", "-1"))
             except ValueError:

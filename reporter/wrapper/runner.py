@@ -112,23 +112,23 @@ class Run:
         if metric is not None:
             self.writer.append(metric.kind, metric.value, metric.name, metric.step)  # the write wakes delivery
 
-    def drain(self) -> int:
-        """Deliver what is pending for up to the drain timeout (the local task's output meanwhile); returns
-        how many records stay pending."""
-        deadline = time.monotonic() + self.options.drain_timeout_s
+    def drain(self, deadline: Optional[float] = None) -> int:
+        """Deliver what is pending until ``deadline`` (default: the drain timeout from now), a local task's
+        output meanwhile; returns how many records stay pending."""
+        deadline = time.monotonic() + self.options.drain_timeout_s if deadline is None else deadline
         try:
-            return self._drain_journal()
+            return self._drain_journal(deadline)
         finally:
             if self.agent is not None:
                 self.agent.close(deadline - time.monotonic())
 
-    def _drain_journal(self) -> int:
+    def _drain_journal(self, deadline: float) -> int:
         if self.deliverer is None:
             return count_pending(self.run_dir)
         total = count_pending(self.run_dir)
         progress = Progress(self.run_dir, total)
         try:
-            self.deliverer.drain(self.options.drain_timeout_s, lambda pending, _: progress.update(total - pending))
+            self.deliverer.drain(max(deadline - time.monotonic(), 0.0), lambda pending, _: progress.update(total - pending))
         finally:
             progress.finish()
         return count_pending(self.run_dir)
@@ -152,10 +152,14 @@ class Run:
             outcome = self.child.supervise(child_env)
             if self.tensorboard is not None:
                 self.tensorboard.stop()  # reads what the command flushed last, before the final state
-            self.writer.append(KIND_STATE, outcome.state, None, None)
+            deadline = time.monotonic() + self.options.drain_timeout_s
             if self.agent is not None:
+                # The rest of the output and its end line go before the final state (for up to half the
+                # drain timeout): a reader that sees the task finished (the SDK's stream_log) has the whole log.
                 self.agent.finish(outcome.exit_code)
-            pending = self.drain()
+                self.agent.wait(self.options.drain_timeout_s / 2)
+            self.writer.append(KIND_STATE, outcome.state, None, None)
+            pending = self.drain(deadline)
         if pending:
             warn_pending(pending, self.run_dir)
         try:
