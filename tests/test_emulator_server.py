@@ -228,6 +228,9 @@ def test_local_task_endpoints_take_the_token_and_answer_the_sdks_log_shapes(serv
         after = get("logs", limit=100, direction="back", index=newest[1]["offset"], offset_index=newest[1]["offset_index"]).json()
         assert [r["text"] for r in after] == ["four"]
         assert [r["text"] for r in get("logs", direction="back", offset_index=-1).json()] == ["one é", "two", "three", "four"]
+        (detail,) = get("query").json()  # what the SDK's stream_log polls for the state; never the key
+        assert detail["id"] == TASK_ID and detail["state"] == 0 and detail["secret_key"] is None
+        assert SECRET_KEY not in get("query").text
         (task,) = srv.backend.tasks()
         assert task["heartbeats"] == 1 and task["log_tail"] == ["one é", "two", "three", "four"]
     finally:
