@@ -149,7 +149,7 @@ def _add_run(sub: argparse._SubParsersAction) -> None:
                    help="a regex with a named group 'value' (and optional 'name', 'step') read from output lines; repeatable (ANYLEARN_METRIC_PATTERNS, one per line)")
     p.add_argument("--nnodes", metavar="N", help="nodes of a distributed run (ANYLEARN_NUM_NODES, default 1)")
     p.add_argument("--nproc-per-node", metavar="N", help="processes per node (ANYLEARN_NPROC_PER_NODE, default 1); more than one process in all launches through torchrun")
-    p.add_argument("--isolate-secret", action="store_true", help="give the command no secret key (the wrapper delivers for it)")
+    p.add_argument("--isolate-secret", action="store_true", help="give the command no secret key nor user token (the wrapper delivers for it)")
     p.add_argument("--dry-run", action="store_true", help="print the final argv and the environment it would add, then exit")
     p.add_argument("--nni", action="store_true",
                    help="run an unchanged NNI trial: nni.get_next_parameter() gets the hyper-parameters, its results are reported (ANYLEARN_NNI=1)")

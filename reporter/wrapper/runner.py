@@ -147,7 +147,7 @@ class Run:
 
             self.agent = local_agent(self.config, self.run_dir)
         with signals_passed_to(self.child):
-            self.log.info("running %s", " ".join(shlex.quote(a) for a in redacted(self.argv, self.config.secret_key)))
+            self.log.info("running %s", " ".join(shlex.quote(a) for a in redacted(self.argv, self.config.secret_key, self.config.auth_token)))
             self.writer.append(KIND_STATE, STATE_RUNNING, None, None)
             outcome = self.child.supervise(child_env)
             if self.tensorboard is not None:
@@ -177,7 +177,7 @@ class Run:
         returncode = child.returncode
         summary: Dict[str, Any] = {
             "task_id": self.config.task_id,
-            "command": redacted(self.argv, self.config.secret_key),
+            "command": redacted(self.argv, self.config.secret_key, self.config.auth_token),
             "output_dir": self.options.output_dir,
             "started": started,
             "ended": ended,
@@ -227,7 +227,7 @@ def dry_run(config: Config, options: RunOptions, env: Mapping[str, str]) -> int:
     shown: Dict[str, Optional[str]] = dict(added)
     if options.isolate_secret:
         shown[ENV_SECRET_KEY] = None  # removed from the child's environment
-    print(json.dumps(redacted(argv, config.secret_key)))
+    print(json.dumps(redacted(argv, config.secret_key, config.auth_token)))
     print(json.dumps(shown, indent=2))
     if options.tensorboard_dir:
         tag = f", objective tag {options.tensorboard_tag!r}" if options.tensorboard_tag else ", no objective tag: scalars are journalled, none sent"
