@@ -73,9 +73,10 @@ class _Stream:
             self.partial_since = None
             return None
         newline = data.rfind(b"\n")
-        if newline >= 0 and not final:
+        full = len(data) == SLICE_BYTES
+        if newline >= 0 and (full or not final):  # whole lines: a line split between slices reads as two
             return data[: newline + 1]
-        if len(data) < SLICE_BYTES and not final:
+        if not full and not final:
             now = time.monotonic()
             if self.partial_since is None:
                 self.partial_since = now

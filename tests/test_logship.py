@@ -139,6 +139,23 @@ def test_a_long_line_goes_in_bounded_slices_of_whole_characters(tmp_path):
     assert offsets == {"output_cache_pointer": len(text.encode()), "error_cache_pointer": 0}
 
 
+def test_output_left_at_the_end_goes_in_whole_lines(tmp_path):
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    lines = [f"line {i:05d} " + "é世" * 20 for i in range(3000)]  # 200 KB: several slices after the command ended
+    (run_dir / "stderr.log").write_text("\n".join(lines) + "\n", encoding="utf-8")
+    server = make_server({TASK_ID: SECRET_KEY}, token=TOKEN).start()
+    try:
+        config, _ = load_config(local_env(server.base_url, run_dir, ANYLEARN_AUTH_TOKEN=TOKEN))
+        agent = LocalAgent(config, str(run_dir)).start()
+        agent.finish(1)
+        assert agent.close(30)
+        rows = [r["text"] for r in server.backend.logs(TASK_ID, 10000, "back", -1)]
+    finally:
+        server.stop()
+    assert rows == lines + ["Task failed with code 1"]
+
+
 def test_outage_in_the_middle_every_byte_arrives_once_in_order_read_back_with_the_sdk(serve_process, tmp_path):
     pytest.importorskip("anylearn.interfaces.train_task", reason="the released AnyLearn SDK (anylearn==0.20.7) is not installed")
     port, db = free_port(), str(tmp_path / "backend.db")
