@@ -24,7 +24,10 @@ from .log import get_logger
 LOGS_ENDPOINT = "train_task/local_logs"
 CATCH_ENDPOINT = "train_task/local_task_catch"
 SLICE_BYTES = 64 * 1024  # the most one request ships
-SHIP_INTERVAL_S = 0.25  # how often the logs are looked at while output flows
+SHIP_INTERVAL_S = 0.25  # how often the logs are looked at while the command is quiet
+BUSY_INTERVAL_S = 0.05  # the pause after a shipped round while the command runs: encoding a slice holds the
+# GIL for milliseconds, so a flood of output is shipped at most 20 slices a second per stream (about 1.3 MB/s)
+# while the wrapper's pumps must keep up with the command; what is left goes at full speed once it ended
 PARTIAL_LINE_WAIT_S = 1.0  # a line without its newline (a progress bar) is shipped after this long
 REQUEST_TIMEOUT_S = 10.0
 STREAMS = ((STDOUT_LOG, "output_cache_pointer"), (STDERR_LOG, "error_cache_pointer"))
@@ -236,8 +239,8 @@ class LocalAgent:
                     if self._ship(end_line(self._exit_code or 0)):
                         self.finished.set()
                     return
-                if not shipped:
-                    self._wake.wait(SHIP_INTERVAL_S)
+                if not final:
+                    self._wake.wait(BUSY_INTERVAL_S if shipped else SHIP_INTERVAL_S)
                     if self._exit_code is None:
                         self._wake.clear()
         except Exception as exc:  # noqa: BLE001 - the agent never takes the run down
