@@ -74,6 +74,7 @@ class Run:
                            on_log_failure=lambda name: counters.count(COUNTER_LOG_WRITE_FAILED, name))
         self.deliverer: Any = None
         self.agent: Any = None  # a local task's heartbeat and log shipping (reporter/logship.py)
+        self.drain_deadline: Optional[float] = None
         self.tensorboard: Optional[EventFileTailer] = None
 
     # -- steps --
@@ -112,10 +113,10 @@ class Run:
         if metric is not None:
             self.writer.append(metric.kind, metric.value, metric.name, metric.step)  # the write wakes delivery
 
-    def drain(self, deadline: Optional[float] = None) -> int:
-        """Deliver what is pending until ``deadline`` (default: the drain timeout from now), a local task's
-        output meanwhile; returns how many records stay pending."""
-        deadline = time.monotonic() + self.options.drain_timeout_s if deadline is None else deadline
+    def drain(self) -> int:
+        """Deliver what is pending until the drain deadline (the drain timeout from the command's end, else
+        from now), a local task's output meanwhile; returns how many records stay pending."""
+        deadline = self.drain_deadline or time.monotonic() + self.options.drain_timeout_s
         try:
             return self._drain_journal(deadline)
         finally:
@@ -152,14 +153,14 @@ class Run:
             outcome = self.child.supervise(child_env)
             if self.tensorboard is not None:
                 self.tensorboard.stop()  # reads what the command flushed last, before the final state
-            deadline = time.monotonic() + self.options.drain_timeout_s
+            self.drain_deadline = time.monotonic() + self.options.drain_timeout_s
             if self.agent is not None:
                 # The rest of the output and its end line go before the final state (for up to half the
                 # drain timeout): a reader that sees the task finished (the SDK's stream_log) has the whole log.
                 self.agent.finish(outcome.exit_code)
                 self.agent.wait(self.options.drain_timeout_s / 2)
             self.writer.append(KIND_STATE, outcome.state, None, None)
-            pending = self.drain(deadline)
+            pending = self.drain()
         if pending:
             warn_pending(pending, self.run_dir)
         try:
