@@ -100,14 +100,14 @@ class _Stream:
 class LocalAgent:
     """Heartbeat and log shipping for one local task; :meth:`start`, then :meth:`finish` and :meth:`close`."""
 
-    def __init__(self, config: Config, run_dir: str, *, client_factory: Optional[Callable[[], BackendClient]] = None) -> None:
-        make = client_factory or (lambda: BackendClient(config.backend_url or "", config.task_id or "", config.secret_key,
-                                                        request_timeout_s=min(config.request_timeout_s, REQUEST_TIMEOUT_S),
-                                                        auth_token=config.auth_token))
+    def __init__(self, config: Config, run_dir: str) -> None:
+        def make() -> BackendClient:  # one per thread: a client serves one thread at a time
+            return BackendClient(config.backend_url or "", config.task_id or "", config.secret_key,
+                                 request_timeout_s=min(config.request_timeout_s, REQUEST_TIMEOUT_S), auth_token=config.auth_token)
+
         self.task_id = config.task_id or ""
         self.log = get_logger()
         self.streams: List[_Stream] = [_Stream(os.path.join(run_dir, name), key) for name, key in STREAMS]
-        self.shipped_bytes = 0
         self.shipping = True  # False once the backend showed it has no log endpoints
         self.finished = threading.Event()  # everything and the end line shipped
         self._client = make()
@@ -230,7 +230,6 @@ class LocalAgent:
                         return
                     stream.offset += len(data)
                     stream.partial_since = None
-                    self.shipped_bytes += len(data)
                     shipped = True
                     form = {"id": self.task_id, "key": stream.key, "value": str(stream.offset)}
                     if not self._call("saving the log offset", lambda: self._request("PATCH", CATCH_ENDPOINT, form=form)):
