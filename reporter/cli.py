@@ -63,14 +63,14 @@ def _probability(text: str) -> float:
 
 
 def _cmd_serve(args: argparse.Namespace) -> int:
-    from .config import ENV_TOKEN
+    from .config import ENV_AUTH_TOKEN, ENV_TOKEN
     from .emulator.server import Faults, serve_command
 
     faults = Faults(
         latency_ms=args.latency_ms, fail_first=args.fail_first, fail_rate=args.fail_rate,
         retry_after_s=args.retry_after, seed=args.seed,
     )
-    token = args.token if args.token is not None else (os.environ.get(ENV_TOKEN) or None)
+    token = args.token if args.token is not None else (os.environ.get(ENV_AUTH_TOKEN) or os.environ.get(ENV_TOKEN) or None)
     return serve_command(dict(args.task), host=args.host, port=args.port, db_path=args.db, faults=faults,
                          verbose=args.verbose, token=token, idle_timeout_s=args.idle_timeout)
 
@@ -99,8 +99,9 @@ def _add_serve(sub: argparse._SubParsersAction) -> None:
                    help="injected failures become 429 with Retry-After: S")
     p.add_argument("--seed", type=int, default=None, help="seed for --fail-rate")
     p.add_argument("--token", default=None, metavar="T",
-                   help="the bearer token reads accept (default: env ANYLEARN_TOKEN; with neither, any bearer token); "
-                        "reads also accept the task's Secret-Key, writes only that")
+                   help="the bearer token reads and a local task's agent accept (default: env ANYLEARN_AUTH_TOKEN, else "
+                        "ANYLEARN_TOKEN; with none, any bearer token); reads also accept the task's Secret-Key, "
+                        "metric writes only that")
     p.add_argument("--idle-timeout", type=_positive_seconds, default=30.0, metavar="S",
                    help="close a connection silent for S seconds (default 30)")
     p.add_argument("--verbose", action="store_true", help="log every request")
@@ -148,7 +149,7 @@ def _add_run(sub: argparse._SubParsersAction) -> None:
                    help="a regex with a named group 'value' (and optional 'name', 'step') read from output lines; repeatable (ANYLEARN_METRIC_PATTERNS, one per line)")
     p.add_argument("--nnodes", metavar="N", help="nodes of a distributed run (ANYLEARN_NUM_NODES, default 1)")
     p.add_argument("--nproc-per-node", metavar="N", help="processes per node (ANYLEARN_NPROC_PER_NODE, default 1); more than one process in all launches through torchrun")
-    p.add_argument("--isolate-secret", action="store_true", help="give the command no secret key (the wrapper delivers for it)")
+    p.add_argument("--isolate-secret", action="store_true", help="give the command no secret key nor user token (the wrapper delivers for it)")
     p.add_argument("--dry-run", action="store_true", help="print the final argv and the environment it would add, then exit")
     p.add_argument("--nni", action="store_true",
                    help="run an unchanged NNI trial: nni.get_next_parameter() gets the hyper-parameters, its results are reported (ANYLEARN_NNI=1)")

@@ -35,7 +35,7 @@ ENDPOINTS = {
     KIND_FINAL: "train_task/final_metric",
     KIND_STATE: "train_task/state",
 }
-HEARTBEAT_ENDPOINT = "train_task/heartbeat"
+HEARTBEAT_ENDPOINT = "train_task/heartbeat"  # POST with the Secret-Key; PATCH with a user's token (local tasks)
 FORM_CONTENT_TYPE = "application/x-www-form-urlencoded"
 USER_AGENT = "anylearn-reporter"
 DEFAULT_CONNECT_TIMEOUT_S = 5.0
@@ -91,23 +91,22 @@ class Answer:
     __slots__ = ("_forms", "_headers", "body", "reason", "status")
 
     def __init__(self, status: int, headers: Mapping[str, str], body: bytes = b"", reason: str = "",
-                 secret: Optional[str] = None) -> None:
-        # A backend may echo the key it was sent (a 401 saying "invalid key ..."): with ``secret`` given,
-        # every copy of it in the status text, headers and body is masked here, before anything can log,
-        # count or write it.
-        self._forms = secret_forms(secret) if secret else ()
+                 secret: Optional[str] = None, also_secret: Optional[str] = None) -> None:
+        # A backend may echo the key it was sent (a 401 saying "invalid key ..."): with ``secret`` (and
+        # ``also_secret``, a user's token) given, every copy of them in the status text, headers and body, in
+        # every form they take on the wire, is masked here, before anything can log, count or write it.
+        self._forms = tuple(sorted({form for one in (secret, also_secret) if one for form in secret_forms(one)}, key=len, reverse=True))
         self.status = status
         self.reason = self.redacted(reason)
         self.body = body
-        if self._forms:
-            for form in self._forms:
-                form_bytes = form.encode("utf-8", "surrogatepass")
-                if form_bytes in self.body:
-                    self.body = self.body.replace(form_bytes, REDACTED.encode())
+        for form in self._forms:
+            form_bytes = form.encode("utf-8", "surrogatepass")
+            if form_bytes in self.body:
+                self.body = self.body.replace(form_bytes, REDACTED.encode())
         self._headers = {str(k).lower(): self.redacted(str(v)) for k, v in headers.items()}
 
     def redacted(self, text: str) -> str:
-        """``text`` with the key masked in every form it takes on the wire (see :func:`secret_forms`)."""
+        """``text`` with the key and token masked in every form they take on the wire (see :func:`secret_forms`)."""
         for form in self._forms:
             if form in text:
                 text = text.replace(form, REDACTED)
@@ -499,8 +498,9 @@ class BackendClient:
     """Sends requests for one task over one keep-alive connection. Knows nothing of journals or threads.
 
     Every request follows one policy: never follow a redirect (``http.client`` does not), a total deadline
-    of ``request_timeout_s`` (connect, send and the whole answer), the key only in the ``Secret-Key`` header
-    and only to ``base_url``. One thread at a time uses a client.
+    of ``request_timeout_s`` (connect, send and the whole answer), the key only in the ``Secret-Key`` header,
+    a user's token (a local task's) only in ``Authorization: Bearer``, both only to ``base_url``. One thread at
+    a time uses a client.
     """
 
     def __init__(
@@ -513,10 +513,12 @@ class BackendClient:
         read_timeout_s: float = DEFAULT_READ_TIMEOUT_S,
         request_timeout_s: Optional[float] = None,
         env: Optional[Mapping[str, str]] = None,
+        auth_token: Optional[Secret] = None,
     ) -> None:
         self.base_url = base_url.rstrip("/")
         self.task_id = task_id
         self._secret_key = secret_key
+        self._auth_token = auth_token
         self.connect_timeout_s = connect_timeout_s
         self.read_timeout_s = read_timeout_s
         self.request_timeout_s = request_timeout_from_env(env) if request_timeout_s is None else request_timeout_s
@@ -543,6 +545,8 @@ class BackendClient:
             all_headers["Content-Type"] = FORM_CONTENT_TYPE
         if self._secret_key:
             all_headers["Secret-Key"] = self._secret_key.reveal()
+        if self._auth_token:
+            all_headers["Authorization"] = "Bearer " + self._auth_token.reveal()
         total = self.request_timeout_s if timeout_s is None else max(0.05, min(self.request_timeout_s, timeout_s))
         read_timeout = min(self.read_timeout_s, total)
         self._watchdog.arm(total)
@@ -586,7 +590,8 @@ class BackendClient:
             connection.close()  # the server ends the connection, or the answer was longer than we read
         connection.last_used = time.monotonic()
         secret = self._secret_key.reveal() if self._secret_key else None
-        return Answer(response.status, dict(response.getheaders()), content, response.reason, secret=secret)
+        token = self._auth_token.reveal() if self._auth_token else None
+        return Answer(response.status, dict(response.getheaders()), content, response.reason, secret=secret, also_secret=token)
 
     def _drop_connection(self) -> None:
         if self._connection is not None:
@@ -604,10 +609,14 @@ class BackendClient:
         return classify(answer, optional_endpoint=kind == KIND_STATE)
 
     def heartbeat(self, timeout_s: Optional[float] = None) -> SendResult:
-        """POST a heartbeat for the task; raise :class:`TransientError` on a passing failure."""
+        """A heartbeat for the task: with a user's token in the SDK agent's shape (PATCH, form
+        ``train_task_id``), else POST with the key; raise :class:`TransientError` on a passing failure."""
         if self.setup_problem:
             return SendResult(Outcome.SETUP, 0, self.setup_problem)
-        answer = self.request("POST", HEARTBEAT_ENDPOINT, form={"id": self.task_id}, timeout_s=timeout_s)
+        if self._auth_token:
+            answer = self.request("PATCH", HEARTBEAT_ENDPOINT, form={"train_task_id": self.task_id}, timeout_s=timeout_s)
+        else:
+            answer = self.request("POST", HEARTBEAT_ENDPOINT, form={"id": self.task_id}, timeout_s=timeout_s)
         return classify(answer, optional_endpoint=True)
 
     def read_final_metric(self, timeout_s: Optional[float] = None) -> Answer:

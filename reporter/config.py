@@ -48,8 +48,10 @@ ENV_NODE_RANK_GENERIC = "NODE_RANK"
 ENV_MASTER_ADDR = "MASTER_ADDR"
 ENV_MASTER_PORT = "MASTER_PORT"
 
-# serve (the local backend emulator)
-ENV_TOKEN = "ANYLEARN_TOKEN"  # the bearer token reads accept (the AnyLearn SDK's login token)
+# the user's AnyLearn login token (the SDK's name): a local task's heartbeat and log shipping, and what
+# `serve` accepts as a bearer token; ANYLEARN_TOKEN is the older name `serve` read, kept as an alias
+ENV_AUTH_TOKEN = "ANYLEARN_AUTH_TOKEN"
+ENV_TOKEN = "ANYLEARN_TOKEN"
 
 # sidecar
 ENV_RESOURCE_INTERVAL = "ANYLEARN_RESOURCE_INTERVAL"
@@ -73,6 +75,7 @@ DEFAULT_DRAIN_TIMEOUT_S = 60.0
 DEFAULT_RESOURCE_INTERVAL_S = 10.0
 DEFAULT_UI_PORT = 8090  # anylearn-reporter ui, on 127.0.0.1
 DEFAULT_HEARTBEAT_INTERVAL_S = 30.0
+LOCAL_HEARTBEAT_INTERVAL_S = 3.0  # a local task's heartbeat, as the SDK's agent sends it
 STANDALONE_NAMESPACE = "STANDALONE"
 BACKEND_URL_TEMPLATE = "http://anylearn-backend.{namespace}/api"
 
@@ -87,6 +90,7 @@ STATUS_FILE = "status.json"
 SUMMARY_FILE = "summary.json"
 CHILD_PID_FILE = "child.pid"
 RESOURCES_FILE = "resources.jsonl"
+HEARTBEAT_FILE = "heartbeat.json"  # the sidecar's heartbeat state, for `status`
 STDOUT_LOG = "stdout.log"
 STDERR_LOG = "stderr.log"
 TENSORBOARD_POSITION_FILE = "tensorboard.json"  # how far each event file was read
@@ -162,6 +166,7 @@ class Config:
     rank: int
     request_timeout_s: float = DEFAULT_REQUEST_TIMEOUT_S
     objective_mode: Optional[str] = None  # "min" or "max" when ANYLEARN_OBJECTIVE_MODE says so
+    auth_token: Optional[Secret] = field(default=None, repr=False)  # a local task's token (ANYLEARN_AUTH_TOKEN)
 
     @property
     def offline(self) -> bool:
@@ -254,6 +259,21 @@ def secret_key_problem(key: Optional[str], where: str = ENV_SECRET_KEY) -> Optio
     return None
 
 
+def auth_token_problem(token: Optional[str], where: str = ENV_AUTH_TOKEN) -> Optional[str]:
+    """Why ``token`` cannot travel in an HTTP header, in one line that never shows it; None when it can."""
+    problem = secret_key_problem(token, where)
+    return problem and problem.split(";")[0] + "; copy your AnyLearn token again (anyctl login)"
+
+
+def auth_token_from(env: Mapping[str, str]) -> Tuple[Optional[Secret], Optional[str]]:
+    """The user's token (``ANYLEARN_AUTH_TOKEN``, else ``ANYLEARN_TOKEN``) as a :class:`Secret`, and the
+    problem that keeps it from being sent (then the token is None)."""
+    where = ENV_AUTH_TOKEN if env.get(ENV_AUTH_TOKEN, "").strip() else ENV_TOKEN
+    token = _first(env, ENV_AUTH_TOKEN, ENV_TOKEN)
+    problem = auth_token_problem(token, where)
+    return (Secret(token) if token and not problem else None), problem
+
+
 def check_secret_key(env: Optional[Mapping[str, str]] = None) -> None:
     """Raise :class:`ConfigError` when the environment's secret key cannot travel in an HTTP header."""
     _check_variable(os.environ if env is None else env, ENV_SECRET_KEY, ENV_SECRET_KEY_PLATFORM, secret_key_problem)
@@ -318,7 +338,10 @@ def load_config(env: Optional[Mapping[str, str]] = None) -> Tuple[Config, List[s
     key = _first(env, ENV_SECRET_KEY, ENV_SECRET_KEY_PLATFORM)
     key_problem = secret_key_problem(key, ENV_SECRET_KEY if env.get(ENV_SECRET_KEY, "").strip() else ENV_SECRET_KEY_PLATFORM)
     secret = Secret(key) if key and not key_problem else None
-    backend_url, source = resolve_backend_url(env, bool(task_id and key))
+    token, token_problem = auth_token_from(env)
+    if token_problem:
+        problems.append(f"{token_problem}; a local task's logs are not shipped until it is fixed")
+    backend_url, source = resolve_backend_url(env, bool(task_id and (key or token)))
     if key_problem:  # a key that cannot be sent: journal only, and say so
         problems.append(f"{key_problem}; records are only journalled until it is fixed")
         backend_url, source = None, "offline: the secret key cannot be sent"
@@ -382,6 +405,7 @@ def load_config(env: Optional[Mapping[str, str]] = None) -> Tuple[Config, List[s
         rank=rank,
         request_timeout_s=request_timeout_s,
         objective_mode=objective_mode,
+        auth_token=token,
     )
     return config, problems
 

@@ -6,9 +6,9 @@ import json
 import os
 import sys
 import time
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
-from .config import ENV_RUN_DIR, JOURNAL_FILE, load_config
+from .config import ENV_RUN_DIR, HEARTBEAT_FILE, JOURNAL_FILE, load_config
 from .journal import is_regular_file, load_cursor, parse_line
 from .log import counted
 from .policy import SendRule
@@ -86,8 +86,9 @@ def status_command(run_dir: Optional[str], *, as_json: bool = False, stale_after
         return 1
     info = read_run(run_dir, with_metrics=False, default_mode=config_mode())
     ok, why = health(info, stale_after_s)
+    beats = heartbeat_state(run_dir)
     if as_json:
-        print(json.dumps({**info.as_dict(), "healthy": ok, "health": why}, indent=2))
+        print(json.dumps({**info.as_dict(), "healthy": ok, "health": why, "heartbeats": beats}, indent=2))
         return 0 if ok else 1
     rows = [
         ("run", info.run_dir),
@@ -101,6 +102,8 @@ def status_command(run_dir: Optional[str], *, as_json: bool = False, stale_after
         ("deliverer", f"pid {info.deliverer_pid}" if info.deliverer_pid else "none running"),
         ("health", why),
     ]
+    if beats is not None:
+        rows.insert(-1, ("heartbeats", beats["heartbeats"] + (f" ({beats['reason']})" if beats.get("reason") else "")))
     if info.failure_reason:
         rows.insert(3, ("failure", info.failure_reason))
         rows[4:4] = [("stderr tail" if i == 0 else "", line) for i, line in enumerate(info.stderr_tail[-STDERR_LINES_SHOWN:])]
@@ -108,6 +111,16 @@ def status_command(run_dir: Optional[str], *, as_json: bool = False, stale_after
     for key, value in rows:
         print(f"{key + ':':<{width}} {value}")
     return 0 if ok else 1
+
+
+def heartbeat_state(run_dir: str) -> Optional[Dict[str, Any]]:
+    """What a sidecar wrote about its heartbeats (``{"heartbeats": "on"|"off", "reason": ...}``), or None."""
+    try:
+        with open(os.path.join(run_dir, HEARTBEAT_FILE)) as f:
+            state = json.load(f)
+    except (OSError, ValueError):
+        return None
+    return state if isinstance(state, dict) and state.get("heartbeats") in ("on", "off") else None
 
 
 def _reasons(counts: Dict[str, int]) -> str:

@@ -397,6 +397,25 @@ def test_a_key_echoed_inside_json_escapes_is_masked_too():
     assert key not in answer.reason and key.encode() not in answer.body
 
 
+def test_a_users_token_is_masked_like_the_key():
+    answer = Answer(401, {"X-Echo": "tok-123456"}, b'{"msg": "bad token tok-123456"}', "no tok-123456", secret="k", also_secret="tok-123456")
+    assert "tok-123456" not in classify(answer).reason + answer.reason + str(answer.header("X-Echo"))
+    assert b"tok-123456" not in answer.body
+
+
+def test_with_a_users_token_the_heartbeat_is_the_sdk_agents_patch(fakes):
+    server = fakes(200, {}, b'{"msg": "alive"}')
+    client = BackendClient(server.base_url, TASK_ID, None, auth_token=Secret("tok-123456"))
+    try:
+        assert client.heartbeat().outcome is Outcome.DELIVERED
+    finally:
+        client.close()
+    method, path, headers, body = server.last()
+    assert (method, path, headers["Authorization"], body) == ("PATCH", "/api/train_task/heartbeat", "Bearer tok-123456",
+                                                              f"train_task_id={TASK_ID}".encode())
+    assert "Secret-Key" not in headers
+
+
 def test_an_endless_answer_is_read_up_to_the_bound_and_the_process_stays_small():
     """A server announcing 8 GB and streaming it as fast as it can: the client reads its bound and hangs up."""
     listener = socket.create_server(("127.0.0.1", 0))

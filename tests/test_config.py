@@ -233,3 +233,16 @@ def test_the_hook_says_a_bad_task_id_once_and_journals_locally(tmp_path):
     assert done.returncode == 0 and done.stderr.count("cannot be a task id") == 1, done.stderr
     (run_dir,) = tmp_path.iterdir()
     assert run_dir.name.startswith("offline-") and (run_dir / "metrics.jsonl").read_text().count("\n") == 3
+
+
+@pytest.mark.parametrize("name", ["ANYLEARN_AUTH_TOKEN", "ANYLEARN_TOKEN"])
+def test_a_users_token_is_read_as_a_secret_under_the_sdks_name_or_the_old_one(name):
+    config, problems = load_config({name: "tok-123456", "ANYLEARN_TASK_ID": "TRAIx", "ANYLEARN_BACKEND_URL": "http://127.0.0.1:1/api"})
+    assert problems == [] and config.auth_token.reveal() == "tok-123456"
+    assert "tok-123456" not in repr(config) + str(config.auth_token)
+
+
+def test_a_token_that_cannot_travel_in_a_header_is_one_problem_that_never_shows_it():
+    config, problems = load_config({"ANYLEARN_AUTH_TOKEN": "tök€n-secret"})
+    assert config.auth_token is None and len(problems) == 1
+    assert "ANYLEARN_AUTH_TOKEN" in problems[0] and "tök€n" not in problems[0]

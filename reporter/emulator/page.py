@@ -25,6 +25,13 @@ def metric_chart(values: List[float], final: Optional[float]) -> str:
     return line_chart(series, final=final, width=_WIDTH, height=_HEIGHT, x_label="report", empty="no metrics yet")
 
 
+def log_tail(lines: List[str]) -> str:
+    """A local task's last shipped log lines, escaped; nothing when it shipped none."""
+    if not lines:
+        return ""
+    return f'<h3>log <small>last {len(lines)} lines</small></h3><pre class="log">{html.escape(chr(10).join(lines))}</pre>'
+
+
 def render_page(tasks: List[Dict[str, Any]]) -> str:
     """The whole page for the tasks the backend knows (``Backend.tasks()``)."""
     rows = []
@@ -40,7 +47,7 @@ def render_page(tasks: List[Dict[str, Any]]) -> str:
         )
         sections.append(
             f'<section id="{task_id}"><h2>{task_id} <small>{html.escape(task["state_name"])}</small></h2>'
-            f"{metric_chart(values, task['final_metric'])}</section>"
+            f"{metric_chart(values, task['final_metric'])}{log_tail(task.get('log_tail') or [])}</section>"
         )
     table = (
         "<table><thead><tr><th>task</th><th>state</th><th>reports</th><th>last metric</th>"
@@ -58,6 +65,7 @@ table {{ border-collapse: collapse; margin-bottom: 24px; }}
 td, th {{ border: 1px solid #ddd; padding: 4px 10px; text-align: left; }}
 .s1 {{ color: #2563eb; }} .s2 {{ color: #16a34a; }} .s-2, .s-3 {{ color: #dc2626; }}
 small {{ color: #666; font-weight: normal; }}
+pre.log {{ background: #f6f6f6; padding: 8px; max-height: 24em; overflow: auto; white-space: pre-wrap; }}
 </style></head>
 <body><h1>AnyLearn local backend</h1>
 {table}

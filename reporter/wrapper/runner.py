@@ -2,8 +2,9 @@
 
 Validate everything first (exit 2, nothing launched, nothing reported), prepare the run and output
 directories, take the run's deliver lock and deliver its journal while the command runs, journal state 1,
-supervise the command (:mod:`.supervise`) while its output is read for metrics (:mod:`.output`), journal
-its final state, drain, and write ``summary.json``.
+supervise the command (:mod:`.supervise`) while its output is read for metrics (:mod:`.output`) and, for a
+local task (a user's token), shipped with a heartbeat (:mod:`..logship`), journal its final state, drain,
+and write ``summary.json``.
 """
 
 from __future__ import annotations
@@ -75,6 +76,8 @@ class Run:
         self.child = Child(self.argv, self.run_dir, options.grace_period_s, self._on_line,
                            on_log_failure=lambda name: counters.count(COUNTER_LOG_WRITE_FAILED, name))
         self.deliverer: Any = None
+        self.agent: Any = None  # a local task's heartbeat and log shipping (reporter/logship.py)
+        self.drain_deadline: Optional[float] = None
         self.tensorboard: Optional[EventFileTailer] = None
         self.attempt: Optional[int] = None
 
@@ -131,13 +134,22 @@ class Run:
             self.writer.append(metric.kind, metric.value, metric.name, metric.step)  # the write wakes delivery
 
     def drain(self) -> int:
-        """Deliver what is pending for up to the drain timeout; returns how many records stay pending."""
+        """Deliver what is pending until the drain deadline (the drain timeout from the command's end, else
+        from now), a local task's output meanwhile; returns how many records stay pending."""
+        deadline = self.drain_deadline or time.monotonic() + self.options.drain_timeout_s
+        try:
+            return self._drain_journal(deadline)
+        finally:
+            if self.agent is not None:
+                self.agent.close(deadline - time.monotonic())
+
+    def _drain_journal(self, deadline: float) -> int:
         if self.deliverer is None:
             return count_pending(self.run_dir)
         total = count_pending(self.run_dir)
         progress = Progress(self.run_dir, total)
         try:
-            self.deliverer.drain(self.options.drain_timeout_s, lambda pending, _: progress.update(total - pending))
+            self.deliverer.drain(max(deadline - time.monotonic(), 0.0), lambda pending, _: progress.update(total - pending))
         finally:
             progress.finish()
         return count_pending(self.run_dir)
@@ -151,12 +163,22 @@ class Run:
         if self.options.tensorboard_dir:  # TensorBoard event files -> journal, until the command ends
             self.tensorboard = EventFileTailer(self.options.tensorboard_dir, self.run_dir, self.writer,
                                                objective_tag=self.options.tensorboard_tag).start()  # its journal write wakes delivery
+        if not self.config.offline and self.config.auth_token:
+            from ..logship import local_agent
+
+            self.agent = local_agent(self.config, self.run_dir)
         with signals_passed_to(self.child):
-            self.log.info("running %s", " ".join(shlex.quote(a) for a in redacted(self.argv, self.config.secret_key)))
+            self.log.info("running %s", " ".join(shlex.quote(a) for a in redacted(self.argv, self.config.secret_key, self.config.auth_token)))
             self.writer.append(KIND_STATE, STATE_RUNNING, None, None)
             outcome = self.child.supervise(child_env)
             if self.tensorboard is not None:
                 self.tensorboard.stop()  # reads what the command flushed last, before the final state
+            self.drain_deadline = time.monotonic() + self.options.drain_timeout_s
+            if self.agent is not None:
+                # The rest of the output and its end line go before the final state (for up to half the
+                # drain timeout): a reader that sees the task finished (the SDK's stream_log) has the whole log.
+                self.agent.finish(outcome.exit_code)
+                self.agent.wait(self.options.drain_timeout_s / 2)
             self.writer.append(KIND_STATE, outcome.state, None, None)
             pending = self.drain()
         if pending:
@@ -177,7 +199,7 @@ class Run:
         returncode = child.returncode
         summary: Dict[str, Any] = {
             "task_id": self.config.task_id,
-            "command": redacted(self.argv, self.config.secret_key),
+            "command": redacted(self.argv, self.config.secret_key, self.config.auth_token),
             "output_dir": self.options.output_dir,
             "started": started,
             "ended": ended,
@@ -230,7 +252,7 @@ def dry_run(config: Config, options: RunOptions, env: Mapping[str, str]) -> int:
     shown: Dict[str, Optional[str]] = dict(added)
     if options.isolate_secret:
         shown[ENV_SECRET_KEY] = None  # removed from the child's environment
-    print(json.dumps(redacted(argv, config.secret_key)))
+    print(json.dumps(redacted(argv, config.secret_key, config.auth_token)))
     print(json.dumps(shown, indent=2))
     if options.tensorboard_dir:
         tag = f", objective tag {options.tensorboard_tag!r}" if options.tensorboard_tag else ", no objective tag: scalars are journalled, none sent"
