@@ -152,6 +152,12 @@ class _Hook:
             pending = count_pending(self.config.run_dir)
             if pending:
                 warn_pending(pending, self.config.run_dir)
+            elif self.writer.earlier_files and not deliverer.paused_reason:
+                get_logger().warning(
+                    "records this process journalled into %s before it was renamed or deleted were not delivered "
+                    "(no deliverer had that file open); a renamed file can be delivered by moving it back into a "
+                    "run directory and running `anylearn-reporter sync` there", self.writer.path,
+                )
 
     def _after_fork(self) -> None:
         # The parent's delivery thread did not survive the fork, and its lock stays the parent's. The

@@ -217,8 +217,8 @@ class JournalWriter:
                     os.close(old)
                     os.close(fd)
                 get_logger().warning(
-                    "the journal %s was %s under this process; journalling into a new file there (the records "
-                    "before are delivered from the old file)", self.path, "deleted" if named is None else "replaced",
+                    "the journal %s was renamed or deleted under this process; journalling into a new file there "
+                    "(a deliverer that has the old file open delivers it to its end first)", self.path,
                 )
             except (OSError, ValueError):
                 pass  # keep writing the open file; looked at again later
