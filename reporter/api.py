@@ -54,6 +54,7 @@ class _Hook:
         self._start_once = threading.Lock()  # taken once, never released: a check-and-set a signal handler cannot tear
         self._deliverer_ready = threading.Event()
         self._warned_non_finite: set = set()
+        self._exit_delivered = False  # the exit flush ran and left nothing of this process pending
         for problem in problems:
             get_logger().warning("configuration: %s (using the default)", problem)
         register_fork_hook(self, _Hook._after_fork)
@@ -78,9 +79,12 @@ class _Hook:
 
     def _emit_after_exit_flush(self, kind: str, value: float, name: Optional[str], step: Optional[int], ts: Optional[float] = None) -> None:
         """``emit`` once the exit flush has run: a report from a user's ``atexit`` handler that runs after
-        ours (registered before the first report). Journalled, then flushed again on the way out."""
+        ours (registered before the first report). Journalled, then flushed again on the way out, unless
+        the exit flush left records pending (said then, with the command that delivers them): a backend that
+        is down must not cost each late report a flush timeout."""
         _Hook.emit(self, kind, value, name, step, ts)
-        _close_at_exit()
+        if self._exit_delivered:
+            _close_at_exit()
 
     def _start_delivery(self) -> None:
         if not self._start_once.acquire(blocking=False):  # never blocks, even re-entered from a signal handler
@@ -124,10 +128,12 @@ class _Hook:
 
     def close_at_exit(self) -> None:
         self.emit = self._emit_after_exit_flush  # type: ignore[method-assign]  # no cost on the hot path before
+        self._exit_delivered = False
         self.writer.counters.save()
         if self.writer.lost:
             get_logger().warning("%s", counted(self.writer.lost, "records could not be journalled"))
         if not self.delivery_started or self.config.offline:
+            self._exit_delivered = not self.delivery_started
             return
         deadline = time.monotonic() + self.config.flush_timeout_s
         self._deliverer_ready.wait(self.config.flush_timeout_s)
@@ -148,6 +154,7 @@ class _Hook:
             delivered = deliverer.close(max(0.0, deadline - time.monotonic())) and delivered
         else:
             deliverer.close(0)
+        self._exit_delivered = delivered
         if not delivered:
             pending = count_pending(self.config.run_dir)
             if pending:
@@ -176,6 +183,7 @@ _hook: Optional[_Hook] = None
 _hook_lock = threading.RLock()
 _building = False
 _early: Deque[Tuple[str, float, Optional[str], Optional[int], float]] = collections.deque()
+_exit_flushed = False  # the exit flush has run (a report after it flushes again)
 
 
 def _reporting_hook() -> Optional[_Hook]:
@@ -197,7 +205,9 @@ def _reporting_hook() -> Optional[_Hook]:
                         config, problems = load_config({"ANYLEARN_REPORTER_DIR": tempfile.gettempdir()})
                         problems.append(f"cannot read the configuration ({type(exc).__name__}: {exc})")
                     _hook = _Hook(config, problems)
-                    atexit.register(_close_at_exit)
+                    if _exit_flushed:  # the first report comes from an atexit handler that runs after ours
+                        _hook._exit_delivered = True
+                        _hook.emit = _hook._emit_after_exit_flush  # type: ignore[method-assign]
             finally:
                 _building = False
         hook = _hook
@@ -225,12 +235,19 @@ def _emit(kind: str, number: float, name: Optional[str], step: Optional[int]) ->
 
 
 def _close_at_exit() -> None:
+    global _exit_flushed
+    _exit_flushed = True
     hook = _hook
-    if hook is not None:  # in a forked child the hook has no deliverer: nothing to flush
+    if hook is not None:
         try:
             hook.close_at_exit()
         except Exception as exc:  # interpreter shutdown: say it, never raise
             get_logger().warning("flush at exit failed: %s", exc)
+
+
+# Registered at import, not at the first report: atexit runs handlers last-registered-first, so ours runs
+# after every handler registered once reporter is imported (a "report the best at exit" among them).
+atexit.register(_close_at_exit)
 
 
 def _reset_for_tests() -> None:

@@ -386,19 +386,26 @@ def test_a_journal_renamed_or_deleted_under_a_running_process_is_reopened_and_fl
         assert kept == list(range(steps[0]))
 
 
-def test_a_final_metric_reported_from_a_users_atexit_handler_is_delivered(server, tmp_path):
-    code = (
-        "import atexit, reporter\n"
-        "best = []\n"
-        "atexit.register(lambda: reporter.report_metric(max(best), final=True))  # before the first report\n"
-        "for i in range(5):\n"
-        "    best.append(i / 10)\n"
+_ATEXIT_REPORTS = {
+    # "report the best at exit", registered before the first report: it runs before our exit flush
+    "registered after import": "import atexit, reporter\natexit.register(lambda: reporter.report_metric(max(best), final=True))\n",
+    # registered before reporter is imported: it runs after our exit flush, which then flushes again
+    "registered before import": "import atexit\natexit.register(lambda: __import__('reporter').report_metric(max(best), final=True))\nimport reporter\n",
+}
+
+
+@pytest.mark.parametrize("order", sorted(_ATEXIT_REPORTS))
+@pytest.mark.parametrize("steps", [5, 0], ids=["after-reports", "first-report-at-exit"])
+def test_a_final_metric_reported_from_a_users_atexit_handler_is_delivered(server, tmp_path, order, steps):
+    code = _ATEXIT_REPORTS[order] + (
+        "best = [0.4]\n"
+        f"for i in range({steps}):\n"
         "    reporter.report_metric(i / 10, step=i)\n"
     )
     result = run_python(code, task_env(server.base_url, str(tmp_path / "run")))
     assert result.returncode == 0, result.stderr
     task = server.backend.tasks()[0]
-    assert task["intermediate_metrics"] == [0.0, 0.1, 0.2, 0.3, 0.4]
+    assert task["intermediate_metrics"] == [i / 10 for i in range(steps)]
     assert task["final_metric"] == 0.4, result.stderr
 
 
