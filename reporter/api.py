@@ -10,10 +10,11 @@ flush.
 from __future__ import annotations
 
 import atexit
+import collections
 import os
 import threading
 import time
-from typing import TYPE_CHECKING, Any, Dict, List, Mapping, Optional
+from typing import TYPE_CHECKING, Any, Deque, Dict, List, Mapping, Optional, Tuple
 
 from .config import BURST_GAP_S, ENV_SUPERVISOR_PID, Config, load_config
 from . import journal
@@ -54,17 +55,19 @@ class _Hook:
         self.deliverer: Optional["Deliverer"] = None
         self.delivery_started = False
         self.attempt_begun = False
+        self._start_once = threading.Lock()  # taken once, never released: a check-and-set a signal handler cannot tear
         self._deliverer_ready = threading.Event()
         self._warned_non_finite: set = set()
+        self._exit_delivered = False  # the exit flush ran and left nothing of this process pending
         for problem in problems:
             get_logger().warning("configuration: %s (using the default)", problem)
         register_fork_hook(self, _Hook._after_fork)
 
-    def emit(self, kind: str, value: float, name: Optional[str], step: Optional[int]) -> None:
+    def emit(self, kind: str, value: float, name: Optional[str], step: Optional[int], ts: Optional[float] = None) -> None:
         try:
             if not self.attempt_begun:
                 self._begin_attempt()
-            self.writer.append(kind, value, name, step)
+            self.writer.append(kind, value, name, step, ts)
             if not self.delivery_started:
                 self._start_delivery()
         except Exception as exc:  # training comes first: an internal error is counted, never raised
@@ -96,11 +99,19 @@ class _Hook:
                 name or self.config.objective_metric, value,
             )
 
+    def _emit_after_exit_flush(self, kind: str, value: float, name: Optional[str], step: Optional[int], ts: Optional[float] = None) -> None:
+        """``emit`` once the exit flush has run: a report from a user's ``atexit`` handler that runs after
+        ours (registered before the first report). Journalled, then flushed again on the way out, unless
+        the exit flush left records pending (said then, with the command that delivers them): a backend that
+        is down must not cost each late report a flush timeout."""
+        _Hook.emit(self, kind, value, name, step, ts)
+        if self._exit_delivered:
+            _close_at_exit()
+
     def _start_delivery(self) -> None:
-        with _hook_lock:
-            if self.delivery_started:
-                return
-            self.delivery_started = True
+        if not self._start_once.acquire(blocking=False):  # never blocks, even re-entered from a signal handler
+            return
+        self.delivery_started = True
         if self.config.offline:
             self._deliverer_ready.set()
             supervised = os.environ.get(ENV_SUPERVISOR_PID)  # the wrapper has said it already
@@ -134,69 +145,137 @@ class _Hook:
         self._deliverer_ready.wait(timeout_s)
         if self.deliverer is None:
             return count_pending(self.config.run_dir) == 0
-        return self.deliverer.flush(max(0.0, deadline - time.monotonic()))
+        # What this process journalled, file by file (the journal may have been renamed or deleted since).
+        return self.deliverer.flush(max(0.0, deadline - time.monotonic()), self.writer.written_files())
 
     def close_at_exit(self) -> None:
+        self.emit = self._emit_after_exit_flush  # type: ignore[method-assign]  # no cost on the hot path before
+        self._exit_delivered = False
         self.writer.counters.save()
         if self.writer.lost:
             get_logger().warning("%s", counted(self.writer.lost, "records could not be journalled"))
         if not self.delivery_started or self.config.offline:
+            self._exit_delivered = not self.delivery_started
             return
         deadline = time.monotonic() + self.config.flush_timeout_s
         self._deliverer_ready.wait(self.config.flush_timeout_s)
         deliverer = self.deliverer
         if deliverer is None:
             return
-        if not deliverer.wait_for_lock(max(0.0, deadline - time.monotonic())):
-            deliverer.close(0)  # another deliverer (wrapper, sidecar) owns the journal
+        # The next report (from a later atexit handler) starts a deliverer of its own and flushes again.
+        self.deliverer, self.delivery_started = None, False
+        self._start_once, self._deliverer_ready = threading.Lock(), threading.Event()
+        if not deliverer.wait_for_lock(max(0.0, deadline - time.monotonic())) and os.environ.get(ENV_SUPERVISOR_PID):
+            deliverer.close(0)  # the wrapper owns the journal and drains it after this process exits
             return
-        if not deliverer.close(max(0.0, deadline - time.monotonic())):
+        # What this process journalled first, file by file (the journal may have been renamed since). When
+        # another process delivers (a sidecar, another rank, the parent of a forked child), this waits for
+        # it, and the worker takes the lock over should that process exit first.
+        delivered = deliverer.flush(max(0.0, deadline - time.monotonic()), self.writer.written_files())
+        if deliverer.wait_for_lock(0):
+            delivered = deliverer.close(max(0.0, deadline - time.monotonic())) and delivered
+        else:
+            deliverer.close(0)
+        self._exit_delivered = delivered
+        if not delivered:
             pending = count_pending(self.config.run_dir)
             if pending:
                 warn_pending(pending, self.config.run_dir)
+            elif self.writer.earlier_files and not deliverer.paused_reason:
+                get_logger().warning(
+                    "records this process journalled into %s before it was renamed or deleted were not delivered "
+                    "(no deliverer had that file open); a renamed file can be delivered by moving it back into a "
+                    "run directory and running `anylearn-reporter sync` there", self.writer.path,
+                )
 
     def _after_fork(self) -> None:
-        # The parent's delivery thread did not survive the fork, and its lock stays the parent's:
-        # a child of a delivering parent only journals; the parent delivers its records.
+        # The parent's delivery thread did not survive the fork, and its lock stays the parent's. The
+        # child's first report starts a deliverer of its own: it waits for the lock, and takes delivery
+        # over should the parent exit first (at the latest in the child's exit flush).
         self.deliverer = None
+        self.delivery_started = False
+        self._start_once = threading.Lock()
         self._deliverer_ready = threading.Event()
-        if self.delivery_started:
-            self._deliverer_ready.set()
+        self.__dict__.pop("emit", None)
 
 
 _hook: Optional[_Hook] = None
-_hook_lock = threading.Lock()
+# An RLock and a flag: a report from a signal handler while this thread builds the hook must not wait
+# for itself; its record waits in _early (a deque: appends and pops are atomic) and is journalled next.
+_hook_lock = threading.RLock()
+_building = False
+_early: Deque[Tuple[str, float, Optional[str], Optional[int], float]] = collections.deque()
+_exit_flushed = False  # the exit flush has run (a report after it flushes again)
+
+
+def _reporting_hook() -> Optional[_Hook]:
+    """The process's hook, made on first use; None while this very thread is making it (a report from a
+    signal handler that interrupted the first report)."""
+    global _hook, _building
+    with _hook_lock:
+        if _hook is None:
+            if _building:
+                return None
+            _building = True
+            try:
+                if _hook is None:
+                    try:
+                        config, problems = load_config()
+                    except Exception as exc:  # e.g. the working directory was deleted: journal under a temp dir
+                        import tempfile
+
+                        config, problems = load_config({"ANYLEARN_REPORTER_DIR": tempfile.gettempdir()})
+                        problems.append(f"cannot read the configuration ({type(exc).__name__}: {exc})")
+                    _hook = _Hook(config, problems)
+                    if _exit_flushed:  # the first report comes from an atexit handler that runs after ours
+                        _hook._exit_delivered = True
+                        _hook.emit = _hook._emit_after_exit_flush  # type: ignore[method-assign]
+            finally:
+                _building = False
+        hook = _hook
+    while _early:
+        try:
+            hook.emit(*_early.popleft())
+        except IndexError:  # a report from a signal handler took it
+            break
+    return hook
 
 
 def _get_hook() -> _Hook:
-    global _hook
-    journal._said.clear()  # the writer's say-once memory, so each test sees its own first warning
-    with _hook_lock:
-        if _hook is None:
-            try:
-                config, problems = load_config()
-            except Exception as exc:  # e.g. the working directory was deleted: journal under a temp dir
-                import tempfile
+    hook = _reporting_hook()
+    if hook is None:
+        raise RuntimeError("the reporter is being set up by this thread (called from a signal handler)")
+    return hook
 
-                config, problems = load_config({"ANYLEARN_REPORTER_DIR": tempfile.gettempdir()})
-                problems.append(f"cannot read the configuration ({type(exc).__name__}: {exc})")
-            _hook = _Hook(config, problems)
-            atexit.register(_close_at_exit)
-        return _hook
+
+def _emit(kind: str, number: float, name: Optional[str], step: Optional[int]) -> None:
+    hook = _hook or _reporting_hook()
+    if hook is None:
+        _early.append((kind, number, name, step, time.time()))
+    else:
+        hook.emit(kind, number, name, step)
 
 
 def _close_at_exit() -> None:
+    global _exit_flushed
+    _exit_flushed = True
     hook = _hook
-    if hook is not None:  # in a forked child the hook has no deliverer: nothing to flush
+    if hook is not None:
         try:
             hook.close_at_exit()
         except Exception as exc:  # interpreter shutdown: say it, never raise
             get_logger().warning("flush at exit failed: %s", exc)
 
 
+# Registered at import, not at the first report: atexit runs handlers last-registered-first, so ours runs
+# after every handler registered once reporter is imported (a "report the best at exit" among them).
+atexit.register(_close_at_exit)
+
+
 def _reset_for_tests() -> None:
     """Forget the process's hook so the next report reads the environment again (tests only)."""
     global _hook
+    journal._said.clear()  # the writer's say-once memory, so each test sees its own first warning
     with _hook_lock:
         if _hook is not None:
             if _hook.deliverer is not None:
@@ -259,8 +338,11 @@ def report_metric(value: Any, *, step: Optional[int] = None, name: Optional[str]
         name = _as_name(name)
     if final is not False and final is not True:
         final = _as_flag(final)
-    hook = _hook or _get_hook()
-    hook.emit(KIND_FINAL if final else KIND_INTERMEDIATE, number, name, step)
+    hook = _hook
+    if hook is None:
+        _emit(KIND_FINAL if final else KIND_INTERMEDIATE, number, name, step)
+    else:
+        hook.emit(KIND_FINAL if final else KIND_INTERMEDIATE, number, name, step)
 
 
 def report_intermediate_metric(metric: Any) -> None:
@@ -289,9 +371,8 @@ def report_metrics(metrics: Mapping[str, Any], *, step: Optional[int] = None) ->
     for key, value in items:
         checked[_as_name(key) or ""] = _as_float(value)
     step = _as_step(step)
-    hook = _hook or _get_hook()
     for key, number in checked.items():
-        hook.emit(KIND_INTERMEDIATE, number, key, step)
+        _emit(KIND_INTERMEDIATE, number, key, step)
 
 
 def run_directory() -> str:

@@ -316,6 +316,7 @@ class Deliverer:
         self._progress = threading.Condition()
         self._acked = 0
         self._acked_ino: Optional[int] = None  # the inode of the journal file ``_acked`` is an offset in
+        self._finished_inos: set = set()  # inodes of journal files delivered to their end, then left for a new one
         self._acked_head: Optional[int] = None  # that file's mark, saved with the cursor (journal_head)
         self._acked_saved = -1
         self._reader: Optional[JournalReader] = None
@@ -352,25 +353,21 @@ class Deliverer:
         self._lock_known.wait(timeout_s)
         return self._holding
 
-    def flush(self, timeout_s: Optional[float] = None) -> bool:
+    def flush(self, timeout_s: Optional[float] = None, files: Optional[Dict[int, int]] = None) -> bool:
         """Wait until every record journalled so far is acknowledged; True if so before the timeout.
 
+        ``files`` narrows "every record" to byte ranges, ``{inode: end offset}`` (what one writer journalled,
+        see :meth:`JournalWriter.written_files`); by default, the journal the path names up to its end.
         Returns False at once when delivery is paused (a rejected key, a redirect).
         """
         path = os.path.join(self.run_dir, JOURNAL_FILE)
-        target_ino, target = journal_end(path)
+        if files is None:
+            target_ino, target = journal_end(path)
+            files = {} if target_ino is None else {target_ino: target}
         deadline = None if timeout_s is None else time.monotonic() + timeout_s
         with self._progress:
             while True:
-                # An offset counts only in the file it was acknowledged in (the journal may have been replaced;
-                # the cursor file is checked against the journal there by load_cursor).
-                if self._holding:
-                    acked = self._acked if self._acked_ino == target_ino else 0
-                else:
-                    acked = load_cursor(self.run_dir)
-                if acked > target and acked > journal_end(path)[1]:
-                    acked = 0  # the journal is shorter than what was acknowledged: truncated in place, a new journal
-                if acked >= target:
+                if self._acknowledged(files, path):
                     return True
                 if self.paused_reason or self._stop.is_set() or not self._running.is_set():
                     return False
@@ -380,6 +377,25 @@ class Deliverer:
                 # Another deliverer's progress is seen only in the cursor file: poll it.
                 wait_s = 1.0 if self._holding else self.options.poll_interval_s
                 self._progress.wait(wait_s if remaining is None else min(wait_s, remaining))
+
+    def _acknowledged(self, files: Dict[int, int], path: str) -> bool:
+        """Whether every ``{inode: end}`` range is acknowledged. An offset counts only in the file it was
+        acknowledged in; a file this deliverer followed a replacement away from was delivered to its end.
+        Without the lock, the cursor file tells (checked against the journal there by load_cursor): the
+        holder leaves an older file only once it is delivered, so a cursor into the path's file covers it."""
+        files = {ino: end for ino, end in files.items() if end > 0}
+        if not files:
+            return True
+        path_ino, path_end = journal_end(path)
+
+        def counted(acked: int) -> int:  # an offset past the journal's end: truncated in place, a new journal
+            return 0 if acked > path_end else acked
+
+        if self._holding:
+            return all(ino in self._finished_inos or (ino == self._acked_ino and (counted(self._acked) if ino == path_ino else self._acked) >= end)
+                       for ino, end in files.items())
+        acked = counted(load_cursor(self.run_dir))
+        return all(acked >= end if ino == path_ino else (path_ino is not None and acked > 0) for ino, end in files.items())
 
     def drain(self, timeout_s: Optional[float], on_progress: Optional[Callable[[int, bool], None]] = None) -> bool:
         """Deliver what is pending for up to ``timeout_s`` (None: until done), calling ``on_progress(pending,
@@ -524,8 +540,11 @@ class Deliverer:
 
     def _follow_new_journal(self, reader: JournalReader) -> None:
         """The journal was replaced and the old file is delivered to its end: start the new one at 0."""
+        if self._acked_ino is not None:
+            self._finished_inos.add(self._acked_ino)
         reader.follow_replacement()
         self._acked, self._acked_ino, self._acked_head = 0, reader.ino, None
+        self._finished_inos.discard(self._acked_ino)  # an inode number freed by a delete and used again
         self._checkpoint(force=True)
         self._notify_progress()
 

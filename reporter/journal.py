@@ -7,6 +7,7 @@ moment the report call returns (it survives a ``kill -9`` of the writer).
 
 from __future__ import annotations
 
+import collections
 import errno
 import fcntl
 import glob
@@ -20,7 +21,7 @@ import time
 import weakref
 import zlib
 from dataclasses import dataclass, fields
-from typing import Any, Callable, Dict, Iterator, List, Optional, Tuple, Union
+from typing import Any, Callable, Deque, Dict, Iterator, List, Optional, Tuple, Union
 
 from .config import CURSOR_FILE, JOURNAL_FILE, LOCK_FILE, REJECTED_FILE
 from .log import get_logger
@@ -54,6 +55,7 @@ def clean_name(name: str) -> str:
 
 
 MAX_CACHED_NAMES = 4096  # the writer keeps this many names' JSON text at most
+JOURNAL_CHECK_INTERVAL_S = 0.25  # how often a writer looks whether its path still names its file (not per report)
 
 
 def step_in_range(step: int) -> bool:
@@ -145,7 +147,13 @@ class JournalWriter:
         self._pid = -1
         self._prefix = ""
         self._counter: Iterator[int] = itertools.count()
-        self._open_lock = threading.Lock()
+        # An RLock and a busy flag, not a plain lock: a report from a signal handler runs in the thread
+        # that may be inside _open already; it must find out and defer its record, never wait on itself.
+        self._open_lock = threading.RLock()
+        self._opening = False
+        self._deferred: Deque[Tuple[str, Any, Optional[str], Optional[int], float]] = collections.deque()
+        self._checked_at = 0.0  # when the path was last compared with the open file (wall time of a report)
+        self.earlier_files: Dict[int, int] = {}  # inode -> size: journal files this process wrote before they were replaced
         self._reset_identity()
         register_fork_hook(self, JournalWriter._reset_identity)
 
@@ -153,25 +161,97 @@ class JournalWriter:
         self._pid = os.getpid()
         self._prefix = f"{os.urandom(6).hex()}-{self._pid}-"  # os.urandom: `secrets` costs the import 4 ms
         self._counter = itertools.count(1)
+        self.earlier_files = {}  # a forked child has written nothing yet
 
-    def _open(self) -> bool:
+    def _open(self) -> Optional[bool]:
+        """Open the journal: True when open, False when it cannot be, None when this thread is opening it
+        already (re-entered from a signal handler)."""
         with self._open_lock:
-            if self._fd >= 0:
-                return True
-            now = time.monotonic()
-            if now < self._retry_open_at:
-                self.count_lost(self._open_failure)
-                return False
+            if self._opening:
+                return None
+            self._opening = True
             try:
+                if self._fd >= 0:
+                    return True
+                now = time.monotonic()
+                if now < self._retry_open_at:
+                    self.count_lost(self._open_failure)
+                    return False
+                try:
+                    os.makedirs(self.run_dir, exist_ok=True)
+                    fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o644)
+                except (OSError, ValueError) as exc:  # ValueError: a NUL byte in the path
+                    self._retry_open_at = now + 1.0
+                    self._open_failure = f"cannot open the journal ({getattr(exc, 'strerror', None) or exc})"
+                    self.count_lost(self._open_failure)
+                    return False
+                self._fd = fd
+                return True
+            finally:
+                self._opening = False
+
+    def _follow_path(self, now: float) -> None:
+        """Reopen the journal when its path no longer names the open file (renamed by log rotation, or
+        deleted): later records go to the file the path names (made anew). The descriptor number stays
+        (``dup2``), so a thread writing at this moment writes whole lines into one file or the other."""
+        self._checked_at = now
+        with self._open_lock:
+            if self._opening or self._fd < 0:
+                return
+            self._opening = True
+            try:
+                try:
+                    named: Optional[os.stat_result] = os.stat(self.path)
+                except OSError:
+                    named = None
+                own = os.fstat(self._fd)
+                if named is not None and (named.st_ino, named.st_dev) == (own.st_ino, own.st_dev):
+                    return
                 os.makedirs(self.run_dir, exist_ok=True)
                 fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o644)
-            except (OSError, ValueError) as exc:  # ValueError: a NUL byte in the path
-                self._retry_open_at = now + 1.0
-                self._open_failure = f"cannot open the journal ({getattr(exc, 'strerror', None) or exc})"
-                self.count_lost(self._open_failure)
-                return False
-            self._fd = fd
-            return True
+                old = os.dup(self._fd)
+                try:
+                    os.dup2(fd, self._fd, inheritable=False)
+                    self.earlier_files[own.st_ino] = os.fstat(old).st_size
+                finally:
+                    os.close(old)
+                    os.close(fd)
+                get_logger().warning(
+                    "the journal %s was renamed or deleted under this process; journalling into a new file there "
+                    "(a deliverer that has the old file open delivers it to its end first)", self.path,
+                )
+            except (OSError, ValueError):
+                pass  # keep writing the open file; looked at again later
+            finally:
+                self._opening = False
+        self._drain_deferred()
+
+    def _drain_deferred(self) -> None:
+        while self._deferred:
+            try:
+                record = self._deferred.popleft()
+            except IndexError:  # another report took it
+                return
+            self.append(*record)
+
+    def written_files(self) -> Dict[int, int]:
+        """Every journal file this process appended to, by inode, with the byte offset its records end
+        before (the end of the last whole line there now): what :func:`reporter.flush` waits for."""
+        files = dict(self.earlier_files)
+        fd = self._fd
+        if fd >= 0:
+            try:
+                info = os.fstat(fd)
+                files[info.st_ino] = info.st_size
+                # The descriptor is write-only: read the same file (even a deleted one) through /proc.
+                reader = os.open(f"/proc/self/fd/{fd}", os.O_RDONLY | os.O_CLOEXEC)
+                try:
+                    files[info.st_ino] = whole_lines_end(reader)
+                finally:
+                    os.close(reader)
+            except OSError:
+                pass
+        return files
 
     _open_failure = "cannot open the journal"
 
@@ -190,8 +270,16 @@ class JournalWriter:
         """
         if self._pid != os.getpid():
             self._reset_identity()
-        if self._fd < 0 and not self._open():
-            return None
+        if self._fd < 0:
+            opened = self._open()
+            if opened is None:  # a signal handler's report while this thread opens the journal: written after
+                self._deferred.append((kind, value, name, step, time.time() if ts is None else ts))
+                return None
+            if not opened:
+                return None
+            key = self.append(kind, value, name, step, ts)
+            self._drain_deferred()
+            return key
         name_json = self._names.get(name)
         if name_json is None:
             cleaned = name if name is None else clean_name(name)
@@ -211,6 +299,8 @@ class JournalWriter:
             value_text = repr(value)
         key = f"{self._prefix}{next(self._counter)}"
         self.last_append_ts = now = time.time()
+        if not self._checked_at <= now < self._checked_at + JOURNAL_CHECK_INTERVAL_S:  # a float compare per report
+            self._follow_path(now)
         line = (  # a Record's fields in order, made by hand: the hot path's cost (read back by check_record)
             f'{{"kind":"{kind}","value":{value_text},"name":{name_json},'
             f'"step":{"null" if step is None else step},"ts":{now if ts is None else ts!r},'
@@ -768,18 +858,22 @@ def journal_end(path: str) -> Tuple[Optional[int], int]:
     except OSError:
         return None, 0
     try:
-        info = os.fstat(fd)
-        position = info.st_size
-        while position > 0:
-            start = max(0, position - 4096)
-            chunk = os.pread(fd, position - start, start)
-            newline = chunk.rfind(b"\n")
-            if newline >= 0:
-                return info.st_ino, start + newline + 1
-            position = start
-        return info.st_ino, 0
+        return os.fstat(fd).st_ino, whole_lines_end(fd)
     finally:
         os.close(fd)
+
+
+def whole_lines_end(fd: int) -> int:
+    """The byte offset just after the last complete line of the open file ``fd``."""
+    position = os.fstat(fd).st_size
+    while position > 0:
+        start = max(0, position - 4096)
+        chunk = os.pread(fd, position - start, start)
+        newline = chunk.rfind(b"\n")
+        if newline >= 0:
+            return start + newline + 1
+        position = start
+    return 0
 
 
 def count_pending(run_dir: str, offset: Optional[int] = None) -> int:
