@@ -470,6 +470,10 @@ class _Server(ThreadingHTTPServer):
             super().handle_error(request, client_address)
 
 
+class _Server6(_Server):
+    address_family = socket.AF_INET6
+
+
 class DevServer:
     """The emulator bound to a loopback port; ``start()`` serves from a thread, ``stop()`` ends it."""
 
@@ -488,14 +492,26 @@ class DevServer:
         self.backend = Backend(tasks, db_path, faults, token)
         # StreamRequestHandler.timeout: every socket read (request line, headers, body) waits at most this
         handler = type("Handler", (_Handler,), {"backend": self.backend, "quiet": quiet, "timeout": idle_timeout_s})
-        self._server = _Server((host, port), handler)
+        host = host[1:-1] if host.startswith("[") and host.endswith("]") else host
+        server_class = _Server6 if ":" in host else _Server
+        try:
+            self._server = server_class((host, port), handler)
+        except BaseException:
+            self.backend.close()
+            raise
         self.host, self.port = str(self._server.server_address[0]), int(self._server.server_address[1])
         self._thread: Optional[threading.Thread] = None
 
     @property
+    def origin(self) -> str:
+        """``http://host:port``, an IPv6 address in brackets."""
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        return f"http://{host}:{self.port}"
+
+    @property
     def base_url(self) -> str:
         """The API base to give as ``ANYLEARN_BACKEND_URL``."""
-        return f"http://{self.host}:{self.port}{API_PREFIX}"
+        return f"{self.origin}{API_PREFIX}"
 
     def start(self) -> "DevServer":
         self._thread = threading.Thread(target=self._server.serve_forever, args=(0.05,), name="anylearn-devserver", daemon=True)
@@ -529,14 +545,17 @@ def serve_command(tasks: Mapping[str, str], *, host: str, port: int, db_path: st
     try:
         server = DevServer(tasks, host=host, port=port, db_path=db_path, faults=faults, quiet=not verbose,
                            token=token, idle_timeout_s=idle_timeout_s)
-    except OSError as exc:
-        raise ConfigError(f"cannot listen on {host}:{port}: {exc.strerror}; choose another --port") from None
+    except sqlite3.Error as exc:  # before listening: the database comes first
+        raise ConfigError(f"cannot open --db {db_path}: {exc}; give a file in a directory that exists and you can write") from None
+    except (OSError, OverflowError) as exc:
+        raise ConfigError(f"cannot listen on {host}:{port}: {getattr(exc, 'strerror', None) or exc}; "
+                          "choose another --host or --port") from None
 
     def stop(_signum: int, _frame: Any) -> None:
         raise KeyboardInterrupt
 
     signal.signal(signal.SIGTERM, stop)
-    print(f"AnyLearn backend emulator at {server.base_url} (page: http://{server.host}:{server.port}/)", flush=True)
+    print(f"AnyLearn backend emulator at {server.base_url} (page: {server.origin}/)", flush=True)
     if not tasks:
         print("no tasks given: every report will get 401; add --task ID:KEY", flush=True)
     if token is None:
