@@ -286,11 +286,12 @@ def _number_arg(text: str) -> float:
 
 def _cmd_report(args: argparse.Namespace) -> int:
     from . import api
-    from .config import check_backend_url, check_secret_key, check_task_id
+    from .config import check_backend_url, check_secret_key, check_task_id, load_config_strict
 
     check_secret_key()  # a key that cannot be sent is a usage error here (exit 2), not a silent offline run
     check_task_id()
     check_backend_url()
+    load_config_strict()  # any other problem (ANYLEARN_FLUSH_TIMEOUT=nan) too: the hook would only warn
     problem = _journal_problem()
     if problem:
         print(f"anylearn-reporter: error: {problem}", file=sys.stderr)

@@ -249,6 +249,7 @@ def test_the_hook_says_a_bad_task_id_once_and_journals_locally(tmp_path):
     (["run", "--dry-run", "--", "true"], {"ANYLEARN_REQUEST_TIMEOUT": "nan"}),
     (["run", "--dry-run", "--", "true"], {"ANYLEARN_REQUEST_TIMEOUT": "inf"}),
     (["run", "--dry-run", "--", "true"], {"ANYLEARN_FLUSH_TIMEOUT": "-1"}),
+    (["report", "1"], {"ANYLEARN_FLUSH_TIMEOUT": "nan"}),
     (["sidecar", "--heartbeat", "nan"], {"ANYLEARN_TASK_ID": TASK_ID, "ANYLEARN_SECRET_KEY": "k3y-k3y-k3y", "ANYLEARN_BACKEND_URL": "http://127.0.0.1:1/api"}),
 ])
 def test_a_negative_nan_or_unbounded_duration_is_refused_in_one_line_with_exit_2(tmp_path, command, env):
