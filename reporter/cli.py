@@ -45,20 +45,37 @@ def _task_arg(text: str) -> tuple:
     return task_id, key
 
 
-def _positive_seconds(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError("a number of seconds") from None
-    if not 0.0 < value < 1e6:
-        raise argparse.ArgumentTypeError("a number of seconds above 0")
-    return value
+def _duration(*, positive: bool = False, unlimited: bool = True, unit: str = "seconds") -> Callable[[str], float]:
+    """An argparse type for a duration option, checked by config's one rule (:func:`~reporter.config.duration_problem`)."""
+    from .config import MAX_DURATION_S, duration_problem
+
+    def parse(text: str) -> float:
+        problem = duration_problem(text.strip(), positive=positive, unlimited=unlimited, unit=unit)
+        if problem:
+            raise argparse.ArgumentTypeError(problem)
+        return min(float(text), MAX_DURATION_S)
+
+    parse.__name__ = "duration"
+    return parse
 
 
 def _probability(text: str) -> float:
-    value = float(text)
+    try:
+        value = float(text)
+    except ValueError:
+        value = float("nan")
     if not 0.0 <= value <= 1.0:
-        raise argparse.ArgumentTypeError("a probability between 0 and 1")
+        raise argparse.ArgumentTypeError(f"must be a probability between 0 and 1, not {text[:40]!r}")
+    return value
+
+
+def _port(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = -1
+    if not 0 <= value <= 65535:
+        raise argparse.ArgumentTypeError(f"must be a port number from 0 to 65535 (0 picks a free one), not {text[:40]!r}")
     return value
 
 
@@ -88,21 +105,21 @@ def _add_serve(sub: argparse._SubParsersAction) -> None:
         ),
     )
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1)")
-    p.add_argument("--port", type=int, default=8080, help="port (default 8080; 0 picks a free one)")
+    p.add_argument("--port", type=_port, default=8080, help="port (default 8080; 0 picks a free one)")
     p.add_argument("--db", default=":memory:", metavar="PATH", help="sqlite database file (default in-memory)")
     p.add_argument("--task", action="append", type=_task_arg, default=[], metavar="ID[:KEY]",
                    help="a task it accepts; without :KEY the key comes from ANYLEARN_SECRET_KEY (repeatable)")
-    p.add_argument("--latency-ms", type=float, default=0.0, help="delay every POST by this many ms")
+    p.add_argument("--latency-ms", type=_duration(unlimited=False, unit="milliseconds"), default=0.0, help="delay every POST by this many ms")
     p.add_argument("--fail-first", type=int, default=0, metavar="N", help="answer the first N POSTs with 503")
     p.add_argument("--fail-rate", type=_probability, default=0.0, metavar="P", help="answer POSTs with 503 at probability P")
-    p.add_argument("--retry-after", type=float, default=None, metavar="S",
+    p.add_argument("--retry-after", type=_duration(unlimited=False), default=None, metavar="S",
                    help="injected failures become 429 with Retry-After: S")
     p.add_argument("--seed", type=int, default=None, help="seed for --fail-rate")
     p.add_argument("--token", default=None, metavar="T",
                    help="the bearer token reads and a local task's agent accept (default: env ANYLEARN_AUTH_TOKEN, else "
                         "ANYLEARN_TOKEN; with none, any bearer token); reads also accept the task's Secret-Key, "
                         "metric writes only that")
-    p.add_argument("--idle-timeout", type=_positive_seconds, default=30.0, metavar="S",
+    p.add_argument("--idle-timeout", type=_duration(positive=True), default=30.0, metavar="S",
                    help="close a connection silent for S seconds (default 30)")
     p.add_argument("--verbose", action="store_true", help="log every request")
     p.set_defaults(func=_cmd_serve)
@@ -210,7 +227,7 @@ def _add_status(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("run_dir", nargs="?", metavar="RUN_DIR", help="default: this task's run directory")
     p.add_argument("--json", action="store_true", help="print JSON")
-    p.add_argument("--stale-after", type=float, default=300.0, metavar="S", help="unhealthy when delivery has failed this long (default 300)")
+    p.add_argument("--stale-after", type=_duration(), default=300.0, metavar="S", help="unhealthy when delivery has failed this long (default 300)")
     p.set_defaults(func=_cmd_status)
 
 
@@ -257,7 +274,7 @@ def _add_sync(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--task-id", help="the task the records belong to (default: ANYLEARN_TASK_ID, else the run directory's name)")
     p.add_argument("--backend-url", metavar="URL", help="API base (default: ANYLEARN_BACKEND_URL, BACKEND_NAMESPACE, AnyLearn's default)")
     p.add_argument("--secret-key-file", metavar="FILE", help="read the secret key from FILE")
-    p.add_argument("--timeout", type=float, metavar="S", help="give up after S seconds (default: until delivered; Ctrl-C stops safely)")
+    p.add_argument("--timeout", type=_duration(), metavar="S", help="give up after S seconds (default or inf: until delivered; Ctrl-C stops safely)")
     p.set_defaults(func=_cmd_sync)
 
 
@@ -270,10 +287,12 @@ def _number_arg(text: str) -> float:
 
 def _cmd_report(args: argparse.Namespace) -> int:
     from . import api
-    from .config import check_secret_key, check_task_id
+    from .config import check_backend_url, check_secret_key, check_task_id, load_config_strict
 
     check_secret_key()  # a key that cannot be sent is a usage error here (exit 2), not a silent offline run
     check_task_id()
+    check_backend_url()
+    load_config_strict()  # any other problem (ANYLEARN_FLUSH_TIMEOUT=nan) too: the hook would only warn
     problem = _journal_problem()
     if problem:
         print(f"anylearn-reporter: error: {problem}", file=sys.stderr)

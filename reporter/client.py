@@ -24,7 +24,7 @@ import time
 from typing import Any, Callable, Dict, List, Mapping, NamedTuple, Optional, Tuple
 from urllib.parse import quote, quote_plus, unquote, urlencode, urlsplit
 
-from .config import DEFAULT_REQUEST_TIMEOUT_S, ENV_REQUEST_TIMEOUT, Secret, parse_number
+from .config import DEFAULT_REQUEST_TIMEOUT_S, ENV_REQUEST_TIMEOUT, Secret, request_timeout
 from .journal import KIND_FINAL, KIND_INTERMEDIATE, KIND_STATE, Record
 
 RETRYABLE_STATUSES = frozenset({408, 425, 429, 500, 502, 503, 504})
@@ -295,8 +295,7 @@ def request_timeout_from_env(env: Optional[Mapping[str, str]] = None) -> float:
     """``ANYLEARN_REQUEST_TIMEOUT`` (seconds, more than 0), else the default; an unusable value is ignored
     (``load_config`` reports it)."""
     try:
-        return float(parse_number((os.environ if env is None else env).get(ENV_REQUEST_TIMEOUT), ENV_REQUEST_TIMEOUT,
-                                  DEFAULT_REQUEST_TIMEOUT_S, positive=True))
+        return request_timeout((os.environ if env is None else env).get(ENV_REQUEST_TIMEOUT))
     except ValueError:
         return DEFAULT_REQUEST_TIMEOUT_S
 

@@ -209,6 +209,40 @@ def parse_number(
     return value
 
 
+MAX_DURATION_S = 1_000_000.0  # ~11.6 days: "no limit" in practice, and within every wait's range (poll takes int ms)
+
+
+def duration_problem(text: str, *, positive: bool = False, unlimited: bool = True, unit: str = "seconds") -> Optional[str]:
+    """Why ``text`` cannot be a duration, as the end of a sentence (``must be ...``); None when it can.
+
+    A duration is a number of ``unit``: not NaN, not negative (not 0 either with ``positive``). With
+    ``unlimited``, ``inf`` (or anything above :data:`MAX_DURATION_S`) means "no limit"; without, it is refused.
+    """
+    try:
+        value = float(text)
+    except (TypeError, ValueError):
+        value = float("nan")
+    most = "" if unlimited else f" up to {MAX_DURATION_S:.0f}"
+    if value != value or value < 0 or (positive and value == 0) or (not unlimited and value > MAX_DURATION_S):
+        bound = "more than 0" if positive else "0 or more"
+        no_limit = " (or inf for no limit)" if unlimited else ""
+        return f"must be a number of {unit}, {bound}{most}{no_limit}, not {str(text)[:40]!r}"
+    return None
+
+
+def parse_duration(text: Optional[str], what: str, default: Any, *, positive: bool = False, unlimited: bool = True) -> Any:
+    """The one parser of every duration (an option or a variable, in seconds): ``default`` when unset or empty;
+    :class:`ConfigError` naming ``what`` for what :func:`duration_problem` refuses. "No limit" (inf, or
+    more than :data:`MAX_DURATION_S`) comes back as :data:`MAX_DURATION_S`, so no wait, deadline or
+    timestamp computed from it can overflow."""
+    if text is None or str(text).strip() == "":
+        return default
+    problem = duration_problem(str(text).strip(), positive=positive, unlimited=unlimited)
+    if problem:
+        raise ConfigError(f"{what} {problem}")
+    return min(float(text), MAX_DURATION_S)
+
+
 def read_text_file(path: str, what: str, *, secret: bool = False) -> str:
     """The UTF-8 text of the file ``path`` given as ``what`` (``--params-file``); a UTF-8 byte-order mark is
     dropped. :class:`ConfigError` in one line names the file and what is wrong (unreadable, not UTF-8 text);
@@ -300,6 +334,44 @@ def _first(env: Mapping[str, str], *names: str) -> Optional[str]:
     return None
 
 
+def backend_url_problem(url: str, where: str = ENV_BACKEND_URL) -> Optional[str]:
+    """Why ``url`` cannot be the backend's API base, in one line naming ``where`` and the fix; None when
+    it can. A user name or password in it is never shown."""
+    from urllib.parse import urlsplit  # here: `import reporter` stays cheap
+
+    example = "set it like http://127.0.0.1:8080/api"
+    try:
+        if "@" in url:  # checked before parsing: a password holding '/' or '?' would split the URL elsewhere
+            scheme, _, rest = url.partition("://")
+            return (f"{where}={scheme + '://***@' + rest.rpartition('@')[2]!r} holds a user name or password: "
+                    "the secret key is sent in its own header; remove the user:password@ part")
+        parts = urlsplit(url)
+        shown = url
+        if parts.scheme not in ("http", "https"):
+            return f"{where}={shown!r} is not an http(s) URL; {example}"
+        if not parts.hostname:
+            return f"{where}={shown!r} names no host; {example}"
+        port = parts.port
+    except ValueError as exc:  # an unclosed [IPv6 bracket, a port that is no number or out of range
+        return f"{where}={url[:200]!r} cannot be read as a URL ({exc}); {example}"
+    if port == 0:
+        return f"{where}={shown!r}: port 0 cannot be connected to; {example}"
+    if parts.query or parts.fragment or url.endswith(("?", "#")):
+        return f"{where}={shown!r} has a query or fragment, which would be dropped; give only scheme://host[:port]/path"
+    if any(c.isspace() or not c.isprintable() or not c.isascii() for c in url):
+        return (f"{where}={url.encode('ascii', 'backslashreplace').decode()!r} holds a space, control or non-ASCII "
+                "character; percent-encode it (a space is %20)")
+    return None
+
+
+def check_backend_url(env: Optional[Mapping[str, str]] = None) -> None:
+    """Raise :class:`ConfigError` when ``ANYLEARN_BACKEND_URL`` is set and cannot work (see :func:`backend_url_problem`)."""
+    url = _first(os.environ if env is None else env, ENV_BACKEND_URL)
+    problem = backend_url_problem(url) if url else None
+    if problem:
+        raise ConfigError(problem)
+
+
 def resolve_backend_url(env: Mapping[str, str], has_credentials: bool) -> Tuple[Optional[str], str]:
     """Return the API base URL and how it was found (the order is AnyLearn's own)."""
     explicit = _first(env, ENV_BACKEND_URL)
@@ -324,6 +396,12 @@ def task_of_run_name(name: str) -> Optional[str]:
     return None if not name or name.startswith(OFFLINE_RUN_PREFIX) else name
 
 
+def request_timeout(text: Optional[str]) -> float:
+    """``ANYLEARN_REQUEST_TIMEOUT``'s value in seconds: more than 0 and finite (a request without a deadline
+    could hold delivery for ever); :class:`ConfigError` otherwise."""
+    return float(parse_duration(text, ENV_REQUEST_TIMEOUT, DEFAULT_REQUEST_TIMEOUT_S, positive=True, unlimited=False))
+
+
 def load_config(env: Optional[Mapping[str, str]] = None) -> Tuple[Config, List[str]]:
     """Resolve the configuration, replacing each invalid value by its default.
 
@@ -345,11 +423,10 @@ def load_config(env: Optional[Mapping[str, str]] = None) -> Tuple[Config, List[s
     if key_problem:  # a key that cannot be sent: journal only, and say so
         problems.append(f"{key_problem}; records are only journalled until it is fixed")
         backend_url, source = None, "offline: the secret key cannot be sent"
-    if backend_url is not None and not backend_url.startswith(("http://", "https://")):
-        problems.append(
-            f"{ENV_BACKEND_URL}={backend_url!r} is not an http(s) URL; "
-            "set it like http://127.0.0.1:8080/api"
-        )
+    where = ENV_BACKEND_URL if source == ENV_BACKEND_URL else f"the URL from {source}"
+    url_problem = backend_url_problem(backend_url, where) if backend_url else None
+    if url_problem:  # a URL that cannot work: journal only, and say so (never retry it for ever)
+        problems.append(f"{url_problem}; records are only journalled until it is fixed")
         backend_url, source = None, "offline: invalid backend URL"
     id_problem = task_id_problem(task_id, ENV_TASK_ID if env.get(ENV_TASK_ID, "").strip() else ENV_TASK_ID_PLATFORM)
     if id_problem:
@@ -370,15 +447,15 @@ def load_config(env: Optional[Mapping[str, str]] = None) -> Tuple[Config, List[s
         ranks = "0"
 
     try:
-        flush_timeout_s = parse_number(_first(env, ENV_FLUSH_TIMEOUT), ENV_FLUSH_TIMEOUT, DEFAULT_FLUSH_TIMEOUT_S)
+        flush_timeout_s = parse_duration(_first(env, ENV_FLUSH_TIMEOUT), ENV_FLUSH_TIMEOUT, DEFAULT_FLUSH_TIMEOUT_S)
     except ConfigError as exc:
-        problems.append(f"{exc} (seconds)")
+        problems.append(str(exc))
         flush_timeout_s = DEFAULT_FLUSH_TIMEOUT_S
 
     try:
-        request_timeout_s = parse_number(_first(env, ENV_REQUEST_TIMEOUT), ENV_REQUEST_TIMEOUT, DEFAULT_REQUEST_TIMEOUT_S, positive=True)
+        request_timeout_s = request_timeout(_first(env, ENV_REQUEST_TIMEOUT))
     except ConfigError as exc:
-        problems.append(f"{exc} (seconds)")
+        problems.append(str(exc))
         request_timeout_s = DEFAULT_REQUEST_TIMEOUT_S
 
     try:

@@ -33,7 +33,7 @@ from .config import (
     ConfigError,
     load_config_strict,
     option_or_env,
-    parse_number,
+    parse_duration,
 )
 from .log import get_logger, warn_pending
 
@@ -52,11 +52,11 @@ class SidecarOptions:
 
 def options_from(args: Any, env: Any) -> SidecarOptions:
     options = SidecarOptions(
-        resource_interval_s=parse_number(option_or_env(args.interval, env, ENV_RESOURCE_INTERVAL), "--interval",
-                                         DEFAULT_RESOURCE_INTERVAL_S, positive=True),
-        heartbeat_interval_s=parse_number(args.heartbeat, "--heartbeat", DEFAULT_HEARTBEAT_INTERVAL_S, positive=True),
-        drain_timeout_s=parse_number(option_or_env(args.drain_timeout, env, ENV_DRAIN_TIMEOUT), "--drain-timeout",
-                                     DEFAULT_DRAIN_TIMEOUT_S),
+        resource_interval_s=parse_duration(option_or_env(args.interval, env, ENV_RESOURCE_INTERVAL), f"--interval ({ENV_RESOURCE_INTERVAL})",
+                                           DEFAULT_RESOURCE_INTERVAL_S, positive=True),
+        heartbeat_interval_s=parse_duration(args.heartbeat, "--heartbeat", DEFAULT_HEARTBEAT_INTERVAL_S, positive=True),
+        drain_timeout_s=parse_duration(option_or_env(args.drain_timeout, env, ENV_DRAIN_TIMEOUT), f"--drain-timeout ({ENV_DRAIN_TIMEOUT})",
+                                       DEFAULT_DRAIN_TIMEOUT_S),
         pid=args.pid,
     )
     from .tbevents import tensorboard_directory

@@ -235,3 +235,64 @@ def test_local_task_endpoints_take_the_token_and_answer_the_sdks_log_shapes(serv
         assert task["heartbeats"] == 1 and task["log_tail"] == ["one é", "two", "three", "four"]
     finally:
         srv.stop()
+
+
+# --- bad serve options, IPv6, the token on the page and /_dev reads (issue 16) -----------------------
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--port", "99999"], "port number"),
+    (["--port=-1"], "port number"),
+    (["--db", "/nonexistent-dir/x.db"], "cannot open --db"),
+    (["--latency-ms=-5"], "milliseconds"),
+    (["--latency-ms", "nan"], "milliseconds"),
+    (["--latency-ms", "1e300"], "milliseconds"),
+    (["--fail-rate", "2"], "probability"),
+    (["--retry-after", "inf"], "seconds"),
+    (["--idle-timeout", "0"], "seconds"),
+])
+def test_serve_refuses_a_bad_option_in_one_line_with_exit_2(args, message):
+    done = cli("serve", "--task", f"{TASK_ID}:{SECRET_KEY}", *args, timeout_s=30)
+    assert done.returncode == 2 and "Traceback" not in done.stderr
+    assert message in done.stderr.splitlines()[-1]
+
+
+def test_serve_listens_on_an_ipv6_host(serve_process):
+    if not socket.has_ipv6:
+        pytest.skip("no IPv6 on this machine")
+    try:
+        with socket.socket(socket.AF_INET6) as probe:
+            probe.bind(("::1", 0))
+    except OSError:
+        pytest.skip("::1 cannot be bound here")
+    srv = serve_process("--host", "::1")
+    assert srv.base_url.startswith("http://[::1]:")
+    answer = requests.post(f"{srv.base_url}/train_task/intermediate_metric", data={"id": TASK_ID, "metric": "0.5"},
+                           headers=AUTH, timeout=10)
+    assert answer.status_code == 200 and srv.task()["intermediate_metrics"] == [0.5]
+
+
+def test_with_a_token_the_page_and_dev_reads_need_it_too(serve_process):
+    srv = serve_process("--token", "T0k", "--verbose")
+    for path in ("/", "/_dev/tasks", "/_dev/stats"):
+        anonymous = requests.get(srv.root + path, timeout=10)
+        assert anonymous.status_code == 401 and TASK_ID not in anonymous.text, path
+        assert requests.get(srv.root + path, headers={"Authorization": "Bearer wrong"}, timeout=10).status_code == 401
+        assert requests.get(srv.root + path, headers={"Authorization": "Bearer T0k"}, timeout=10).status_code == 200
+    assert requests.get(srv.root + "/?token=wrong", timeout=10).status_code == 401
+    # A browser: ?token= once sets an HttpOnly cookie and sends it back to the page without the token.
+    browser = requests.Session()
+    first = browser.get(srv.root + "/?token=T0k", timeout=10, allow_redirects=False)
+    assert first.status_code == 303 and first.headers["Location"] == "/"
+    assert "HttpOnly" in first.headers["Set-Cookie"]
+    page = browser.get(srv.root + "/", timeout=10)
+    assert page.status_code == 200 and TASK_ID in page.text
+    assert browser.get(srv.root + "/_dev/tasks", timeout=10).json()[0]["id"] == TASK_ID
+    srv.stop()
+    assert "T0k" not in srv.proc.stderr.read()  # the verbose request log shows ?token=***
+
+
+def test_without_a_token_the_page_stays_open(serve_process):
+    srv = serve_process()
+    assert requests.get(srv.root + "/", timeout=10).status_code == 200
+    assert srv.task()["id"] == TASK_ID

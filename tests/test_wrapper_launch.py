@@ -28,7 +28,7 @@ from reporter.wrapper.launch import check_launchable
         ([], {"ANYLEARN_OUTPUT": "/etc"}, "must be a relative path"),
         (["--metric-pattern", "acc=([0-9.]+)"], {}, r"needs a named group \(\?P<value>"),
         (["--metric-pattern", "(?P<value>"], {}, "not a valid regular expression"),
-        (["--grace-period", "soon"], {}, "grace period must be a number"),
+        (["--grace-period", "soon"], {}, r"--grace-period \(ANYLEARN_GRACE_PERIOD\) must be a number"),
         ([], {"ANYLEARN_REPORT_RANKS": "most"}, "ANYLEARN_REPORT_RANKS"),
     ],
 )

@@ -14,6 +14,7 @@ import hmac
 import io
 import json
 import random
+import re
 import secrets
 import socket
 import sqlite3
@@ -22,7 +23,8 @@ import time
 from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any, Dict, List, Mapping, Optional, Tuple
-from urllib.parse import parse_qs, urlsplit
+from http.cookies import CookieError, SimpleCookie
+from urllib.parse import parse_qs, quote, unquote, urlsplit
 
 from ..config import STATE_NAMES
 
@@ -31,6 +33,8 @@ MAX_BODY_BYTES = 1 << 20  # larger request bodies get 413 unread
 LOG_TAIL_LINES = 20  # a task's log lines the page shows
 CATCH_KEYS = ("output_cache_pointer", "error_cache_pointer")  # a local task's log offsets (bytes)
 DEFAULT_IDLE_TIMEOUT_S = 30.0  # a connection silent this long is closed
+TOKEN_COOKIE = "anylearn_token"  # the page's copy of the token (set after /?token=T)
+_TOKEN_IN_QUERY = re.compile(r"([?&]token=)[^&\s]*")
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS task (id TEXT PRIMARY KEY, secret_key TEXT NOT NULL, state INTEGER NOT NULL DEFAULT 0,
                                  final_metric REAL, final_reported_at TEXT, last_heartbeat REAL);
@@ -382,8 +386,8 @@ class _Handler(BaseHTTPRequestHandler):
         return parsed
 
     def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 (the base class's name)
-        if not self.quiet:
-            super().log_message(format, *args)
+        if not self.quiet:  # the page's ?token= never reaches the log
+            super().log_message(format, *(_TOKEN_IN_QUERY.sub(r"\1***", a) if isinstance(a, str) else a for a in args))
 
     def _send(self, status: int, body: Any, headers: Optional[Mapping[str, str]] = None, content_type: str = "application/json") -> None:
         data = body if isinstance(body, bytes) else json.dumps(body).encode()
@@ -453,6 +457,39 @@ class _Handler(BaseHTTPRequestHandler):
                 return True
         return self.backend.authorized(task_id, self.headers.get("Secret-Key", ""))
 
+    def _dev_read_authorized(self) -> bool:
+        """With a token set, the page and the ``/_dev/*`` reads need it: as a bearer token, or in the
+        HttpOnly cookie the page sets after ``/?token=T``. Without one they are open, like the reads."""
+        if self.backend.token is None:
+            return True
+        auth = self.headers.get("Authorization", "")
+        if auth[:7].lower() == "bearer " and self.backend.bearer_accepted(auth[7:].strip()):
+            return True
+        cookies = SimpleCookie()
+        try:
+            cookies.load(self.headers.get("Cookie", ""))
+        except CookieError:
+            return False
+        cookie = cookies.get(TOKEN_COOKIE)
+        return cookie is not None and self.backend.bearer_accepted(unquote(cookie.value))
+
+    def _page(self, query: Dict[str, str]) -> None:
+        """The page; ``?token=T`` (a browser cannot send a bearer header) sets the cookie, then redirects to
+        the page without the token in its address, so it stays out of history and bookmarks."""
+        from .page import render_page
+
+        if "token" in query and self.backend.token is not None:
+            if not self.backend.bearer_accepted(query["token"]):
+                self.backend.count("unauthorized")
+                return self._send(401, b"wrong token\n", content_type="text/plain; charset=utf-8")
+            cookie = f"{TOKEN_COOKIE}={quote(query['token'], safe='')}; HttpOnly; SameSite=Strict; Path=/"
+            return self._send(303, b"", {"Location": "/", "Set-Cookie": cookie}, content_type="text/plain")
+        if not self._dev_read_authorized():
+            self.backend.count("unauthorized")
+            return self._send(401, b"this emulator has a token: open /?token=YOUR_TOKEN once (it sets a cookie)\n",
+                              {"WWW-Authenticate": 'Bearer realm="anylearn-devserver"'}, content_type="text/plain; charset=utf-8")
+        return self._send(200, render_page(self.backend.tasks()).encode(), content_type="text/html; charset=utf-8")
+
     _unread_body = False
 
     def do_GET(self) -> None:  # noqa: N802 (http.server's name)
@@ -462,9 +499,10 @@ class _Handler(BaseHTTPRequestHandler):
             return
         path, query = self._route()
         if path == "/":
-            from .page import render_page
-
-            return self._send(200, render_page(self.backend.tasks()).encode(), content_type="text/html; charset=utf-8")
+            return self._page(query)
+        if path.startswith("/_dev/") and not self._dev_read_authorized():
+            self.backend.count("unauthorized")
+            return self._answer(401, {"msg": "this emulator has a token: send Authorization: Bearer <token>"})
         if path == "/_dev/tasks":
             return self._send(200, self.backend.tasks())
         if path == "/_dev/stats":
@@ -586,6 +624,10 @@ class _Server(ThreadingHTTPServer):
             super().handle_error(request, client_address)
 
 
+class _Server6(_Server):
+    address_family = socket.AF_INET6
+
+
 class DevServer:
     """The emulator bound to a loopback port; ``start()`` serves from a thread, ``stop()`` ends it."""
 
@@ -604,14 +646,26 @@ class DevServer:
         self.backend = Backend(tasks, db_path, faults, token)
         # StreamRequestHandler.timeout: every socket read (request line, headers, body) waits at most this
         handler = type("Handler", (_Handler,), {"backend": self.backend, "quiet": quiet, "timeout": idle_timeout_s})
-        self._server = _Server((host, port), handler)
+        host = host[1:-1] if host.startswith("[") and host.endswith("]") else host
+        server_class = _Server6 if ":" in host else _Server
+        try:
+            self._server = server_class((host, port), handler)
+        except BaseException:
+            self.backend.close()
+            raise
         self.host, self.port = str(self._server.server_address[0]), int(self._server.server_address[1])
         self._thread: Optional[threading.Thread] = None
 
     @property
+    def origin(self) -> str:
+        """``http://host:port``, an IPv6 address in brackets."""
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        return f"http://{host}:{self.port}"
+
+    @property
     def base_url(self) -> str:
         """The API base to give as ``ANYLEARN_BACKEND_URL``."""
-        return f"http://{self.host}:{self.port}{API_PREFIX}"
+        return f"{self.origin}{API_PREFIX}"
 
     def start(self) -> "DevServer":
         self._thread = threading.Thread(target=self._server.serve_forever, args=(0.05,), name="anylearn-devserver", daemon=True)
@@ -645,14 +699,17 @@ def serve_command(tasks: Mapping[str, str], *, host: str, port: int, db_path: st
     try:
         server = DevServer(tasks, host=host, port=port, db_path=db_path, faults=faults, quiet=not verbose,
                            token=token, idle_timeout_s=idle_timeout_s)
-    except OSError as exc:
-        raise ConfigError(f"cannot listen on {host}:{port}: {exc.strerror}; choose another --port") from None
+    except sqlite3.Error as exc:  # before listening: the database comes first
+        raise ConfigError(f"cannot open --db {db_path}: {exc}; give a file in a directory that exists and you can write") from None
+    except (OSError, OverflowError) as exc:
+        raise ConfigError(f"cannot listen on {host}:{port}: {getattr(exc, 'strerror', None) or exc}; "
+                          "choose another --host or --port") from None
 
     def stop(_signum: int, _frame: Any) -> None:
         raise KeyboardInterrupt
 
     signal.signal(signal.SIGTERM, stop)
-    print(f"AnyLearn backend emulator at {server.base_url} (page: http://{server.host}:{server.port}/)", flush=True)
+    print(f"AnyLearn backend emulator at {server.base_url} (page: {server.origin}/)", flush=True)
     if not tasks:
         print("no tasks given: every report will get 401; add --task ID:KEY", flush=True)
     if token is None:

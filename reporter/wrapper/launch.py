@@ -54,6 +54,7 @@ from ..config import (
     ConfigError,
     Secret,
     option_or_env,
+    parse_duration,
     parse_number,
     read_text_file,
 )
@@ -161,8 +162,8 @@ def options_from(args: Any, env: Mapping[str, str]) -> RunOptions:
         command=command,
         params_argv=params_argv,
         output_dir=output_directory(option_or_env(args.output, env, ENV_OUTPUT) or DEFAULT_OUTPUT_DIR),
-        grace_period_s=parse_number(option_or_env(args.grace_period, env, ENV_GRACE_PERIOD), "the grace period", DEFAULT_GRACE_PERIOD_S),
-        drain_timeout_s=parse_number(option_or_env(args.drain_timeout, env, ENV_DRAIN_TIMEOUT), "the drain timeout", DEFAULT_DRAIN_TIMEOUT_S),
+        grace_period_s=parse_duration(option_or_env(args.grace_period, env, ENV_GRACE_PERIOD), f"--grace-period ({ENV_GRACE_PERIOD})", DEFAULT_GRACE_PERIOD_S),
+        drain_timeout_s=parse_duration(option_or_env(args.drain_timeout, env, ENV_DRAIN_TIMEOUT), f"--drain-timeout ({ENV_DRAIN_TIMEOUT})", DEFAULT_DRAIN_TIMEOUT_S),
         metric_patterns=compile_metric_patterns(patterns),
         nnodes=parse_number(option_or_env(args.nnodes, env, ENV_NUM_NODES), "the number of nodes", 1, integer=True, minimum=1),
         nproc_per_node=parse_number(option_or_env(args.nproc_per_node, env, ENV_NPROC_PER_NODE), "processes per node", 1, integer=True, minimum=1),
