@@ -1,0 +1,166 @@
+"""The local Anyboard's store and read API (``serve --anyboard-port``): points in sqlite, and the
+platform's ``/api/anyboard/{project}/metric/...`` answers that the SDK's ``CloudReader`` reads.
+
+Standard library only; the IoTDB wire is in :mod:`.anyboard_iotdb` (it needs the ``anyboard`` extra).
+One row per device and time, as in IoTDB: a point written again at the same time overwrites it, and an
+insert of some measurements leaves the others of that point as they were.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import sqlite3
+import threading
+from typing import Any, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple
+
+SCALAR_DEVICE = re.compile(r"^root\.([^.`]+)\.([^.`]+)\.([^.`]+)\.scalar\.(?:`([^`]*)`|([^.`]+))$")
+MEASUREMENT_COLUMNS = {"walltime": "walltime", "step": "step", "single_value": "value"}
+MAX_LIMIT = 100_000
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS anyboard_point (device TEXT NOT NULL, time INTEGER NOT NULL, user_id TEXT,
+    project_id TEXT, task_id TEXT, name TEXT, walltime INTEGER, step INTEGER, value REAL,
+    PRIMARY KEY (device, time));
+CREATE INDEX IF NOT EXISTS anyboard_series ON anyboard_point (project_id, task_id, name, time);
+"""
+
+
+def parse_device(device: str) -> Tuple[Optional[str], Optional[str], Optional[str], Optional[str]]:
+    """(user id, project id, task id, metric name) of a scalar device path, or four Nones."""
+    match = SCALAR_DEVICE.match(device)
+    if not match:
+        return None, None, None, None
+    return match.group(1), match.group(2), match.group(3), match.group(4) if match.group(4) is not None else match.group(5)
+
+
+class AnyboardStore:
+    """Points by device and time, behind one lock (sqlite connection of its own)."""
+
+    def __init__(self, db_path: str = ":memory:") -> None:
+        self._lock = threading.Lock()
+        self._db = sqlite3.connect(db_path, check_same_thread=False, isolation_level=None, timeout=10)
+        self._db.executescript(_SCHEMA)
+        self.inserts = 0  # insert calls (each of one or many points)
+
+    def insert(self, rows: Iterable[Tuple[str, int, Mapping[str, Any]]]) -> int:
+        """Write ``(device, time, {measurement: value})`` rows in one transaction; unknown measurements are
+        ignored. Returns the number of rows."""
+        batch: Dict[Tuple[str, ...], List[Tuple[Any, ...]]] = {}
+        for device, time_, values in rows:
+            columns = tuple(MEASUREMENT_COLUMNS[m] for m in values if m in MEASUREMENT_COLUMNS)
+            known = [v for m, v in values.items() if m in MEASUREMENT_COLUMNS]
+            batch.setdefault(columns, []).append((device, time_, *parse_device(device), *known))
+        count = 0
+        with self._lock:
+            self._db.execute("BEGIN")
+            try:
+                for columns, values_list in batch.items():
+                    names = ", ".join(("device", "time", "user_id", "project_id", "task_id", "name") + columns)
+                    marks = ", ".join("?" * (6 + len(columns)))
+                    update = ", ".join(f"{c} = excluded.{c}" for c in columns) or "device = excluded.device"
+                    self._db.executemany(
+                        f"INSERT INTO anyboard_point ({names}) VALUES ({marks}) "
+                        f"ON CONFLICT (device, time) DO UPDATE SET {update}", values_list)
+                    count += len(values_list)
+                self._db.execute("COMMIT")
+            except BaseException:
+                self._db.execute("ROLLBACK")
+                raise
+            self.inserts += 1
+        return count
+
+    def meta(self, project_id: str) -> List[Dict[str, Any]]:
+        """``metricMetaList`` of a project: one entry per task and name."""
+        with self._lock:
+            rows = self._db.execute(
+                "SELECT task_id, name, COUNT(*) FROM anyboard_point WHERE project_id = ? AND name IS NOT NULL "
+                "GROUP BY task_id, name ORDER BY task_id, name", (project_id,)).fetchall()
+        return [{"taskId": t, "name": n, "type": "scalar", "count": c} for t, n, c in rows]
+
+    def scalars(self, project_id: str, task_id: str, name: str, offset: int = 0, limit: int = MAX_LIMIT) -> List[Dict[str, Any]]:
+        """One series in time order: ``[{"step", "walltime", "value"}]``."""
+        with self._lock:
+            rows = self._db.execute(
+                "SELECT step, walltime, value FROM anyboard_point WHERE project_id = ? AND task_id = ? AND name = ? "
+                "ORDER BY time LIMIT ? OFFSET ?", (project_id, task_id, name, limit, offset)).fetchall()
+        return [{"step": s, "walltime": w, "value": v} for s, w, v in rows]
+
+    def series(self) -> List[Tuple[str, str, str, List[Tuple[float, float]]]]:
+        """Every series, for the page: (project, task, name, [(step or index, value)])."""
+        with self._lock:
+            rows = self._db.execute(
+                "SELECT project_id, task_id, name, step, value FROM anyboard_point WHERE name IS NOT NULL "
+                "ORDER BY project_id, task_id, name, time").fetchall()
+        out: Dict[Tuple[str, str, str], List[Tuple[float, float]]] = {}
+        for project, task, name, step, value in rows:
+            points = out.setdefault((project, task, name), [])
+            points.append((float(len(points) if step is None else step), value))
+        return [(p, t, n, pts) for (p, t, n), pts in out.items()]
+
+    def count(self) -> int:
+        """How many points are stored."""
+        with self._lock:
+            return int(self._db.execute("SELECT COUNT(*) FROM anyboard_point").fetchone()[0])
+
+    def close(self) -> None:
+        with self._lock:
+            self._db.close()
+
+
+def _queries(text: str) -> Optional[List[Dict[str, Any]]]:
+    try:
+        queries = json.loads(text)
+    except ValueError:
+        return None
+    if not isinstance(queries, list) or not all(isinstance(q, dict) for q in queries):
+        return None
+    return queries
+
+
+def read_answer(store: AnyboardStore, path: str, query: Mapping[str, str]) -> Tuple[int, Any]:
+    """The answer (status, JSON body) to ``GET /anyboard/{project}/metric/meta|scalars`` (path without /api)."""
+    parts = path.strip("/").split("/")
+    if len(parts) != 4 or parts[0] != "anyboard" or parts[2] != "metric":
+        return 404, {"msg": f"no such endpoint: GET {path}"}
+    project, what = parts[1], parts[3]
+    if what == "meta":
+        return 200, {"metricMetaList": store.meta(project)}
+    if what != "scalars":
+        return 404, {"msg": f"only scalar metrics are kept here, not {what}"}
+    queries = _queries(query.get("scalar_metric_query_list", ""))
+    if queries is None:
+        return 400, {"msg": "scalar_metric_query_list must be a JSON list of {taskId, metricName, offset, limit}"}
+    result = []
+    for q in queries:
+        try:
+            offset, limit = max(0, int(q.get("offset", 0))), min(MAX_LIMIT, max(0, int(q.get("limit", MAX_LIMIT))))
+        except (TypeError, ValueError):
+            return 400, {"msg": "offset and limit must be whole numbers"}
+        task, name = str(q.get("taskId", "")), str(q.get("metricName", ""))
+        result.append({"taskId": task, "metricName": name,
+                       "scalarRecordList": store.scalars(project, task, name, offset, limit)})
+    return 200, {"scalarMetricList": result}
+
+
+def render_page(series: Sequence[Tuple[str, str, str, List[Tuple[float, float]]]]) -> str:
+    """The local Anyboard's page: a chart per series, grouped by task."""
+    from html import escape
+
+    from ..charts import Series, line_chart
+
+    parts = ["<!doctype html><meta charset='utf-8'><title>Anyboard (local)</title>",
+             "<body style='font-family:sans-serif'><h1>Anyboard (local)</h1>"]
+    if not series:
+        parts.append("<p>No points yet.</p>")
+    current = None
+    for project, task, name, points in series:
+        if (project, task) != current:
+            current = (project, task)
+            parts.append(f"<h2>project {escape(project or '?')} &middot; task {escape(task or '?')}</h2>")
+        parts.append(f"<figure><figcaption>{escape(name)} ({len(points)} points)</figcaption>"
+                     f"{line_chart([Series(name, points)], x_label='step')}</figure>")
+    parts.append("</body>")
+    return "".join(parts)
+
+
+__all__ = ["AnyboardStore", "parse_device", "read_answer", "render_page"]
