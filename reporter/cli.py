@@ -71,8 +71,10 @@ def _cmd_serve(args: argparse.Namespace) -> int:
         retry_after_s=args.retry_after, seed=args.seed,
     )
     token = args.token if args.token is not None else (os.environ.get(ENV_TOKEN) or None)
+    anyboard = None if args.anyboard_port is None else {
+        "port": args.anyboard_port, "user": args.anyboard_user, "password": args.anyboard_password}
     return serve_command(dict(args.task), host=args.host, port=args.port, db_path=args.db, faults=faults,
-                         verbose=args.verbose, token=token, idle_timeout_s=args.idle_timeout)
+                         verbose=args.verbose, token=token, idle_timeout_s=args.idle_timeout, anyboard=anyboard)
 
 
 def _add_serve(sub: argparse._SubParsersAction) -> None:
@@ -103,6 +105,12 @@ def _add_serve(sub: argparse._SubParsersAction) -> None:
                         "reads also accept the task's Secret-Key, writes only that")
     p.add_argument("--idle-timeout", type=_positive_seconds, default=30.0, metavar="S",
                    help="close a connection silent for S seconds (default 30)")
+    p.add_argument("--anyboard-port", type=int, default=None, metavar="PORT",
+                   help="also serve a local Anyboard: IoTDB's client wire on PORT (0 picks one), its curves at /anyboard "
+                        "and the read API /api/anyboard/... (needs the anyboard extra)")
+    p.add_argument("--anyboard-user", default="root", metavar="USER", help="the local Anyboard's IoTDB user (default root)")
+    p.add_argument("--anyboard-password", default="root", metavar="PW",
+                   help="the local Anyboard's IoTDB password (default root, IoTDB's own default; a local test login only)")
     p.add_argument("--verbose", action="store_true", help="log every request")
     p.set_defaults(func=_cmd_serve)
 

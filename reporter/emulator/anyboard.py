@@ -157,10 +157,41 @@ def render_page(series: Sequence[Tuple[str, str, str, List[Tuple[float, float]]]
         if (project, task) != current:
             current = (project, task)
             parts.append(f"<h2>project {escape(project or '?')} &middot; task {escape(task or '?')}</h2>")
-        parts.append(f"<figure><figcaption>{escape(name)} ({len(points)} points)</figcaption>"
-                     f"{line_chart([Series(name, points)], x_label='step')}</figure>")
+        parts.append(f"<figure>{line_chart([Series(name, points)], title=f'{name} ({len(points)} points)')}</figure>")
     parts.append("</body>")
     return "".join(parts)
 
 
-__all__ = ["AnyboardStore", "parse_device", "read_answer", "render_page"]
+def handle_get(handler: Any, path: str, query: Mapping[str, str]) -> None:
+    """Answer a GET under ``/anyboard`` for the emulator's HTTP handler: the page, or the read API (which
+    takes a bearer token, as the platform's does; see ``serve --token``)."""
+    store: AnyboardStore = handler.anyboard
+    if path == "/anyboard":
+        return handler._send(200, render_page(store.series()).encode(), content_type="text/html; charset=utf-8")
+    auth = handler.headers.get("Authorization", "")
+    if auth[:7].lower() != "bearer " or not handler.backend.bearer_accepted(auth[7:].strip()):
+        return handler._answer(401, {"msg": "a bearer token is required"})
+    status, body = read_answer(store, path, query)
+    return handler._answer(status, body)
+
+
+def start_local_anyboard(db_path: str, *, host: str = "127.0.0.1", port: int = 0, user: str = "root",
+                         password: str = "root") -> Any:
+    """Start the IoTDB wire on ``host:port`` over a store in ``db_path``; the returned server has ``store``,
+    ``port`` and ``stop()``. :class:`~reporter.config.ConfigError` in one line when the extra is missing or
+    the port is taken."""
+    from ..config import ConfigError
+
+    try:
+        from .anyboard_iotdb import IoTDBServer
+    except ImportError:
+        raise ConfigError("the local Anyboard needs the IoTDB client: pip install 'anylearn-reporter[anyboard]'") from None
+    store = AnyboardStore(db_path)
+    try:
+        return IoTDBServer(store, host=host, port=port, user=user, password=password).start()
+    except OSError as exc:
+        store.close()
+        raise ConfigError(f"cannot listen on {host}:{port} for Anyboard: {exc.strerror}; choose another --anyboard-port") from None
+
+
+__all__ = ["AnyboardStore", "parse_device", "read_answer", "render_page", "handle_get", "start_local_anyboard"]

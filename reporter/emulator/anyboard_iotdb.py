@@ -183,6 +183,7 @@ class IoTDBServer:
 
     def __init__(self, store: AnyboardStore, *, host: str = "127.0.0.1", port: int = 0, user: str = "root",
                  password: str = "root") -> None:
+        self.store = store
         self.handler = IoTDBHandler(store, user, password)
         self._processor = IClientRPCService.Processor(self.handler)
         self._listener = socket.create_server((host, port))

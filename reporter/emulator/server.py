@@ -292,6 +292,7 @@ class _Handler(BaseHTTPRequestHandler):
     disable_nagle_algorithm = True  # answers go out at once, not after the client's delayed ACK
     server_version = "anylearn-devserver"
     backend: Backend  # set on the subclass made per server
+    anyboard: Any = None  # the local Anyboard's AnyboardStore, with serve --anyboard-port
     prefix: str = API_PREFIX
     quiet: bool = True
 
@@ -395,6 +396,10 @@ class _Handler(BaseHTTPRequestHandler):
             from .page import render_page
 
             return self._send(200, render_page(self.backend.tasks()).encode(), content_type="text/html; charset=utf-8")
+        if self.anyboard is not None and (path == "/anyboard" or path.startswith("/anyboard/")):
+            from .anyboard import handle_get
+
+            return handle_get(self, path, query)
         if path == "/_dev/tasks":
             return self._send(200, self.backend.tasks())
         if path == "/_dev/stats":
@@ -484,10 +489,13 @@ class DevServer:
         quiet: bool = True,
         token: Optional[str] = None,
         idle_timeout_s: float = DEFAULT_IDLE_TIMEOUT_S,
+        anyboard: Any = None,
     ) -> None:
         self.backend = Backend(tasks, db_path, faults, token)
+        self.anyboard = anyboard
         # StreamRequestHandler.timeout: every socket read (request line, headers, body) waits at most this
-        handler = type("Handler", (_Handler,), {"backend": self.backend, "quiet": quiet, "timeout": idle_timeout_s})
+        handler = type("Handler", (_Handler,), {"backend": self.backend, "quiet": quiet, "timeout": idle_timeout_s,
+                                            "anyboard": anyboard})
         self._server = _Server((host, port), handler)
         self.host, self.port = str(self._server.server_address[0]), int(self._server.server_address[1])
         self._thread: Optional[threading.Thread] = None
@@ -520,15 +528,22 @@ class DevServer:
 
 
 def serve_command(tasks: Mapping[str, str], *, host: str, port: int, db_path: str, faults: Faults, verbose: bool,
-                  token: Optional[str] = None, idle_timeout_s: float = DEFAULT_IDLE_TIMEOUT_S) -> int:
+                  token: Optional[str] = None, idle_timeout_s: float = DEFAULT_IDLE_TIMEOUT_S,
+                  anyboard: Optional[Mapping[str, Any]] = None) -> int:
     """The ``serve`` command: serve until SIGTERM or Ctrl-C."""
     import signal
 
     from ..config import ENV_TOKEN, ConfigError
 
+    local_anyboard = None
+    if anyboard is not None:  # {"port", "user", "password"}: the local Anyboard's IoTDB wire beside the HTTP API
+        from .anyboard import start_local_anyboard
+
+        local_anyboard = start_local_anyboard(db_path, host=host, **anyboard)
     try:
         server = DevServer(tasks, host=host, port=port, db_path=db_path, faults=faults, quiet=not verbose,
-                           token=token, idle_timeout_s=idle_timeout_s)
+                           token=token, idle_timeout_s=idle_timeout_s,
+                           anyboard=local_anyboard.store if local_anyboard else None)
     except OSError as exc:
         raise ConfigError(f"cannot listen on {host}:{port}: {exc.strerror}; choose another --port") from None
 
@@ -537,6 +552,9 @@ def serve_command(tasks: Mapping[str, str], *, host: str, port: int, db_path: st
 
     signal.signal(signal.SIGTERM, stop)
     print(f"AnyLearn backend emulator at {server.base_url} (page: http://{server.host}:{server.port}/)", flush=True)
+    if local_anyboard is not None:
+        print(f"local Anyboard: IoTDB at {host}:{local_anyboard.port}, curves at http://{server.host}:{server.port}/anyboard",
+              flush=True)
     if not tasks:
         print("no tasks given: every report will get 401; add --task ID:KEY", flush=True)
     if token is None:
@@ -547,6 +565,8 @@ def serve_command(tasks: Mapping[str, str], *, host: str, port: int, db_path: st
         pass
     finally:
         server.backend.close()
+        if local_anyboard is not None:
+            local_anyboard.stop()
     return 0
 
 
