@@ -89,6 +89,7 @@ class AnyboardWriter:
         self.config = config
         self.zone_id = zone_id
         self.calls = 0  # insert calls that succeeded
+        self._socket: Any = None
         self._transport: Any = None
         self._client: Any = None
         self._session_id: Optional[int] = None
@@ -146,7 +147,7 @@ class AnyboardWriter:
         except (TException, OSError, socket.timeout, EOFError) as exc:
             transport.close()
             raise self._unavailable("cannot open a session", exc) from None
-        self._transport, self._client, self._session_id = transport, client, answer.sessionId
+        self._socket, self._transport, self._client, self._session_id = sock, transport, client, answer.sessionId
 
     def _drop(self) -> None:
         if self._transport is not None:
@@ -154,12 +155,16 @@ class AnyboardWriter:
                 self._transport.close()
             except Exception:  # noqa: BLE001 - closing a broken socket may fail in any way
                 pass
-        self._transport = self._client = self._session_id = None
+        self._socket = self._transport = self._client = self._session_id = None
 
-    def write(self, points: Sequence[Point]) -> None:
+    def write(self, points: Sequence[Point], timeout_s: Optional[float] = None) -> None:
         """Insert ``points`` (each call at most :data:`MAX_POINTS_PER_CALL`), in order. Raises
         :class:`AnyboardUnavailable` or :class:`AnyboardLoginRefused`; points already written stay written
-        (a re-sent point overwrites itself)."""
+        (a re-sent point overwrites itself). ``timeout_s`` shortens each socket wait (what is left of a
+        host's ``close(timeout)``)."""
+        wait_s = self.config.timeout_s if timeout_s is None else max(0.05, min(timeout_s, self.config.timeout_s))
+        if self._socket is not None:
+            self._socket.setTimeout(wait_s * 1000.0)
         for start in range(0, len(points), MAX_POINTS_PER_CALL):
             self._insert(points[start:start + MAX_POINTS_PER_CALL])
 
