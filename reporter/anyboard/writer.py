@@ -4,8 +4,11 @@ It speaks the IoTDB client's generated Thrift service (``iotdb.thrift.rpc.IClien
 as the client's own ``Session`` does, rather than through ``Session``: importing ``iotdb.Session`` loads
 pandas and numpy (about +58 MB of RSS and 0.27 s of CPU here) for query code we never call, while the
 service and thrift cost about +4 MB (docs/benchmarks.md). The calls are the ones ``Session.open`` and
-``Session.insert_records`` make: ``openSession``, ``insertRecords`` (values packed as the client packs
-them: a type byte, then the big-endian value), ``closeSession``. No SQL is built.
+``Session.insert_tablets`` make: ``openSession``, ``insertTablets`` (one tablet per device and batch, its
+columns packed big-endian as the client's ``Tablet`` packs them: INT64 ``walltime`` and ``step``, DOUBLE
+``single_value``), ``closeSession``. No SQL is built. Tablets rather than ``insertRecords``: a point
+then costs three packed numbers instead of a device path, three measurement names and a typed record, on
+both sides of the wire (docs/benchmarks.md).
 
 Errors are sorted in two: :class:`AnyboardUnavailable` (IoTDB down, a reset, a timeout, a failed call:
 retry later) and :class:`AnyboardLoginRefused` (a refused login or a missing permission: retrying will
@@ -17,7 +20,7 @@ from __future__ import annotations
 
 import socket
 import struct
-from typing import Any, List, Optional, Sequence
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 from ..config import ConfigError
 from .config import AnyboardConfig
@@ -26,7 +29,7 @@ from .points import Point
 try:  # the optional extra: without it, building a writer raises one line saying how to install it
     from iotdb.thrift.rpc.IClientRPCService import Client as _Client
     from iotdb.thrift.rpc.ttypes import (
-        TSCloseSessionReq, TSInsertRecordsReq, TSOpenSessionReq, TSProtocolVersion,
+        TSCloseSessionReq, TSInsertTabletsReq, TSOpenSessionReq, TSProtocolVersion,
     )
     from thrift.protocol.TBinaryProtocol import TBinaryProtocolAccelerated
     from thrift.Thrift import TException
@@ -48,8 +51,8 @@ MAX_POINTS_PER_CALL = 2048
 MEASUREMENTS = ["walltime", "step", "single_value"]
 MEASUREMENTS_NO_STEP = ["walltime", "single_value"]
 _INT64, _DOUBLE = 2, 4  # TSDataType
-_WITH_STEP = struct.Struct(">bqbqbd")
-_NO_STEP = struct.Struct(">bqbd")
+TYPES = [_INT64, _INT64, _DOUBLE]
+TYPES_NO_STEP = [_INT64, _DOUBLE]
 REDACTED = "***"
 
 
@@ -71,10 +74,29 @@ def check_client_installed() -> None:
         raise ConfigError(MISSING_EXTRA)
 
 
-def _packed(point: Point) -> bytes:
-    if point.step is None:
-        return _NO_STEP.pack(_INT64, point.walltime, _DOUBLE, point.value)
-    return _WITH_STEP.pack(_INT64, point.walltime, _INT64, point.step, _DOUBLE, point.value)
+def _tablets(points: Sequence[Point]) -> Dict[str, List[Any]]:
+    """The columns of ``TSInsertTabletsReq``: one tablet per device (and per with/without step), its rows
+    sorted by time as IoTDB expects of a tablet."""
+    groups: Dict[Tuple[str, bool], List[Point]] = {}
+    for point in points:
+        groups.setdefault((point.device, point.step is not None), []).append(point)
+    out: Dict[str, List[Any]] = {"prefixPaths": [], "measurementsList": [], "valuesList": [], "timestampsList": [],
+                                 "typesList": [], "sizeList": []}
+    for (device, stepped), rows in groups.items():
+        rows.sort(key=lambda p: p.time)
+        n = len(rows)
+        walltimes, values = [p.walltime for p in rows], [p.value for p in rows]
+        if stepped:
+            packed = struct.pack(f">{n}q{n}q{n}d", *walltimes, *[p.step for p in rows], *values)
+        else:
+            packed = struct.pack(f">{n}q{n}d", *walltimes, *values)
+        out["prefixPaths"].append(device)
+        out["measurementsList"].append(MEASUREMENTS if stepped else MEASUREMENTS_NO_STEP)
+        out["valuesList"].append(packed)
+        out["timestampsList"].append(struct.pack(f">{n}q", *[p.time for p in rows]))
+        out["typesList"].append(TYPES if stepped else TYPES_NO_STEP)
+        out["sizeList"].append(n)
+    return out
 
 
 class AnyboardWriter:
@@ -173,21 +195,15 @@ class AnyboardWriter:
             return
         if self._client is None:
             self._open()
-        request = TSInsertRecordsReq(
-            sessionId=self._session_id,
-            prefixPaths=[p.device for p in points],
-            measurementsList=[MEASUREMENTS if p.step is not None else MEASUREMENTS_NO_STEP for p in points],
-            valuesList=[_packed(p) for p in points],
-            timestamps=[p.time for p in points],
-            isAligned=False,  # as the SDK's SQL inserts create them: a device shared with it stays compatible
-        )
+        # not aligned, as the SDK's SQL inserts create them: a device shared with it stays compatible
+        request = TSInsertTabletsReq(sessionId=self._session_id, isAligned=False, **_tablets(points))
         try:
-            status = self._client.insertRecords(request)
+            status = self._client.insertTablets(request)
         except (TException, OSError, socket.timeout, EOFError) as exc:
             self._drop()
-            raise self._unavailable(f"insertRecords of {len(points)} points", exc) from None
+            raise self._unavailable(f"insertTablets of {len(points)} points", exc) from None
         try:
-            self._check(status, f"insertRecords of {len(points)} points")
+            self._check(status, f"insertTablets of {len(points)} points")
         except AnyboardError:
             self._drop()  # a fresh session next time (the server may have dropped ours)
             raise

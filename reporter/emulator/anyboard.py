@@ -18,11 +18,13 @@ SCALAR_DEVICE = re.compile(r"^root\.([^.`]+)\.([^.`]+)\.([^.`]+)\.scalar\.(?:`([
 MEASUREMENT_COLUMNS = {"walltime": "walltime", "step": "step", "single_value": "value"}
 MAX_LIMIT = 100_000
 _SCHEMA = """
-CREATE TABLE IF NOT EXISTS anyboard_point (device TEXT NOT NULL, time INTEGER NOT NULL, user_id TEXT,
-    project_id TEXT, task_id TEXT, name TEXT, walltime INTEGER, step INTEGER, value REAL,
-    PRIMARY KEY (device, time));
-CREATE INDEX IF NOT EXISTS anyboard_series ON anyboard_point (project_id, task_id, name, time);
+CREATE TABLE IF NOT EXISTS anyboard_series (device TEXT PRIMARY KEY, user_id TEXT, project_id TEXT, task_id TEXT,
+    name TEXT);
+CREATE INDEX IF NOT EXISTS anyboard_series_by_name ON anyboard_series (project_id, task_id, name);
+CREATE TABLE IF NOT EXISTS anyboard_point (device TEXT NOT NULL, time INTEGER NOT NULL, walltime INTEGER,
+    step INTEGER, value REAL, PRIMARY KEY (device, time)) WITHOUT ROWID;
 """
+_JOINED = "anyboard_series AS s JOIN anyboard_point AS p ON p.device = s.device"
 
 
 def parse_device(device: str) -> Tuple[Optional[str], Optional[str], Optional[str], Optional[str]]:
@@ -40,6 +42,7 @@ class AnyboardStore:
         self._lock = threading.Lock()
         self._db = sqlite3.connect(db_path, check_same_thread=False, isolation_level=None, timeout=10)
         self._db.executescript(_SCHEMA)
+        self._devices = set()  # devices already in anyboard_series
         self.inserts = 0  # insert calls (each of one or many points)
 
     def insert(self, rows: Iterable[Tuple[str, int, Mapping[str, Any]]]) -> int:
@@ -49,14 +52,31 @@ class AnyboardStore:
         for device, time_, values in rows:
             columns = tuple(MEASUREMENT_COLUMNS[m] for m in values if m in MEASUREMENT_COLUMNS)
             known = [v for m, v in values.items() if m in MEASUREMENT_COLUMNS]
-            batch.setdefault(columns, []).append((device, time_, *parse_device(device), *known))
+            batch.setdefault(columns, []).append((device, time_, *known))
+        return self._write(batch)
+
+    def insert_tablets(self, tablets: Iterable[Tuple[str, Sequence[str], Sequence[int], Sequence[Sequence[Any]]]]) -> int:
+        """Write tablets ``(device, measurements, times, columns)`` in one transaction (column by column,
+        no row objects: the path of the client's ``insertTablets``). Returns the number of rows."""
+        batch: Dict[Tuple[str, ...], List[Tuple[Any, ...]]] = {}
+        for device, measurements, times, columns in tablets:
+            keep = [i for i, m in enumerate(measurements) if m in MEASUREMENT_COLUMNS]
+            names = tuple(MEASUREMENT_COLUMNS[measurements[i]] for i in keep)
+            rows = batch.setdefault(names, [])
+            rows.extend((device, t, *values) for t, *values in zip(times, *(columns[i] for i in keep)))
+        return self._write(batch)
+
+    def _write(self, batch: Mapping[Tuple[str, ...], List[Tuple[Any, ...]]]) -> int:
         count = 0
         with self._lock:
             self._db.execute("BEGIN")
             try:
+                new = {row[0] for rows in batch.values() for row in rows} - self._devices
+                self._db.executemany("INSERT OR IGNORE INTO anyboard_series VALUES (?, ?, ?, ?, ?)",
+                                     [(device, *parse_device(device)) for device in new])
                 for columns, values_list in batch.items():
-                    names = ", ".join(("device", "time", "user_id", "project_id", "task_id", "name") + columns)
-                    marks = ", ".join("?" * (6 + len(columns)))
+                    names = ", ".join(("device", "time") + columns)
+                    marks = ", ".join("?" * (2 + len(columns)))
                     update = ", ".join(f"{c} = excluded.{c}" for c in columns) or "device = excluded.device"
                     self._db.executemany(
                         f"INSERT INTO anyboard_point ({names}) VALUES ({marks}) "
@@ -66,6 +86,7 @@ class AnyboardStore:
             except BaseException:
                 self._db.execute("ROLLBACK")
                 raise
+            self._devices |= new
             self.inserts += 1
         return count
 
@@ -73,24 +94,24 @@ class AnyboardStore:
         """``metricMetaList`` of a project: one entry per task and name."""
         with self._lock:
             rows = self._db.execute(
-                "SELECT task_id, name, COUNT(*) FROM anyboard_point WHERE project_id = ? AND name IS NOT NULL "
-                "GROUP BY task_id, name ORDER BY task_id, name", (project_id,)).fetchall()
+                f"SELECT s.task_id, s.name, COUNT(*) FROM {_JOINED} WHERE s.project_id = ? AND s.name IS NOT NULL "
+                "GROUP BY s.task_id, s.name ORDER BY s.task_id, s.name", (project_id,)).fetchall()
         return [{"taskId": t, "name": n, "type": "scalar", "count": c} for t, n, c in rows]
 
     def scalars(self, project_id: str, task_id: str, name: str, offset: int = 0, limit: int = MAX_LIMIT) -> List[Dict[str, Any]]:
         """One series in time order: ``[{"step", "walltime", "value"}]``."""
         with self._lock:
             rows = self._db.execute(
-                "SELECT step, walltime, value FROM anyboard_point WHERE project_id = ? AND task_id = ? AND name = ? "
-                "ORDER BY time LIMIT ? OFFSET ?", (project_id, task_id, name, limit, offset)).fetchall()
+                f"SELECT p.step, p.walltime, p.value FROM {_JOINED} WHERE s.project_id = ? AND s.task_id = ? AND s.name = ? "
+                "ORDER BY p.time LIMIT ? OFFSET ?", (project_id, task_id, name, limit, offset)).fetchall()
         return [{"step": s, "walltime": w, "value": v} for s, w, v in rows]
 
     def series(self) -> List[Tuple[str, str, str, List[Tuple[float, float]]]]:
         """Every series, for the page: (project, task, name, [(step or index, value)])."""
         with self._lock:
             rows = self._db.execute(
-                "SELECT project_id, task_id, name, step, value FROM anyboard_point WHERE name IS NOT NULL "
-                "ORDER BY project_id, task_id, name, time").fetchall()
+                f"SELECT s.project_id, s.task_id, s.name, p.step, p.value FROM {_JOINED} WHERE s.name IS NOT NULL "
+                "ORDER BY s.project_id, s.task_id, s.name, p.time").fetchall()
         out: Dict[Tuple[str, str, str], List[Tuple[float, float]]] = {}
         for project, task, name, step, value in rows:
             points = out.setdefault((project, task, name), [])

@@ -139,6 +139,14 @@ class IoTDBHandler(IClientRPCService.Iface):
         self.store.insert(rows)
         return _status()
 
+    def _insert_tablets(self, session_id: int, tablets: List[Tuple[str, List[str], bytes, bytes, List[int], int]]) -> TSStatus:
+        if not self._known(session_id):
+            return _status(NOT_LOGIN, "Log in failed. Either you are not authorized or the session has timed out.")
+        self.store.insert_tablets(
+            (device, measurements, struct.unpack_from(f">{size}q", timestamps), _tablet_columns(values, types, size))
+            for device, measurements, values, timestamps, types, size in tablets)
+        return _status()
+
     def insertRecord(self, req: Any) -> TSStatus:  # noqa: N802
         values = _record_values(req.values)
         return self._insert(req.sessionId, [(req.prefixPath, req.timestamp, dict(zip(req.measurements, values)))])
@@ -148,21 +156,13 @@ class IoTDBHandler(IClientRPCService.Iface):
                 for device, measurements, values, t in zip(req.prefixPaths, req.measurementsList, req.valuesList, req.timestamps)]
         return self._insert(req.sessionId, rows)
 
-    def _tablet_rows(self, device: str, measurements: List[str], values: bytes, timestamps: bytes,
-                     types: List[int], size: int) -> List[Tuple[str, int, Dict[str, Any]]]:
-        times = struct.unpack_from(f">{size}q", timestamps)
-        columns = _tablet_columns(values, types, size)
-        return [(device, times[i], {m: col[i] for m, col in zip(measurements, columns)}) for i in range(size)]
-
     def insertTablet(self, req: Any) -> TSStatus:  # noqa: N802
-        return self._insert(req.sessionId, self._tablet_rows(req.prefixPath, req.measurements, req.values,
-                                                             req.timestamps, req.types, req.size))
+        return self._insert_tablets(req.sessionId, [(req.prefixPath, req.measurements, req.values, req.timestamps,
+                                                     req.types, req.size)])
 
     def insertTablets(self, req: Any) -> TSStatus:  # noqa: N802
-        rows: List[Tuple[str, int, Dict[str, Any]]] = []
-        for args in zip(req.prefixPaths, req.measurementsList, req.valuesList, req.timestampsList, req.typesList, req.sizeList):
-            rows.extend(self._tablet_rows(*args))
-        return self._insert(req.sessionId, rows)
+        return self._insert_tablets(req.sessionId, list(zip(req.prefixPaths, req.measurementsList, req.valuesList,
+                                                            req.timestampsList, req.typesList, req.sizeList)))
 
     def _statement(self, req: Any) -> TSExecuteStatementResp:
         match = _INSERT_SQL.match(req.statement or "")
