@@ -204,6 +204,20 @@ def test_iotdb_down_is_a_transient_fault_and_the_writer_recovers_when_it_is_back
         writer.close()
 
 
+def test_a_failed_connect_prints_nothing_but_our_own_exception(tmp_path):
+    """thrift's TSocket logs every failed connect at ERROR; a host with no logging set up would print it."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    code = ("from reporter.anyboard import anyboard_config, Point\nfrom reporter.anyboard.writer import AnyboardWriter, "
+            "AnyboardUnavailable\n"
+            f"w = AnyboardWriter(anyboard_config({{**{ENV!r}, 'ANYLEARN_ANYBOARD_IOTDB_PORT': '{port}'}}))\n"
+            "for _ in range(3):\n    try:\n        w.write([Point('root.a.b.c.scalar.`x`', 1, 1, 1, 1.0)])\n"
+            "    except AnyboardUnavailable:\n        pass\n")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0 and done.stderr == ""
+
+
 def test_a_hanging_iotdb_costs_one_timeout_then_a_transient_fault():
     listener = socket.create_server(("127.0.0.1", 0))
     held = []

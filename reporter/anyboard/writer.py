@@ -18,8 +18,10 @@ client or the server has it replaced by ``***``.
 
 from __future__ import annotations
 
+import logging
 import socket
 import struct
+import threading
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 from ..config import ConfigError
@@ -54,6 +56,22 @@ _INT64, _DOUBLE = 2, 4  # TSDataType
 TYPES = [_INT64, _INT64, _DOUBLE]
 TYPES_NO_STEP = [_INT64, _DOUBLE]
 REDACTED = "***"
+
+
+_connecting = threading.local()
+
+
+class _OurConnects(logging.Filter):
+    """thrift's TSocket logs every failed connect at ERROR (a DNS failure with a traceback); ours are retried
+    and said once by the sink, so the records logged while this thread opens our socket are dropped."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not getattr(_connecting, "active", False)
+
+
+_THRIFT_SOCKET_LOGGER = logging.getLogger("thrift.transport.TSocket")
+if not any(isinstance(f, _OurConnects) for f in _THRIFT_SOCKET_LOGGER.filters):
+    _THRIFT_SOCKET_LOGGER.addFilter(_OurConnects())
 
 
 class AnyboardError(Exception):
@@ -156,7 +174,11 @@ class AnyboardWriter:
         sock.setTimeout(self.config.timeout_s * 1000.0)
         transport = TFramedTransport(sock)
         try:
-            transport.open()
+            _connecting.active = True
+            try:
+                transport.open()
+            finally:
+                _connecting.active = False
             client = _Client(TBinaryProtocolAccelerated(transport))
             answer = client.openSession(TSOpenSessionReq(
                 client_protocol=TSProtocolVersion.IOTDB_SERVICE_PROTOCOL_V3, zoneId=self.zone_id,
