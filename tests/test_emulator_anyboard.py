@@ -131,3 +131,33 @@ def test_the_released_sdks_reader_reads_our_curves_back_from_serve(serve_process
     assert [r.step for r in loss.record_list] == list(range(40))
     assert loss.get_min() == 2.0 / 40 and loss.get_last() == 2.0 / 40 and loss.meta.count == 40
     assert loss.record_list[0].walltime == 1_700_000_000_000
+
+
+def test_serve_takes_the_local_anyboards_login_from_the_containers_variable(serve_process):
+    from reporter.anyboard.writer import AnyboardLoginRefused
+
+    srv = serve_process("--anyboard-port", "0", env={"ANYLEARN_ANYBOARD_IOTDB_PASSWORD": "from-the-env"})
+    port = re.search(r"IoTDB at [\d.]+:(\d+)", srv.proc.stdout.readline()).group(1)
+    env = {"ANYLEARN_ANYBOARD_IOTDB_HOST": "127.0.0.1", "ANYLEARN_ANYBOARD_IOTDB_PORT": port,
+           "ANYLEARN_ANYBOARD_IOTDB_USER": "root", "ANYLEARN_USER_ID": "U", "ANYLEARN_PROJECT_ID": "P",
+           "ANYLEARN_TASK_ID": "T"}
+    (point,) = to_points([JournalEntry(10, Record(KIND_INTERMEDIATE, 1.0, "x", 1, 1.7e9))], "root.U.P.T")[0]
+    with pytest.raises(AnyboardLoginRefused):
+        AnyboardWriter(anyboard_config({**env, "ANYLEARN_ANYBOARD_IOTDB_PASSWORD": "root"})).write([point])
+    writer = AnyboardWriter(anyboard_config({**env, "ANYLEARN_ANYBOARD_IOTDB_PASSWORD": "from-the-env"}))
+    writer.write([point])
+    writer.close()
+
+
+def test_serve_without_the_extra_says_the_pip_line_and_exits_2(tmp_path):
+    from conftest import cli, clean_environ
+
+    blocker = tmp_path / "block" / "iotdb"
+    blocker.mkdir(parents=True)
+    (blocker / "__init__.py").write_text("raise ImportError('blocked for the test')\n")
+    import os
+
+    env = clean_environ(PYTHONPATH=f"{tmp_path / 'block'}{os.pathsep}{os.environ.get('PYTHONPATH', '')}")
+    done = cli("serve", "--port", "0", "--anyboard-port", "0", env=env, timeout_s=60)
+    assert done.returncode == 2
+    assert "pip install 'anylearn-reporter[anyboard]'" in done.stderr and len(done.stderr.strip().splitlines()) == 1
