@@ -51,6 +51,11 @@ def test_some_variables_give_one_line_naming_what_is_missing_never_the_password(
     assert len(ANYBOARD_ENV) == 6
 
 
+def test_an_id_that_would_break_the_device_path_is_named():
+    with pytest.raises(ConfigError, match="ANYLEARN_PROJECT_ID='a.b'"):
+        anyboard_config({**ENV, "ANYLEARN_PROJECT_ID": "a.b"})
+
+
 def test_a_port_that_is_not_a_port_is_named():
     with pytest.raises(ConfigError, match="ANYLEARN_ANYBOARD_IOTDB_PORT"):
         anyboard_config({**ENV, "ANYLEARN_ANYBOARD_IOTDB_PORT": "70000"})

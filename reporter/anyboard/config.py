@@ -62,6 +62,11 @@ def anyboard_config(env: Optional[Mapping[str, str]] = None, *, task_id: Optiona
         raise ConfigError(
             f"Anyboard is half configured: {', '.join(missing)} {'is' if len(missing) == 1 else 'are'} not set "
             f"(found {', '.join(present)}); set all of them, or none to leave Anyboard off")
+    for name, value in ((ENV_USER_ID, _value(env, ENV_USER_ID)), (ENV_PROJECT_ID, _value(env, ENV_PROJECT_ID)),
+                        (ENV_TASK_ID, task)):
+        if any(c in value for c in ".`'\"") or any(c.isspace() for c in value):
+            raise ConfigError(f"{name}={value[:80]!r} cannot be a level of an IoTDB path (a dot, a quote or a space); "
+                              "use the id AnyLearn gave")
     port = parse_number(_value(env, ENV_ANYBOARD_PORT), ENV_ANYBOARD_PORT, None, integer=True, minimum=1)
     if port > 65535:
         raise ConfigError(f"{ENV_ANYBOARD_PORT} must be a TCP port (1-65535), not {port}")
