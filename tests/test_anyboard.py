@@ -11,7 +11,7 @@ import sys
 import threading
 
 import pytest
-from hypothesis import given, settings
+from hypothesis import given
 from hypothesis import strategies as st
 
 from reporter.anyboard import anyboard_config, clean_metric_name, device_path, point_time, series_name, to_points
