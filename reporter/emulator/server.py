@@ -545,6 +545,8 @@ def serve_command(tasks: Mapping[str, str], *, host: str, port: int, db_path: st
                            token=token, idle_timeout_s=idle_timeout_s,
                            anyboard=local_anyboard.store if local_anyboard else None)
     except OSError as exc:
+        if local_anyboard is not None:
+            local_anyboard.stop()
         raise ConfigError(f"cannot listen on {host}:{port}: {exc.strerror}; choose another --port") from None
 
     def stop(_signum: int, _frame: Any) -> None:
