@@ -209,6 +209,18 @@ def test_iotdb_down_is_a_transient_fault_and_the_writer_recovers_when_it_is_back
         writer.close()
 
 
+def test_a_session_the_server_forgot_is_a_transient_fault_not_a_refused_login(iotdb):
+    writer = AnyboardWriter(_config(iotdb.port))
+    point = Point(f"{PREFIX}.scalar.`loss`", 1, 1, 1, 1.0)
+    writer.write([point])
+    iotdb.handler.closeSession(type("Req", (), {"sessionId": writer._session_id})())  # as after a server restart
+    with pytest.raises(AnyboardUnavailable, match="802"):
+        writer.write([point])
+    writer.write([point])  # a new session
+    writer.close()
+    assert iotdb.store.count() == 1
+
+
 def test_a_failed_connect_prints_nothing_but_our_own_exception(tmp_path):
     """thrift's TSocket logs every failed connect at ERROR; a host with no logging set up would print it."""
     with socket.socket() as probe:
