@@ -88,8 +88,13 @@ def _cmd_serve(args: argparse.Namespace) -> int:
         retry_after_s=args.retry_after, seed=args.seed,
     )
     token = args.token if args.token is not None else (os.environ.get(ENV_AUTH_TOKEN) or os.environ.get(ENV_TOKEN) or None)
+    from .config import ENV_ANYBOARD_PASSWORD, ENV_ANYBOARD_USER
+
+    anyboard = None if args.anyboard_port is None else {  # a container's own variables serve as the login too
+        "port": args.anyboard_port, "user": args.anyboard_user or os.environ.get(ENV_ANYBOARD_USER) or "root",
+        "password": args.anyboard_password or os.environ.get(ENV_ANYBOARD_PASSWORD) or "root"}
     return serve_command(dict(args.task), host=args.host, port=args.port, db_path=args.db, faults=faults,
-                         verbose=args.verbose, token=token, idle_timeout_s=args.idle_timeout)
+                         verbose=args.verbose, token=token, idle_timeout_s=args.idle_timeout, anyboard=anyboard)
 
 
 def _add_serve(sub: argparse._SubParsersAction) -> None:
@@ -121,6 +126,14 @@ def _add_serve(sub: argparse._SubParsersAction) -> None:
                         "metric writes only that")
     p.add_argument("--idle-timeout", type=_duration(positive=True), default=30.0, metavar="S",
                    help="close a connection silent for S seconds (default 30)")
+    p.add_argument("--anyboard-port", type=int, default=None, metavar="PORT",
+                   help="also serve a local Anyboard: IoTDB's client wire on PORT (0 picks one), its curves at /anyboard "
+                        "and the read API /api/anyboard/... (needs the anyboard extra)")
+    p.add_argument("--anyboard-user", default=None, metavar="USER",
+                   help="the local Anyboard's IoTDB user (default: env ANYLEARN_ANYBOARD_IOTDB_USER, else root)")
+    p.add_argument("--anyboard-password", default=None, metavar="PW",
+                   help="the local Anyboard's IoTDB password (default: env ANYLEARN_ANYBOARD_IOTDB_PASSWORD, else root, "
+                        "IoTDB's own default; prefer the variable: an argv is visible to every user)")
     p.add_argument("--verbose", action="store_true", help="log every request")
     p.set_defaults(func=_cmd_serve)
 

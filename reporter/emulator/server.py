@@ -362,6 +362,7 @@ class _Handler(BaseHTTPRequestHandler):
     disable_nagle_algorithm = True  # answers go out at once, not after the client's delayed ACK
     server_version = "anylearn-devserver"
     backend: Backend  # set on the subclass made per server
+    anyboard: Any = None  # the local Anyboard's AnyboardStore, with serve --anyboard-port
     prefix: str = API_PREFIX
     quiet: bool = True
 
@@ -500,6 +501,13 @@ class _Handler(BaseHTTPRequestHandler):
         path, query = self._route()
         if path == "/":
             return self._page(query)
+        if self.anyboard is not None and (path == "/anyboard" or path.startswith("/anyboard/")):
+            if path == "/anyboard" and not self._dev_read_authorized():  # the curves page, behind the token as "/" is
+                self.backend.count("unauthorized")
+                return self._answer(401, {"msg": "this emulator has a token: send Authorization: Bearer <token>"})
+            from .anyboard import handle_get
+
+            return handle_get(self, path, query)
         if path.startswith("/_dev/") and not self._dev_read_authorized():
             self.backend.count("unauthorized")
             return self._answer(401, {"msg": "this emulator has a token: send Authorization: Bearer <token>"})
@@ -642,10 +650,13 @@ class DevServer:
         quiet: bool = True,
         token: Optional[str] = None,
         idle_timeout_s: float = DEFAULT_IDLE_TIMEOUT_S,
+        anyboard: Any = None,
     ) -> None:
         self.backend = Backend(tasks, db_path, faults, token)
+        self.anyboard = anyboard
         # StreamRequestHandler.timeout: every socket read (request line, headers, body) waits at most this
-        handler = type("Handler", (_Handler,), {"backend": self.backend, "quiet": quiet, "timeout": idle_timeout_s})
+        handler = type("Handler", (_Handler,), {"backend": self.backend, "quiet": quiet, "timeout": idle_timeout_s,
+                                            "anyboard": anyboard})
         host = host[1:-1] if host.startswith("[") and host.endswith("]") else host
         server_class = _Server6 if ":" in host else _Server
         try:
@@ -690,18 +701,29 @@ class DevServer:
 
 
 def serve_command(tasks: Mapping[str, str], *, host: str, port: int, db_path: str, faults: Faults, verbose: bool,
-                  token: Optional[str] = None, idle_timeout_s: float = DEFAULT_IDLE_TIMEOUT_S) -> int:
+                  token: Optional[str] = None, idle_timeout_s: float = DEFAULT_IDLE_TIMEOUT_S,
+                  anyboard: Optional[Mapping[str, Any]] = None) -> int:
     """The ``serve`` command: serve until SIGTERM or Ctrl-C."""
     import signal
 
     from ..config import ENV_AUTH_TOKEN, ConfigError
 
+    local_anyboard = None
+    if anyboard is not None:  # {"port", "user", "password"}: the local Anyboard's IoTDB wire beside the HTTP API
+        from .anyboard import start_local_anyboard
+
+        local_anyboard = start_local_anyboard(db_path, host=host, **anyboard)
     try:
         server = DevServer(tasks, host=host, port=port, db_path=db_path, faults=faults, quiet=not verbose,
-                           token=token, idle_timeout_s=idle_timeout_s)
+                           token=token, idle_timeout_s=idle_timeout_s,
+                           anyboard=local_anyboard.store if local_anyboard else None)
     except sqlite3.Error as exc:  # before listening: the database comes first
+        if local_anyboard is not None:
+            local_anyboard.stop()
         raise ConfigError(f"cannot open --db {db_path}: {exc}; give a file in a directory that exists and you can write") from None
     except (OSError, OverflowError) as exc:
+        if local_anyboard is not None:
+            local_anyboard.stop()
         raise ConfigError(f"cannot listen on {host}:{port}: {getattr(exc, 'strerror', None) or exc}; "
                           "choose another --host or --port") from None
 
@@ -710,6 +732,9 @@ def serve_command(tasks: Mapping[str, str], *, host: str, port: int, db_path: st
 
     signal.signal(signal.SIGTERM, stop)
     print(f"AnyLearn backend emulator at {server.base_url} (page: {server.origin}/)", flush=True)
+    if local_anyboard is not None:
+        print(f"local Anyboard: IoTDB at {host}:{local_anyboard.port}, curves at {server.origin}/anyboard",
+              flush=True)
     if not tasks:
         print("no tasks given: every report will get 401; add --task ID:KEY", flush=True)
     if token is None:
@@ -720,6 +745,8 @@ def serve_command(tasks: Mapping[str, str], *, host: str, port: int, db_path: st
         pass
     finally:
         server.backend.close()
+        if local_anyboard is not None:
+            local_anyboard.stop()
     return 0
 
 
