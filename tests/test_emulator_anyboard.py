@@ -79,7 +79,9 @@ def test_the_page_charts_every_series_of_a_task(anyboard):
     iotdb, http = anyboard
     iotdb.store.insert([(f"{DEVICE}.`loss`", t, {"walltime": t, "step": t, "single_value": 1.0 / t}) for t in range(1, 30)]
                        + [(f"{DEVICE}.`lr`", 1, {"walltime": 1, "step": 1, "single_value": 0.1})])
-    page = requests.get(f"http://{http.host}:{http.port}/anyboard", timeout=10).text
+    url = f"http://{http.host}:{http.port}/anyboard"
+    assert requests.get(url, timeout=10).status_code == 401  # serve has a token: its pages need it, as "/" does
+    page = requests.get(url, headers={"Authorization": f"Bearer {TOKEN}"}, timeout=10).text
     assert page.count("<svg") == 2 and "loss (29 points)" in page and "TRAI1" in page
 
 
