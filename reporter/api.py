@@ -15,7 +15,18 @@ import threading
 import time
 from typing import TYPE_CHECKING, Any, Dict, List, Mapping, Optional
 
-from .config import BURST_GAP_S, ENV_SUPERVISOR_PID, Config, load_config
+from .config import (
+    BURST_GAP_S,
+    ENV_FLUSH_TIMEOUT,
+    ENV_RANK,
+    ENV_REPORT_RANKS,
+    ENV_REQUEST_TIMEOUT,
+    ENV_RUN_DIR,
+    ENV_SUPERVISOR_PID,
+    Config,
+    load_config,
+    offline_reason,
+)
 from .journal import (
     KIND_FINAL,
     KIND_INTERMEDIATE,
@@ -40,6 +51,17 @@ __all__ = [
 
 
 MAX_FLUSH_TIMEOUT_S = 1e9
+SUPERVISED_FLUSH_POLL_S = 0.05
+_DEFAULTED = (ENV_RUN_DIR, ENV_REPORT_RANKS, ENV_FLUSH_TIMEOUT, ENV_REQUEST_TIMEOUT)  # a bad value: the default
+
+
+def _consequence(problem: str) -> str:
+    """What the hook does about a configuration problem, when the problem's own text does not say it."""
+    if problem.startswith(_DEFAULTED):
+        return " (using the default)"
+    if "journalled" in problem or problem.startswith(ENV_RANK + " "):
+        return ""
+    return "; records are only journalled until it is fixed"  # a task id or backend URL it cannot use
 
 
 class _Hook:
@@ -53,7 +75,7 @@ class _Hook:
         self._deliverer_ready = threading.Event()
         self._warned_non_finite: set = set()
         for problem in problems:
-            get_logger().warning("configuration: %s (using the default)", problem)
+            get_logger().warning("configuration: %s%s", problem, _consequence(problem))
         register_fork_hook(self, _Hook._after_fork)
 
     def emit(self, kind: str, value: float, name: Optional[str], step: Optional[int]) -> None:
@@ -70,7 +92,7 @@ class _Hook:
         if name not in self._warned_non_finite:
             self._warned_non_finite.add(name)
             get_logger().warning(
-                "metric %s is %r: journalled as null and not sent (said once per metric name)",
+                "the metric %r is %r: journalled as null and not sent (said once per metric name)",
                 name or self.config.objective_metric, value,
             )
 
@@ -79,11 +101,13 @@ class _Hook:
             if self.delivery_started:
                 return
             self.delivery_started = True
-        if self.config.offline:
+        supervised = bool(os.environ.get(ENV_SUPERVISOR_PID))
+        if self.config.offline or supervised:
+            # Under the wrapper the command only journals: the wrapper is the run's one deliverer (and has
+            # said offline mode already), even once its delivery paused or ended.
             self._deliverer_ready.set()
-            supervised = os.environ.get(ENV_SUPERVISOR_PID)  # the wrapper has said it already
             if not supervised and lock_holder_pid(self.config.run_dir) is None:
-                say_offline(self.config.run_dir)
+                say_offline(self.config.run_dir, offline_reason())
             return
         threading.Thread(target=self._delivery_main, name="anylearn-reporter-delivery", daemon=True).start()
 
@@ -111,7 +135,13 @@ class _Hook:
         deadline = time.monotonic() + timeout_s
         self._deliverer_ready.wait(timeout_s)
         if self.deliverer is None:
-            return count_pending(self.config.run_dir) == 0
+            if self.config.offline:
+                return count_pending(self.config.run_dir) == 0
+            while count_pending(self.config.run_dir):  # the wrapper delivers: wait for its cursor
+                if time.monotonic() >= deadline:
+                    return False
+                time.sleep(SUPERVISED_FLUSH_POLL_S)
+            return True
         return self.deliverer.flush(max(0.0, deadline - time.monotonic()))
 
     def close_at_exit(self) -> None:
@@ -131,7 +161,7 @@ class _Hook:
         if not deliverer.close(max(0.0, deadline - time.monotonic())):
             pending = count_pending(self.config.run_dir)
             if pending:
-                warn_pending(pending, self.config.run_dir)
+                warn_pending(pending, self.config.run_dir, self.config.backend_url)
 
     def _after_fork(self) -> None:
         # The parent's delivery thread did not survive the fork, and its lock stays the parent's:

@@ -498,6 +498,7 @@ class BackendClient:
         self._connection: Optional[_Connection] = None
         self._watchdog = _Watchdog(self.request_timeout_s, self._current_socket)
         self._task_form = "id=" + quote(task_id, safe="")
+        self.has_secret_key = bool(secret_key)
 
     def _current_socket(self) -> Optional[socket.socket]:
         connection = self._connection

@@ -42,7 +42,7 @@ from .journal import (
     read_host_counters,
     save_cursor,
 )
-from .log import get_logger
+from .log import get_logger, sync_hint
 from .policy import SKIP_STATE_OFF, SendRule, line_skip_reason, skip_reason
 from .runstatus import DeliveryStatus, read_status, write_status
 
@@ -595,18 +595,21 @@ class Deliverer:
             self._count_skip(SKIP_STATE_OFF)
             self._log.info("the backend has no state endpoint (HTTP %d); task state reporting is off", result.status)
         elif result.outcome is Outcome.AUTH:
+            refused = ("the backend refused the secret key" if self.client.has_secret_key else
+                       "no secret key is set (ANYLEARN_SECRET_KEY or secret_key) and the backend requires one")
             self._pause(
                 f"auth: HTTP {result.status}", f"HTTP {result.status}: {result.reason}",
-                f"the backend refused the secret key for task {self.client.task_id} (HTTP {result.status}: "
-                f"{result.reason}); delivery is paused and records stay pending in {self.run_dir}: check "
-                f"ANYLEARN_SECRET_KEY (or secret_key), then run `anylearn-reporter sync {self.run_dir}`",
+                f"{refused} for task {self.client.task_id} (HTTP {result.status}: "
+                f"{result.reason}); delivery is paused and records stay pending in {self.run_dir}: set "
+                f"ANYLEARN_SECRET_KEY (or secret_key) to the task's key, then run "
+                f"`{sync_hint(self.run_dir, self.client.base_url, new_key=True)}`",
             )
             return False
         elif result.outcome is Outcome.SETUP:
             self._pause(
                 f"setup: {result.reason}", result.reason,
                 f"cannot reach the backend as configured ({result.reason}); delivery is paused and records stay "
-                f"pending in {self.run_dir}; once that is fixed, run `anylearn-reporter sync {self.run_dir}`",
+                f"pending in {self.run_dir}; once that is fixed, run `{sync_hint(self.run_dir)}`",
             )
             return False
         elif result.outcome is Outcome.REDIRECT:
@@ -616,7 +619,7 @@ class Deliverer:
                 f"the backend answered HTTP {result.status} ({result.reason}); redirects are never followed "
                 f"(the secret key would go along), so delivery is paused and records stay pending in "
                 f"{self.run_dir}: set ANYLEARN_BACKEND_URL to the address that answers itself, then run "
-                f"`anylearn-reporter sync {self.run_dir}`",
+                f"`{sync_hint(self.run_dir)}`",
             )
             return False
         return True

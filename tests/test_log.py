@@ -23,7 +23,7 @@ def test_sync_progress_is_a_bar_on_a_terminal_and_plain_lines_otherwise():
     lines.update(5)
     lines.update(6)  # a plain line only every 5 s of a long delivery
     lines.update(12, force=True)  # and the last one; records journalled meanwhile do not count
-    assert plain.getvalue() == "/runs/offline-x: 10/10 records\n"
+    assert plain.getvalue() == "/runs/offline-x: 10/10 records delivered\n"
 
 
 def test_counts_by_reason_read_as_one_phrase():

@@ -52,7 +52,7 @@ def test_sync_reads_the_key_from_a_file_and_the_task_from_the_directory_name(ser
     done = cli("sync", str(run_dir), "--backend-url", server.base_url, "--secret-key-file", str(key_file), env=clean_environ())
     assert done.returncode == 0, done.stderr
     assert server.task()["intermediate_metrics"] == [0.0, 1.0, 2.0]
-    assert f"{run_dir}: 6/6 records\n" in done.stderr  # the last plain progress line off a terminal
+    assert f"{run_dir}: 6/6 records delivered\n" in done.stderr  # the last plain progress line off a terminal
     assert f"{run_dir}: 6 delivered, 0 pending\n" in done.stdout
 
 

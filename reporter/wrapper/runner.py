@@ -22,6 +22,7 @@ from ..config import (
     Config,
     ConfigError,
     load_config_strict,
+    offline_reason,
 )
 from ..journal import (
     COUNTER_LOG_WRITE_FAILED,
@@ -98,7 +99,7 @@ class Run:
     def start_delivery(self) -> None:
         if self.config.offline:
             # No lock taken: a sidecar sharing the run directory may deliver while the command runs.
-            say_offline(self.run_dir)
+            say_offline(self.run_dir, offline_reason(self.env))
             return
         from ..deliver import build_deliverer
 
@@ -140,7 +141,7 @@ class Run:
             self.writer.append(KIND_STATE, outcome.state, None, None)
             pending = self.drain()
         if pending:
-            warn_pending(pending, self.run_dir)
+            warn_pending(pending, self.run_dir, self.config.backend_url)
         try:
             self.write_summary(started, outcome, pending)
         except OSError as exc:
