@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import signal
 import sys
 from typing import Callable, List, Optional
 
@@ -273,6 +274,11 @@ def _cmd_report(args: argparse.Namespace) -> int:
 
     check_secret_key()  # a key that cannot be sent is a usage error here (exit 2), not a silent offline run
     check_task_id()
+    from .config import ENV_RUN_DIR, load_config
+
+    # The run directory is resolved once: an offline run's name is new at each resolution.
+    if not os.path.isabs(os.environ.get(ENV_RUN_DIR, "").strip()):
+        os.environ[ENV_RUN_DIR] = load_config()[0].run_dir
     problem = _journal_problem()
     if problem:
         print(f"anylearn-reporter: error: {problem}", file=sys.stderr)
@@ -393,5 +399,18 @@ def main(argv: Optional[List[str]] = None) -> int:
         return EXIT_USAGE
     except KeyboardInterrupt:
         return 130
+    except BrokenPipeError:  # `show --metrics | head`: the reader has gone; nothing more to say to it
+        _silence_stdout()
+        return 128 + signal.SIGPIPE
+
+
+def _silence_stdout() -> None:
+    """Point stdout at /dev/null, so the interpreter's own flush at exit does not fail on the closed pipe."""
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
+    except (OSError, ValueError):
+        pass
 
 

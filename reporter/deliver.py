@@ -359,6 +359,7 @@ class Deliverer:
         delivery pauses."""
         deadline = None if timeout_s is None else time.monotonic() + timeout_s
         drained = False
+        interrupted = True  # until the loop returns: a KeyboardInterrupt stops at once, nothing more is sent
         try:
             while True:
                 remaining = None if deadline is None else deadline - time.monotonic()
@@ -366,9 +367,10 @@ class Deliverer:
                 if on_progress is not None:
                     on_progress(count_pending(self.run_dir, self._acked_offset()), drained)
                 if drained or self.paused_reason or not self._running.is_set() or (remaining is not None and remaining <= 0):
+                    interrupted = False
                     return drained
         finally:
-            self.close(0.5 if deadline is None else max(0.5, deadline - time.monotonic()))
+            self.close(0 if interrupted else 0.5 if deadline is None else max(0.5, deadline - time.monotonic()))
 
     def close(self, timeout_s: Optional[float] = None) -> bool:
         """Deliver what is pending for up to ``timeout_s`` (when this deliverer holds the lock), then stop;

@@ -51,6 +51,11 @@ def records(count: int) -> str:
     return f"{count} record" + ("" if count == 1 else "s")
 
 
+def stay_pending(count: int) -> str:
+    """``1 record stays pending``, ``9 records stay pending``."""
+    return f"{records(count)} {'stays' if count == 1 else 'stay'} pending"
+
+
 def sync_hint(run_dir: str, backend_url: Optional[str] = None, env: Optional[Mapping[str, str]] = None,
               new_key: bool = False) -> str:
     """The complete ``sync`` command that delivers ``run_dir``: the key's variable (never the key) when the
@@ -81,8 +86,8 @@ def say_offline(run_dir: str, why: str = "") -> None:
 def warn_pending(count: int, run_dir: str, backend_url: Optional[str] = None) -> None:
     """The one line that counts what stays pending at the end and gives the command that delivers it."""
     get_logger().warning(
-        "%s %s pending in %s; deliver %s with `%s`", records(count), "stays" if count == 1 else "stay", run_dir,
-        "it" if count == 1 else "them", sync_hint(run_dir, backend_url),
+        "%s in %s; deliver %s with `%s`", stay_pending(count), run_dir, "it" if count == 1 else "them",
+        sync_hint(run_dir, backend_url),
     )
 
 

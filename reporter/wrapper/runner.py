@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import os
 import shlex
+import signal
 import time
 from typing import Any, Dict, Mapping, Optional
 
@@ -32,7 +33,7 @@ from ..journal import (
     atomic_write_json,
     count_pending,
 )
-from ..log import Progress, get_logger, say_offline, warn_pending
+from ..log import Progress, get_logger, records, say_offline, warn_pending
 from ..policy import SendRule
 from ..runinfo import read_run
 from ..tbevents import EventFileTailer
@@ -116,11 +117,23 @@ class Run:
         if self.deliverer is None:
             return count_pending(self.run_dir)
         total = count_pending(self.run_dir)
+        if total and not self.deliverer.paused_reason:
+            self.log.info(
+                "the command has ended; waiting up to %gs (--drain-timeout, ANYLEARN_DRAIN_TIMEOUT) to deliver %s to %s; Ctrl-C stops "
+                "waiting and leaves them for `anylearn-reporter sync`",
+                self.options.drain_timeout_s, records(total), self.config.backend_url,
+            )
         progress = Progress(self.run_dir, total)
+        previous = signal.signal(signal.SIGINT, signal.default_int_handler)  # Ctrl-C: stop waiting at once
         try:
             self.deliverer.drain(self.options.drain_timeout_s, lambda pending, _: progress.update(total - pending))
-        finally:
+        except KeyboardInterrupt:
             progress.finish()
+            self.log.warning("interrupted (SIGINT): stopped waiting for delivery")
+        else:
+            progress.finish()
+        finally:
+            signal.signal(signal.SIGINT, previous)
         return count_pending(self.run_dir)
 
     # -- the whole run --
