@@ -83,11 +83,11 @@ def say_offline(run_dir: str, why: str = "") -> None:
     )
 
 
-def warn_pending(count: int, run_dir: str, backend_url: Optional[str] = None) -> None:
+def warn_pending(count: int, run_dir: str, backend_url: Optional[str] = None, new_key: bool = False) -> None:
     """The one line that counts what stays pending at the end and gives the command that delivers it."""
     get_logger().warning(
         "%s in %s; deliver %s with `%s`", stay_pending(count), run_dir, "it" if count == 1 else "them",
-        sync_hint(run_dir, backend_url),
+        sync_hint(run_dir, backend_url, new_key=new_key),
     )
 
 

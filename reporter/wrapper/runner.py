@@ -117,19 +117,20 @@ class Run:
         if self.deliverer is None:
             return count_pending(self.run_dir)
         total = count_pending(self.run_dir)
-        if total and not self.deliverer.paused_reason:
-            self.log.info(
-                "the command has ended; waiting up to %gs (--drain-timeout, ANYLEARN_DRAIN_TIMEOUT) to deliver %s to %s; Ctrl-C stops "
-                "waiting and leaves them for `anylearn-reporter sync`",
-                self.options.drain_timeout_s, records(total), self.config.backend_url,
-            )
         progress = Progress(self.run_dir, total)
         previous = signal.signal(signal.SIGINT, signal.default_int_handler)  # Ctrl-C: stop waiting at once
         try:
+            if total and not self.deliverer.paused_reason:
+                self.log.info(
+                    "the command has ended; waiting up to %gs (--drain-timeout, ANYLEARN_DRAIN_TIMEOUT) to deliver %s "
+                    "to %s; Ctrl-C stops waiting and leaves them for `anylearn-reporter sync`",
+                    self.options.drain_timeout_s, records(total), self.config.backend_url,
+                )
             self.deliverer.drain(self.options.drain_timeout_s, lambda pending, _: progress.update(total - pending))
         except KeyboardInterrupt:
             progress.finish()
             self.log.warning("interrupted (SIGINT): stopped waiting for delivery")
+            self.deliverer.close(0)  # when the interrupt came before the drain began
         else:
             progress.finish()
         finally:
@@ -154,7 +155,8 @@ class Run:
             self.writer.append(KIND_STATE, outcome.state, None, None)
             pending = self.drain()
         if pending:
-            warn_pending(pending, self.run_dir, self.config.backend_url)
+            refused = self.deliverer is not None and (self.deliverer.paused_reason or "").startswith("auth")
+            warn_pending(pending, self.run_dir, self.config.backend_url, new_key=refused)
         try:
             self.write_summary(started, outcome, pending)
         except OSError as exc:
