@@ -10,7 +10,7 @@ from typing import Dict, List, Optional, Sequence, Tuple
 
 from .config import ENV_RUN_DIR, JOURNAL_FILE, ConfigError, load_config
 from .journal import is_regular_file, load_cursor, parse_line
-from .log import counted, stay_pending, sync_hint
+from .log import counted, records, stay_pending, sync_hint
 from .policy import SendRule
 from .runinfo import RunInfo, find_runs, is_run_dir, read_run
 
@@ -60,7 +60,7 @@ def health(info: RunInfo, stale_after_s: float) -> Tuple[bool, str]:
             quiet = now - max(since, info.last_delivery_ts or 0.0)
             if quiet > stale_after_s:
                 who = f"deliverer pid {info.deliverer_pid}" if info.deliverer_pid else "no deliverer running"
-                return False, (f"{info.pending} records pending and nothing delivered for {quiet:.0f} s ({who}; "
+                return False, (f"{records(info.pending)} pending and nothing delivered for {quiet:.0f} s ({who}; "
                                f"last error: {info.last_error or 'none'})")
     if info.pending and info.deliverer_pid is None:
         return False, (f"{stay_pending(info.pending)} and no deliverer is running (last error: {info.last_error or 'none'}); "

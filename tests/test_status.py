@@ -4,6 +4,7 @@
 whatever the cause (a request stuck in flight, no deliverer at all), judged from the journal and cursor."""
 
 import json
+import re
 import os
 import subprocess
 import sys
@@ -165,7 +166,10 @@ def test_status_is_unhealthy_when_delivery_fails_for_too_long(tmp_path):
     try:
         wait_until(lambda: (tmp_path / TASK_ID / "status.json").exists() and "failing_since" in (tmp_path / TASK_ID / "status.json").read_text()
                    and json.loads((tmp_path / TASK_ID / "status.json").read_text())["failing_since"], 30, what="a failure")
-        assert cli("status", str(tmp_path / TASK_ID), "--stale-after", "1000").returncode == 0
+        retrying = cli("status", str(tmp_path / TASK_ID), "--stale-after", "1000")
+        assert retrying.returncode == 0  # for a probe: a live deliverer retries, until --stale-after
+        assert re.search(r"health:\s+retrying: delivery has failed for", retrying.stdout), retrying.stdout
+
         def failed_for_over_a_second():
             done = cli("status", str(tmp_path / TASK_ID), "--stale-after", "1")
             return done.returncode == 1 and "has failed for" in done.stdout
