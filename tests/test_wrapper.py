@@ -147,3 +147,26 @@ def test_ctrl_c_during_the_drain_stops_it_at_once_and_says_what_stays_pending(tm
     assert "passing it to the command" not in err
     assert "3 records stay pending in" in err and "anylearn-reporter sync" in err
     assert summary(tmp_path)["records"]["pending"] == 3
+
+
+def test_sigterm_during_the_drain_says_there_is_no_command_to_pass_it_to_and_the_drain_goes_on(tmp_path):
+    import signal
+
+    from conftest import wait_until
+    from wrapperkit import start_wrapper
+
+    env = run_env(f"http://127.0.0.1:{free_port()}/api", tmp_path)
+    wrapper = start_wrapper(["--drain-timeout", "3", "--", sys.executable, "-c", "print('ANYLEARN_METRIC 1')"], env, tmp_path)
+    err_lines = []
+
+    def draining():
+        err_lines.append(wrapper.stderr.readline())
+        return "waiting up to 3s" in err_lines[-1]
+
+    wait_until(draining, 60, what="the drain's first line")
+    wrapper.send_signal(signal.SIGTERM)
+    _, rest = wrapper.communicate(timeout=60)
+    err = "".join(err_lines) + rest
+    assert "received SIGTERM after the command ended: nothing to pass on" in err
+    assert "passing it to the command" not in err
+    assert wrapper.returncode == 0 and summary(tmp_path)["state"] == 2  # the command's own ending stands
