@@ -3,7 +3,8 @@
     python benchmarks/bench_integrations.py [--steps 300] [--repeats 3] [--write docs/benchmarks.md]
 
 For each installed framework, a tiny model trains on CPU for ``--steps`` steps (iterations, batches),
-every step logged, in a fresh process reporting to the local backend (``serve``) like a task would:
+every step logged, in a fresh process reporting to the local backend (``serve``) like a task would (for a
+tracker -- MLflow, W&B, DVCLive -- a "step" is one call of its own log function, hooked by autolog):
 - the floor, measured in the same process: the framework's own step time with a do-nothing logger or
   no callback;
 - the same training with our callback: its step time, and the time spent inside the callback's per-step
@@ -27,7 +28,14 @@ from typing import Any, Callable, Dict, List, Tuple
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from bench_core import KEY, TASK_ID, Serve, machine, publish  # noqa: E402
 
-FRAMEWORKS = ("transformers", "lightning", "keras", "xgboost", "lightgbm")
+CALLBACKS = ("transformers", "lightning", "keras", "xgboost", "lightgbm")
+TRACKERS = ("mlflow", "wandb", "dvclive")
+FRAMEWORKS = CALLBACKS + TRACKERS
+# section of docs/benchmarks.md -> (its frameworks, its table's header)
+SECTIONS = {
+    "integrations": (CALLBACKS, "| framework (version) | floor: step without our callback (us) | step with it (us) | inside our hooks, per step (us) | share of the floor step | at the end, once (ms) |"),
+    "trackers": (TRACKERS, "| tracker (version) | floor: its log call, unhooked (us) | the call hooked (us) | inside our bridge, per call (us) | share of the floor call | at the run's end, once (ms) |"),
+}
 HOOK_TIME_NS = [0]  # inside the per-step hooks
 END_TIME_NS = [0]  # inside the end-of-training hooks (once a run)
 
@@ -196,6 +204,82 @@ def setup_lightgbm(steps: int) -> Callable[[bool], float]:
     return run
 
 
+# --- trackers: the floor is the tracker's own log call, unhooked ---------------------------------------
+
+
+def tracker_hooks(framework: str, owner_of: Callable[[], type], per_step: Tuple[str, ...], at_end: Tuple[str, ...]) -> Callable[[bool], Any]:
+    """Turn autolog on for ``framework`` and time our bridge's functions; returns ``hooked(on)``, which
+    points the tracker's wrapped methods at our wrapper (on) or at the tracker's own method (off)."""
+    import importlib
+
+    from reporter.integrations.autolog import autolog
+
+    autolog([framework])
+    bridge = importlib.import_module(f"reporter.integrations.{framework}")
+    timed_hooks(bridge, *per_step)  # type: ignore[arg-type]  # a module's functions, as a class's
+    timed_hooks(bridge, *at_end, total=END_TIME_NS)  # type: ignore[arg-type]
+    owner = owner_of()
+    ours = {name: getattr(owner, name) for name in per_step + at_end}
+
+    def hooked(on: bool) -> None:
+        for name, wrapper in ours.items():
+            setattr(owner, name, wrapper if on else wrapper.__wrapped__)
+
+    return hooked
+
+
+def setup_mlflow(steps: int) -> Callable[[bool], float]:
+    os.environ.update(MLFLOW_TRACKING_URI=f"file:{os.path.abspath('mlruns')}", MLFLOW_ALLOW_FILE_STORE="true")
+    hooked = tracker_hooks("mlflow", lambda: __import__("mlflow").MlflowClient, ("log_metric", "log_batch"), ("set_terminated",))
+    import mlflow
+
+    def run(with_callback: bool) -> float:
+        hooked(with_callback)
+        mlflow.start_run()
+        start = time.perf_counter()
+        for step in range(steps):
+            mlflow.log_metric("loss", 1.0 / (step + 1), step=step)
+        mlflow.end_run()  # inside the window, as for every framework: the worker takes our end hooks out
+        return time.perf_counter() - start
+
+    return run
+
+
+def setup_wandb(steps: int) -> Callable[[bool], float]:
+    os.environ.update(WANDB_MODE="offline", WANDB_SILENT="true", WANDB_DIR=os.path.abspath("."), DO_NOT_TRACK="1")
+    hooked = tracker_hooks("wandb", lambda: __import__("wandb").sdk.wandb_run.Run, ("log",), ("finish",))
+    import wandb
+
+    def run(with_callback: bool) -> float:
+        hooked(with_callback)
+        wandb_run = wandb.init(project="bench")
+        start = time.perf_counter()
+        for step in range(steps):
+            wandb_run.log({"loss": 1.0 / (step + 1), "eval": {"acc": step / steps}})
+        wandb_run.finish()
+        return time.perf_counter() - start
+
+    return run
+
+
+def setup_dvclive(steps: int) -> Callable[[bool], float]:
+    os.environ.update(DO_NOT_TRACK="1", DVC_NO_ANALYTICS="1")
+    hooked = tracker_hooks("dvclive", lambda: __import__("dvclive").Live, ("log_metric",), ("end",))
+    from dvclive import Live
+
+    def run(with_callback: bool) -> float:
+        hooked(with_callback)
+        live = Live("dvclive", save_dvc_exp=False)
+        start = time.perf_counter()
+        for step in range(steps):
+            live.log_metric("loss", 1.0 / (step + 1))
+            live.step = step + 1  # next_step() also renders reports: not the log call measured here
+        live.end()
+        return time.perf_counter() - start
+
+    return run
+
+
 def worker(framework: str, steps: int, repeats: int) -> Dict[str, float]:
     run = globals()[f"setup_{framework}"](steps)
     run(False)  # warm-up: first-call costs are nobody's step time
@@ -220,9 +304,13 @@ def worker(framework: str, steps: int, repeats: int) -> Dict[str, float]:
 
 def versions(framework: str) -> str:
     import importlib
+    import importlib.metadata
 
     module = importlib.import_module({"lightning": "lightning"}.get(framework, framework))
-    return getattr(module, "__version__", "?")
+    try:
+        return getattr(module, "__version__", None) or importlib.metadata.version(framework)
+    except importlib.metadata.PackageNotFoundError:
+        return "?"
 
 
 def main() -> None:
@@ -230,6 +318,8 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=300)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--write", metavar="MARKDOWN")
+    parser.add_argument("--only", nargs="+", choices=list(SECTIONS), default=list(SECTIONS),
+                        help="the sections to measure (and write): framework callbacks, trackers")
     parser.add_argument("--worker", choices=FRAMEWORKS, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
@@ -240,7 +330,7 @@ def main() -> None:
     results: Dict[str, Tuple[Dict[str, Any], str]] = {}
     try:
         with tempfile.TemporaryDirectory() as directory:
-            for framework in FRAMEWORKS:
+            for framework in [f for section in args.only for f in SECTIONS[section][0]]:
                 env = {**os.environ, "ANYLEARN_TASK_ID": TASK_ID, "ANYLEARN_SECRET_KEY": KEY,
                        "ANYLEARN_BACKEND_URL": server.base_url,
                        "ANYLEARN_REPORTER_RUN_DIR": os.path.join(directory, framework), "KERAS_BACKEND": "torch"}
@@ -255,19 +345,23 @@ def main() -> None:
     finally:
         server.stop()
 
-    lines = [
-        f"Machine: {machine()}. {args.steps} steps, every step logged, best of {args.repeats}; reporting to the local backend.",
-        "",
-        "| framework (version) | floor: step without our callback (us) | step with it (us) | inside our hooks, per step (us) | share of the floor step | at the end, once (ms) |",
-        "| --- | ---: | ---: | ---: | ---: | ---: |",
-    ]
-    for framework, (r, _) in results.items():
-        share = 100 * r["hook_us_per_step"] / r["floor_step_us"]
-        lines.append(
-            f"| {framework} ({r['version']}) | {r['floor_step_us']:.0f} | {r['with_step_us']:.0f} | "
-            f"{r['hook_us_per_step']:.1f} | {share:.1f}% | {r['end_ms']:.1f} |"
-        )
-    publish(lines, args.write, "integrations")
+    for section in args.only:
+        frameworks, header = SECTIONS[section]
+        lines = [
+            f"Machine: {machine()}. {args.steps} steps, every step logged, best of {args.repeats}; reporting to the local backend.",
+            "",
+            header,
+            "| --- | ---: | ---: | ---: | ---: | ---: |",
+        ]
+        for framework, (r, _) in results.items():
+            if framework not in frameworks:
+                continue
+            share = 100 * r["hook_us_per_step"] / r["floor_step_us"]
+            lines.append(
+                f"| {framework} ({r['version']}) | {r['floor_step_us']:.0f} | {r['with_step_us']:.0f} | "
+                f"{r['hook_us_per_step']:.1f} | {share:.1f}% | {r['end_ms']:.1f} |"
+            )
+        publish(lines, args.write, section)
 
 
 if __name__ == "__main__":

@@ -10,14 +10,16 @@ flush.
 from __future__ import annotations
 
 import atexit
+import collections
 import os
 import threading
 import time
-from typing import TYPE_CHECKING, Any, Dict, List, Mapping, Optional
+from typing import TYPE_CHECKING, Any, Deque, Dict, List, Mapping, Optional, Tuple
 
 from .config import (
     BURST_GAP_S,
     ENV_FLUSH_TIMEOUT,
+    ENV_OBJECTIVE_MODE,
     ENV_RANK,
     ENV_REPORT_RANKS,
     ENV_REQUEST_TIMEOUT,
@@ -27,6 +29,7 @@ from .config import (
     load_config,
     offline_reason,
 )
+from . import journal
 from .journal import (
     KIND_FINAL,
     KIND_INTERMEDIATE,
@@ -37,6 +40,8 @@ from .journal import (
     register_fork_hook,
 )
 from .log import counted, get_logger, say_offline, warn_pending
+from .policy import is_short_gap
+from .runmeta import HOST_HOOK, mark_attempt, write_objective
 
 if TYPE_CHECKING:  # the delivery side (requests, tenacity) is imported by the delivery thread only
     from .deliver import Deliverer
@@ -52,14 +57,15 @@ __all__ = [
 
 MAX_FLUSH_TIMEOUT_S = 1e9
 SUPERVISED_FLUSH_POLL_S = 0.05
-_DEFAULTED = (ENV_RUN_DIR, ENV_REPORT_RANKS, ENV_FLUSH_TIMEOUT, ENV_REQUEST_TIMEOUT)  # a bad value: the default
+# a bad value: the default
+_DEFAULTED = (ENV_RUN_DIR, ENV_REPORT_RANKS, ENV_FLUSH_TIMEOUT, ENV_REQUEST_TIMEOUT, ENV_OBJECTIVE_MODE)
 
 
 def _consequence(problem: str) -> str:
     """What the hook does about a configuration problem, when the problem's own text does not say it."""
     if problem.startswith(_DEFAULTED):
         return " (using the default)"
-    if "journalled" in problem or problem.startswith(ENV_RANK + " "):
+    if "until it is fixed" in problem or problem.startswith(ENV_RANK + " "):
         return ""
     return "; records are only journalled until it is fixed"  # a task id or backend URL it cannot use
 
@@ -72,21 +78,42 @@ class _Hook:
         self.writer = JournalWriter(config.run_dir, rank=config.rank, on_non_finite=self._warn_non_finite)
         self.deliverer: Optional["Deliverer"] = None
         self.delivery_started = False
+        self.attempt_begun = False
+        self._start_once = threading.Lock()  # taken once, never released: a check-and-set a signal handler cannot tear
         self._deliverer_ready = threading.Event()
         self._warned_non_finite: set = set()
+        self._exit_delivered = False  # the exit flush ran and left nothing of this process pending
         for problem in problems:
             get_logger().warning("configuration: %s%s", problem, _consequence(problem))
         register_fork_hook(self, _Hook._after_fork)
 
-    def emit(self, kind: str, value: float, name: Optional[str], step: Optional[int]) -> None:
+    def emit(self, kind: str, value: float, name: Optional[str], step: Optional[int], ts: Optional[float] = None) -> None:
         try:
-            self.writer.append(kind, value, name, step)
+            if not self.attempt_begun:
+                self._begin_attempt()
+            self.writer.append(kind, value, name, step, ts)
             if not self.delivery_started:
                 self._start_delivery()
         except Exception as exc:  # training comes first: an internal error is counted, never raised
             self.writer.count_lost(f"internal error ({type(exc).__name__}: {exc})"[:200])
         # No wake-up call here: the journal write itself wakes the deliverer (inotify), or it finds new
         # records by itself within its poll interval where inotify is missing.
+
+    def _begin_attempt(self) -> None:
+        """Before this process's first record: mark a new attempt when the last one's process has ended
+        (a run without the wrapper run again), and record ``ANYLEARN_OBJECTIVE_MODE``. The wrapper does
+        both itself for its command; other ranks leave it to rank 0."""
+        self.attempt_begun = True
+        if os.environ.get(ENV_SUPERVISOR_PID) or self.config.rank != 0:
+            return
+        try:
+            os.makedirs(self.config.run_dir, exist_ok=True)
+        except OSError:
+            return  # the writer counts the record as lost
+        mark_attempt(self.config.run_dir, HOST_HOOK, only_if_ended=True)
+        if self.config.objective_mode:
+            write_objective(self.config.run_dir, self.config.objective_metric, self.config.objective_mode,
+                            "ANYLEARN_OBJECTIVE_MODE", replace=False)
 
     def _warn_non_finite(self, name: Optional[str], value: float) -> None:
         if name not in self._warned_non_finite:
@@ -96,11 +123,19 @@ class _Hook:
                 name or self.config.objective_metric, value,
             )
 
+    def _emit_after_exit_flush(self, kind: str, value: float, name: Optional[str], step: Optional[int], ts: Optional[float] = None) -> None:
+        """``emit`` once the exit flush has run: a report from a user's ``atexit`` handler that runs after
+        ours (registered before the first report). Journalled, then flushed again on the way out, unless
+        the exit flush left records pending (said then, with the command that delivers them): a backend that
+        is down must not cost each late report a flush timeout."""
+        _Hook.emit(self, kind, value, name, step, ts)
+        if self._exit_delivered:
+            _close_at_exit()
+
     def _start_delivery(self) -> None:
-        with _hook_lock:
-            if self.delivery_started:
-                return
-            self.delivery_started = True
+        if not self._start_once.acquire(blocking=False):  # never blocks, even re-entered from a signal handler
+            return
+        self.delivery_started = True
         supervised = bool(os.environ.get(ENV_SUPERVISOR_PID))
         if self.config.offline or supervised:
             # Under the wrapper the command only journals: the wrapper is the run's one deliverer (and has
@@ -124,7 +159,7 @@ class _Hook:
             self._deliverer_ready.set()
 
     def _reporting_in_a_burst(self) -> bool:
-        return time.time() - self.writer.last_append_ts < BURST_GAP_S
+        return is_short_gap(time.time() - self.writer.last_append_ts, BURST_GAP_S)
 
     def flush(self, timeout_s: Optional[float]) -> bool:
         if not self.delivery_started:
@@ -142,68 +177,135 @@ class _Hook:
                     return False
                 time.sleep(SUPERVISED_FLUSH_POLL_S)
             return True
-        return self.deliverer.flush(max(0.0, deadline - time.monotonic()))
+        # What this process journalled, file by file (the journal may have been renamed or deleted since).
+        return self.deliverer.flush(max(0.0, deadline - time.monotonic()), self.writer.written_files())
 
     def close_at_exit(self) -> None:
+        self.emit = self._emit_after_exit_flush  # type: ignore[method-assign]  # no cost on the hot path before
+        self._exit_delivered = False
         self.writer.counters.save()
         if self.writer.lost:
             get_logger().warning("%s", counted(self.writer.lost, "records could not be journalled"))
         if not self.delivery_started or self.config.offline:
+            self._exit_delivered = not self.delivery_started
             return
         deadline = time.monotonic() + self.config.flush_timeout_s
         self._deliverer_ready.wait(self.config.flush_timeout_s)
         deliverer = self.deliverer
-        if deliverer is None:
+        if deliverer is None:  # under the wrapper (it drains the journal after this process exits), or none started
             return
-        if not deliverer.wait_for_lock(max(0.0, deadline - time.monotonic())):
-            deliverer.close(0)  # another deliverer (wrapper, sidecar) owns the journal
-            return
-        if not deliverer.close(max(0.0, deadline - time.monotonic())):
+        # The next report (from a later atexit handler) starts a deliverer of its own and flushes again.
+        self.deliverer, self.delivery_started = None, False
+        self._start_once, self._deliverer_ready = threading.Lock(), threading.Event()
+        deliverer.wait_for_lock(max(0.0, deadline - time.monotonic()))  # the worker's first try at the lock
+        # What this process journalled first, file by file (the journal may have been renamed since). When
+        # another process delivers (a sidecar, another rank, the parent of a forked child), this waits for
+        # it, and the worker takes the lock over should that process exit first.
+        delivered = deliverer.flush(max(0.0, deadline - time.monotonic()), self.writer.written_files())
+        if deliverer.wait_for_lock(0):
+            delivered = deliverer.close(max(0.0, deadline - time.monotonic())) and delivered
+        else:
+            deliverer.close(0)
+        self._exit_delivered = delivered
+        if not delivered:
             pending = count_pending(self.config.run_dir)
             if pending:
                 warn_pending(pending, self.config.run_dir, self.config.backend_url)
+            elif self.writer.earlier_files and not deliverer.paused_reason:
+                get_logger().warning(
+                    "records this process journalled into %s before it was renamed or deleted were not delivered "
+                    "(no deliverer had that file open); a renamed file can be delivered by moving it back into a "
+                    "run directory and running `anylearn-reporter sync` there", self.writer.path,
+                )
 
     def _after_fork(self) -> None:
-        # The parent's delivery thread did not survive the fork, and its lock stays the parent's:
-        # a child of a delivering parent only journals; the parent delivers its records.
+        # The parent's delivery thread did not survive the fork, and its lock stays the parent's. The
+        # child's first report starts a deliverer of its own: it waits for the lock, and takes delivery
+        # over should the parent exit first (at the latest in the child's exit flush).
         self.deliverer = None
+        self.delivery_started = False
+        self._start_once = threading.Lock()
         self._deliverer_ready = threading.Event()
-        if self.delivery_started:
-            self._deliverer_ready.set()
+        self.__dict__.pop("emit", None)
 
 
 _hook: Optional[_Hook] = None
-_hook_lock = threading.Lock()
+# An RLock and a flag: a report from a signal handler while this thread builds the hook must not wait
+# for itself; its record waits in _early (a deque: appends and pops are atomic) and is journalled next.
+_hook_lock = threading.RLock()
+_building = False
+_early: Deque[Tuple[str, float, Optional[str], Optional[int], float]] = collections.deque()
+_exit_flushed = False  # the exit flush has run (a report after it flushes again)
+
+
+def _reporting_hook() -> Optional[_Hook]:
+    """The process's hook, made on first use; None while this very thread is making it (a report from a
+    signal handler that interrupted the first report)."""
+    global _hook, _building
+    with _hook_lock:
+        if _hook is None:
+            if _building:
+                return None
+            _building = True
+            try:
+                if _hook is None:
+                    try:
+                        config, problems = load_config()
+                    except Exception as exc:  # e.g. the working directory was deleted: journal under a temp dir
+                        import tempfile
+
+                        config, problems = load_config({"ANYLEARN_REPORTER_DIR": tempfile.gettempdir()})
+                        problems.append(f"cannot read the configuration ({type(exc).__name__}: {exc})")
+                    _hook = _Hook(config, problems)
+                    if _exit_flushed:  # the first report comes from an atexit handler that runs after ours
+                        _hook._exit_delivered = True
+                        _hook.emit = _hook._emit_after_exit_flush  # type: ignore[method-assign]
+            finally:
+                _building = False
+        hook = _hook
+    while _early:
+        try:
+            hook.emit(*_early.popleft())
+        except IndexError:  # a report from a signal handler took it
+            break
+    return hook
 
 
 def _get_hook() -> _Hook:
-    global _hook
-    with _hook_lock:
-        if _hook is None:
-            try:
-                config, problems = load_config()
-            except Exception as exc:  # e.g. the working directory was deleted: journal under a temp dir
-                import tempfile
+    hook = _reporting_hook()
+    if hook is None:
+        raise RuntimeError("the reporter is being set up by this thread (called from a signal handler)")
+    return hook
 
-                config, problems = load_config({"ANYLEARN_REPORTER_DIR": tempfile.gettempdir()})
-                problems.append(f"cannot read the configuration ({type(exc).__name__}: {exc})")
-            _hook = _Hook(config, problems)
-            atexit.register(_close_at_exit)
-        return _hook
+
+def _emit(kind: str, number: float, name: Optional[str], step: Optional[int]) -> None:
+    hook = _hook or _reporting_hook()
+    if hook is None:
+        _early.append((kind, number, name, step, time.time()))
+    else:
+        hook.emit(kind, number, name, step)
 
 
 def _close_at_exit() -> None:
+    global _exit_flushed
+    _exit_flushed = True
     hook = _hook
-    if hook is not None:  # in a forked child the hook has no deliverer: nothing to flush
+    if hook is not None:
         try:
             hook.close_at_exit()
         except Exception as exc:  # interpreter shutdown: say it, never raise
             get_logger().warning("flush at exit failed: %s", exc)
 
 
+# Registered at import, not at the first report: atexit runs handlers last-registered-first, so ours runs
+# after every handler registered once reporter is imported (a "report the best at exit" among them).
+atexit.register(_close_at_exit)
+
+
 def _reset_for_tests() -> None:
     """Forget the process's hook so the next report reads the environment again (tests only)."""
     global _hook
+    journal._said.clear()  # the writer's say-once memory, so each test sees its own first warning
     with _hook_lock:
         if _hook is not None:
             if _hook.deliverer is not None:
@@ -266,8 +368,11 @@ def report_metric(value: Any, *, step: Optional[int] = None, name: Optional[str]
         name = _as_name(name)
     if final is not False and final is not True:
         final = _as_flag(final)
-    hook = _hook or _get_hook()
-    hook.emit(KIND_FINAL if final else KIND_INTERMEDIATE, number, name, step)
+    hook = _hook
+    if hook is None:
+        _emit(KIND_FINAL if final else KIND_INTERMEDIATE, number, name, step)
+    else:
+        hook.emit(KIND_FINAL if final else KIND_INTERMEDIATE, number, name, step)
 
 
 def report_intermediate_metric(metric: Any) -> None:
@@ -296,9 +401,8 @@ def report_metrics(metrics: Mapping[str, Any], *, step: Optional[int] = None) ->
     for key, value in items:
         checked[_as_name(key) or ""] = _as_float(value)
     step = _as_step(step)
-    hook = _hook or _get_hook()
     for key, number in checked.items():
-        hook.emit(KIND_INTERMEDIATE, number, key, step)
+        _emit(KIND_INTERMEDIATE, number, key, step)
 
 
 def run_directory() -> str:

@@ -12,7 +12,7 @@ import signal
 import sys
 from typing import Callable, List, Optional
 
-from .config import ENV_SECRET_KEY, ENV_SECRET_KEY_PLATFORM, ConfigError
+from .config import DEFAULT_UI_PORT, ENV_REPORTER_DIR, ENV_SECRET_KEY, ENV_SECRET_KEY_PLATFORM, ConfigError
 
 EXIT_OK = 0
 EXIT_USAGE = 2
@@ -46,32 +46,49 @@ def _task_arg(text: str) -> tuple:
     return task_id, key
 
 
-def _positive_seconds(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError("a number of seconds") from None
-    if not 0.0 < value < 1e6:
-        raise argparse.ArgumentTypeError("a number of seconds above 0")
-    return value
+def _duration(*, positive: bool = False, unlimited: bool = True, unit: str = "seconds") -> Callable[[str], float]:
+    """An argparse type for a duration option, checked by config's one rule (:func:`~reporter.config.duration_problem`)."""
+    from .config import MAX_DURATION_S, duration_problem
+
+    def parse(text: str) -> float:
+        problem = duration_problem(text.strip(), positive=positive, unlimited=unlimited, unit=unit)
+        if problem:
+            raise argparse.ArgumentTypeError(problem)
+        return min(float(text), MAX_DURATION_S)
+
+    parse.__name__ = "duration"
+    return parse
 
 
 def _probability(text: str) -> float:
-    value = float(text)
+    try:
+        value = float(text)
+    except ValueError:
+        value = float("nan")
     if not 0.0 <= value <= 1.0:
-        raise argparse.ArgumentTypeError("a probability between 0 and 1")
+        raise argparse.ArgumentTypeError(f"must be a probability between 0 and 1, not {text[:40]!r}")
+    return value
+
+
+def _port(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = -1
+    if not 0 <= value <= 65535:
+        raise argparse.ArgumentTypeError(f"must be a port number from 0 to 65535 (0 picks a free one), not {text[:40]!r}")
     return value
 
 
 def _cmd_serve(args: argparse.Namespace) -> int:
-    from .config import ENV_TOKEN
+    from .config import ENV_AUTH_TOKEN, ENV_TOKEN
     from .emulator.server import Faults, serve_command
 
     faults = Faults(
         latency_ms=args.latency_ms, fail_first=args.fail_first, fail_rate=args.fail_rate,
         retry_after_s=args.retry_after, seed=args.seed,
     )
-    token = args.token if args.token is not None else (os.environ.get(ENV_TOKEN) or None)
+    token = args.token if args.token is not None else (os.environ.get(ENV_AUTH_TOKEN) or os.environ.get(ENV_TOKEN) or None)
     return serve_command(dict(args.task), host=args.host, port=args.port, db_path=args.db, faults=faults,
                          verbose=args.verbose, token=token, idle_timeout_s=args.idle_timeout)
 
@@ -89,20 +106,21 @@ def _add_serve(sub: argparse._SubParsersAction) -> None:
         ),
     )
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1)")
-    p.add_argument("--port", type=int, default=8080, help="port (default 8080; 0 picks a free one)")
+    p.add_argument("--port", type=_port, default=8080, help="port (default 8080; 0 picks a free one)")
     p.add_argument("--db", default=":memory:", metavar="PATH", help="sqlite database file (default in-memory)")
     p.add_argument("--task", action="append", type=_task_arg, default=[], metavar="ID[:KEY]",
                    help="a task it accepts; without :KEY the key comes from ANYLEARN_SECRET_KEY (repeatable)")
-    p.add_argument("--latency-ms", type=float, default=0.0, help="delay every POST by this many ms")
+    p.add_argument("--latency-ms", type=_duration(unlimited=False, unit="milliseconds"), default=0.0, help="delay every POST by this many ms")
     p.add_argument("--fail-first", type=int, default=0, metavar="N", help="answer the first N POSTs with 503")
     p.add_argument("--fail-rate", type=_probability, default=0.0, metavar="P", help="answer POSTs with 503 at probability P")
-    p.add_argument("--retry-after", type=float, default=None, metavar="S",
+    p.add_argument("--retry-after", type=_duration(unlimited=False), default=None, metavar="S",
                    help="injected failures become 429 with Retry-After: S")
     p.add_argument("--seed", type=int, default=None, help="seed for --fail-rate")
     p.add_argument("--token", default=None, metavar="T",
-                   help="the bearer token reads accept (default: env ANYLEARN_TOKEN; with neither, any bearer token); "
-                        "reads also accept the task's Secret-Key, writes only that")
-    p.add_argument("--idle-timeout", type=_positive_seconds, default=30.0, metavar="S",
+                   help="the bearer token reads and a local task's agent accept (default: env ANYLEARN_AUTH_TOKEN, else "
+                        "ANYLEARN_TOKEN; with none, any bearer token); reads also accept the task's Secret-Key, "
+                        "metric writes only that")
+    p.add_argument("--idle-timeout", type=_duration(positive=True), default=30.0, metavar="S",
                    help="close a connection silent for S seconds (default 30)")
     p.add_argument("--verbose", action="store_true", help="log every request")
     p.set_defaults(func=_cmd_serve)
@@ -149,7 +167,7 @@ def _add_run(sub: argparse._SubParsersAction) -> None:
                    help="a regex with a named group 'value' (and optional 'name', 'step') read from output lines; repeatable (ANYLEARN_METRIC_PATTERNS, one per line)")
     p.add_argument("--nnodes", metavar="N", help="nodes of a distributed run (ANYLEARN_NUM_NODES, default 1)")
     p.add_argument("--nproc-per-node", metavar="N", help="processes per node (ANYLEARN_NPROC_PER_NODE, default 1); more than one process in all launches through torchrun")
-    p.add_argument("--isolate-secret", action="store_true", help="give the command no secret key (the wrapper delivers for it)")
+    p.add_argument("--isolate-secret", action="store_true", help="give the command no secret key nor user token (the wrapper delivers for it)")
     p.add_argument("--dry-run", action="store_true", help="print the final argv and the environment it would add, then exit")
     p.add_argument("--nni", action="store_true",
                    help="run an unchanged NNI trial: nni.get_next_parameter() gets the hyper-parameters, its results are reported (ANYLEARN_NNI=1)")
@@ -210,7 +228,7 @@ def _add_status(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("run_dir", nargs="?", metavar="RUN_DIR", help="default: this task's run directory")
     p.add_argument("--json", action="store_true", help="print JSON")
-    p.add_argument("--stale-after", type=float, default=300.0, metavar="S", help="unhealthy when delivery has failed this long (default 300)")
+    p.add_argument("--stale-after", type=_duration(), default=300.0, metavar="S", help="unhealthy when delivery has failed this long (default 300)")
     p.set_defaults(func=_cmd_status)
 
 
@@ -257,7 +275,7 @@ def _add_sync(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--task-id", help="the task the records belong to (default: ANYLEARN_TASK_ID, else the run directory's name)")
     p.add_argument("--backend-url", metavar="URL", help="API base (default: ANYLEARN_BACKEND_URL, BACKEND_NAMESPACE, AnyLearn's default)")
     p.add_argument("--secret-key-file", metavar="FILE", help="read the secret key from FILE")
-    p.add_argument("--timeout", type=float, metavar="S", help="give up after S seconds (default: until delivered; Ctrl-C stops safely)")
+    p.add_argument("--timeout", type=_duration(), metavar="S", help="give up after S seconds (default or inf: until delivered; Ctrl-C stops safely)")
     p.set_defaults(func=_cmd_sync)
 
 
@@ -270,15 +288,15 @@ def _number_arg(text: str) -> float:
 
 def _cmd_report(args: argparse.Namespace) -> int:
     from . import api
-    from .config import check_secret_key, check_task_id
+    from .config import ENV_RUN_DIR, check_backend_url, check_secret_key, check_task_id, load_config_strict
 
     check_secret_key()  # a key that cannot be sent is a usage error here (exit 2), not a silent offline run
     check_task_id()
-    from .config import ENV_RUN_DIR, load_config
-
+    check_backend_url()
+    config = load_config_strict()  # any other problem (ANYLEARN_FLUSH_TIMEOUT=nan) too: the hook would only warn
     # The run directory is resolved once: an offline run's name is new at each resolution.
     if not os.path.isabs(os.environ.get(ENV_RUN_DIR, "").strip()):
-        os.environ[ENV_RUN_DIR] = load_config()[0].run_dir
+        os.environ[ENV_RUN_DIR] = config.run_dir
     problem = _journal_problem()
     if problem:
         print(f"anylearn-reporter: error: {problem}", file=sys.stderr)
@@ -346,8 +364,41 @@ def _add_doctor(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=_cmd_doctor)
 
 
+def _cmd_ui(args: argparse.Namespace) -> int:
+    from .config import load_config
+    from .ui.server import ui_command
+
+    config, _ = load_config()
+    paths = args.paths or [config.reporter_dir]
+    missing = [p for p in paths if not os.path.isdir(p)]
+    if missing:
+        print(f"anylearn-reporter: no directory {missing[0]}: give a run directory or a reporter directory "
+              f"(default {ENV_REPORTER_DIR}, now {config.reporter_dir})", file=sys.stderr)
+        return EXIT_USAGE
+    return ui_command(paths, port=args.port, default_mode=config.objective_mode)
+
+
+def _add_ui(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "ui",
+        help="a local page of every run's curves, read from the run directories",
+        formatter_class=_formatter,
+        description=(
+            "Serves one page on 127.0.0.1: the runs with state, duration, objective, best and final; per run every "
+            "named metric as a chart (attempts drawn apart), the resource samples, the hyper-parameters (params.json) "
+            "and the failure reason; one metric of several runs overlaid. Reads the run directories directly and "
+            "follows them as they grow; needs no backend and loads nothing from elsewhere."
+        ),
+        epilog="examples:\n  anylearn-reporter ui\n  anylearn-reporter ui anylearn-runs/TRAI1 anylearn-runs/TRAI2 --port 8091",
+    )
+    p.add_argument("paths", nargs="*", metavar="RUN_DIR_OR_REPORTER_DIR",
+                   help=f"run directories, or directories of runs (default: {ENV_REPORTER_DIR}, else ./anylearn-runs)")
+    p.add_argument("--port", type=int, default=DEFAULT_UI_PORT, help=f"the port on 127.0.0.1 (default {DEFAULT_UI_PORT})")
+    p.set_defaults(func=_cmd_ui)
+
+
 _COMMANDS: List[Callable[[argparse._SubParsersAction], None]] = [
-    _add_run, _add_sidecar, _add_sync, _add_report, _add_show, _add_status, _add_doctor, _add_serve,
+    _add_run, _add_sidecar, _add_sync, _add_report, _add_show, _add_status, _add_doctor, _add_serve, _add_ui,
 ]
 
 

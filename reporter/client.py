@@ -11,18 +11,20 @@ the ``Secret-Key`` header and only to the configured backend. ``tenacity`` loads
 from __future__ import annotations
 
 import enum
+import functools
 import http.client
 import json
 import math
 import os
+import re
 import select
 import socket
 import threading
 import time
 from typing import Any, Callable, Dict, List, Mapping, NamedTuple, Optional, Tuple
-from urllib.parse import quote, unquote, urlencode, urlsplit
+from urllib.parse import quote, quote_plus, unquote, urlencode, urlsplit
 
-from .config import DEFAULT_REQUEST_TIMEOUT_S, ENV_REQUEST_TIMEOUT, Secret, parse_number
+from .config import DEFAULT_REQUEST_TIMEOUT_S, ENV_REQUEST_TIMEOUT, Secret, request_timeout
 from .journal import KIND_FINAL, KIND_INTERMEDIATE, KIND_STATE, Record
 
 RETRYABLE_STATUSES = frozenset({408, 425, 429, 500, 502, 503, 504})
@@ -33,7 +35,7 @@ ENDPOINTS = {
     KIND_FINAL: "train_task/final_metric",
     KIND_STATE: "train_task/state",
 }
-HEARTBEAT_ENDPOINT = "train_task/heartbeat"
+HEARTBEAT_ENDPOINT = "train_task/heartbeat"  # POST with the Secret-Key; PATCH with a user's token (local tasks)
 FORM_CONTENT_TYPE = "application/x-www-form-urlencoded"
 USER_AGENT = "anylearn-reporter"
 DEFAULT_CONNECT_TIMEOUT_S = 5.0
@@ -66,25 +68,49 @@ class SendResult(NamedTuple):
     reason: str = ""
 
 
+@functools.lru_cache(maxsize=4)  # one key per client: made once, not per answer
+def secret_forms(secret: str) -> Tuple[str, ...]:
+    """Every form a key can take when a backend echoes it, longest first: as sent, percent-encoded
+    (``quote`` and ``quote_plus``, upper- and lower-case hex), JSON-escaped (``ensure_ascii`` or not, ``/``
+    escaped or not), and its UTF-8 bytes read as Latin-1 (how ``http.client`` decodes a header)."""
+    forms = {secret}
+    for safe in ("", "/"):
+        forms.add(quote(secret, safe=safe, errors="surrogatepass"))
+        forms.add(quote_plus(secret, safe=safe, errors="surrogatepass"))
+    for escaped in (json.dumps(secret)[1:-1], json.dumps(secret, ensure_ascii=False)[1:-1]):
+        forms.update((escaped, escaped.replace("/", "\\/")))
+    forms.update({re.sub(r"%[0-9A-F]{2}", lambda m: m.group().lower(), form) for form in forms}
+                 | {re.sub(r"\\u[0-9a-f]{4}", lambda m: m.group().upper().replace("\\U", "\\u"), form) for form in forms})
+    forms.update({form.encode("utf-8", "surrogatepass").decode("latin-1") for form in forms})
+    return tuple(sorted((form for form in forms if form), key=len, reverse=True))
+
+
 class Answer:
     """An HTTP answer as received: status, headers (looked up case-insensitively) and body."""
 
-    __slots__ = ("_headers", "_secret", "body", "reason", "status")
+    __slots__ = ("_forms", "_headers", "body", "reason", "status")
 
     def __init__(self, status: int, headers: Mapping[str, str], body: bytes = b"", reason: str = "",
-                 secret: Optional[str] = None) -> None:
-        # A backend may echo the key it was sent (a 401 saying "invalid key ..."): with ``secret`` given,
-        # every copy of it in the status text, headers and body is masked here, before anything can log,
-        # count or write it.
-        self._secret = secret or None
+                 secret: Optional[str] = None, also_secret: Optional[str] = None) -> None:
+        # A backend may echo the key it was sent (a 401 saying "invalid key ..."): with ``secret`` (and
+        # ``also_secret``, a user's token) given, every copy of them in the status text, headers and body, in
+        # every form they take on the wire, is masked here, before anything can log, count or write it.
+        self._forms = tuple(sorted({form for one in (secret, also_secret) if one for form in secret_forms(one)}, key=len, reverse=True))
         self.status = status
         self.reason = self.redacted(reason)
-        self.body = body.replace(self._secret.encode("latin-1"), REDACTED.encode()) if self._secret else body
+        self.body = body
+        for form in self._forms:
+            form_bytes = form.encode("utf-8", "surrogatepass")
+            if form_bytes in self.body:
+                self.body = self.body.replace(form_bytes, REDACTED.encode())
         self._headers = {str(k).lower(): self.redacted(str(v)) for k, v in headers.items()}
 
     def redacted(self, text: str) -> str:
-        """``text`` with the key masked (also as it reads after JSON escapes are undone)."""
-        return text.replace(self._secret, REDACTED) if self._secret and self._secret in text else text
+        """``text`` with the key and token masked in every form they take on the wire (see :func:`secret_forms`)."""
+        for form in self._forms:
+            if form in text:
+                text = text.replace(form, REDACTED)
+        return text
 
     def header(self, name: str) -> Optional[str]:
         """The value of header ``name``, or None."""
@@ -176,8 +202,8 @@ def classify(answer: Answer, *, optional_endpoint: bool = False) -> SendResult:
             body = answer.json()
         except Exception:
             body = None
-        if not isinstance(body, dict):
-            raise TransientError(f"HTTP {status} with an answer that is not a JSON object", status=status)
+        if not isinstance(body, dict):  # a 204, an empty or a non-JSON 200: stored all the same; resending would store it again
+            return SendResult(Outcome.DELIVERED, status, f"HTTP {status} with an answer that is not a JSON object")
         return SendResult(Outcome.DELIVERED, status)
     if 300 <= status < 400:
         return SendResult(Outcome.REDIRECT, status, f"redirect to {location_host(answer.header('Location'))}")
@@ -269,8 +295,7 @@ def request_timeout_from_env(env: Optional[Mapping[str, str]] = None) -> float:
     """``ANYLEARN_REQUEST_TIMEOUT`` (seconds, more than 0), else the default; an unusable value is ignored
     (``load_config`` reports it)."""
     try:
-        return float(parse_number((os.environ if env is None else env).get(ENV_REQUEST_TIMEOUT), ENV_REQUEST_TIMEOUT,
-                                  DEFAULT_REQUEST_TIMEOUT_S, positive=True))
+        return request_timeout((os.environ if env is None else env).get(ENV_REQUEST_TIMEOUT))
     except ValueError:
         return DEFAULT_REQUEST_TIMEOUT_S
 
@@ -472,8 +497,9 @@ class BackendClient:
     """Sends requests for one task over one keep-alive connection. Knows nothing of journals or threads.
 
     Every request follows one policy: never follow a redirect (``http.client`` does not), a total deadline
-    of ``request_timeout_s`` (connect, send and the whole answer), the key only in the ``Secret-Key`` header
-    and only to ``base_url``. One thread at a time uses a client.
+    of ``request_timeout_s`` (connect, send and the whole answer), the key only in the ``Secret-Key`` header,
+    a user's token (a local task's) only in ``Authorization: Bearer``, both only to ``base_url``. One thread at
+    a time uses a client.
     """
 
     def __init__(
@@ -486,10 +512,12 @@ class BackendClient:
         read_timeout_s: float = DEFAULT_READ_TIMEOUT_S,
         request_timeout_s: Optional[float] = None,
         env: Optional[Mapping[str, str]] = None,
+        auth_token: Optional[Secret] = None,
     ) -> None:
         self.base_url = base_url.rstrip("/")
         self.task_id = task_id
         self._secret_key = secret_key
+        self._auth_token = auth_token
         self.connect_timeout_s = connect_timeout_s
         self.read_timeout_s = read_timeout_s
         self.request_timeout_s = request_timeout_from_env(env) if request_timeout_s is None else request_timeout_s
@@ -497,7 +525,6 @@ class BackendClient:
         self.setup_problem = proxy_problem(self.settings)  # said as a pause, not retried for ever
         self._connection: Optional[_Connection] = None
         self._watchdog = _Watchdog(self.request_timeout_s, self._current_socket)
-        self._task_form = "id=" + quote(task_id, safe="")
         self.has_secret_key = bool(secret_key)
 
     def _current_socket(self) -> Optional[socket.socket]:
@@ -518,6 +545,8 @@ class BackendClient:
             all_headers["Content-Type"] = FORM_CONTENT_TYPE
         if self._secret_key:
             all_headers["Secret-Key"] = self._secret_key.reveal()
+        if self._auth_token:
+            all_headers["Authorization"] = "Bearer " + self._auth_token.reveal()
         total = self.request_timeout_s if timeout_s is None else max(0.05, min(self.request_timeout_s, timeout_s))
         read_timeout = min(self.read_timeout_s, total)
         self._watchdog.arm(total)
@@ -561,7 +590,8 @@ class BackendClient:
             connection.close()  # the server ends the connection, or the answer was longer than we read
         connection.last_used = time.monotonic()
         secret = self._secret_key.reveal() if self._secret_key else None
-        return Answer(response.status, dict(response.getheaders()), content, response.reason, secret=secret)
+        token = self._auth_token.reveal() if self._auth_token else None
+        return Answer(response.status, dict(response.getheaders()), content, response.reason, secret=secret, also_secret=token)
 
     def _drop_connection(self) -> None:
         if self._connection is not None:
@@ -572,19 +602,21 @@ class BackendClient:
         if self.setup_problem:
             return SendResult(Outcome.SETUP, 0, self.setup_problem)
         kind = record.kind
-        if kind == KIND_STATE:
-            body = f"{self._task_form}&state={record.value}"
-        else:
-            body = f"{self._task_form}&metric={record.value!r}"
-        answer = self.request("POST", ENDPOINTS[kind], body=body.encode(), timeout_s=timeout_s,
+        # Form-encoded: a repr such as 1e+16 would read as "1e 16" (a "+" is a space in a form).
+        form = {"id": self.task_id, "state" if kind == KIND_STATE else "metric": repr(record.value)}
+        answer = self.request("POST", ENDPOINTS[kind], form=form, timeout_s=timeout_s,
                               headers={"Idempotency-Key": record.key})
         return classify(answer, optional_endpoint=kind == KIND_STATE)
 
     def heartbeat(self, timeout_s: Optional[float] = None) -> SendResult:
-        """POST a heartbeat for the task; raise :class:`TransientError` on a passing failure."""
+        """A heartbeat for the task: with a user's token in the SDK agent's shape (PATCH, form
+        ``train_task_id``), else POST with the key; raise :class:`TransientError` on a passing failure."""
         if self.setup_problem:
             return SendResult(Outcome.SETUP, 0, self.setup_problem)
-        answer = self.request("POST", HEARTBEAT_ENDPOINT, body=self._task_form.encode(), timeout_s=timeout_s)
+        if self._auth_token:
+            answer = self.request("PATCH", HEARTBEAT_ENDPOINT, form={"train_task_id": self.task_id}, timeout_s=timeout_s)
+        else:
+            answer = self.request("POST", HEARTBEAT_ENDPOINT, form={"id": self.task_id}, timeout_s=timeout_s)
         return classify(answer, optional_endpoint=True)
 
     def read_final_metric(self, timeout_s: Optional[float] = None) -> Answer:

@@ -22,6 +22,7 @@ ENV_REPORTER_DIR = "ANYLEARN_REPORTER_DIR"
 ENV_RUN_DIR = "ANYLEARN_REPORTER_RUN_DIR"
 ENV_REPORT_RANKS = "ANYLEARN_REPORT_RANKS"
 ENV_OBJECTIVE_METRIC = "ANYLEARN_OBJECTIVE_METRIC"
+ENV_OBJECTIVE_MODE = "ANYLEARN_OBJECTIVE_MODE"  # min|max: which way the objective is better (default: by its name)
 ENV_FLUSH_TIMEOUT = "ANYLEARN_FLUSH_TIMEOUT"
 ENV_REQUEST_TIMEOUT = "ANYLEARN_REQUEST_TIMEOUT"
 ENV_RANK = "RANK"
@@ -47,8 +48,10 @@ ENV_NODE_RANK_GENERIC = "NODE_RANK"
 ENV_MASTER_ADDR = "MASTER_ADDR"
 ENV_MASTER_PORT = "MASTER_PORT"
 
-# serve (the local backend emulator)
-ENV_TOKEN = "ANYLEARN_TOKEN"  # the bearer token reads accept (the AnyLearn SDK's login token)
+# the user's AnyLearn login token (the SDK's name): a local task's heartbeat and log shipping, and what
+# `serve` accepts as a bearer token; ANYLEARN_TOKEN is the older name `serve` read, kept as an alias
+ENV_AUTH_TOKEN = "ANYLEARN_AUTH_TOKEN"
+ENV_TOKEN = "ANYLEARN_TOKEN"
 
 # sidecar
 ENV_RESOURCE_INTERVAL = "ANYLEARN_RESOURCE_INTERVAL"
@@ -70,7 +73,9 @@ DEFAULT_OUTPUT_DIR = "output"
 DEFAULT_GRACE_PERIOD_S = 30.0
 DEFAULT_DRAIN_TIMEOUT_S = 60.0
 DEFAULT_RESOURCE_INTERVAL_S = 10.0
+DEFAULT_UI_PORT = 8090  # anylearn-reporter ui, on 127.0.0.1
 DEFAULT_HEARTBEAT_INTERVAL_S = 30.0
+LOCAL_HEARTBEAT_INTERVAL_S = 3.0  # a local task's heartbeat, as the SDK's agent sends it
 STANDALONE_NAMESPACE = "STANDALONE"
 BACKEND_URL_TEMPLATE = "http://anylearn-backend.{namespace}/api"
 
@@ -85,10 +90,14 @@ STATUS_FILE = "status.json"
 SUMMARY_FILE = "summary.json"
 CHILD_PID_FILE = "child.pid"
 RESOURCES_FILE = "resources.jsonl"
+HEARTBEAT_FILE = "heartbeat.json"  # the sidecar's heartbeat state, for `status`
 STDOUT_LOG = "stdout.log"
 STDERR_LOG = "stderr.log"
 TENSORBOARD_POSITION_FILE = "tensorboard.json"  # how far each event file was read
 TENSORBOARD_LOCK_FILE = "tensorboard.lock"  # one reader of the event files per run
+OBJECTIVE_FILE = "objective.json"  # the objective's name and direction, when known
+ATTEMPTS_FILE = "attempts.jsonl"  # one line per attempt: where it starts in the journal
+PARAMS_FILE = "params.json"  # the hyper-parameters an integration recorded
 
 # --- task states (AnyLearn) ------------------------------------------------------------------------
 STATE_CREATED = 0
@@ -156,6 +165,8 @@ class Config:
     flush_timeout_s: float
     rank: int
     request_timeout_s: float = DEFAULT_REQUEST_TIMEOUT_S
+    objective_mode: Optional[str] = None  # "min" or "max" when ANYLEARN_OBJECTIVE_MODE says so
+    auth_token: Optional[Secret] = field(default=None, repr=False)  # a local task's token (ANYLEARN_AUTH_TOKEN)
 
     @property
     def offline(self) -> bool:
@@ -196,6 +207,40 @@ def parse_number(
         bound = "more than 0" if positive else f"at least {minimum:g}"
         raise ConfigError(f"{what} must be {bound}, not {text!r}")
     return value
+
+
+MAX_DURATION_S = 1_000_000.0  # ~11.6 days: "no limit" in practice, and within every wait's range (poll takes int ms)
+
+
+def duration_problem(text: str, *, positive: bool = False, unlimited: bool = True, unit: str = "seconds") -> Optional[str]:
+    """Why ``text`` cannot be a duration, as the end of a sentence (``must be ...``); None when it can.
+
+    A duration is a number of ``unit``: not NaN, not negative (not 0 either with ``positive``). With
+    ``unlimited``, ``inf`` (or anything above :data:`MAX_DURATION_S`) means "no limit"; without, it is refused.
+    """
+    try:
+        value = float(text)
+    except (TypeError, ValueError):
+        value = float("nan")
+    most = "" if unlimited else f" up to {MAX_DURATION_S:.0f}"
+    if value != value or value < 0 or (positive and value == 0) or (not unlimited and value > MAX_DURATION_S):
+        bound = "more than 0" if positive else "0 or more"
+        no_limit = " (or inf for no limit)" if unlimited else ""
+        return f"must be a number of {unit}, {bound}{most}{no_limit}, not {str(text)[:40]!r}"
+    return None
+
+
+def parse_duration(text: Optional[str], what: str, default: Any, *, positive: bool = False, unlimited: bool = True) -> Any:
+    """The one parser of every duration (an option or a variable, in seconds): ``default`` when unset or empty;
+    :class:`ConfigError` naming ``what`` for what :func:`duration_problem` refuses. "No limit" (inf, or
+    more than :data:`MAX_DURATION_S`) comes back as :data:`MAX_DURATION_S`, so no wait, deadline or
+    timestamp computed from it can overflow."""
+    if text is None or str(text).strip() == "":
+        return default
+    problem = duration_problem(str(text).strip(), positive=positive, unlimited=unlimited)
+    if problem:
+        raise ConfigError(f"{what} {problem}")
+    return min(float(text), MAX_DURATION_S)
 
 
 def read_text_file(path: str, what: str, *, secret: bool = False) -> str:
@@ -248,6 +293,21 @@ def secret_key_problem(key: Optional[str], where: str = ENV_SECRET_KEY) -> Optio
     return None
 
 
+def auth_token_problem(token: Optional[str], where: str = ENV_AUTH_TOKEN) -> Optional[str]:
+    """Why ``token`` cannot travel in an HTTP header, in one line that never shows it; None when it can."""
+    problem = secret_key_problem(token, where)
+    return problem and problem.split(";")[0] + "; copy your AnyLearn token again (anyctl login)"
+
+
+def auth_token_from(env: Mapping[str, str]) -> Tuple[Optional[Secret], Optional[str]]:
+    """The user's token (``ANYLEARN_AUTH_TOKEN``, else ``ANYLEARN_TOKEN``) as a :class:`Secret`, and the
+    problem that keeps it from being sent (then the token is None)."""
+    where = ENV_AUTH_TOKEN if env.get(ENV_AUTH_TOKEN, "").strip() else ENV_TOKEN
+    token = _first(env, ENV_AUTH_TOKEN, ENV_TOKEN)
+    problem = auth_token_problem(token, where)
+    return (Secret(token) if token and not problem else None), problem
+
+
 def check_secret_key(env: Optional[Mapping[str, str]] = None) -> None:
     """Raise :class:`ConfigError` when the environment's secret key cannot travel in an HTTP header."""
     _check_variable(os.environ if env is None else env, ENV_SECRET_KEY, ENV_SECRET_KEY_PLATFORM, secret_key_problem)
@@ -274,6 +334,44 @@ def _first(env: Mapping[str, str], *names: str) -> Optional[str]:
     return None
 
 
+def backend_url_problem(url: str, where: str = ENV_BACKEND_URL) -> Optional[str]:
+    """Why ``url`` cannot be the backend's API base, in one line naming ``where`` and the fix; None when
+    it can. A user name or password in it is never shown."""
+    from urllib.parse import urlsplit  # here: `import reporter` stays cheap
+
+    example = "set it like http://127.0.0.1:8080/api"
+    try:
+        if "@" in url:  # checked before parsing: a password holding '/' or '?' would split the URL elsewhere
+            scheme, _, rest = url.partition("://")
+            return (f"{where}={scheme + '://***@' + rest.rpartition('@')[2]!r} holds a user name or password: "
+                    "the secret key is sent in its own header; remove the user:password@ part")
+        parts = urlsplit(url)
+        shown = url
+        if parts.scheme not in ("http", "https"):
+            return f"{where}={shown!r} is not an http(s) URL; {example}"
+        if not parts.hostname:
+            return f"{where}={shown!r} names no host; {example}"
+        port = parts.port
+    except ValueError as exc:  # an unclosed [IPv6 bracket, a port that is no number or out of range
+        return f"{where}={url[:200]!r} cannot be read as a URL ({exc}); {example}"
+    if port == 0:
+        return f"{where}={shown!r}: port 0 cannot be connected to; {example}"
+    if parts.query or parts.fragment or url.endswith(("?", "#")):
+        return f"{where}={shown!r} has a query or fragment, which would be dropped; give only scheme://host[:port]/path"
+    if any(c.isspace() or not c.isprintable() or not c.isascii() for c in url):
+        return (f"{where}={url.encode('ascii', 'backslashreplace').decode()!r} holds a space, control or non-ASCII "
+                "character; percent-encode it (a space is %20)")
+    return None
+
+
+def check_backend_url(env: Optional[Mapping[str, str]] = None) -> None:
+    """Raise :class:`ConfigError` when ``ANYLEARN_BACKEND_URL`` is set and cannot work (see :func:`backend_url_problem`)."""
+    url = _first(os.environ if env is None else env, ENV_BACKEND_URL)
+    problem = backend_url_problem(url) if url else None
+    if problem:
+        raise ConfigError(problem)
+
+
 def resolve_backend_url(env: Mapping[str, str], has_credentials: bool) -> Tuple[Optional[str], str]:
     """Return the API base URL and how it was found (the order is AnyLearn's own)."""
     explicit = _first(env, ENV_BACKEND_URL)
@@ -298,6 +396,12 @@ def task_of_run_name(name: str) -> Optional[str]:
     return None if not name or name.startswith(OFFLINE_RUN_PREFIX) else name
 
 
+def request_timeout(text: Optional[str]) -> float:
+    """``ANYLEARN_REQUEST_TIMEOUT``'s value in seconds: more than 0 and finite (a request without a deadline
+    could hold delivery for ever); :class:`ConfigError` otherwise."""
+    return float(parse_duration(text, ENV_REQUEST_TIMEOUT, DEFAULT_REQUEST_TIMEOUT_S, positive=True, unlimited=False))
+
+
 def load_config(env: Optional[Mapping[str, str]] = None) -> Tuple[Config, List[str]]:
     """Resolve the configuration, replacing each invalid value by its default.
 
@@ -312,15 +416,17 @@ def load_config(env: Optional[Mapping[str, str]] = None) -> Tuple[Config, List[s
     key = _first(env, ENV_SECRET_KEY, ENV_SECRET_KEY_PLATFORM)
     key_problem = secret_key_problem(key, ENV_SECRET_KEY if env.get(ENV_SECRET_KEY, "").strip() else ENV_SECRET_KEY_PLATFORM)
     secret = Secret(key) if key and not key_problem else None
-    backend_url, source = resolve_backend_url(env, bool(task_id and key))
+    token, token_problem = auth_token_from(env)
+    if token_problem:
+        problems.append(f"{token_problem}; a local task's logs are not shipped until it is fixed")
+    backend_url, source = resolve_backend_url(env, bool(task_id and (key or token)))
     if key_problem:  # a key that cannot be sent: journal only, and say so
         problems.append(f"{key_problem}; records are only journalled until it is fixed")
         backend_url, source = None, "offline: the secret key cannot be sent"
-    if backend_url is not None and not backend_url.startswith(("http://", "https://")):
-        problems.append(
-            f"{ENV_BACKEND_URL}={backend_url!r} is not an http(s) URL; "
-            "set it like http://127.0.0.1:8080/api"
-        )
+    where = ENV_BACKEND_URL if source == ENV_BACKEND_URL else f"the URL from {source}"
+    url_problem = backend_url_problem(backend_url, where) if backend_url else None
+    if url_problem:  # a URL that cannot work: journal only, and say so (never retry it for ever)
+        problems.append(f"{url_problem}; records are only journalled until it is fixed")
         backend_url, source = None, "offline: invalid backend URL"
     id_problem = task_id_problem(task_id, ENV_TASK_ID if env.get(ENV_TASK_ID, "").strip() else ENV_TASK_ID_PLATFORM)
     if id_problem:
@@ -341,15 +447,15 @@ def load_config(env: Optional[Mapping[str, str]] = None) -> Tuple[Config, List[s
         ranks = "0"
 
     try:
-        flush_timeout_s = parse_number(_first(env, ENV_FLUSH_TIMEOUT), ENV_FLUSH_TIMEOUT, DEFAULT_FLUSH_TIMEOUT_S)
+        flush_timeout_s = parse_duration(_first(env, ENV_FLUSH_TIMEOUT), ENV_FLUSH_TIMEOUT, DEFAULT_FLUSH_TIMEOUT_S)
     except ConfigError as exc:
-        problems.append(f"{exc} (seconds)")
+        problems.append(str(exc))
         flush_timeout_s = DEFAULT_FLUSH_TIMEOUT_S
 
     try:
-        request_timeout_s = parse_number(_first(env, ENV_REQUEST_TIMEOUT), ENV_REQUEST_TIMEOUT, DEFAULT_REQUEST_TIMEOUT_S, positive=True)
+        request_timeout_s = request_timeout(_first(env, ENV_REQUEST_TIMEOUT))
     except ConfigError as exc:
-        problems.append(f"{exc} (seconds)")
+        problems.append(str(exc))
         request_timeout_s = DEFAULT_REQUEST_TIMEOUT_S
 
     try:
@@ -357,6 +463,11 @@ def load_config(env: Optional[Mapping[str, str]] = None) -> Tuple[Config, List[s
     except ConfigError as exc:
         problems.append(f"{exc}; treating this process as rank 0")
         rank = 0
+
+    objective_mode = (_first(env, ENV_OBJECTIVE_MODE) or "").strip().lower() or None
+    if objective_mode not in (None, "min", "max"):
+        problems.append(f"{ENV_OBJECTIVE_MODE}={objective_mode!r} must be 'min' or 'max'")
+        objective_mode = None
 
     config = Config(
         task_id=task_id,
@@ -370,6 +481,8 @@ def load_config(env: Optional[Mapping[str, str]] = None) -> Tuple[Config, List[s
         flush_timeout_s=flush_timeout_s,
         rank=rank,
         request_timeout_s=request_timeout_s,
+        objective_mode=objective_mode,
+        auth_token=token,
     )
     return config, problems
 
@@ -419,9 +532,9 @@ def offline_reason(env: Optional[Mapping[str, str]] = None) -> str:
     key = _first(env, ENV_SECRET_KEY, ENV_SECRET_KEY_PLATFORM)
     if key and secret_key_problem(key):
         why.append("the secret key cannot be sent in an HTTP header")
-    elif not key and not _first(env, ENV_BACKEND_URL, ENV_BACKEND_NAMESPACE):
+    elif not key and not auth_token_from(env)[0] and not _first(env, ENV_BACKEND_URL, ENV_BACKEND_NAMESPACE):
         why.append(f"{ENV_SECRET_KEY} (or {ENV_SECRET_KEY_PLATFORM}) is not set")
-    if not why:
-        why.append(f"{ENV_BACKEND_URL} is not an http(s) URL")
+    if not why:  # the URL's own problem was said as a configuration problem
+        why.append("the backend URL cannot be used")
     hints = misspelt_variables(env)
     return " and ".join(why) + (" (" + "; ".join(hints) + ")" if hints else "")

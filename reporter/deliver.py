@@ -42,8 +42,8 @@ from .journal import (
     read_host_counters,
     save_cursor,
 )
-from .log import get_logger, sync_hint
-from .policy import SKIP_STATE_OFF, SendRule, line_skip_reason, skip_reason
+from .log import get_logger, stay_pending, sync_hint
+from .policy import SKIP_STATE_OFF, SendRule, is_short_gap, line_skip_reason, skip_reason
 from .runstatus import DeliveryStatus, read_status, write_status
 
 PROGRESS_INTERVAL_S = 0.5
@@ -136,16 +136,15 @@ class JournalWatch:
         self._file_wd = -1
         self._file_ino: Optional[int] = None  # the inode the file watch is on
         self._watching_file = False
+        self._poller = select.poll()
+        self._poller.register(self._wake_r, select.POLLIN)
         calls = _inotify_calls()
         if calls:
             fd = calls[0](_IN_NONBLOCK | _IN_CLOEXEC)
             if fd >= 0:
                 self._ifd = fd
+                self._poller.register(fd, select.POLLIN)
                 self._arm()
-        self._poller = select.poll()
-        self._poller.register(self._wake_r, select.POLLIN)
-        if self._ifd >= 0:
-            self._poller.register(self._ifd, select.POLLIN)
 
     @property
     def uses_inotify(self) -> bool:
@@ -154,6 +153,10 @@ class JournalWatch:
     def _arm(self) -> None:
         _, add_watch, rm_watch = _inotify_calls()
         wd = add_watch(self._ifd, os.fsencode(self.path), _FILE_EVENTS)
+        if wd < 0 and self._file_wd >= 0:  # out of watches (ENOSPC): the replaced file's watch frees one
+            rm_watch(self._ifd, self._file_wd)
+            self._file_wd = -1
+            wd = add_watch(self._ifd, os.fsencode(self.path), _FILE_EVENTS)
         if wd >= 0:
             if self._file_wd >= 0 and self._file_wd != wd:
                 rm_watch(self._ifd, self._file_wd)  # the replaced file's
@@ -169,8 +172,24 @@ class JournalWatch:
         elif self._dir_wd < 0:
             self._dir_wd = add_watch(self._ifd, os.fsencode(self.run_dir), _IN_CREATE | _IN_MOVED_TO)
             if self._dir_wd < 0:
-                os.close(self._ifd)  # no watch at all (ENOSPC: out of watches): poll instead
-                self._ifd = -1
+                self._stop_watching()  # no watch at all (ENOSPC: out of watches): poll instead
+
+    def _stop_watching(self) -> None:
+        """Give inotify up for timed polling. The descriptor leaves the poller before it is closed: a closed
+        descriptor still registered reads as ready (POLLNVAL) at once, for ever, and the wait would spin."""
+        fd, self._ifd = self._ifd, -1
+        self._file_wd = self._dir_wd = -1
+        self._watching_file = False
+        try:
+            self._poller.unregister(fd)
+        except (KeyError, ValueError):
+            pass
+        try:
+            os.close(fd)
+        except OSError:
+            pass
+        get_logger().info("no inotify watch is left for %s; looking at the journal every %g s instead",
+                          self.path, self.poll_interval_s)
 
     def wait(self) -> None:
         """Block until the journal may have grown (or the safety timeout passes)."""
@@ -180,7 +199,10 @@ class JournalWatch:
         except InterruptedError:
             return
         events = 0
-        for fd, _ in ready:
+        for fd, revents in ready:
+            if revents & select.POLLNVAL:  # a descriptor closed under the poller: never poll it again
+                self._poller.unregister(fd)
+                continue
             data = _drain(fd)
             if fd == self._ifd:
                 events |= _event_masks(data)
@@ -294,6 +316,7 @@ class Deliverer:
         self._progress = threading.Condition()
         self._acked = 0
         self._acked_ino: Optional[int] = None  # the inode of the journal file ``_acked`` is an offset in
+        self._finished_inos: set = set()  # inodes of journal files delivered to their end, then left for a new one
         self._acked_head: Optional[int] = None  # that file's mark, saved with the cursor (journal_head)
         self._acked_saved = -1
         self._reader: Optional[JournalReader] = None
@@ -308,6 +331,9 @@ class Deliverer:
         self._previous_ts: Optional[float] = None
         self._short_gaps: Deque[bool] = collections.deque(maxlen=BURST_HISTORY)  # recent gaps under burst_gap_s
         self._in_burst = False  # the last request was held back for a host reporting in a burst
+        self.held_back = 0  # requests held back because the host was reporting just now
+        self._said_odd_answer = False  # a 2xx without a JSON object was said
+        self._lock_error: Optional[str] = None  # why the last try at the deliver lock failed (not a conflict)
         self._log = get_logger()
 
     # --- the door -----------------------------------------------------------------------------------
@@ -327,22 +353,21 @@ class Deliverer:
         self._lock_known.wait(timeout_s)
         return self._holding
 
-    def flush(self, timeout_s: Optional[float] = None) -> bool:
+    def flush(self, timeout_s: Optional[float] = None, files: Optional[Dict[int, int]] = None) -> bool:
         """Wait until every record journalled so far is acknowledged; True if so before the timeout.
 
+        ``files`` narrows "every record" to byte ranges, ``{inode: end offset}`` (what one writer journalled,
+        see :meth:`JournalWriter.written_files`); by default, the journal the path names up to its end.
         Returns False at once when delivery is paused (a rejected key, a redirect).
         """
-        target_ino, target = journal_end(os.path.join(self.run_dir, JOURNAL_FILE))
+        path = os.path.join(self.run_dir, JOURNAL_FILE)
+        if files is None:
+            target_ino, target = journal_end(path)
+            files = {} if target_ino is None else {target_ino: target}
         deadline = None if timeout_s is None else time.monotonic() + timeout_s
         with self._progress:
             while True:
-                # An offset counts only in the file it was acknowledged in (the journal may have been replaced;
-                # the cursor file is checked against the journal there by load_cursor).
-                if self._holding:
-                    acked = self._acked if self._acked_ino == target_ino else 0
-                else:
-                    acked = load_cursor(self.run_dir)
-                if acked >= target:
+                if self._acknowledged(files, path):
                     return True
                 if self.paused_reason or self._stop.is_set() or not self._running.is_set():
                     return False
@@ -352,6 +377,25 @@ class Deliverer:
                 # Another deliverer's progress is seen only in the cursor file: poll it.
                 wait_s = 1.0 if self._holding else self.options.poll_interval_s
                 self._progress.wait(wait_s if remaining is None else min(wait_s, remaining))
+
+    def _acknowledged(self, files: Dict[int, int], path: str) -> bool:
+        """Whether every ``{inode: end}`` range is acknowledged. An offset counts only in the file it was
+        acknowledged in; a file this deliverer followed a replacement away from was delivered to its end.
+        Without the lock, the cursor file tells (checked against the journal there by load_cursor): the
+        holder leaves an older file only once it is delivered, so a cursor into the path's file covers it."""
+        files = {ino: end for ino, end in files.items() if end > 0}
+        if not files:
+            return True
+        path_ino, path_end = journal_end(path)
+
+        def counted(acked: int) -> int:  # an offset past the journal's end: truncated in place, a new journal
+            return 0 if acked > path_end else acked
+
+        if self._holding:
+            return all(ino in self._finished_inos or (ino == self._acked_ino and (counted(self._acked) if ino == path_ino else self._acked) >= end)
+                       for ino, end in files.items())
+        acked = counted(load_cursor(self.run_dir))
+        return all(acked >= end if ino == path_ino else (path_ino is not None and acked > 0) for ino, end in files.items())
 
     def drain(self, timeout_s: Optional[float], on_progress: Optional[Callable[[int, bool], None]] = None) -> bool:
         """Deliver what is pending for up to ``timeout_s`` (None: until done), calling ``on_progress(pending,
@@ -388,6 +432,12 @@ class Deliverer:
         thread = self._thread
         if thread is not None and thread is not threading.current_thread():
             thread.join(1.0 if deadline is None else max(0.1, deadline - time.monotonic()))
+        if self._lock_error is not None:  # nobody delivered: say so at the end too, not only when it began
+            left = count_pending(self.run_dir)
+            self._log.warning(
+                "nothing was delivered: the deliver lock in %s could not be taken (%s); %s, deliver %s with `%s`",
+                self.run_dir, self._lock_error, stay_pending(left), "it" if left == 1 else "them", sync_hint(self.run_dir),
+            )
         return drained
 
     # --- what the engine says about itself (status.json, the hosts' messages) -------------------------
@@ -440,10 +490,12 @@ class Deliverer:
             try:
                 if self._lock.try_acquire():
                     self._holding = True
+                    self._lock_error = None
                     self._lock_known.set()
                     return True
-            except (OSError, ValueError) as exc:  # said once per cause, not once per attempt
-                why = getattr(exc, "strerror", None) or str(exc)
+                self._lock_error = None  # another process holds it: that one delivers
+            except (OSError, ValueError) as exc:  # said once per cause, not once per attempt; tried again later
+                why = self._lock_error = getattr(exc, "strerror", None) or str(exc)
                 if why != said:
                     said = why
                     self._note_error(f"cannot take the deliver lock: {why}")
@@ -457,10 +509,15 @@ class Deliverer:
         self._load_state()
         reader = self._reader = JournalReader(self.run_dir, self._acked)
         watch: Optional[JournalWatch] = None
+        truncations = 0
         while not self._stop.is_set():
             entries = reader.read_available(max_records=256)
             if self._acked_ino is None:
                 self._acked_ino = reader.ino
+            if reader.truncations != truncations:  # truncated in place: a new journal, acknowledged from 0
+                truncations = reader.truncations
+                self._acked, self._acked_head = 0, None
+                self._checkpoint(force=True)
             if not entries and watch is not None and reader.replaced():
                 entries = reader.read_available(max_records=256)  # the old file to its end first
                 if not entries:
@@ -485,8 +542,11 @@ class Deliverer:
 
     def _follow_new_journal(self, reader: JournalReader) -> None:
         """The journal was replaced and the old file is delivered to its end: start the new one at 0."""
+        if self._acked_ino is not None:
+            self._finished_inos.add(self._acked_ino)
         reader.follow_replacement()
         self._acked, self._acked_ino, self._acked_head = 0, reader.ino, None
+        self._finished_inos.discard(self._acked_ino)  # an inode number freed by a delete and used again
         self._checkpoint(force=True)
         self._notify_progress()
 
@@ -536,10 +596,11 @@ class Deliverer:
         ts = record.ts
         previous, self._previous_ts = self._previous_ts, float(ts) if isinstance(ts, (int, float)) else None
         if self._previous_ts is not None and previous is not None:
-            self._short_gaps.append(self._previous_ts - previous < self.options.burst_gap_s)
+            self._short_gaps.append(is_short_gap(self._previous_ts - previous, self.options.burst_gap_s))
         self._in_burst = False
         if self._host_busy is None or not self._host_busy():
             return
+        self.held_back += 1
         if 2 * sum(self._short_gaps) >= BURST_HISTORY:
             self._in_burst = True
             self._stop.wait(self.options.max_defer_s)
@@ -581,6 +642,10 @@ class Deliverer:
             self._log.info("delivery resumed after %.0f s", time.time() - self._failing_since)
             self._failing_since = None
         if result.outcome is Outcome.DELIVERED:
+            if result.reason and not self._said_odd_answer:  # a 2xx is delivered whatever its body
+                self._said_odd_answer = True
+                self._log.warning("the backend took a %s record with an odd answer (%s); counted as delivered (said once)",
+                                  record.kind, result.reason)
             self.delivered += 1
             self.delivered_now += 1
             self.last_delivery_ts = time.time()

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from typing import List, Mapping, Optional
 from urllib.parse import urlsplit
 
-from .config import Config, ConfigError, check_secret_key, load_config, misspelt_variables
+from .config import Config, ConfigError, check_backend_url, check_secret_key, load_config, misspelt_variables
 
 OK, WARN, FAIL, INFO = "ok", "warn", "FAIL", "info"
 CONNECT_TIMEOUT_S = 3.0
@@ -172,7 +172,9 @@ def run_checks(env: Optional[Mapping[str, str]] = None) -> List[Check]:
 
 
 def doctor_command(env: Optional[Mapping[str, str]] = None) -> int:
-    """Print one line a check; exit 0 when a run would report, 1 otherwise."""
+    """Print one line a check; exit 0 when a run would report, 1 otherwise. A backend URL that cannot work
+    is a usage error: :class:`ConfigError` (exit 2) before any check runs."""
+    check_backend_url(env)
     checks = run_checks(env)
     width = max(len(c.subject) for c in checks)
     for check in checks:

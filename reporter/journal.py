@@ -7,6 +7,7 @@ moment the report call returns (it survives a ``kill -9`` of the writer).
 
 from __future__ import annotations
 
+import collections
 import errno
 import fcntl
 import glob
@@ -20,7 +21,7 @@ import time
 import weakref
 import zlib
 from dataclasses import dataclass, fields
-from typing import Any, Callable, Dict, Iterator, List, Optional, Tuple, Union
+from typing import Any, Callable, Deque, Dict, Iterator, List, Optional, Tuple, Union
 
 from .config import CURSOR_FILE, JOURNAL_FILE, LOCK_FILE, REJECTED_FILE
 from .log import get_logger
@@ -54,6 +55,7 @@ def clean_name(name: str) -> str:
 
 
 MAX_CACHED_NAMES = 4096  # the writer keeps this many names' JSON text at most
+JOURNAL_CHECK_INTERVAL_S = 0.25  # how often a writer looks whether its path still names its file (not per report)
 
 
 def step_in_range(step: int) -> bool:
@@ -145,7 +147,13 @@ class JournalWriter:
         self._pid = -1
         self._prefix = ""
         self._counter: Iterator[int] = itertools.count()
-        self._open_lock = threading.Lock()
+        # An RLock and a busy flag, not a plain lock: a report from a signal handler runs in the thread
+        # that may be inside _open already; it must find out and defer its record, never wait on itself.
+        self._open_lock = threading.RLock()
+        self._opening = False
+        self._deferred: Deque[Tuple[str, Any, Optional[str], Optional[int], float]] = collections.deque()
+        self._checked_at = 0.0  # when the path was last compared with the open file (wall time of a report)
+        self.earlier_files: Dict[int, int] = {}  # inode -> size: journal files this process wrote before they were replaced
         self._reset_identity()
         register_fork_hook(self, JournalWriter._reset_identity)
 
@@ -153,25 +161,97 @@ class JournalWriter:
         self._pid = os.getpid()
         self._prefix = f"{os.urandom(6).hex()}-{self._pid}-"  # os.urandom: `secrets` costs the import 4 ms
         self._counter = itertools.count(1)
+        self.earlier_files = {}  # a forked child has written nothing yet
 
-    def _open(self) -> bool:
+    def _open(self) -> Optional[bool]:
+        """Open the journal: True when open, False when it cannot be, None when this thread is opening it
+        already (re-entered from a signal handler)."""
         with self._open_lock:
-            if self._fd >= 0:
-                return True
-            now = time.monotonic()
-            if now < self._retry_open_at:
-                self.count_lost(self._open_failure)
-                return False
+            if self._opening:
+                return None
+            self._opening = True
             try:
+                if self._fd >= 0:
+                    return True
+                now = time.monotonic()
+                if now < self._retry_open_at:
+                    self.count_lost(self._open_failure)
+                    return False
+                try:
+                    os.makedirs(self.run_dir, exist_ok=True)
+                    fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o644)
+                except (OSError, ValueError) as exc:  # ValueError: a NUL byte in the path
+                    self._retry_open_at = now + 1.0
+                    self._open_failure = f"cannot open the journal ({getattr(exc, 'strerror', None) or exc})"
+                    self.count_lost(self._open_failure)
+                    return False
+                self._fd = fd
+                return True
+            finally:
+                self._opening = False
+
+    def _follow_path(self, now: float) -> None:
+        """Reopen the journal when its path no longer names the open file (renamed by log rotation, or
+        deleted): later records go to the file the path names (made anew). The descriptor number stays
+        (``dup2``), so a thread writing at this moment writes whole lines into one file or the other."""
+        self._checked_at = now
+        with self._open_lock:
+            if self._opening or self._fd < 0:
+                return
+            self._opening = True
+            try:
+                try:
+                    named: Optional[os.stat_result] = os.stat(self.path)
+                except OSError:
+                    named = None
+                own = os.fstat(self._fd)
+                if named is not None and (named.st_ino, named.st_dev) == (own.st_ino, own.st_dev):
+                    return
                 os.makedirs(self.run_dir, exist_ok=True)
                 fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o644)
-            except (OSError, ValueError) as exc:  # ValueError: a NUL byte in the path
-                self._retry_open_at = now + 1.0
-                self._open_failure = f"cannot open the journal ({getattr(exc, 'strerror', None) or exc})"
-                self.count_lost(self._open_failure)
-                return False
-            self._fd = fd
-            return True
+                old = os.dup(self._fd)
+                try:
+                    os.dup2(fd, self._fd, inheritable=False)
+                    self.earlier_files[own.st_ino] = os.fstat(old).st_size
+                finally:
+                    os.close(old)
+                    os.close(fd)
+                get_logger().warning(
+                    "the journal %s was renamed or deleted under this process; journalling into a new file there "
+                    "(a deliverer that has the old file open delivers it to its end first)", self.path,
+                )
+            except (OSError, ValueError):
+                pass  # keep writing the open file; looked at again later
+            finally:
+                self._opening = False
+        self._drain_deferred()
+
+    def _drain_deferred(self) -> None:
+        while self._deferred:
+            try:
+                record = self._deferred.popleft()
+            except IndexError:  # another report took it
+                return
+            self.append(*record)
+
+    def written_files(self) -> Dict[int, int]:
+        """Every journal file this process appended to, by inode, with the byte offset its records end
+        before (the end of the last whole line there now): what :func:`reporter.flush` waits for."""
+        files = dict(self.earlier_files)
+        fd = self._fd
+        if fd >= 0:
+            try:
+                info = os.fstat(fd)
+                files[info.st_ino] = info.st_size
+                # The descriptor is write-only: read the same file (even a deleted one) through /proc.
+                reader = os.open(f"/proc/self/fd/{fd}", os.O_RDONLY | os.O_CLOEXEC)
+                try:
+                    files[info.st_ino] = whole_lines_end(reader)
+                finally:
+                    os.close(reader)
+            except OSError:
+                pass
+        return files
 
     _open_failure = "cannot open the journal"
 
@@ -190,8 +270,16 @@ class JournalWriter:
         """
         if self._pid != os.getpid():
             self._reset_identity()
-        if self._fd < 0 and not self._open():
-            return None
+        if self._fd < 0:
+            opened = self._open()
+            if opened is None:  # a signal handler's report while this thread opens the journal: written after
+                self._deferred.append((kind, value, name, step, time.time() if ts is None else ts))
+                return None
+            if not opened:
+                return None
+            key = self.append(kind, value, name, step, ts)
+            self._drain_deferred()
+            return key
         name_json = self._names.get(name)
         if name_json is None:
             cleaned = name if name is None else clean_name(name)
@@ -211,6 +299,8 @@ class JournalWriter:
             value_text = repr(value)
         key = f"{self._prefix}{next(self._counter)}"
         self.last_append_ts = now = time.time()
+        if not self._checked_at <= now < self._checked_at + JOURNAL_CHECK_INTERVAL_S:  # a float compare per report
+            self._follow_path(now)
         line = (  # a Record's fields in order, made by hand: the hot path's cost (read back by check_record)
             f'{{"kind":"{kind}","value":{value_text},"name":{name_json},'
             f'"step":{"null" if step is None else step},"ts":{now if ts is None else ts!r},'
@@ -454,10 +544,13 @@ class JournalReader:
         self.path = os.path.join(run_dir, JOURNAL_FILE)
         self.offset = offset
         self.torn_lines = 0
+        self.truncations = 0  # times the file was found truncated in place and read again from its start
         self.invalid: Dict[str, int] = {}  # whole lines that are not valid records, by reason
         self.not_regular = False  # a device, a FIFO...: never followed (/dev/full would be read forever)
         self._fd = -1
         self._scanned_to = -1  # how far a long line after :attr:`offset` was searched for its newline
+        self._head: Optional[int] = None  # the file's mark (journal_head) once its first line was read
+        self._at_end = False  # the last read reached the end of the file
 
     def _ensure_open(self) -> bool:
         if self.not_regular:
@@ -508,6 +601,7 @@ class JournalReader:
         self.close()
         self.offset = 0
         self._scanned_to = -1
+        self._head = None
         self._ensure_open()
 
     def size(self) -> int:
@@ -524,14 +618,32 @@ class JournalReader:
         """
         if not self._ensure_open():
             return []
+        if self._at_end and self._head is not None and self.offset > 0 and journal_head(self._fd) != self._head:
+            # Read to its end before, and now another first line: truncated and written again past the offset
+            # (a line end there by chance). Looked at once per call after the end, not per record.
+            self._restart_truncated()
+        self._at_end = False
         entries: List[JournalEntry] = []
         while len(entries) < max_records:
-            chunk = os.pread(self._fd, _READ_CHUNK_BYTES, self.offset)
+            if self.offset > 0:
+                # The byte before the offset comes along in the same read: it is the newline of the last
+                # line read, unless the journal was truncated in place (and written again) since.
+                chunk = os.pread(self._fd, _READ_CHUNK_BYTES + 1, self.offset - 1)
+                if chunk[:1] != b"\n":
+                    if entries:
+                        break  # hand over what was read; the next call starts the new journal
+                    self._restart_truncated()
+                    continue
+                chunk = chunk[1:]
+            else:
+                chunk = os.pread(self._fd, _READ_CHUNK_BYTES, 0)
             if not chunk:
+                self._at_end = True
                 break
             last_newline = chunk.rfind(b"\n")
             if last_newline < 0:
                 if len(chunk) < _READ_CHUNK_BYTES:
+                    self._at_end = True
                     break  # an unterminated tail
                 long_line = self._read_long_line()
                 if long_line is None:
@@ -568,7 +680,21 @@ class JournalReader:
                     self.invalid[problem] = self.invalid.get(problem, 0) + 1
                 entries.append(JournalEntry(position, record, problem))
                 self.offset = position
+        if self._head is None and self.offset > 0:
+            self._head = journal_head(self._fd)  # once per file: its first line is whole now
         return entries
+
+    def _restart_truncated(self) -> None:
+        """The journal is shorter than the offset, or no longer has a line end there: it was truncated in
+        place (logrotate's ``copytruncate``), so it is a new journal, read from its start."""
+        self.truncations += 1
+        get_logger().warning(
+            "the journal %s was truncated in place (by logrotate's copytruncate?) after %d bytes of it were read; "
+            "it is a new journal now, read from its start", self.path, self.offset,
+        )
+        self.offset = 0
+        self._scanned_to = -1
+        self._head = None
 
     def _read_long_line(self) -> "Optional[bytes | int]":
         """The line at :attr:`offset` (with its newline) when it spans more than one chunk; the offset just
@@ -671,7 +797,10 @@ def load_cursor_state(run_dir: str) -> Tuple[int, Optional[int]]:
         finally:
             os.close(fd)
     if offset > size:
-        get_logger().warning("the cursor %s points past the journal's end; delivering again from the start", path)
+        if (path, offset, "past") not in _said_stale_cursor:  # flush() of a deliverer without the lock polls this
+            _said_stale_cursor.add((path, offset, "past"))
+            get_logger().warning("the cursor %s points past the journal's end (the journal was truncated: a new "
+                                 "journal); delivering it from its start", path)
         return 0, None
     if head is not None and head != journal_mark:
         if (path, head) not in _said_stale_cursor:  # flush() of a deliverer without the lock polls this
@@ -729,18 +858,22 @@ def journal_end(path: str) -> Tuple[Optional[int], int]:
     except OSError:
         return None, 0
     try:
-        info = os.fstat(fd)
-        position = info.st_size
-        while position > 0:
-            start = max(0, position - 4096)
-            chunk = os.pread(fd, position - start, start)
-            newline = chunk.rfind(b"\n")
-            if newline >= 0:
-                return info.st_ino, start + newline + 1
-            position = start
-        return info.st_ino, 0
+        return os.fstat(fd).st_ino, whole_lines_end(fd)
     finally:
         os.close(fd)
+
+
+def whole_lines_end(fd: int) -> int:
+    """The byte offset just after the last complete line of the open file ``fd``."""
+    position = os.fstat(fd).st_size
+    while position > 0:
+        start = max(0, position - 4096)
+        chunk = os.pread(fd, position - start, start)
+        newline = chunk.rfind(b"\n")
+        if newline >= 0:
+            return start + newline + 1
+        position = start
+    return 0
 
 
 def count_pending(run_dir: str, offset: Optional[int] = None) -> int:
@@ -783,8 +916,12 @@ class DeliverLock:
         except OSError:
             os.close(fd)
             return False
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, b"%d\n" % os.getpid(), 0)
+        try:
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, b"%d\n" % os.getpid(), 0)
+        except BaseException:  # a full disk: give the lock back (closing the descriptor releases it), or it
+            os.close(fd)  # would stay taken by this very process, which could then never take it again
+            raise
         self._fd, self._owner_pid = fd, os.getpid()
         return True
 

@@ -23,6 +23,9 @@ def parse_params(text: str, source: str) -> Dict[str, Any]:
         value = json.loads(text)
     except json.JSONDecodeError as exc:
         raise ConfigError(f"{source} is not valid JSON: {exc.msg} at line {exc.lineno} column {exc.colno} (char {exc.pos})") from None
+    except RecursionError:
+        raise ConfigError(f"{source} is nested too deeply to read (objects or lists within each other thousands of "
+                          "levels deep); flatten it") from None
     if not isinstance(value, dict):
         raise ConfigError(f"{source} must be a JSON object like {{\"lr\": 0.01}}, not a JSON {type(value).__name__}")
     return value

@@ -58,7 +58,16 @@ def skip_reason(record: Record, rule: SendRule, *, state_reporting: bool = True)
     return None
 
 
+def is_short_gap(gap_s: float, burst_gap_s: float) -> bool:
+    """Whether two reports ``gap_s`` apart are part of a burst (the pacing rule of in-process delivery).
+
+    A negative gap is never short: it comes from a wall clock that was set back (or records journalled with
+    times ahead of it), and reading it as a burst would hold delivery back for as long as the clock was ahead.
+    """
+    return 0.0 <= gap_s < burst_gap_s
+
+
 __all__ = [
-    "SendRule", "skip_reason", "line_skip_reason",
+    "is_short_gap", "SendRule", "skip_reason", "line_skip_reason",
     "SKIP_OTHER_RANK", "SKIP_NOT_OBJECTIVE", "SKIP_NOT_A_NUMBER", "SKIP_STATE_OFF", "SKIP_TORN", "SKIP_INVALID",
 ]

@@ -31,7 +31,67 @@ from .journal import (
 )
 from .log import counted
 from .policy import SendRule, skip_reason
+from .runmeta import AttemptMark, Objective, attempt_segments, attempt_summary_file, better, process_alive, read_objective
 from .runstatus import read_status
+
+
+@dataclass
+class AttemptInfo:
+    """One attempt of a run (the same task run again appends to its journal): its records and its end."""
+
+    number: int
+    started: Optional[float] = None
+    last_ts: Optional[float] = None  # the time of its last record
+    ended: Optional[float] = None  # from its summary (the wrapper's), else None
+    state: Optional[int] = None
+    metrics: List[float] = field(default_factory=list)
+    final_metric: Optional[float] = None
+    exit_code: Optional[int] = None
+    failure_reason: Optional[str] = None
+    stderr_tail: List[str] = field(default_factory=list)
+    live: bool = False  # the process that began it still runs
+    objective_mode: str = "max"
+
+    @property
+    def state_name(self) -> str:
+        return "unknown" if self.state is None else STATE_NAMES.get(self.state, str(self.state))
+
+    @property
+    def duration_s(self) -> Optional[float]:
+        return _duration_s(self.started, self.ended, self.last_ts, self.live)
+
+    @property
+    def last_metric(self) -> Optional[float]:
+        return self.metrics[-1] if self.metrics else None
+
+    @property
+    def best_metric(self) -> Optional[float]:
+        return _best(self.metrics, self.objective_mode)
+
+    def as_dict(self) -> Dict[str, Any]:
+        data = asdict(self)
+        data.update(state_name=self.state_name, duration_s=self.duration_s, last_metric=self.last_metric,
+                    best_metric=self.best_metric)
+        return data
+
+
+def _duration_s(started: Optional[float], ended: Optional[float], last_ts: Optional[float], live: bool) -> Optional[float]:
+    """Start to end when the end is known; to now while the run's process lives; else to its last record."""
+    if started is None:
+        return None
+    if ended is not None:
+        return ended - started
+    if live or last_ts is None:
+        return time.time() - started
+    return max(last_ts - started, 0.0)
+
+
+def _best(values: List[float], mode: str) -> Optional[float]:
+    best: Optional[float] = None
+    for value in values:
+        if better(value, best, mode):
+            best = value
+    return best
 
 
 @dataclass
@@ -61,6 +121,13 @@ class RunInfo:
     final_metric: Optional[float] = None
     exit_code: Optional[int] = None
     problems: List[str] = field(default_factory=list)
+    last_ts: Optional[float] = None  # the time of the journal's last record
+    live: bool = False  # the process that began the last attempt still runs
+    objective_name: Optional[str] = None
+    objective_mode: str = "max"  # which way the objective is better: objective.json, else ANYLEARN_OBJECTIVE_MODE
+    failure_reason: Optional[str] = None  # summary.json's failure
+    stderr_tail: List[str] = field(default_factory=list)
+    attempts: List[AttemptInfo] = field(default_factory=list)  # read with the metrics only
 
     @property
     def state_name(self) -> str:
@@ -68,9 +135,7 @@ class RunInfo:
 
     @property
     def duration_s(self) -> Optional[float]:
-        if self.started is None:
-            return None
-        return (self.ended or time.time()) - self.started
+        return _duration_s(self.started, self.ended, self.last_ts, self.live)
 
     @property
     def lost(self) -> Dict[str, int]:
@@ -83,12 +148,12 @@ class RunInfo:
 
     @property
     def best_metric(self) -> Optional[float]:
-        return max(self.metrics) if self.metrics else None
+        return _best(self.metrics, self.objective_mode)
 
     def as_dict(self) -> Dict[str, Any]:
         data = asdict(self)
         data.update(state_name=self.state_name, duration_s=self.duration_s, last_metric=self.last_metric,
-                    best_metric=self.best_metric, lost=self.lost)
+                    best_metric=self.best_metric, lost=self.lost, attempts=[a.as_dict() for a in self.attempts])
         return data
 
 
@@ -127,7 +192,8 @@ def _newest_mtime(run_dir: str) -> float:
     return max(times, default=0.0)
 
 
-def read_run(run_dir: str, rule: SendRule = SendRule(), *, with_metrics: bool = True) -> RunInfo:
+def read_run(run_dir: str, rule: SendRule = SendRule(), *, with_metrics: bool = True,
+             default_mode: Optional[str] = None) -> RunInfo:
     """Read what a run directory holds; unreadable parts become entries of ``problems``, never errors.
 
     The metrics are those ``rule`` sends (:func:`~reporter.policy.skip_reason`, the deliverer's own rule),
@@ -135,24 +201,56 @@ def read_run(run_dir: str, rule: SendRule = SendRule(), *, with_metrics: bool = 
 
     ``with_metrics=False`` (the ``status`` probe) counts lines instead of parsing every record, so a probe
     stays cheap on a long journal; the task state then comes from the journal's last state record.
+    "Best" follows the objective's direction (``objective.json``, else ``default_mode``, else max).
     """
     run_dir = os.path.abspath(run_dir)
     info = RunInfo(run_dir=run_dir, name=os.path.basename(run_dir))
     if not os.path.isdir(run_dir):
         info.problems.append("not a directory")
         return info
+    _read_objective(info, default_mode)
     journal = os.path.join(run_dir, JOURNAL_FILE)
     if not os.path.exists(journal):
         info.problems.append(f"no {JOURNAL_FILE}")
+    segments = attempt_segments(run_dir)
     if with_metrics:
         _read_records(info, rule)
+        _split_attempts(info, rule, segments)
     else:
         info.journalled = count_lines(journal)
         info.pending = count_pending(run_dir)
         info.state = _last_state(journal)
     _read_status_files(info)
+    _read_attempt_ends(info, segments)
     return info
 
+
+def _read_objective(info: RunInfo, default_mode: Optional[str]) -> None:
+    objective: Optional[Objective] = read_objective(info.run_dir, default_mode)
+    if objective is not None:
+        info.objective_name, info.objective_mode = objective.name, objective.mode
+
+
+def _read_attempt_ends(info: RunInfo, segments: List[AttemptMark]) -> None:
+    """Each attempt's end from its own summary (``summary.<n>.json``; the last one's is ``summary.json``),
+    and whether the process that began the last attempt still runs."""
+    if segments:
+        info.live = info.ended is None and process_alive(segments[-1])
+    for attempt, mark in zip(info.attempts, segments):
+        attempt.live = attempt is info.attempts[-1] and info.live
+        summary = read_json(os.path.join(info.run_dir, attempt_summary_file(attempt.number)))
+        if not isinstance(summary, dict) and attempt is info.attempts[-1]:
+            summary = read_json(os.path.join(info.run_dir, SUMMARY_FILE))
+            if isinstance(summary, dict) and summary.get("attempt") not in (None, attempt.number):
+                summary = None
+        if not isinstance(summary, dict):
+            continue
+        state = _typed(summary, "state", int)
+        attempt.state = attempt.state if state is None else state
+        attempt.started = _typed(summary, "started", float) or attempt.started
+        attempt.ended = _typed(summary, "ended", float)
+        attempt.exit_code = _typed(summary, "exit_code", int)
+        attempt.failure_reason, attempt.stderr_tail = _failure(summary)
 
 def _last_state(journal: str, max_bytes: int = 1 << 20) -> Optional[int]:
     """The value of the last state record within the journal's last ``max_bytes``."""
@@ -190,6 +288,7 @@ def _read_records(info: RunInfo, rule: SendRule) -> None:
                     continue
                 if record.ts is not None:
                     info.started = record.ts if info.started is None else min(info.started, record.ts)
+                    info.last_ts = record.ts if info.last_ts is None else max(info.last_ts, record.ts)
                 if skip_reason(record, rule) is not None or record.value is None:
                     continue
                 if record.kind == KIND_STATE:
@@ -238,6 +337,7 @@ def _read_status_files(info: RunInfo) -> None:
         info.started = info.started if started is None else started
         info.ended = _typed(summary, "ended", float)
         info.exit_code = _typed(summary, "exit_code", int)
+        info.failure_reason, info.stderr_tail = _failure(summary)
         final_metric = summary.get("final_metric")
         if (type(final_metric) is float or type(final_metric) is int) and math.isfinite(final_metric):
             info.final_metric = float(final_metric)
@@ -245,6 +345,57 @@ def _read_status_files(info: RunInfo) -> None:
         info.problems.append(f"{SUMMARY_FILE} is not valid JSON")
     if info.task_id is None:
         info.task_id = task_of_run_name(info.name)
+
+
+def _split_attempts(info: RunInfo, rule: SendRule, segments: List[AttemptMark]) -> None:
+    """The records of each attempt, split at the offsets of ``attempts.jsonl`` (one attempt without it)."""
+    attempts = [AttemptInfo(number=mark.attempt, started=mark.ts, objective_mode=info.objective_mode) for mark in segments]
+    info.attempts = attempts
+    if len(segments) == 1:  # the common case: the whole run is the attempt, already read
+        only = attempts[0]
+        only.started, only.last_ts, only.metrics, only.final_metric = info.started, info.last_ts, list(info.metrics), info.final_metric
+        only.state = info.state
+        return
+    bounds = [mark.offset for mark in segments[1:]]
+    reader = JournalReader(info.run_dir)
+    index = 0
+    try:
+        while True:
+            entries = reader.read_available(max_records=10_000)
+            if not entries:
+                break
+            for entry in entries:
+                while index < len(bounds) and entry.end_offset > bounds[index]:
+                    index += 1
+                record, attempt = entry.record, attempts[index]
+                if record is None:
+                    continue
+                if record.ts is not None:
+                    attempt.started = record.ts if attempt.started is None else min(attempt.started, record.ts)
+                    attempt.last_ts = record.ts if attempt.last_ts is None else max(attempt.last_ts, record.ts)
+                if skip_reason(record, rule) is not None or record.value is None:
+                    continue
+                if record.kind == KIND_STATE:
+                    attempt.state = int(record.value)
+                elif record.kind == KIND_INTERMEDIATE:
+                    attempt.metrics.append(float(record.value))
+                elif record.kind == KIND_FINAL:
+                    attempt.final_metric = float(record.value)
+    except OSError:
+        pass  # said by the first pass
+    finally:
+        reader.close()
+
+
+def _failure(summary: Dict[str, Any]) -> "tuple[Optional[str], List[str]]":
+    """The failure reason and the stderr tail a summary holds (None and [] when it ended well)."""
+    failure = summary.get("failure")
+    if not isinstance(failure, dict):
+        return None, []
+    reason = failure.get("reason")
+    tail = failure.get("stderr_tail")
+    lines = [str(line)[:1000] for line in tail[-20:]] if isinstance(tail, list) else []
+    return (reason[:1000] if isinstance(reason, str) else None), lines
 
 
 def _typed(data: Dict[str, Any], key: str, kind: type) -> Any:

@@ -27,12 +27,13 @@ from .config import (
     ENV_TENSORBOARD_DIR,
     ENV_TENSORBOARD_TAG,
     EXIT_PENDING,
+    HEARTBEAT_FILE,
     SUMMARY_FILE,
     Config,
     ConfigError,
     load_config_strict,
     option_or_env,
-    parse_number,
+    parse_duration,
 )
 from .log import get_logger, warn_pending
 
@@ -51,11 +52,11 @@ class SidecarOptions:
 
 def options_from(args: Any, env: Any) -> SidecarOptions:
     options = SidecarOptions(
-        resource_interval_s=parse_number(option_or_env(args.interval, env, ENV_RESOURCE_INTERVAL), "--interval",
-                                         DEFAULT_RESOURCE_INTERVAL_S, positive=True),
-        heartbeat_interval_s=parse_number(args.heartbeat, "--heartbeat", DEFAULT_HEARTBEAT_INTERVAL_S, positive=True),
-        drain_timeout_s=parse_number(option_or_env(args.drain_timeout, env, ENV_DRAIN_TIMEOUT), "--drain-timeout",
-                                     DEFAULT_DRAIN_TIMEOUT_S),
+        resource_interval_s=parse_duration(option_or_env(args.interval, env, ENV_RESOURCE_INTERVAL), f"--interval ({ENV_RESOURCE_INTERVAL})",
+                                           DEFAULT_RESOURCE_INTERVAL_S, positive=True),
+        heartbeat_interval_s=parse_duration(args.heartbeat, "--heartbeat", DEFAULT_HEARTBEAT_INTERVAL_S, positive=True),
+        drain_timeout_s=parse_duration(option_or_env(args.drain_timeout, env, ENV_DRAIN_TIMEOUT), f"--drain-timeout ({ENV_DRAIN_TIMEOUT})",
+                                       DEFAULT_DRAIN_TIMEOUT_S),
         pid=args.pid,
     )
     from .tbevents import tensorboard_directory
@@ -78,15 +79,30 @@ def _pid_alive(pid: int) -> bool:
 
 
 class Heartbeat:
-    """POSTs ``/train_task/heartbeat`` every interval; a backend without it (404/405) turns it off once."""
+    """Sends ``/train_task/heartbeat`` every interval (POST with the key; PATCH in the SDK agent's shape with
+    a user's token); a backend without it (404/405) turns it off, said once and, with ``run_dir``, written to
+    ``heartbeat.json`` for ``status``."""
 
-    def __init__(self, config: Config) -> None:
+    def __init__(self, config: Config, run_dir: Optional[str] = None) -> None:
         from .client import BackendClient
 
         self.client = BackendClient(config.backend_url or "", config.task_id or "", config.secret_key,
-                                    request_timeout_s=config.request_timeout_s)
+                                    request_timeout_s=config.request_timeout_s, auth_token=config.auth_token)
         self.enabled = True
         self._failing = False
+        self._run_dir = run_dir
+        self._said: Optional[str] = None  # the state last written to heartbeat.json
+
+    def _record(self, state: str, reason: str = "") -> None:
+        if self._run_dir is None or self._said == state:
+            return
+        from .journal import atomic_write_json
+
+        try:
+            atomic_write_json(os.path.join(self._run_dir, HEARTBEAT_FILE), {"heartbeats": state, "reason": reason, "ts": time.time()})
+            self._said = state
+        except OSError as exc:
+            get_logger().debug("cannot write %s: %s", HEARTBEAT_FILE, exc.strerror)
 
     def beat(self) -> None:
         from .client import Outcome, TransientError
@@ -102,16 +118,21 @@ class Heartbeat:
             self._failing = True
             return
         self._failing = False
-        if result.outcome is Outcome.UNSUPPORTED:
+        if result.outcome is Outcome.DELIVERED:
+            self._record("on")
+        elif result.outcome is Outcome.UNSUPPORTED:
             self.enabled = False
-            log.info("the backend has no heartbeat endpoint (HTTP %d); heartbeats are off", result.status)
+            log.warning("the backend has no heartbeat endpoint (HTTP %d); heartbeats are off", result.status)
+            self._record("off", f"the backend has no heartbeat endpoint (HTTP {result.status})")
         elif result.outcome is Outcome.REDIRECT:
             self.enabled = False  # never followed: the key would go along
             log.warning("heartbeat answered HTTP %d (%s): redirects are never followed; heartbeats are off",
                         result.status, result.reason)
+            self._record("off", f"HTTP {result.status}: redirects are never followed")
         elif result.outcome is Outcome.SETUP:
             self.enabled = False
             log.warning("heartbeats are off: %s", result.reason)
+            self._record("off", result.reason)
         elif result.outcome is not Outcome.DELIVERED:
             log.warning("heartbeat refused (HTTP %d: %s)", result.status, result.reason)
 
@@ -168,7 +189,7 @@ class Sidecar:
             signal.signal(sig, self._on_signal)
         deliverer = build_deliverer(self.config, run_dir=self.run_dir).start()
         sampler = ResourceSampler(self.run_dir)
-        heartbeat = Heartbeat(self.config)
+        heartbeat = Heartbeat(self.config, self.run_dir)
         tensorboard = None
         if self.options.tensorboard_dir:  # TensorBoard event files -> journal, until the run ends
             from .journal import JournalWriter

@@ -9,10 +9,12 @@ from dataclasses import replace
 from typing import Dict, List, Mapping, Optional
 
 from .config import (
+    ENV_BACKEND_URL,
     EXIT_PENDING,
     Config,
     ConfigError,
     Secret,
+    backend_url_problem,
     load_config_strict,
     read_text_file,
     resolve_backend_url,
@@ -113,8 +115,11 @@ def sync_command(run_dirs: List[str], *, task_id: Optional[str], backend_url: Op
     for run_dir in run_dirs:
         task = _task_of(run_dir, task_id or base.task_id)
         url = backend_url or resolve_backend_url(os.environ if env is None else env, True)[0]
-        if not url or not url.startswith(("http://", "https://")):
+        if not url:
             raise ConfigError("no backend URL: set ANYLEARN_BACKEND_URL or give --backend-url http://host/api")
+        problem = backend_url_problem(url.rstrip("/"), "--backend-url" if backend_url else ENV_BACKEND_URL)
+        if problem:
+            raise ConfigError(problem)
         config = replace(base, task_id=task, secret_key=secret, backend_url=url.rstrip("/"), run_dir=os.path.abspath(run_dir))
         pending += sync_one(config.run_dir, config, timeout_s)
     return EXIT_PENDING if pending else 0

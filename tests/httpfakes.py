@@ -38,7 +38,7 @@ class _Handler(BaseHTTPRequestHandler):
         if fake.close_after_answer:
             self.close_connection = True  # without saying so: as a server closing an idle keep-alive connection
 
-    do_GET = do_POST = _answer
+    do_GET = do_POST = do_PATCH = _answer
 
 
 Answer = Tuple[int, Dict[str, str], bytes]

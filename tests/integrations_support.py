@@ -67,3 +67,17 @@ def run_autolog(script: str, server, tmp_path, **extra_env: str) -> Tuple[Any, L
     assert done.returncode == 0, done.stderr
     tasks = server.backend.tasks()
     return done, journal(run_dir), tasks[0] if tasks else {}
+
+
+def offline_tracker_env(tmp_path) -> Dict[str, str]:
+    """Environment keeping MLflow, W&B and DVCLive on this machine: stores under ``tmp_path``, telemetry
+    off, and W&B's server a closed loopback port should anything try it."""
+    return {
+        "MLFLOW_TRACKING_URI": (tmp_path / "mlruns").as_uri(),
+        "MLFLOW_ALLOW_FILE_STORE": "true",  # MLflow 3's default store is sqlite, which needs sqlalchemy
+        "WANDB_DIR": str(tmp_path),
+        "WANDB_SILENT": "true",
+        "WANDB_BASE_URL": "http://127.0.0.1:9",
+        "DO_NOT_TRACK": "1",
+        "DVC_NO_ANALYTICS": "1",
+    }

@@ -16,6 +16,7 @@ from conftest import (
     free_port,
     run_python,
     task_env,
+    wait_until,
 )
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -366,5 +367,171 @@ def test_configuration_warnings_say_what_the_hook_does_about_them(tmp_path):
     assert "records are only journalled until it is fixed" in done.stderr
     key_line = next(line for line in done.stderr.splitlines() if "HTTP header" in line)
     assert "(using the default)" not in key_line  # a key that cannot be sent has no default
-    assert "ANYLEARN_FLUSH_TIMEOUT must be a number, not 'soon' (seconds) (using the default)" in done.stderr
+    assert "ANYLEARN_FLUSH_TIMEOUT must be a number of seconds, 0 or more (or inf for no limit), not 'soon' (using the default)" in done.stderr
     assert "the metric 'metric' is nan" in done.stderr and "metric metric" not in done.stderr
+
+
+# --- the hook's lifetime: a journal replaced under it, exit, ranks, forks, signal handlers ----------------
+
+_REPLACE_JOURNAL = """
+import json, os, time, reporter
+journal = os.path.join(os.environ["ANYLEARN_REPORTER_RUN_DIR"], "metrics.jsonl")
+for i in range(50):
+    reporter.report_metric(float(i), step=i)
+assert reporter.flush(30)  # delivery follows the journal (a file nobody read before it was replaced is lost)
+if {delete}:
+    os.unlink(journal)
+else:
+    os.rename(journal, journal + ".1")  # log rotation
+for i in range(50, 100):
+    reporter.report_metric(float(i), step=i)
+    time.sleep(0.01)
+print(json.dumps({{"flushed": reporter.flush(30)}}), flush=True)
+os._exit(0)  # no exit flush: what flush() said must hold by itself
+"""
+
+
+@pytest.mark.parametrize("delete", [False, True], ids=["renamed", "deleted"])
+def test_a_journal_renamed_or_deleted_under_a_running_process_is_reopened_and_flush_waits_for_its_records(server_factory, tmp_path, delete):
+    server = server_factory(Faults(latency_ms=5))  # delivery slower than reporting: flush() must really wait
+    run_dir = tmp_path / "run"
+    result = run_python(_REPLACE_JOURNAL.format(delete=delete), task_env(server.base_url, str(run_dir)))
+    assert result.returncode == 0, result.stderr
+    assert json.loads(result.stdout) == {"flushed": True}, result.stderr
+    assert server.backend.tasks()[0]["intermediate_metrics"] == [float(i) for i in range(100)]
+    assert server.backend.stats()["duplicates"] == 0
+    steps = [r.step for r in journalled(run_dir)]  # the path names a new journal holding the later records
+    assert steps and steps == list(range(steps[0], 100)) and steps[0] >= 50
+    assert "was renamed or deleted under this process" in result.stderr
+    if not delete:
+        kept = [json.loads(line)["step"] for line in (run_dir / "metrics.jsonl.1").read_text().splitlines()]
+        assert kept == list(range(steps[0]))
+
+
+_ATEXIT_REPORTS = {
+    # "report the best at exit", registered before the first report: it runs before our exit flush
+    "registered after import": "import atexit, reporter\natexit.register(lambda: reporter.report_metric(max(best), final=True))\n",
+    # registered before reporter is imported: it runs after our exit flush, which then flushes again
+    "registered before import": "import atexit\natexit.register(lambda: __import__('reporter').report_metric(max(best), final=True))\nimport reporter\n",
+}
+
+
+@pytest.mark.parametrize("order", sorted(_ATEXIT_REPORTS))
+@pytest.mark.parametrize("steps", [5, 0], ids=["after-reports", "first-report-at-exit"])
+def test_a_final_metric_reported_from_a_users_atexit_handler_is_delivered(server, tmp_path, order, steps):
+    code = _ATEXIT_REPORTS[order] + (
+        "best = [0.4]\n"
+        f"for i in range({steps}):\n"
+        "    reporter.report_metric(i / 10, step=i)\n"
+    )
+    result = run_python(code, task_env(server.base_url, str(tmp_path / "run")))
+    assert result.returncode == 0, result.stderr
+    task = server.backend.tasks()[0]
+    assert task["intermediate_metrics"] == [i / 10 for i in range(steps)]
+    assert task["final_metric"] == 0.4, result.stderr
+
+
+_RANK = """
+import os, sys, time, reporter
+from reporter.journal import lock_holder_pid
+run_dir = os.environ["ANYLEARN_REPORTER_RUN_DIR"]
+for i in range(50):
+    reporter.report_metric(float(i), step=i)
+if os.environ["RANK"] == "1":  # the deliverer, until the test tells it to finish and exit
+    while lock_holder_pid(run_dir) != os.getpid():
+        time.sleep(0.01)
+    print("ready", flush=True)
+    sys.stdin.readline()
+    for i in range(50, 100):
+        reporter.report_metric(float(i), step=i)
+else:  # its last records and its final metric come just after the deliverer has exited
+    assert reporter.flush(30)  # delivered by rank 1 (and this rank's deliverer waits for the lock)
+    deliverer = lock_holder_pid(run_dir)
+    print("ready", flush=True)
+    while lock_holder_pid(run_dir) == deliverer:
+        time.sleep(0.001)
+    for i in range(50, 100):
+        reporter.report_metric(float(i), step=i)
+    reporter.report_metric(99.5, final=True)
+"""
+
+
+def test_a_rank_whose_deliverer_rank_exited_first_takes_delivery_over_at_exit(server, tmp_path):
+    run_dir = str(tmp_path / "run")
+    procs = {}
+    for rank in ("1", "0"):  # rank 1 starts first and becomes the deliverer
+        procs[rank] = subprocess.Popen(
+            [sys.executable, "-c", _RANK], env=task_env(server.base_url, run_dir, RANK=rank),
+            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        )
+        assert procs[rank].stdout.readline().strip() == "ready"
+    try:
+        holder = lock_holder_pid(run_dir)
+        assert holder == procs["1"].pid
+        _, err1 = procs["1"].communicate("go\n", timeout=60)
+        _, err0 = procs["0"].communicate(timeout=60)
+    finally:
+        for proc in procs.values():
+            proc.kill()
+    assert procs["1"].returncode == 0 and procs["0"].returncode == 0, err1 + err0
+    task = server.backend.tasks()[0]
+    assert task["intermediate_metrics"] == [float(i) for i in range(100)], err0
+    assert task["final_metric"] == 99.5, err0
+    assert "pending" not in err0
+
+
+def test_a_forked_child_that_outlives_its_parent_takes_delivery_over(server, tmp_path):
+    out = tmp_path / "child.json"
+    code = (
+        "import json, os, sys, time, reporter\n"
+        "reporter.report_metric(1.0, step=0)\n"
+        "assert reporter.flush(20)\n"
+        "parent = os.getpid()\n"
+        "if os.fork() == 0:\n"
+        "    deadline = time.monotonic() + 30\n"
+        "    while os.getppid() == parent and time.monotonic() < deadline:  # the parent exits first\n"
+        "        time.sleep(0.01)\n"
+        "    reporter.report_metric(2.0, step=1)\n"
+        "    flushed = reporter.flush(20)\n"
+        f"    open({str(out)!r}, 'w').write(json.dumps({{'flushed': flushed}}))\n"
+        "    reporter.report_metric(3.0, step=2)  # left for the exit flush\n"
+        "    sys.exit(0)\n"
+    )
+    parent = subprocess.run(  # the child keeps no pipe of the test open
+        [sys.executable, "-c", code], env=task_env(server.base_url, str(tmp_path / "run")),
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, timeout=60,
+    )
+    assert parent.returncode == 0
+    wait_until(lambda: out.exists() and out.read_text(), what="the child's flush")
+    assert json.loads(out.read_text()) == {"flushed": True}
+    wait_until(lambda: server.backend.tasks()[0]["intermediate_metrics"] == [1.0, 2.0, 3.0], what="the child's exit flush")
+    assert server.backend.stats()["duplicates"] == 0
+
+
+_SIGNAL_REPORTS = """
+import json, signal, reporter
+ticks = [0]
+def on_alarm(signum, frame):
+    ticks[0] += 1
+    reporter.report_metric(float(ticks[0]), name="tick")  # from the handler's frame, in the main thread
+signal.signal(signal.SIGALRM, on_alarm)
+signal.setitimer(signal.ITIMER_REAL, 0.0002, 0.0002)
+reporter.report_metric(-1.0)  # the first report: the hook is made and the journal opened under the alarms
+for i in range(300):
+    reporter.report_metric(float(i), step=i)
+signal.setitimer(signal.ITIMER_REAL, 0, 0)
+reporter.report_metric(300.0, step=300)  # journals what a handler's report left for later
+print(json.dumps(ticks[0]), flush=True)
+"""
+
+
+@pytest.mark.parametrize("attempt", range(3))
+def test_reports_from_a_signal_handler_never_block_and_are_all_journalled(server, tmp_path, attempt):
+    run_dir = tmp_path / "run"
+    result = run_python(_SIGNAL_REPORTS, task_env(server.base_url, str(run_dir)), timeout_s=30)
+    assert result.returncode == 0, result.stderr
+    ticks = json.loads(result.stdout)
+    records = journalled(run_dir)
+    assert sorted(r.value for r in records if r.name == "tick") == [float(i) for i in range(1, ticks + 1)]
+    assert [r.value for r in records if r.name is None] == [-1.0] + [float(i) for i in range(301)]
+    assert server.backend.tasks()[0]["intermediate_metrics"] == [-1.0] + [float(i) for i in range(301)]

@@ -9,7 +9,7 @@ import threading
 import time
 from dataclasses import replace
 from email.utils import formatdate
-from urllib.parse import parse_qs
+from urllib.parse import parse_qs, quote, quote_plus
 
 import pytest
 from conftest import SECRET_KEY, TASK_ID, clean_environ, free_port, wait_until
@@ -124,12 +124,16 @@ def test_missing_state_endpoint_is_unsupported_not_rejected(fakes, status):
     client.close()
 
 
-@pytest.mark.parametrize("body", [b"", b"[]", b"<html>proxy</html>"])
-def test_a_2xx_answer_that_is_not_a_json_object_is_retried(fakes, body):
-    client = client_of(fakes(200, {}, body))
-    with pytest.raises(TransientError, match="not a JSON object"):
-        client.send(RECORD)
+@pytest.mark.parametrize("status,body", [(204, b""), (200, b""), (200, b"[]"), (200, b"<html>ok</html>"), (201, b"{")])
+def test_a_2xx_answer_that_is_not_a_json_object_is_delivered_and_noted(fakes, status, body):
+    """The backend stored the record: sending it again would store it again (issue 16)."""
+    server = fakes(status, {}, body)
+    client = client_of(server)
+    result = client.send(RECORD)
     client.close()
+    assert (result.outcome, result.status) == (Outcome.DELIVERED, status)
+    assert "not a JSON object" in result.reason  # the deliverer says it once
+    assert server.count() == 1
 
 
 def test_connection_errors_and_timeouts_are_transient_and_never_show_the_key(fakes):
@@ -393,6 +397,25 @@ def test_a_key_echoed_inside_json_escapes_is_masked_too():
     assert key not in answer.reason and key.encode() not in answer.body
 
 
+def test_a_users_token_is_masked_like_the_key():
+    answer = Answer(401, {"X-Echo": "tok-123456"}, b'{"msg": "bad token tok-123456"}', "no tok-123456", secret="k", also_secret="tok-123456")
+    assert "tok-123456" not in classify(answer).reason + answer.reason + str(answer.header("X-Echo"))
+    assert b"tok-123456" not in answer.body
+
+
+def test_with_a_users_token_the_heartbeat_is_the_sdk_agents_patch(fakes):
+    server = fakes(200, {}, b'{"msg": "alive"}')
+    client = BackendClient(server.base_url, TASK_ID, None, auth_token=Secret("tok-123456"))
+    try:
+        assert client.heartbeat().outcome is Outcome.DELIVERED
+    finally:
+        client.close()
+    method, path, headers, body = server.last()
+    assert (method, path, headers["Authorization"], body) == ("PATCH", "/api/train_task/heartbeat", "Bearer tok-123456",
+                                                              f"train_task_id={TASK_ID}".encode())
+    assert "Secret-Key" not in headers
+
+
 def test_an_endless_answer_is_read_up_to_the_bound_and_the_process_stays_small():
     """A server announcing 8 GB and streaming it as fast as it can: the client reads its bound and hangs up."""
     listener = socket.create_server(("127.0.0.1", 0))
@@ -415,11 +438,106 @@ def test_an_endless_answer_is_read_up_to_the_bound_and_the_process_stays_small()
     thread.start()
     client = BackendClient(f"http://127.0.0.1:{listener.getsockname()[1]}/api", "TRAIx", Secret(KEY), request_timeout_s=20)
     try:
-        with pytest.raises(TransientError, match="not a JSON object"):  # cut at the bound: retried later
-            client.send(RECORD)
+        result = client.send(RECORD)  # a 2xx: stored, whatever follows; the body is cut at the bound
+        assert result.outcome is Outcome.DELIVERED and "not a JSON object" in result.reason
     finally:
         client.close()
         thread.join(20)
         listener.close()
     assert not thread.is_alive()
     assert sent["bytes"] < 64 * MAX_ANSWER_BYTES  # read to the bound, then the connection was dropped
+
+
+# --- the wire: every value arrives as it was journalled -----------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def emulator():
+    from reporter.emulator.server import make_server
+
+    srv = make_server({TASK_ID: SECRET_KEY}).start()
+    client = BackendClient(srv.base_url, TASK_ID, Secret(SECRET_KEY))
+    yield srv, client
+    client.close()
+    srv.stop()
+
+
+def _big_int_as_sent(n):
+    from reporter.journal import metric_number
+
+    return metric_number(n)  # what report_metric journals for an int: the nearest double
+
+
+@given(value=st.one_of(
+    st.floats(allow_nan=False, allow_infinity=False),
+    st.integers(min_value=-(1 << 1023), max_value=1 << 1023).map(_big_int_as_sent),
+    st.sampled_from([-0.0, 1e16, -1e16, 1e22, 1.7976931348623157e308, 5e-324, -2.5e-308, 123456789012345678.0]),
+))
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+def test_every_finite_double_arrives_at_the_emulator_as_sent(emulator, value):
+    """The form body goes through a standard decoder (the emulator's ``parse_qs`` and ``float``): 1e+16 once
+    read as "1e 16" and was rejected for good (issue 16)."""
+    server, client = emulator
+    for kind in ("intermediate", "final"):
+        result = client.send(replace(RECORD, kind=kind, value=value, key=f"k-{kind}-{value!r}-{time.monotonic_ns()}"))
+        assert result.outcome is Outcome.DELIVERED, result
+    stored = server.backend.intermediate(TASK_ID)[-1]["metric"]
+    final = server.backend.final(TASK_ID)["final_metric"]
+    assert stored == value and final == value
+    assert float(parse_qs(f"metric={value!r}".replace("+", "%2B"))["metric"][0]) == value  # the decoder itself
+
+
+def test_every_form_and_query_the_client_makes_is_form_encoded(fakes):
+    server = fakes()
+    client = BackendClient(server.base_url, "TRAI+x&y=1 z", Secret(KEY))
+    client.send(replace(RECORD, value=1e16))
+    client.heartbeat()
+    client.read_final_metric()
+    client.close()
+    (_, _, _, metric), (_, _, _, beat), (_, query, _, _) = server.requests
+    assert parse_qs(metric.decode(), strict_parsing=True) == {"id": ["TRAI+x&y=1 z"], "metric": ["1e+16"]}
+    assert parse_qs(beat.decode(), strict_parsing=True) == {"id": ["TRAI+x&y=1 z"]}
+    assert parse_qs(query.split("?", 1)[1], strict_parsing=True) == {"id": ["TRAI+x&y=1 z"]}
+
+
+# --- a key echoed in any form it takes on the wire is masked --------------------------------------------------
+
+ODD_KEY = 'Sk+y/with=odd&chars%7e"\\x\u00e9'
+_ODD_KEY_FORMS = {
+    "raw": ODD_KEY,
+    "quote": quote(ODD_KEY, safe=""),
+    "quote-safe-slash": quote(ODD_KEY),
+    "quote_plus": quote_plus(ODD_KEY),
+    "lower-hex": quote(ODD_KEY, safe="").lower().replace("sk", "Sk"),
+    "json": _json.dumps(ODD_KEY)[1:-1],
+    "json-unicode": _json.dumps(ODD_KEY, ensure_ascii=False)[1:-1],
+}
+
+
+@pytest.mark.parametrize("form", sorted(_ODD_KEY_FORMS))
+@pytest.mark.parametrize("status", [400, 401])
+def test_a_key_echoed_in_any_wire_form_is_masked_in_logs_files_and_status(fakes, tmp_path, capsys, form, status):
+    from reporter.deliver import Deliverer, DeliveryOptions
+    from reporter.journal import JournalWriter
+
+    echoed = _ODD_KEY_FORMS[form]
+    body = ('{"msg": "invalid key ' + echoed.replace("\\", "\\\\").replace('"', '\\"') + '"}').encode("utf-8")
+    if form.startswith("json"):  # already escaped: sent as it is
+        body = ('{"msg": "invalid key ' + echoed + '"}').encode("utf-8")
+    server = fakes(status, {"X-Echo": echoed.encode("utf-8").decode("latin-1")}, body)
+    writer = JournalWriter(str(tmp_path))
+    writer.append("intermediate", 0.5, None, 1)
+    writer.close()
+    client = BackendClient(server.base_url, TASK_ID, Secret(ODD_KEY))
+    answer = client.request("POST", "train_task/intermediate_metric", form={"id": TASK_ID, "metric": "0.5"})
+    deliverer = Deliverer(str(tmp_path), client, DeliveryOptions(poll_interval_s=0.05, lock_poll_interval_s=0.05)).start()
+    wait_until(lambda: deliverer.paused_reason or (tmp_path / "rejected.jsonl").exists(), 20, what="the answer booked")
+    deliverer.close(5)
+    said = capsys.readouterr()
+    written = b"".join(p.read_bytes() for p in tmp_path.iterdir() if p.is_file())
+    assert "***" in answer.body.decode("utf-8") and "***" in answer.header("X-Echo")
+    for text in (said.out + said.err, written.decode("utf-8", "replace"), answer.body.decode("utf-8", "replace"),
+                 str(answer.header("X-Echo"))):
+        for shown in set(_ODD_KEY_FORMS.values()):
+            assert shown not in text
+    assert b"***" in written  # the backend's reason is kept, masked

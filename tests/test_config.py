@@ -243,3 +243,113 @@ def test_offline_reason_names_the_missing_variable_and_a_close_misspelling():
     assert offline_reason({"ANYLEARN_TASK_ID": "TRAIx"}) == "ANYLEARN_SECRET_KEY (or secret_key) is not set"
     assert "did you mean secret_key?" in offline_reason({"task_id": "TRAIx", "secretkey": "k"})
     assert "did you mean" not in offline_reason({"task_id": "TRAIx", "HOME": "/root", "ANYLEARN_SOMETHING_ELSE_ENTIRELY": "1"})
+
+
+@pytest.mark.parametrize("name", ["ANYLEARN_AUTH_TOKEN", "ANYLEARN_TOKEN"])
+def test_a_users_token_is_read_as_a_secret_under_the_sdks_name_or_the_old_one(name):
+    config, problems = load_config({name: "tok-123456", "ANYLEARN_TASK_ID": "TRAIx", "ANYLEARN_BACKEND_URL": "http://127.0.0.1:1/api"})
+    assert problems == [] and config.auth_token.reveal() == "tok-123456"
+    assert "tok-123456" not in repr(config) + str(config.auth_token)
+
+
+def test_a_token_that_cannot_travel_in_a_header_is_one_problem_that_never_shows_it():
+    config, problems = load_config({"ANYLEARN_AUTH_TOKEN": "tök€n-secret"})
+    assert config.auth_token is None and len(problems) == 1
+    assert "ANYLEARN_AUTH_TOKEN" in problems[0] and "tök€n" not in problems[0]
+
+
+# --- durations: one rule for every variable and option (issue 16) -----------------------------------
+
+
+@pytest.mark.parametrize("command, env", [
+    (["sync", "--timeout=-5", "RUN"], {}),
+    (["sync", "--timeout", "nan", "RUN"], {}),
+    (["status", "--stale-after", "nan", "RUN"], {}),
+    (["status", "--stale-after", "-1", "RUN"], {}),
+    (["run", "--dry-run", "--", "true"], {"ANYLEARN_GRACE_PERIOD": "-5"}),
+    (["run", "--dry-run", "--grace-period", "nan", "--", "true"], {}),
+    (["run", "--dry-run", "--drain-timeout=-inf", "--", "true"], {}),
+    (["run", "--dry-run", "--", "true"], {"ANYLEARN_REQUEST_TIMEOUT": "nan"}),
+    (["run", "--dry-run", "--", "true"], {"ANYLEARN_REQUEST_TIMEOUT": "inf"}),
+    (["run", "--dry-run", "--", "true"], {"ANYLEARN_FLUSH_TIMEOUT": "-1"}),
+    (["report", "1"], {"ANYLEARN_FLUSH_TIMEOUT": "nan"}),
+    (["sidecar", "--heartbeat", "nan"], {"ANYLEARN_TASK_ID": TASK_ID, "ANYLEARN_SECRET_KEY": "k3y-k3y-k3y", "ANYLEARN_BACKEND_URL": "http://127.0.0.1:1/api"}),
+])
+def test_a_negative_nan_or_unbounded_duration_is_refused_in_one_line_with_exit_2(tmp_path, command, env):
+    (tmp_path / "RUN").mkdir()
+    (tmp_path / "RUN" / "metrics.jsonl").write_text("")
+    done = subprocess.run([sys.executable, "-m", "reporter", *command], capture_output=True, text=True, timeout=60,
+                          cwd=tmp_path, env=clean_environ(ANYLEARN_REPORTER_DIR=str(tmp_path / "runs"), **env))
+    assert done.returncode == 2, done.stderr
+    error = [line for line in done.stderr.splitlines() if "error" in line]
+    assert len(error) == 1 and "must be a number of seconds" in error[0] and "Traceback" not in done.stderr
+
+
+def test_parse_duration_caps_no_limit_and_refuses_the_rest():
+    from reporter.config import MAX_DURATION_S, parse_duration
+
+    assert parse_duration("inf", "--x", 1.0) == parse_duration("1e308", "--x", 1.0) == MAX_DURATION_S
+    assert parse_duration(" 2.5 ", "--x", 1.0) == 2.5 and parse_duration("", "--x", 1.0) == 1.0
+    for text, kwargs in [("nan", {}), ("-1", {}), ("0", {"positive": True}), ("inf", {"unlimited": False}), ("x", {})]:
+        with pytest.raises(ConfigError, match="^--x must be a number of seconds"):
+            parse_duration(text, "--x", 1.0, **kwargs)
+
+
+@pytest.mark.parametrize("how", ["--drain-timeout inf", "--drain-timeout 1e308", "ANYLEARN_FLUSH_TIMEOUT=inf"])
+def test_no_limit_durations_work_end_to_end_without_overflow(server, tmp_path, how):
+    from conftest import task_env
+
+    run_dir = tmp_path / "run"
+    name, _, value = how.partition("=") if "=" in how else ("", "", "")
+    env = task_env(server.base_url, str(run_dir), **({name: value} if name else {}))
+    if name:  # the in-process hook's flush at exit
+        done = subprocess.run([sys.executable, "-c", "import reporter; reporter.report_metric(0.5)"],
+                              capture_output=True, text=True, timeout=60, env=env)
+    else:
+        done = subprocess.run([sys.executable, "-m", "reporter", "run", *how.split(), "--", sys.executable, "-c",
+                               "print('ANYLEARN_METRIC 0.5')"], capture_output=True, text=True, timeout=60, env=env,
+                              cwd=tmp_path)
+        assert (run_dir / "summary.json").exists()
+    assert done.returncode == 0, done.stderr
+    assert "Traceback" not in done.stderr and "out of range" not in done.stderr and "failed" not in done.stderr
+    assert not [p for p in os.listdir(run_dir) if ".tmp" in p]
+    assert server.backend.tasks()[0]["intermediate_metrics"] == [0.5]
+
+
+# --- a backend URL that cannot work (issue 16) -------------------------------------------------------
+
+BAD_URLS = {
+    "http://127.0.0.1:99999/api": "out of range",
+    "http://127.0.0.1:abc/api": "integer",
+    "http://[::1/api": "IPv6",
+    "http://127.0.0.1:8080/my api": "space",
+    "http://127.0.0.1:8080/\u00e4pi": "non-ASCII",
+    "http://user:pa55w0rd@127.0.0.1:8080/api": "user name or password",
+    "http://127.0.0.1:8080/api?tenant=3": "query",
+    "http://127.0.0.1:8080/api#x": "query or fragment",
+}
+
+
+@pytest.mark.parametrize("url", list(BAD_URLS))
+@pytest.mark.parametrize("command", [["doctor"], ["report", "1"], ["run", "--", "true"], ["sync", "RUN"]])
+def test_a_backend_url_that_cannot_work_is_one_line_and_exit_2_before_anything_runs(tmp_path, url, command):
+    (tmp_path / "RUN").mkdir()
+    (tmp_path / "RUN" / "metrics.jsonl").write_text("")
+    env = clean_environ(ANYLEARN_BACKEND_URL=url, ANYLEARN_TASK_ID=TASK_ID, ANYLEARN_SECRET_KEY="k3y-k3y-k3y",
+                        ANYLEARN_REPORTER_DIR=str(tmp_path / "runs"))
+    done = subprocess.run([sys.executable, "-m", "reporter", *command], capture_output=True, text=True, timeout=30,
+                          cwd=tmp_path, env=env)
+    assert done.returncode == 2, done.stderr
+    (line,) = done.stderr.splitlines()
+    assert "ANYLEARN_BACKEND_URL" in line and BAD_URLS[url] in line and "pa55w0rd" not in line
+    assert not (tmp_path / "runs").exists()  # nothing ran: no run directory, no journal
+
+
+def test_the_hook_says_a_bad_backend_url_once_and_journals_only(tmp_path):
+    env = clean_environ(ANYLEARN_BACKEND_URL="http://u:pa55w0rd@127.0.0.1:1/api", ANYLEARN_TASK_ID=TASK_ID,
+                        ANYLEARN_SECRET_KEY="k3y-k3y-k3y", ANYLEARN_REPORTER_DIR=str(tmp_path))
+    done = subprocess.run([sys.executable, "-c", "import reporter\nfor i in range(3): reporter.report_metric(i)"],
+                          capture_output=True, text=True, timeout=30, env=env)
+    assert done.returncode == 0
+    assert done.stderr.count("ANYLEARN_BACKEND_URL") == 1 and "pa55w0rd" not in done.stderr
+    assert len((tmp_path / TASK_ID / "metrics.jsonl").read_text().splitlines()) >= 3

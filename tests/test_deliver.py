@@ -1,12 +1,18 @@
 """The delivery engine: its policy (skip, pause, reject, order, retry) with an in-memory client, and the
 wire against the real local backend on loopback (and requests-mock for sequences of failures)."""
 
+import errno
+import glob
 import json
 import os
+import shutil
+import subprocess
+import sys
 import threading
+import time
 
 import pytest
-from conftest import SECRET_KEY, TASK_ID, wait_until
+from conftest import SECRET_KEY, TASK_ID, cli, task_env, wait_until
 from fakes import FakeClient, answer_by_value
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -296,7 +302,8 @@ def test_a_dribbling_backend_is_a_transient_failure_retried_with_backoff(tmp_pat
 
 DOOR = {"start", "wait_for_lock", "flush", "drain", "close"}
 OBSERVATIONS = {"alive", "status", "run_dir", "client", "options", "delivered", "skipped", "delivered_now", "skipped_now",
-                "rejected_now", "paused_reason", "last_error", "last_error_ts", "last_delivery_ts", "started_ts", "state_reporting"}
+                "rejected_now", "paused_reason", "last_error", "last_error_ts", "last_delivery_ts", "started_ts", "state_reporting",
+                "held_back"}
 
 
 def test_hosts_get_a_narrow_door(tmp_path):
@@ -480,3 +487,260 @@ def test_the_watch_follows_the_journal_to_its_new_file(tmp_path):
     watch.interrupt()
     thread.join(10)
     watch.close()  # after the thread's last wait(): its descriptors are never polled once given back
+
+
+# --- hardening, second round (issue 16) ------------------------------------------------------------------
+
+
+def journal_in_a_process(run_dir, values):
+    """Journal ``values`` (steps from the first value) from another process, as training would."""
+    code = ("import sys; from reporter.journal import JournalWriter\n"
+            "w = JournalWriter(sys.argv[1])\n"
+            "for v in sys.argv[2:]: w.append('intermediate', float(v), None, int(float(v)))\n"
+            "w.close()\n")
+    done = subprocess.run([sys.executable, "-c", code, str(run_dir), *map(str, values)], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+
+
+def test_a_journal_truncated_in_place_is_a_new_journal_delivered_from_its_start(server, tmp_path, capsys):
+    """logrotate's copytruncate: the reader once resumed mid-line at its old offset (records lost, flush()
+    True at once) and a later sync sent the new journal again from 0."""
+    path = tmp_path / "metrics.jsonl"
+    deliverer = make_deliverer(tmp_path, server.base_url).start()
+    journal_in_a_process(tmp_path, range(0, 300))
+    assert deliverer.flush(30)
+    shutil.copy(path, tmp_path / "metrics.jsonl.1")
+    os.truncate(path, 0)
+    journal_in_a_process(tmp_path, range(300, 350))  # a new journal, shorter than what was read of the old one
+    assert deliverer.flush(30)
+    assert intermediate_values(server)[300:] == [float(v) for v in range(300, 350)]
+    journal_in_a_process(tmp_path, range(350, 700))  # now longer than the old one
+    assert deliverer.flush(30)
+    deliverer.close(5)
+    expected = [float(v) for v in range(700)]
+    assert intermediate_values(server) == expected
+    assert capsys.readouterr().err.count("truncated in place") == 1
+    assert load_cursor(str(tmp_path)) == os.path.getsize(path)
+    done = cli("sync", str(tmp_path), env=task_env(server.base_url, str(tmp_path)))
+    assert done.returncode == 0 and "nothing pending" in done.stdout, done.stdout + done.stderr
+    assert intermediate_values(server) == expected
+    assert server.backend.stats()["duplicates"] == 0
+
+
+def test_a_journal_truncated_while_no_deliverer_runs_is_delivered_from_its_start(server, tmp_path):
+    journal(tmp_path, [float(v) for v in range(50)])
+    first, drained = deliver_with(tmp_path, FakeClient())
+    assert drained
+    os.truncate(tmp_path / "metrics.jsonl", 0)
+    journal(tmp_path, [100.0, 101.0])
+    second, drained = deliver_with(tmp_path, FakeClient())
+    assert drained and second.client.values() == [100.0, 101.0]
+
+
+def test_a_negative_gap_is_never_a_burst():
+    from reporter.config import BURST_GAP_S
+    from reporter.policy import is_short_gap
+
+    assert is_short_gap(0.0, BURST_GAP_S) and is_short_gap(BURST_GAP_S / 2, BURST_GAP_S)
+    assert not is_short_gap(BURST_GAP_S, BURST_GAP_S) and not is_short_gap(1.0, BURST_GAP_S)
+    assert not is_short_gap(-1e-9, BURST_GAP_S) and not is_short_gap(-3600.0, BURST_GAP_S)
+
+
+def test_records_stamped_ahead_of_the_clock_are_delivered_without_holding_back(server, tmp_path):
+    """A wall clock an hour ahead when the last reports were journalled (then set right): its negative gap
+    once read as "reporting in a burst", and each request was held back, about 10 records/s for the hour."""
+    from reporter import api
+    from reporter.config import load_config
+
+    config, problems = load_config(task_env(server.base_url, str(tmp_path)))
+    assert not problems
+    hook = api._Hook(config, [])
+    ahead = time.time() + 3600
+    lines = "".join(
+        f'{{"kind":"intermediate","value":{float(i)!r},"name":null,"step":{i},"ts":{ahead + i * 1e-4!r},"rank":0,'
+        f'"pid":1,"key":"ahead-{i}"}}\n' for i in range(100)
+    )
+    (tmp_path / "metrics.jsonl").write_text(lines)
+    hook.writer.last_append_ts = ahead + 0.01  # what the writer noted at the last report
+    assert not hook._reporting_in_a_burst()
+    deliverer = Deliverer(str(tmp_path), BackendClient(server.base_url, TASK_ID, Secret(SECRET_KEY)), FAST,
+                          host_busy=hook._reporting_in_a_burst).start()
+    assert deliverer.flush(60)
+    deliverer.close(5)
+    hook.writer.close()
+    assert deliverer.held_back == 0
+    assert server.backend.stats()["posts"] == 100
+
+
+def test_a_2xx_without_a_json_object_is_delivered_once_and_said_once(tmp_path, capsys):
+    from httpfakes import FakeServer
+
+    fake = FakeServer(204, {}, b"").start()
+    try:
+        journal(tmp_path, [1.0, 2.0, 3.0])
+        deliverer, drained = deliver_with(tmp_path, BackendClient(fake.base_url, TASK_ID, Secret(SECRET_KEY)))
+    finally:
+        fake.stop()
+    assert drained and deliverer.delivered_now == 3
+    assert fake.count() == 3  # each record POSTed once
+    assert capsys.readouterr().err.count("odd answer") == 1
+
+
+# --- a full disk when delivery starts: a real small tmpfs ---------------------------------------------
+
+
+@pytest.fixture
+def small_tmpfs(tmp_path):
+    mount_point = tmp_path / "small"
+    mount_point.mkdir()
+    if os.geteuid() != 0:
+        pytest.skip("mounting a small tmpfs needs root")
+    done = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64k", "tmpfs", str(mount_point)], capture_output=True, text=True)
+    if done.returncode != 0:
+        pytest.skip(f"cannot mount a small tmpfs: {done.stderr.strip()}")
+    try:
+        yield mount_point
+    finally:
+        subprocess.run(["umount", "-l", str(mount_point)], capture_output=True)
+
+
+def fill(directory):
+    """Fill the file system of ``directory``; return the file to delete to make room again."""
+    filler = directory / "filler"
+    with open(filler, "wb", buffering=0) as f:
+        with pytest.raises(OSError) as info:
+            for _ in range(1 << 20):
+                f.write(b"\0" * 4096)
+    assert info.value.errno == errno.ENOSPC
+    return filler
+
+
+def test_a_lock_file_that_cannot_be_written_leaves_no_lock_behind(small_tmpfs):
+    from reporter.journal import DeliverLock
+
+    run_dir = small_tmpfs / "run"
+    run_dir.mkdir()
+    filler = fill(small_tmpfs)
+    lock = DeliverLock(str(run_dir))
+    with pytest.raises(OSError) as info:
+        lock.try_acquire()
+    assert info.value.errno == errno.ENOSPC and not lock.held
+    filler.unlink()
+    assert lock.try_acquire() and lock.held  # once leaked, the process's own descriptor conflicted for ever
+    lock.release()
+
+
+def test_a_deliverer_that_meets_a_full_disk_says_so_once_and_delivers_when_there_is_room(server, small_tmpfs, capsys,
+                                                                                         monkeypatch):
+    from reporter.journal import DeliverLock
+
+    tries = []
+    real_try = DeliverLock.try_acquire
+    monkeypatch.setattr(DeliverLock, "try_acquire", lambda self: (tries.append(1), real_try(self))[1])
+    run_dir = small_tmpfs / "run"
+    journal(run_dir, [1.0, 2.0])
+    filler = fill(small_tmpfs)
+    deliverer = make_deliverer(run_dir, server.base_url).start()
+    assert not deliverer.wait_for_lock(10)
+    wait_until(lambda: len(tries) >= 3, 10, what="a few tries at the lock while the disk is full")
+    assert "No space left" in deliverer.last_error
+    filler.unlink()
+    assert deliverer.flush(20)
+    deliverer.close(5)
+    assert intermediate_values(server) == [1.0, 2.0]
+    assert capsys.readouterr().err.count("cannot take the deliver lock") == 1
+
+
+def test_a_deliverer_that_never_got_the_lock_for_a_full_disk_says_so_at_the_end(server, small_tmpfs, capsys):
+    run_dir = small_tmpfs / "run"
+    journal(run_dir, [1.0, 2.0])
+    fill(small_tmpfs)
+    deliverer = make_deliverer(run_dir, server.base_url).start()
+    assert not deliverer.wait_for_lock(10)
+    deliverer.close(1)
+    said = capsys.readouterr().err
+    assert "nothing was delivered" in said and "2 records stay pending" in said and "sync" in said
+    assert intermediate_values(server) == []
+
+
+# --- inotify out of watches: the poller never spins ---------------------------------------------------
+
+
+def _cpu_share_of_waits(watch, wall_s=1.0):
+    """The share of ``wall_s`` this thread spent on the CPU calling ``watch.wait()`` over and over."""
+    start_wall, start_cpu = time.monotonic(), time.thread_time()
+    while time.monotonic() - start_wall < wall_s:
+        watch.wait()
+    return (time.thread_time() - start_cpu) / (time.monotonic() - start_wall)
+
+
+def test_a_watch_out_of_inotify_watches_falls_back_to_polling_without_spinning(tmp_path, monkeypatch):
+    from reporter import deliver
+
+    journal(tmp_path, [0.0])
+    watch = deliver.JournalWatch(str(tmp_path), poll_interval_s=0.1, watch_interval_s=0.5)
+    if not watch.uses_inotify:
+        watch.close()
+        pytest.skip("no inotify on this system")
+    init1, _, rm_watch = deliver._inotify_calls()
+    monkeypatch.setattr(deliver, "_inotify", (init1, lambda *args: -1, rm_watch))  # every new watch: ENOSPC
+    replace_journal(tmp_path, "rename")
+    journal(tmp_path, [1.0])
+    try:
+        wait_until(lambda: (watch.wait(), not watch.uses_inotify)[1], 10, what="the fall-back to polling")
+        assert _cpu_share_of_waits(watch) < 0.3  # once a closed descriptor stayed in the poller: 100%
+    finally:
+        watch.close()
+
+
+def _inotify_watches_in_use():
+    """inotify watches held by every process (an upper bound of root's)."""
+    count = 0
+    for info in glob.glob("/proc/[0-9]*/fdinfo/*"):
+        try:
+            with open(info) as f:
+                count += f.read().count("inotify wd:")
+        except OSError:
+            pass
+    return count
+
+
+def test_the_real_inotify_limit_reached_while_the_journal_is_replaced_never_spins(tmp_path):
+    from reporter import deliver
+
+    limit_file = "/proc/sys/fs/inotify/max_user_watches"
+    if not os.access(limit_file, os.W_OK):
+        pytest.skip(f"{limit_file} is not writable here")
+    journal(tmp_path, [0.0])
+    watch = deliver.JournalWatch(str(tmp_path), poll_interval_s=0.1, watch_interval_s=0.5)
+    if not watch.uses_inotify:
+        watch.close()
+        pytest.skip("no inotify on this system")
+    init1, add_watch, rm_watch = deliver._inotify_calls()
+    probe = init1(0o2000000)
+    spare = tmp_path / "spare"
+    spare.mkdir()
+    with open(limit_file) as f:
+        saved = f.read().strip()
+    try:
+        # Lower the limit to what is in use, then take what is left of it: no new watch can be added.
+        with open(limit_file, "w") as f:
+            f.write(str(max(1, _inotify_watches_in_use())))
+        for i in range(2000):
+            (spare / str(i)).touch()
+            if add_watch(probe, os.fsencode(spare / str(i)), 0x2) < 0:
+                break
+        else:
+            pytest.skip("could not use up the inotify watches")
+        replace_journal(tmp_path, "rename")
+        journal(tmp_path, [1.0])
+        for _ in range(3):
+            watch.wait()  # the rename, the new file: each a try at a new watch
+    finally:
+        with open(limit_file, "w") as f:
+            f.write(saved)
+        os.close(probe)
+    try:
+        assert _cpu_share_of_waits(watch) < 0.3  # once 99% of a core, idle
+    finally:
+        watch.close()

@@ -27,6 +27,12 @@ def test_page_lists_tasks_with_state_and_an_svg_chart(server):
     assert html.count("<svg") == 1 and 'class="series"' in html and 'class="final"' in html and "final 0.9" in html
 
 
+def test_page_shows_a_local_tasks_log_tail_escaped(server):
+    server.backend.add_logs(TASK_ID, "epoch 1 <b>loss</b> é\nTask finished with code 0\n")
+    html = requests.get(f"http://{server.host}:{server.port}/", timeout=10).text
+    assert '<pre class="log">epoch 1 &lt;b&gt;loss&lt;/b&gt; é\nTask finished with code 0</pre>' in html
+
+
 def read_png(path):
     """Decode an 8-bit RGB/RGBA non-interlaced PNG into rows of (r, g, b) tuples (standard library only)."""
     data = open(path, "rb").read()

@@ -172,9 +172,9 @@ def test_without_a_token_reads_accept_any_bearer_token_and_serve_says_so(serve_p
     assert _read(srv, "final_metric", {}).status_code == 401
 
 
-@pytest.mark.parametrize("how", ["--token", "ANYLEARN_TOKEN"])
+@pytest.mark.parametrize("how", ["--token", "ANYLEARN_TOKEN", "ANYLEARN_AUTH_TOKEN"])
 def test_with_a_token_reads_accept_that_token_or_the_secret_key_and_writes_only_the_key(serve_process, how):
-    srv = serve_process("--token", "T0k") if how == "--token" else serve_process(env={"ANYLEARN_TOKEN": "T0k"})
+    srv = serve_process("--token", "T0k") if how == "--token" else serve_process(env={how: "T0k"})
     assert _read(srv, "intermediate_metric", {"Authorization": "Bearer T0k"}).status_code == 200
     assert _read(srv, "intermediate_metric", {"Authorization": "Bearer wrong"}).status_code == 401
     assert _read(srv, "intermediate_metric", {"Secret-Key": SECRET_KEY}).status_code == 200
@@ -202,3 +202,97 @@ def test_serve_closes_a_connection_that_drips_its_headers_inside_the_idle_timeou
             break
     assert hung_up_after is not None, "the server waited for the whole dripped header"
     assert srv.proc.poll() is None and srv.get("/_dev/tasks")[0]["id"] == TASK_ID
+
+
+# --- a local task's agent: heartbeat, shipped logs, their offsets, and reading the log back -------------
+
+
+def test_local_task_endpoints_take_the_token_and_answer_the_sdks_log_shapes(server_factory):
+    from reporter.emulator.server import make_server
+
+    srv = make_server({TASK_ID: SECRET_KEY}, token="T0k").start()
+    try:
+        url, bearer = srv.base_url + "/train_task", {"Authorization": "Bearer T0k"}
+        patch = lambda endpoint, data, headers=bearer: requests.patch(f"{url}/{endpoint}", data=data, headers=headers, timeout=10)
+        assert patch("local_logs", {"id": TASK_ID, "logs": "one é\n"}, {"Secret-Key": SECRET_KEY}).status_code == 401
+        assert patch("local_logs", {"id": "TRAInosuchtask", "logs": "x"}).status_code == 400
+        assert patch("local_logs", {"id": TASK_ID, "logs": "one é\ntwo\nthree"}).status_code == 200
+        assert patch("local_logs", {"id": TASK_ID, "logs": "four\n"}).status_code == 200
+        assert patch("local_task_catch", {"id": TASK_ID, "key": "output_cache_pointer", "value": "21"}).status_code == 200
+        assert patch("local_task_catch", {"id": TASK_ID, "key": "elsewhere", "value": "1"}).status_code == 400
+        assert patch("heartbeat", {"train_task_id": TASK_ID}).json() == {"msg": "alive"}
+        get = lambda endpoint, **params: requests.get(f"{url}/{endpoint}", params={"id": TASK_ID, **params}, headers=bearer, timeout=10)
+        assert get("local_task_catch").json() == {"output_cache_pointer": 21, "error_cache_pointer": 0}
+        newest = get("logs", limit=2, direction="init").json()
+        assert [r["text"] for r in newest] == ["four", "three"] and all(isinstance(r["offset"], int) for r in newest)
+        after = get("logs", limit=100, direction="back", index=newest[1]["offset"], offset_index=newest[1]["offset_index"]).json()
+        assert [r["text"] for r in after] == ["four"]
+        assert [r["text"] for r in get("logs", direction="back", offset_index=-1).json()] == ["one é", "two", "three", "four"]
+        (detail,) = get("query").json()  # what the SDK's stream_log polls for the state; never the key
+        assert detail["id"] == TASK_ID and detail["state"] == 0 and detail["secret_key"] is None
+        assert SECRET_KEY not in get("query").text
+        (task,) = srv.backend.tasks()
+        assert task["heartbeats"] == 1 and task["log_tail"] == ["one é", "two", "three", "four"]
+    finally:
+        srv.stop()
+
+
+# --- bad serve options, IPv6, the token on the page and /_dev reads (issue 16) -----------------------
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--port", "99999"], "port number"),
+    (["--port=-1"], "port number"),
+    (["--db", "/nonexistent-dir/x.db"], "cannot open --db"),
+    (["--latency-ms=-5"], "milliseconds"),
+    (["--latency-ms", "nan"], "milliseconds"),
+    (["--latency-ms", "1e300"], "milliseconds"),
+    (["--fail-rate", "2"], "probability"),
+    (["--retry-after", "inf"], "seconds"),
+    (["--idle-timeout", "0"], "seconds"),
+])
+def test_serve_refuses_a_bad_option_in_one_line_with_exit_2(args, message):
+    done = cli("serve", "--task", f"{TASK_ID}:{SECRET_KEY}", *args, timeout_s=30)
+    assert done.returncode == 2 and "Traceback" not in done.stderr
+    assert message in done.stderr.splitlines()[-1]
+
+
+def test_serve_listens_on_an_ipv6_host(serve_process):
+    if not socket.has_ipv6:
+        pytest.skip("no IPv6 on this machine")
+    try:
+        with socket.socket(socket.AF_INET6) as probe:
+            probe.bind(("::1", 0))
+    except OSError:
+        pytest.skip("::1 cannot be bound here")
+    srv = serve_process("--host", "::1")
+    assert srv.base_url.startswith("http://[::1]:")
+    answer = requests.post(f"{srv.base_url}/train_task/intermediate_metric", data={"id": TASK_ID, "metric": "0.5"},
+                           headers=AUTH, timeout=10)
+    assert answer.status_code == 200 and srv.task()["intermediate_metrics"] == [0.5]
+
+
+def test_with_a_token_the_page_and_dev_reads_need_it_too(serve_process):
+    srv = serve_process("--token", "T0k", "--verbose")
+    for path in ("/", "/_dev/tasks", "/_dev/stats"):
+        anonymous = requests.get(srv.root + path, timeout=10)
+        assert anonymous.status_code == 401 and TASK_ID not in anonymous.text, path
+        assert requests.get(srv.root + path, headers={"Authorization": "Bearer wrong"}, timeout=10).status_code == 401
+        assert requests.get(srv.root + path, headers={"Authorization": "Bearer T0k"}, timeout=10).status_code == 200
+    assert requests.get(srv.root + "/?token=wrong", timeout=10).status_code == 401
+    # A browser: ?token= once sets an HttpOnly cookie and sends it back to the page without the token.
+    browser = requests.Session()
+    first = browser.get(srv.root + "/?token=T0k", timeout=10, allow_redirects=False)
+    assert first.status_code == 303 and first.headers["Location"] == "/"
+    assert "HttpOnly" in first.headers["Set-Cookie"]
+    page = browser.get(srv.root + "/", timeout=10)
+    assert page.status_code == 200 and TASK_ID in page.text
+    assert browser.get(srv.root + "/_dev/tasks", timeout=10).json()[0]["id"] == TASK_ID
+    srv.stop()
+    assert "T0k" not in srv.proc.stderr.read()  # the verbose request log shows ?token=***
+
+
+def test_without_a_token_the_page_stays_open(serve_process):
+    srv = serve_process()
+    assert requests.get(srv.root + "/", timeout=10).status_code == 200
+    assert srv.task()["id"] == TASK_ID

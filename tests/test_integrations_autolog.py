@@ -201,7 +201,7 @@ def test_without_autolog_the_command_environment_is_untouched(tmp_path):
 def test_autolog_refuses_an_unknown_framework():
     import reporter
 
-    with pytest.raises(ValueError, match="autolog knows transformers, lightning, keras, xgboost, lightgbm; not sklearn"):
+    with pytest.raises(ValueError, match="autolog knows transformers, lightning, keras, xgboost, lightgbm, mlflow, wandb, dvclive; not sklearn"):
         reporter.autolog(["sklearn"])
     assert sys.modules.get("xgboost") is None or "autolog" not in repr(getattr(sys.modules["xgboost"], "train", None))
 

@@ -79,6 +79,19 @@ def test_a_repeat_of_the_same_key_value_and_step_is_reported_once(reporting):
     assert named(journal(reporting.run_dir)) == [("epoch", 10, 1.0), (None, 10, 0.5), ("eval_runtime", 10, 0.1), (None, 11, 0.5)]
 
 
+def test_a_trainer_logging_to_a_tracker_sends_each_objective_value_once_and_one_final(reporting):
+    trainer = MetricSink("lightning", objective="val_loss")  # Lightning's hook...
+    tracker = MetricSink("mlflow", objective="val_loss", tracker=True)  # ...and its MLFlowLogger, told first
+    for step, value in enumerate([0.9, 0.4, 0.6]):
+        tracker.log({"val_loss": value}, step)
+        trainer.log({"val_loss": value}, step)
+    other = MetricSink("keras", objective="val_loss")  # two trainers alike are never merged
+    other.log({"val_loss": 0.6}, 0)
+    assert [tracker.finish(), trainer.finish(), other.finish()] == [0.4, None, 0.6]
+    assert named(journal(reporting.run_dir)) == [(None, 0, 0.9), (None, 1, 0.4), (None, 2, 0.6), (None, 0, 0.6)]
+    assert delivered(reporting.server)["intermediate_metrics"] == [0.9, 0.4, 0.6, 0.6]
+
+
 def test_a_process_of_another_rank_reports_nothing(reporting, monkeypatch):
     monkeypatch.setenv("RANK", "1")
     sink = MetricSink("demo", objective="loss")
@@ -107,7 +120,7 @@ def test_import_reporter_imports_no_framework():
         "import sys, json, reporter; reporter.autolog; "
         "print(json.dumps(sorted(m for m in sys.modules if m.split('.')[0] in "
         "('torch', 'transformers', 'lightning', 'pytorch_lightning', 'keras', 'tensorflow', 'xgboost', 'lightgbm', "
-        "'numpy', 'requests', 'tenacity', 'psutil'))))"
+        "'mlflow', 'wandb', 'dvclive', 'dvc', 'numpy', 'requests', 'tenacity', 'psutil'))))"
     )
     done = subprocess.run([sys.executable, "-c", code], env=clean_environ(), capture_output=True, text=True, timeout=60)
     assert done.returncode == 0, done.stderr
@@ -120,6 +133,9 @@ def test_import_reporter_imports_no_framework():
     ("reporter.integrations.keras", "keras", "keras"),
     ("reporter.integrations.xgboost", "xgboost", "xgboost"),
     ("reporter.integrations.lightgbm", "lightgbm", "lightgbm"),
+    ("reporter.integrations.mlflow", "mlflow", "mlflow"),
+    ("reporter.integrations.wandb", "wandb", "wandb"),
+    ("reporter.integrations.dvclive", "dvclive", "dvclive"),
 ])
 def test_a_missing_framework_is_an_import_error_naming_the_extra(module, framework, extra):
     blocked = [framework] + (["pytorch_lightning"] if framework == "lightning" else []) + (["tensorflow"] if framework == "keras" else [])

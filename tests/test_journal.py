@@ -342,3 +342,40 @@ def test_names_are_journalled_right_across_the_writers_bounded_name_cache(tmp_pa
         writer.append("intermediate", 0.5, name, i)
     writer.close()
     assert [r.name for _, r in iter_records(str(tmp_path))] == names  # the cache was emptied once on the way
+
+
+def _line(key: str, value: float) -> bytes:
+    return (json.dumps({"kind": "intermediate", "value": value, "name": None, "step": 1, "ts": 1000.0, "rank": 0,
+                        "pid": 1, "key": key}, separators=(",", ":")) + "\n").encode()
+
+
+@pytest.mark.parametrize("regrown", ["shorter", "same length", "longer"])
+def test_a_journal_truncated_in_place_is_read_again_from_its_start(tmp_path, capsys, regrown):
+    """logrotate's copytruncate: the reader once resumed at its old offset, mid-line or (a line end there by
+    chance, as with records of one length) skipping every record before it."""
+    path = tmp_path / "metrics.jsonl"
+    path.write_bytes(_line("a-1", 1.0) + _line("a-2", 2.0))
+    reader = JournalReader(str(tmp_path))
+    assert [e.record.key for e in reader.read_available()] == ["a-1", "a-2"]
+    assert reader.read_available() == []  # at the end
+    new = {"shorter": [_line("b-1", 3.0)], "same length": [_line("b-1", 3.0), _line("b-2", 4.0)],
+           "longer": [_line("b-1", 3.0), _line("b-2", 4.0), _line("b-3", 5.0)]}[regrown]
+    with open(path, "r+b") as f:  # truncated in place, then written again: the same inode
+        f.truncate(0)
+        f.write(b"".join(new))
+    assert [e.record.key for e in reader.read_available()] == [f"b-{i + 1}" for i in range(len(new))]
+    assert reader.truncations == 1 and reader.offset == path.stat().st_size
+    assert capsys.readouterr().err.count("truncated in place") == 1
+    reader.close()
+
+
+def test_a_journal_truncated_to_nothing_reads_as_empty_from_its_start(tmp_path):
+    path = tmp_path / "metrics.jsonl"
+    path.write_bytes(_line("a-1", 1.0))
+    reader = JournalReader(str(tmp_path))
+    assert len(reader.read_available()) == 1
+    os.truncate(path, 0)
+    assert reader.read_available() == [] and reader.offset == 0 and reader.truncations == 1
+    path.write_bytes(_line("b-1", 2.0))
+    assert [e.record.key for e in reader.read_available()] == ["b-1"]
+    reader.close()

@@ -82,3 +82,18 @@ def test_any_json_object_reaches_a_real_program_as_argv_without_a_shell(tmp_path
     seen = subprocess.run([sys.executable, "-c", echo, *argv], capture_output=True, text=True, check=True, cwd=workdir).stdout
     assert json.loads(seen) == argv
     assert list(workdir.iterdir()) == []  # nothing like $(touch x) ran
+
+
+@pytest.mark.parametrize("how", ["--params", "--params-file", "ANYLEARN_TRAIN_PARAMS"])
+def test_hyper_parameters_nested_thousands_deep_are_one_line_and_exit_2(tmp_path, how):
+    from conftest import clean_environ
+
+    deep = '{"a": ' + "[" * 60_000 + "]" * 60_000 + "}"  # an argv string stays under Linux's 128 KiB
+    (tmp_path / "p.json").write_text('{"a": ' + "[" * 100_000 + "]" * 100_000 + "}")
+    args = {"--params": ["--params", deep], "--params-file": ["--params-file", str(tmp_path / "p.json")]}.get(how, [])
+    env = clean_environ(**({how: deep} if how.startswith("ANYLEARN") else {}))
+    done = subprocess.run([sys.executable, "-m", "reporter", "run", "--dry-run", *args, "--", "true"],
+                          capture_output=True, text=True, timeout=60, env=env, cwd=tmp_path)
+    assert done.returncode == 2 and "Traceback" not in done.stderr
+    (line,) = done.stderr.splitlines()
+    assert "nested too deeply" in line and how in line

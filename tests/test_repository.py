@@ -139,7 +139,7 @@ def test_readme_commands_table_matches_the_parser_and_each_help():
 
 def test_readme_run_directory_table_names_every_file_a_run_makes(server, tmp_path):
     names = [name for row in readme_table("| file | what |") for name in re.findall(r"`([^`]+)`", row[0])]
-    patterns = [re.compile(re.escape(name).replace(re.escape("<pid>"), r"\d+") + "$") for name in names]
+    patterns = [re.compile(re.sub(r"<\w+>", r"\\d+", re.escape(name)) + "$") for name in names]  # <pid>, <n>
     source = "".join(open(os.path.join(dirpath, f)).read() for dirpath, _, files in os.walk(os.path.join(ROOT, "reporter"))
                      for f in files if f.endswith(".py"))
     for name in names:  # and the table names nothing the code does not make

@@ -180,6 +180,30 @@ def test_heartbeat_endpoint_missing_turns_heartbeats_off_once():
     assert (method, path, headers["Secret-Key"]) == ("POST", "/api/train_task/heartbeat", SECRET_KEY)
 
 
+def test_heartbeats_turned_off_are_said_once_and_status_shows_them_off(tmp_path):
+    from httpfakes import FakeServer
+
+    from reporter.config import load_config
+    from reporter.journal import JournalWriter
+    from reporter.sidecar import Heartbeat
+
+    run_dir = tmp_path / TASK_ID
+    JournalWriter(str(run_dir)).append("intermediate", 0.5, None, None)  # a run `status` can look at
+    server = FakeServer(405, {}, b"no").start()
+    try:
+        config, _ = load_config({"ANYLEARN_TASK_ID": TASK_ID, "ANYLEARN_SECRET_KEY": SECRET_KEY, "ANYLEARN_BACKEND_URL": server.base_url})
+        heartbeat = Heartbeat(config, str(run_dir))
+        heartbeat.beat()
+        heartbeat.beat()
+        heartbeat.close()
+    finally:
+        server.stop()
+    shown = cli("status", str(run_dir), env=clean_environ())
+    assert "heartbeats: off (the backend has no heartbeat endpoint (HTTP 405))" in " ".join(shown.stdout.split())
+    as_json = cli("status", "--json", str(run_dir), env=clean_environ())
+    assert json.loads(as_json.stdout)["heartbeats"]["heartbeats"] == "off"
+
+
 def test_kubernetes_pattern_wrapper_journals_and_the_sidecar_delivers_live(serve_process, tmp_path):
     """The training container (task id, no key) runs the wrapper; the sidecar (with the key) delivers while
     the command still runs, and ends once the wrapper's summary.json appears."""

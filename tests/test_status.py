@@ -267,3 +267,34 @@ def test_status_reads_the_state_from_the_journals_last_state_record(tmp_path):
     info = json.loads(done.stdout)
     assert (info["state_name"], info["journalled"], info["pending"]) == ("success", 6, 6)
     assert done.returncode == 1 and "no deliverer is running" in info["health"]
+
+
+def _large_journal(run_dir, count):
+    """A journal of ``count`` intermediate records, written directly (seconds, not a writer's minutes)."""
+    os.makedirs(run_dir, exist_ok=True)
+    line = ('{"kind":"intermediate","value":%d.5,"name":"loss","step":%d,"ts":1796511399.5,"rank":0,'
+            '"pid":7,"key":"5955e20363d8-7-%d"}\n')
+    with open(os.path.join(run_dir, "metrics.jsonl"), "w") as f:
+        for start in range(0, count, 10_000):
+            f.write("".join(line % (i, i, i + 1) for i in range(start, min(count, start + 10_000))))
+
+
+def test_show_metrics_streams_a_large_journal_in_bounded_memory(tmp_path):
+    run_dir = str(tmp_path / "run")
+    _large_journal(run_dir, 200_000)
+    # Measured in a helper process: RUSAGE_CHILDREN of this one keeps the largest child any earlier test ran.
+    measure = (
+        "import resource, subprocess, sys\n"
+        f"done = subprocess.run([sys.executable, '-m', 'reporter', 'show', '--metrics', '--json', {run_dir!r}],"
+        " stdout=open(sys.argv[1], 'w'))\n"
+        "print(done.returncode, resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss)\n"
+    )
+    out = tmp_path / "out.json"
+    done = subprocess.run([sys.executable, "-c", measure, str(out)], capture_output=True, text=True, timeout=120,
+                          env=clean_environ())
+    code, peak_kib = map(int, done.stdout.split())
+    assert code == 0, done.stderr
+    records = json.loads(out.read_text())
+    assert len(records) == 200_000 and records[-1]["step"] == 199_999 and records[0]["name"] == "loss"
+    # Unstreamed, the records, their dicts and the whole text were all held at once: ~450 MB for 200k.
+    assert peak_kib < 100 * 1024, f"show peaked at {peak_kib / 1024:.0f} MB"

@@ -28,7 +28,7 @@ from reporter.wrapper.launch import check_launchable
         ([], {"ANYLEARN_OUTPUT": "/etc"}, "must be a relative path"),
         (["--metric-pattern", "acc=([0-9.]+)"], {}, r"needs a named group \(\?P<value>"),
         (["--metric-pattern", "(?P<value>"], {}, "not a valid regular expression"),
-        (["--grace-period", "soon"], {}, "grace period must be a number"),
+        (["--grace-period", "soon"], {}, r"--grace-period \(ANYLEARN_GRACE_PERIOD\) must be a number"),
         ([], {"ANYLEARN_REPORT_RANKS": "most"}, "ANYLEARN_REPORT_RANKS"),
     ],
 )
@@ -98,12 +98,15 @@ def test_isolate_secret_keeps_the_key_from_the_child(server, tmp_path):
     script = write_script(tmp_path, "child.py", """
         import os, reporter
         print("KEY", os.environ.get("ANYLEARN_SECRET_KEY"), os.environ.get("secret_key"))
+        print("TOKEN", os.environ.get("ANYLEARN_AUTH_TOKEN"), os.environ.get("ANYLEARN_TOKEN"))
         reporter.report_metric(0.5)
     """)
     env = run_env(server.base_url, tmp_path, secret_key=SECRET_KEY)
-    done = cli("run", "--isolate-secret", "--", sys.executable, script, env=env, cwd=tmp_path)
+    env.update(ANYLEARN_AUTH_TOKEN="tok-123456", ANYLEARN_TOKEN="tok-123456")  # a user's token: a secret like the key
+    done = cli("run", "--isolate-secret", "--", sys.executable, script, "tok-123456", env=env, cwd=tmp_path)
     assert done.returncode == 0, done.stderr
-    assert "KEY None None" in done.stdout
+    assert "KEY None None" in done.stdout and "TOKEN None None" in done.stdout
+    assert "tok-123456" not in done.stderr  # the command line is logged with the token masked
     assert server.backend.tasks()[0]["intermediate_metrics"] == [0.5]  # the wrapper delivered for it
 
 

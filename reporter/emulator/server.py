@@ -3,7 +3,8 @@ real server our integration tests run against.
 
 Standard library only: a threaded ``http.server`` speaking HTTP/1.1 keep-alive and ``sqlite3``. It
 implements the train-task endpoints of the platform contract, checks ``Secret-Key``, deduplicates by
-``Idempotency-Key`` and can inject faults (latency, 503s, 429 with ``Retry-After``).
+``Idempotency-Key`` and can inject faults (latency, 503s, 429 with ``Retry-After``). A local task's agent
+endpoints (heartbeat, log shipping, log offsets, reading the log back) take the user's bearer token.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ import hmac
 import io
 import json
 import random
+import re
 import secrets
 import socket
 import sqlite3
@@ -21,13 +23,18 @@ import time
 from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any, Dict, List, Mapping, Optional, Tuple
-from urllib.parse import parse_qs, urlsplit
+from http.cookies import CookieError, SimpleCookie
+from urllib.parse import parse_qs, quote, unquote, urlsplit
 
 from ..config import STATE_NAMES
 
 API_PREFIX = "/api"
 MAX_BODY_BYTES = 1 << 20  # larger request bodies get 413 unread
+LOG_TAIL_LINES = 20  # a task's log lines the page shows
+CATCH_KEYS = ("output_cache_pointer", "error_cache_pointer")  # a local task's log offsets (bytes)
 DEFAULT_IDLE_TIMEOUT_S = 30.0  # a connection silent this long is closed
+TOKEN_COOKIE = "anylearn_token"  # the page's copy of the token (set after /?token=T)
+_TOKEN_IN_QUERY = re.compile(r"([?&]token=)[^&\s]*")
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS task (id TEXT PRIMARY KEY, secret_key TEXT NOT NULL, state INTEGER NOT NULL DEFAULT 0,
                                  final_metric REAL, final_reported_at TEXT, last_heartbeat REAL);
@@ -37,6 +44,10 @@ CREATE TABLE IF NOT EXISTS state_change (seq INTEGER PRIMARY KEY AUTOINCREMENT, 
                                  state INTEGER NOT NULL, reported_at TEXT NOT NULL);
 CREATE TABLE IF NOT EXISTS heartbeat (seq INTEGER PRIMARY KEY AUTOINCREMENT, train_task_id TEXT NOT NULL,
                                  reported_at TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS task_log (seq INTEGER PRIMARY KEY AUTOINCREMENT, train_task_id TEXT NOT NULL,
+                                 offset_ms INTEGER NOT NULL, text TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS local_task_catch (train_task_id TEXT NOT NULL, key TEXT NOT NULL, value INTEGER NOT NULL,
+                                 PRIMARY KEY (train_task_id, key));
 CREATE TABLE IF NOT EXISTS idempotency (key TEXT NOT NULL, endpoint TEXT NOT NULL, status INTEGER NOT NULL,
                                  body TEXT NOT NULL, PRIMARY KEY (key, endpoint));
 """
@@ -205,6 +216,61 @@ class Backend:
             self._db.execute("INSERT INTO heartbeat (train_task_id, reported_at) VALUES (?, ?)", (task_id, _now_text(now)))
         return {"msg": "alive"}
 
+    def known_task(self, task_id: str) -> bool:
+        with self._lock:
+            return self._db.execute("SELECT 1 FROM task WHERE id = ?", (task_id,)).fetchone() is not None
+
+    def add_logs(self, task_id: str, text: str) -> Dict[str, Any]:
+        """A local task's shipped output: each line of ``text`` becomes a log row (a last line without its
+        newline too, as the platform stores each upload)."""
+        lines = text.split("\n")
+        if lines and lines[-1] == "" and len(lines) > 1:
+            lines.pop()
+        now_ms = int(time.time() * 1000)
+        with self._lock:
+            self._db.execute("BEGIN")
+            self._db.executemany("INSERT INTO task_log (train_task_id, offset_ms, text) VALUES (?, ?, ?)",
+                                 [(task_id, now_ms, line) for line in lines])
+            self._db.execute("COMMIT")
+        return {"msg": "logs uploaded"}
+
+    def set_catch(self, task_id: str, key: str, value: int) -> Dict[str, Any]:
+        with self._lock:
+            self._db.execute(
+                "INSERT INTO local_task_catch (train_task_id, key, value) VALUES (?, ?, ?) "
+                "ON CONFLICT(train_task_id, key) DO UPDATE SET value = excluded.value", (task_id, key, value))
+        return {"msg": "catch updated", key: value}
+
+    def catch(self, task_id: str) -> Dict[str, Any]:
+        """A local task's log offsets: ``{"output_cache_pointer": n, "error_cache_pointer": n}`` (0 when unset)."""
+        with self._lock:
+            rows = dict(self._db.execute("SELECT key, value FROM local_task_catch WHERE train_task_id = ?", (task_id,)).fetchall())
+        return {key: int(rows.get(key, 0)) for key in CATCH_KEYS}
+
+    def detail(self, task_id: str) -> List[Dict[str, Any]]:
+        """``GET /train_task/query``'s answer as the SDK's ``TrainTask.get_detail`` reads it (its ``stream_log``
+        polls it to learn the task ended); the fields the emulator does not keep are empty, the key is never sent."""
+        with self._lock:
+            row = self._db.execute("SELECT state FROM task WHERE id = ?", (task_id,)).fetchone()
+        empty = ("description", "creator_id", "project_id", "algorithm_id", "algorithm_git_ref", "files", "results_id",
+                 "secret_key", "create_time", "finish_time", "entrypoint", "output", "mirror_id", "envs")
+        return [{"id": task_id, "name": task_id, "state": row[0] if row else None, "args": "{}", "is_local": 1,
+                 "resource_request": "[]", **dict.fromkeys(empty)}]
+
+    def logs(self, task_id: str, limit: int, direction: str, offset_index: int) -> List[Dict[str, Any]]:
+        """The SDK's ``get_log`` answer: ``init`` gives the newest ``limit`` lines newest first, ``back`` the
+        lines after the row ``offset_index`` oldest first."""
+        with self._lock:
+            if direction == "back":
+                rows = self._db.execute(
+                    "SELECT seq, offset_ms, text FROM task_log WHERE train_task_id = ? AND seq > ? ORDER BY seq LIMIT ?",
+                    (task_id, offset_index, limit)).fetchall()
+            else:
+                rows = self._db.execute(
+                    "SELECT seq, offset_ms, text FROM task_log WHERE train_task_id = ? ORDER BY seq DESC LIMIT ?",
+                    (task_id, limit)).fetchall()
+        return [{"offset": ms, "offset_index": seq, "text": text} for seq, ms, text in rows]
+
     # --- reads ---------------------------------------------------------------------------------------
 
     def intermediate(self, task_id: str, last_timestamp: str = "") -> List[Dict[str, Any]]:
@@ -240,6 +306,9 @@ class Backend:
                 beats = self._db.execute(
                     "SELECT COUNT(*) FROM heartbeat WHERE train_task_id = ?", (task_id,)
                 ).fetchone()[0]
+                log_tail = self._db.execute(
+                    "SELECT text FROM task_log WHERE train_task_id = ? ORDER BY seq DESC LIMIT ?", (task_id, LOG_TAIL_LINES)
+                ).fetchall()
                 result.append({
                     "id": task_id,
                     "state": state,
@@ -250,6 +319,7 @@ class Backend:
                     "states": [s for (s,) in states],
                     "heartbeats": beats,
                     "last_heartbeat": last_heartbeat,
+                    "log_tail": [t for (t,) in reversed(log_tail)],
                 })
         return result
 
@@ -316,8 +386,8 @@ class _Handler(BaseHTTPRequestHandler):
         return parsed
 
     def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 (the base class's name)
-        if not self.quiet:
-            super().log_message(format, *args)
+        if not self.quiet:  # the page's ?token= never reaches the log
+            super().log_message(format, *(_TOKEN_IN_QUERY.sub(r"\1***", a) if isinstance(a, str) else a for a in args))
 
     def _send(self, status: int, body: Any, headers: Optional[Mapping[str, str]] = None, content_type: str = "application/json") -> None:
         data = body if isinstance(body, bytes) else json.dumps(body).encode()
@@ -375,6 +445,10 @@ class _Handler(BaseHTTPRequestHandler):
         self._unread_body = False
         return {k: v[-1] for k, v in parse_qs(raw, keep_blank_values=True).items()}
 
+    def _bearer_authorized(self) -> bool:
+        auth = self.headers.get("Authorization", "")
+        return auth[:7].lower() == "bearer " and self.backend.bearer_accepted(auth[7:].strip())
+
     def _read_authorized(self, task_id: str) -> bool:
         """A read accepts the task's Secret-Key or a bearer token (the AnyLearn SDK's login token)."""
         auth = self.headers.get("Authorization", "")
@@ -382,6 +456,39 @@ class _Handler(BaseHTTPRequestHandler):
             if self.backend.bearer_accepted(auth[7:].strip()):
                 return True
         return self.backend.authorized(task_id, self.headers.get("Secret-Key", ""))
+
+    def _dev_read_authorized(self) -> bool:
+        """With a token set, the page and the ``/_dev/*`` reads need it: as a bearer token, or in the
+        HttpOnly cookie the page sets after ``/?token=T``. Without one they are open, like the reads."""
+        if self.backend.token is None:
+            return True
+        auth = self.headers.get("Authorization", "")
+        if auth[:7].lower() == "bearer " and self.backend.bearer_accepted(auth[7:].strip()):
+            return True
+        cookies = SimpleCookie()
+        try:
+            cookies.load(self.headers.get("Cookie", ""))
+        except CookieError:
+            return False
+        cookie = cookies.get(TOKEN_COOKIE)
+        return cookie is not None and self.backend.bearer_accepted(unquote(cookie.value))
+
+    def _page(self, query: Dict[str, str]) -> None:
+        """The page; ``?token=T`` (a browser cannot send a bearer header) sets the cookie, then redirects to
+        the page without the token in its address, so it stays out of history and bookmarks."""
+        from .page import render_page
+
+        if "token" in query and self.backend.token is not None:
+            if not self.backend.bearer_accepted(query["token"]):
+                self.backend.count("unauthorized")
+                return self._send(401, b"wrong token\n", content_type="text/plain; charset=utf-8")
+            cookie = f"{TOKEN_COOKIE}={quote(query['token'], safe='')}; HttpOnly; SameSite=Strict; Path=/"
+            return self._send(303, b"", {"Location": "/", "Set-Cookie": cookie}, content_type="text/plain")
+        if not self._dev_read_authorized():
+            self.backend.count("unauthorized")
+            return self._send(401, b"this emulator has a token: open /?token=YOUR_TOKEN once (it sets a cookie)\n",
+                              {"WWW-Authenticate": 'Bearer realm="anylearn-devserver"'}, content_type="text/plain; charset=utf-8")
+        return self._send(200, render_page(self.backend.tasks()).encode(), content_type="text/html; charset=utf-8")
 
     _unread_body = False
 
@@ -392,13 +499,29 @@ class _Handler(BaseHTTPRequestHandler):
             return
         path, query = self._route()
         if path == "/":
-            from .page import render_page
-
-            return self._send(200, render_page(self.backend.tasks()).encode(), content_type="text/html; charset=utf-8")
+            return self._page(query)
+        if path.startswith("/_dev/") and not self._dev_read_authorized():
+            self.backend.count("unauthorized")
+            return self._answer(401, {"msg": "this emulator has a token: send Authorization: Bearer <token>"})
         if path == "/_dev/tasks":
             return self._send(200, self.backend.tasks())
         if path == "/_dev/stats":
             return self._send(200, self.backend.stats())
+        if path in ("/train_task/local_task_catch", "/train_task/logs", "/train_task/query"):  # a local task's agent, the SDK's readers
+            task_id = query.get("id", "")
+            if not self._bearer_authorized():
+                return self._answer(401, {"msg": "invalid or missing bearer token"})
+            if not self.backend.known_task(task_id):
+                return self._answer(400, {"msg": f"no such task: {task_id!r}"})
+            if path.endswith("local_task_catch"):
+                return self._answer(200, self.backend.catch(task_id))
+            if path.endswith("query"):
+                return self._answer(200, self.backend.detail(task_id))
+            try:
+                limit, offset_index = int(query.get("limit", "100")), int(query.get("offset_index", "-1"))
+            except ValueError:
+                return self._answer(400, {"msg": "limit and offset_index must be whole numbers"})
+            return self._answer(200, self.backend.logs(task_id, max(0, min(limit, 10000)), query.get("direction", "init"), offset_index))
         if path in ("/train_task/intermediate_metric", "/train_task/final_metric"):
             task_id = query.get("id", "")
             if not self._read_authorized(task_id):
@@ -458,6 +581,37 @@ class _Handler(BaseHTTPRequestHandler):
         return self._send(200, self.backend.set_final(task_id, metric, key))
 
 
+    def do_PATCH(self) -> None:  # noqa: N802
+        """A local task's agent (the SDK's shape): heartbeat, shipped logs and log offsets, with the user's token."""
+        self.backend.count("requests")
+        self._unread_body = False
+        path, _ = self._route()
+        if path not in ("/train_task/heartbeat", "/train_task/local_logs", "/train_task/local_task_catch"):
+            self.close_connection = True  # the body is not read
+            return self._send(404, {"msg": f"no such endpoint: PATCH {path}"})
+        arrival = self.backend.note_post()
+        length = self._body_length()
+        if length is None:
+            return
+        if not self._bearer_authorized():
+            return self._answer(401, {"msg": "invalid or missing bearer token"})
+        form = self._form(length)
+        failure = self.backend.injected_failure(arrival)
+        if failure is not None:
+            return self._send(failure[0], failure[1], failure[2])
+        task_id = form.get("train_task_id" if path.endswith("heartbeat") else "id", "")
+        if not self.backend.known_task(task_id):
+            return self._send(400, {"msg": f"no such task: {task_id!r}"})
+        if path.endswith("heartbeat"):
+            return self._send(200, self.backend.heartbeat(task_id))
+        if path.endswith("local_logs"):
+            return self._send(200, self.backend.add_logs(task_id, form.get("logs", "")))
+        key, value = form.get("key", ""), form.get("value", "")
+        if key not in CATCH_KEYS or not value.isdigit():
+            return self._send(400, {"msg": f"key must be one of {list(CATCH_KEYS)} and value a byte offset"})
+        return self._send(200, self.backend.set_catch(task_id, key, int(value)))
+
+
 class _Server(ThreadingHTTPServer):
     daemon_threads = True
     allow_reuse_address = True
@@ -468,6 +622,10 @@ class _Server(ThreadingHTTPServer):
         # a client that hung up, or went silent past the idle timeout, is no error
         if not isinstance(sys.exc_info()[1], (ConnectionError, TimeoutError)):
             super().handle_error(request, client_address)
+
+
+class _Server6(_Server):
+    address_family = socket.AF_INET6
 
 
 class DevServer:
@@ -488,14 +646,26 @@ class DevServer:
         self.backend = Backend(tasks, db_path, faults, token)
         # StreamRequestHandler.timeout: every socket read (request line, headers, body) waits at most this
         handler = type("Handler", (_Handler,), {"backend": self.backend, "quiet": quiet, "timeout": idle_timeout_s})
-        self._server = _Server((host, port), handler)
+        host = host[1:-1] if host.startswith("[") and host.endswith("]") else host
+        server_class = _Server6 if ":" in host else _Server
+        try:
+            self._server = server_class((host, port), handler)
+        except BaseException:
+            self.backend.close()
+            raise
         self.host, self.port = str(self._server.server_address[0]), int(self._server.server_address[1])
         self._thread: Optional[threading.Thread] = None
 
     @property
+    def origin(self) -> str:
+        """``http://host:port``, an IPv6 address in brackets."""
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        return f"http://{host}:{self.port}"
+
+    @property
     def base_url(self) -> str:
         """The API base to give as ``ANYLEARN_BACKEND_URL``."""
-        return f"http://{self.host}:{self.port}{API_PREFIX}"
+        return f"{self.origin}{API_PREFIX}"
 
     def start(self) -> "DevServer":
         self._thread = threading.Thread(target=self._server.serve_forever, args=(0.05,), name="anylearn-devserver", daemon=True)
@@ -524,23 +694,26 @@ def serve_command(tasks: Mapping[str, str], *, host: str, port: int, db_path: st
     """The ``serve`` command: serve until SIGTERM or Ctrl-C."""
     import signal
 
-    from ..config import ENV_TOKEN, ConfigError
+    from ..config import ENV_AUTH_TOKEN, ConfigError
 
     try:
         server = DevServer(tasks, host=host, port=port, db_path=db_path, faults=faults, quiet=not verbose,
                            token=token, idle_timeout_s=idle_timeout_s)
-    except OSError as exc:
-        raise ConfigError(f"cannot listen on {host}:{port}: {exc.strerror}; choose another --port") from None
+    except sqlite3.Error as exc:  # before listening: the database comes first
+        raise ConfigError(f"cannot open --db {db_path}: {exc}; give a file in a directory that exists and you can write") from None
+    except (OSError, OverflowError) as exc:
+        raise ConfigError(f"cannot listen on {host}:{port}: {getattr(exc, 'strerror', None) or exc}; "
+                          "choose another --host or --port") from None
 
     def stop(_signum: int, _frame: Any) -> None:
         raise KeyboardInterrupt
 
     signal.signal(signal.SIGTERM, stop)
-    print(f"AnyLearn backend emulator at {server.base_url} (page: http://{server.host}:{server.port}/)", flush=True)
+    print(f"AnyLearn backend emulator at {server.base_url} (page: {server.origin}/)", flush=True)
     if not tasks:
         print("no tasks given: every report will get 401; add --task ID:KEY", flush=True)
     if token is None:
-        print(f"reads accept any bearer token (no --token or {ENV_TOKEN} set) or the task's Secret-Key", flush=True)
+        print(f"reads accept any bearer token (no --token or {ENV_AUTH_TOKEN} set) or the task's Secret-Key", flush=True)
     try:
         server.serve_forever()
     except KeyboardInterrupt:

@@ -23,6 +23,9 @@ FINAL_CHOICES = ("best", "last")
 MODE_CHOICES = ("max", "min")
 # Names that are errors to minimise although they contain neither "loss" nor "error" (whole words only).
 _ERROR_WORDS = frozenset({"mse", "rmse", "mae", "mape", "rmsle", "l1", "l2", "huber", "perplexity", "ppl", "wer", "cer"})
+# The latest objective value sent in this process: [the sink that sent it (None once another sink's echo of
+# it was absorbed), the value, whether that sink is a tracker bridge].
+_last_sent: list = [None, None, False]
 
 
 class MissingFramework(ImportError):
@@ -93,6 +96,7 @@ class MetricSink:
         natural: Any = None,
         natural_why: str = "",
         is_rank_zero: Optional[Callable[[], bool]] = None,
+        tracker: bool = False,
     ) -> None:
         check_choices(final, mode)
         self.framework = framework
@@ -102,6 +106,7 @@ class MetricSink:
         self.natural = natural
         self.natural_why = natural_why
         self._rank_check = is_rank_zero  # None: RANK, read once per training run (at reset)
+        self.tracker = tracker  # a tracker bridge: may be told what a trainer's hook was told too
         self.mode_hints: Dict[str, str] = {}
         self._troubled = False
         self.reset()
@@ -114,6 +119,7 @@ class MetricSink:
         self.best: Optional[float] = None
         self.last: Optional[float] = None
         self.seen_objective = False
+        self.sent_objective = False
         self.finished = False
         self._last_at: Dict[str, Any] = {}  # key -> (step, value) last reported, to drop a repeat
         self._keys_seen: Dict[str, None] = {}
@@ -144,6 +150,10 @@ class MetricSink:
         self.mode = self.requested_mode or self.mode_hints.get(key) or default_mode(key)
         detail = f"final = {self.final}" + (f" ({self.mode})" if self.final == "best" else "")
         get_logger().info("%s: objective metric is %r (from %s); %s", self.framework, key, why, detail)
+        if self.is_rank_zero():  # show/status/ui then call the right value "best"
+            from ..runmeta import write_objective
+
+            write_objective(api.run_directory(), key, self.mode, self.framework)
 
     # --- the hot path -------------------------------------------------------------------------
 
@@ -186,8 +196,21 @@ class MetricSink:
         if numbers:
             api.report_metrics(numbers, step=step)
         if objective_value is not None:
-            api.report_metric(objective_value, step=step)
+            if not self._echo(objective_value):
+                api.report_metric(objective_value, step=step)
+                _last_sent[:] = [self, objective_value, self.tracker]
+                self.sent_objective = True
             self._track(objective_value)
+
+    def _echo(self, value: float) -> bool:
+        """True when another sink has just sent this very value and one of the two is a tracker bridge: a
+        trainer logging to a tracker (Lightning's MLFlowLogger, transformers' WandbCallback) tells both the
+        trainer's hook and the tracker's the same objective value, which goes to the backend once."""
+        sender, sent, by_tracker = _last_sent
+        if sender is None or sender is self or not (self.tracker or by_tracker) or not _same(sent, value):
+            return False
+        _last_sent[0] = None  # a value sent absorbs one echo: a later sink logging it again is not one
+        return True
 
     def _track(self, value: float) -> None:
         self.seen_objective = True
@@ -217,6 +240,8 @@ class MetricSink:
                     "%s: no final metric: the objective %s was never logged (logged: %s); name one with objective=",
                     self.framework, repr(wanted) if wanted else "", ", ".join(list(self._keys_seen)[:20]),
                 )
+            return None
+        if not self.sent_objective:  # every value was an echo of another sink's: that sink sends the final
             return None
         value = self.best if self.final == "best" and self.best is not None else self.last
         assert value is not None

@@ -9,7 +9,9 @@ executed) for those imported later:
   :class:`reporter.integrations.lightning.AnylearnLogger` beside the user's own loggers;
 - ``keras.Model.fit`` gets :class:`reporter.integrations.keras.AnylearnCallback`;
 - ``xgboost.train`` (so ``XGBModel.fit``) and ``lightgbm.train`` (so ``LGBMModel.fit``) get their
-  callbacks.
+  callbacks;
+- the trackers' log calls (MLflow's ``MlflowClient``, W&B's ``Run.log``, DVCLive's ``Live.log_metric``)
+  are followed by the bridges of :mod:`reporter.integrations.mlflow`, ``.wandb`` and ``.dvclive``.
 
 A trainer that already has ours is not given a second one. A patch never breaks a run: when a
 framework's internals have moved, it says so once and training goes on unhooked.
@@ -193,6 +195,60 @@ def _patch_lightgbm(module: Any) -> None:
     )
 
 
+def _then_ours(framework: str, function_name: str) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+    """A wrapper maker for a tracker's method: the tracker's own call runs first and alone decides the
+    outcome (its exception reaches the caller untouched, and nothing is reported); once it has returned,
+    ``reporter.integrations.<framework>.<function_name>`` is given the same arguments, safely."""
+    def make(original: Callable[..., Any]) -> Callable[..., Any]:
+        ours: List[Callable[..., Any]] = []  # looked up on the first call: the tracker is imported by then
+
+        def call(*args: Any, **kwargs: Any) -> Any:
+            result = original(*args, **kwargs)
+            try:
+                if not ours:
+                    import importlib
+
+                    ours.append(getattr(importlib.import_module(f".{framework}", __package__), function_name))
+                ours[0](*args, **kwargs)
+            except Exception as exc:  # never into training
+                _say_once(framework, f"cannot report this call ({type(exc).__name__}: {exc})")
+            return result
+
+        return call
+
+    return make
+
+
+def _follow(framework: str, owner: Any, names: Iterable[str]) -> None:
+    """Wrap each method ``names`` of ``owner`` with :func:`_then_ours` (a missing one: said once by the caller)."""
+    for name in names:
+        getattr(owner, name)  # all present, or none wrapped
+    for name in names:
+        _wrap(owner, name, _then_ours(framework, name))
+
+
+def _patch_mlflow(module: Any) -> None:
+    _follow("mlflow", module.MlflowClient, ("log_metric", "log_batch", "log_param", "set_terminated"))
+
+
+WANDB_OFFLINE_WHY = ("no WANDB_API_KEY or WANDB_MODE: W&B runs offline, reaching no network "
+                     "(sync later with `wandb sync`; WANDB_MODE=online to change)")
+
+
+def _patch_wandb(module: Any) -> None:
+    _follow("wandb", module.Run, ("log", "finish"))
+    # Under `run --autolog` in a container without a W&B account, wandb.init() would wait for a login
+    # or fail reaching the network; offline, the script runs as written and the run can be synced later.
+    env = os.environ
+    if env.get(ENV_AUTOLOG, "").strip().lower() in TRUE_WORDS and not env.get("WANDB_API_KEY") and not env.get("WANDB_MODE"):
+        env["WANDB_MODE"] = "offline"
+        get_logger().info("autolog: wandb: %s", WANDB_OFFLINE_WHY)
+
+
+def _patch_dvclive(module: Any) -> None:
+    _follow("dvclive", module.Live, ("log_metric", "log_params", "end"))
+
+
 # framework -> {module whose execution completes the objects to patch: patch}
 FRAMEWORKS: Dict[str, Dict[str, Callable[[Any], None]]] = {
     "transformers": {"transformers.trainer": _patch_transformers},
@@ -203,6 +259,9 @@ FRAMEWORKS: Dict[str, Dict[str, Callable[[Any], None]]] = {
     "keras": {"keras": _patch_keras},
     "xgboost": {"xgboost": _patch_xgboost},
     "lightgbm": {"lightgbm": _patch_lightgbm},
+    "mlflow": {"mlflow.tracking.client": _patch_mlflow},
+    "wandb": {"wandb.sdk.wandb_run": _patch_wandb},
+    "dvclive": {"dvclive.live": _patch_dvclive},
 }
 
 
@@ -263,8 +322,8 @@ _finder: Optional[_PostImportFinder] = None
 def autolog(frameworks: Optional[Iterable[str]] = None) -> List[str]:
     """Report from every supported trainer without changing the training code.
 
-    ``frameworks``: a subset of ``transformers``, ``lightning``, ``keras``, ``xgboost``, ``lightgbm``
-    (default all). Trainers imported already are patched now, the others when they are imported. Safe
+    ``frameworks``: a subset of ``transformers``, ``lightning``, ``keras``, ``xgboost``, ``lightgbm``,
+    ``mlflow``, ``wandb``, ``dvclive`` (default all). Trainers imported already are patched now, the others when they are imported. Safe
     to call more than once. Returns the frameworks hooked so far (imported and patched).
     """
     global _finder
@@ -294,6 +353,9 @@ def hooked() -> List[str]:
         "keras": lambda: sys.modules["keras"].Model.fit,
         "xgboost": lambda: sys.modules["xgboost"].train,
         "lightgbm": lambda: sys.modules["lightgbm"].train,
+        "mlflow": lambda: sys.modules["mlflow.tracking.client"].MlflowClient.log_metric,
+        "wandb": lambda: sys.modules["wandb.sdk.wandb_run"].Run.log,
+        "dvclive": lambda: sys.modules["dvclive.live"].Live.log_metric,
     }
     for framework, probe in probes.items():
         try:

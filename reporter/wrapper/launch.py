@@ -23,6 +23,7 @@ from ..config import (
     DEFAULT_GRACE_PERIOD_S,
     DEFAULT_OUTPUT_DIR,
     ENV_ARTIFACT_IDS,
+    ENV_AUTH_TOKEN,
     ENV_DRAIN_TIMEOUT,
     ENV_ENTRYPOINT,
     ENV_EXPERIMENT_ID,
@@ -43,6 +44,7 @@ from ..config import (
     ENV_TASK_OUTPUT_PATH,
     ENV_TENSORBOARD_DIR,
     ENV_TENSORBOARD_TAG,
+    ENV_TOKEN,
     ENV_TRAIN_PARAMS,
     ENV_TRAIN_PARAMS_DELIMITER,
     ENV_TRAIN_PARAMS_DELIMITER_ANYLEARN,
@@ -52,6 +54,7 @@ from ..config import (
     ConfigError,
     Secret,
     option_or_env,
+    parse_duration,
     parse_number,
     read_text_file,
 )
@@ -159,8 +162,8 @@ def options_from(args: Any, env: Mapping[str, str]) -> RunOptions:
         command=command,
         params_argv=params_argv,
         output_dir=output_directory(option_or_env(args.output, env, ENV_OUTPUT) or DEFAULT_OUTPUT_DIR),
-        grace_period_s=parse_number(option_or_env(args.grace_period, env, ENV_GRACE_PERIOD), "the grace period", DEFAULT_GRACE_PERIOD_S),
-        drain_timeout_s=parse_number(option_or_env(args.drain_timeout, env, ENV_DRAIN_TIMEOUT), "the drain timeout", DEFAULT_DRAIN_TIMEOUT_S),
+        grace_period_s=parse_duration(option_or_env(args.grace_period, env, ENV_GRACE_PERIOD), f"--grace-period ({ENV_GRACE_PERIOD})", DEFAULT_GRACE_PERIOD_S),
+        drain_timeout_s=parse_duration(option_or_env(args.drain_timeout, env, ENV_DRAIN_TIMEOUT), f"--drain-timeout ({ENV_DRAIN_TIMEOUT})", DEFAULT_DRAIN_TIMEOUT_S),
         metric_patterns=compile_metric_patterns(patterns),
         nnodes=parse_number(option_or_env(args.nnodes, env, ENV_NUM_NODES), "the number of nodes", 1, integer=True, minimum=1),
         nproc_per_node=parse_number(option_or_env(args.nproc_per_node, env, ENV_NPROC_PER_NODE), "processes per node", 1, integer=True, minimum=1),
@@ -224,14 +227,17 @@ def child_environment(env: Mapping[str, str], config: Config, options: RunOption
         added.update(nni_environment(options.params, task_id=config.task_id, experiment_id=env.get(ENV_EXPERIMENT_ID), output_dir=options.output_dir))
     child = {**env, **added}
     if options.isolate_secret:
-        child.pop(ENV_SECRET_KEY, None)
-        child.pop(ENV_SECRET_KEY_PLATFORM, None)
+        for name in (ENV_SECRET_KEY, ENV_SECRET_KEY_PLATFORM, ENV_AUTH_TOKEN, ENV_TOKEN):
+            child.pop(name, None)
     return child, added
 
-def redacted(argv: List[str], secret_key: Optional[Secret]) -> List[str]:
-    """``argv`` with the secret key replaced by ``***`` wherever it appears (for logs and files)."""
-    key = secret_key.reveal() if secret_key else None
-    return [a.replace(key, "***") if key else a for a in argv]
+def redacted(argv: List[str], *secrets: Optional[Secret]) -> List[str]:
+    """``argv`` with each secret (the key, a user's token) replaced by ``***`` wherever it appears (for logs
+    and files)."""
+    for secret in secrets:
+        if secret:
+            argv = [a.replace(secret.reveal(), "***") for a in argv]
+    return argv
 
 
 # --- before launch ----------------------------------------------------------------------------------

@@ -2,13 +2,15 @@
 
 Validate everything first (exit 2, nothing launched, nothing reported), prepare the run and output
 directories, take the run's deliver lock and deliver its journal while the command runs, journal state 1,
-supervise the command (:mod:`.supervise`) while its output is read for metrics (:mod:`.output`), journal
-its final state, drain, and write ``summary.json``.
+supervise the command (:mod:`.supervise`) while its output is read for metrics (:mod:`.output`) and, for a
+local task (a user's token), shipped with a heartbeat (:mod:`..logship`), journal its final state, drain,
+and write ``summary.json``.
 """
 
 from __future__ import annotations
 
 import json
+import math
 import os
 import shlex
 import signal
@@ -16,7 +18,9 @@ import time
 from typing import Any, Dict, Mapping, Optional
 
 from ..config import (
+    ENV_OBJECTIVE_MODE,
     ENV_SECRET_KEY,
+    PARAMS_FILE,
     STATE_NAMES,
     STATE_RUNNING,
     SUMMARY_FILE,
@@ -36,6 +40,7 @@ from ..journal import (
 from ..log import Progress, get_logger, records, say_offline, warn_pending
 from ..policy import SendRule
 from ..runinfo import read_run
+from ..runmeta import HOST_RUN, attempt_summary_file, mark_attempt, write_objective
 from ..tbevents import EventFileTailer
 from .launch import (
     RunOptions,
@@ -74,7 +79,11 @@ class Run:
         self.child = Child(self.argv, self.run_dir, options.grace_period_s, self._on_line,
                            on_log_failure=lambda name: counters.count(COUNTER_LOG_WRITE_FAILED, name))
         self.deliverer: Any = None
+        self.agent: Any = None  # a local task's heartbeat and log shipping (reporter/logship.py)
+        self.drain_deadline: Optional[float] = None
+        self.drain_interrupted = False  # a Ctrl-C stopped the drain
         self.tensorboard: Optional[EventFileTailer] = None
+        self.attempt: Optional[int] = None
 
     # -- steps --
 
@@ -91,11 +100,27 @@ class Run:
         except OSError as exc:
             raise ConfigError(f"cannot replace {os.path.join(self.run_dir, SUMMARY_FILE)}: {exc.strerror}; remove it") from None
         prepare_output_dir(self.options.output_dir)
+        self.attempt = mark_attempt(self.run_dir, HOST_RUN)  # a resumed task: its records start here
+        self.write_params()
+        if self.config.objective_mode:
+            write_objective(self.run_dir, self.config.objective_metric, self.config.objective_mode, ENV_OBJECTIVE_MODE, replace=False)
         if self.options.isolate_secret and not make_non_dumpable():
             raise ConfigError("--isolate-secret needs Linux (prctl PR_SET_DUMPABLE) to hide the key from the command; run without it")
         if not become_subreaper():
             self.log.debug("cannot become the subreaper of the command's tree: its orphans go to init")
         return child_env
+
+    def write_params(self) -> None:
+        """The command's hyper-parameters as ``params.json`` (for ``ui``), the key masked like in argv;
+        a failure is logged, the run goes on."""
+        if not self.options.params:
+            return
+        text = json.dumps(self.options.params, default=str)
+        key = self.config.secret_key.reveal() if self.config.secret_key else None
+        try:
+            atomic_write_json(os.path.join(self.run_dir, PARAMS_FILE), json.loads(text.replace(key, "***") if key else text))
+        except (OSError, ValueError) as exc:
+            self.log.warning("cannot write %s: %s", PARAMS_FILE, exc)
 
     def start_delivery(self) -> None:
         if self.config.offline:
@@ -113,24 +138,35 @@ class Run:
             self.writer.append(metric.kind, metric.value, metric.name, metric.step)  # the write wakes delivery
 
     def drain(self) -> int:
-        """Deliver what is pending for up to the drain timeout; returns how many records stay pending."""
+        """Deliver what is pending until the drain deadline (the drain timeout from the command's end, else
+        from now), a local task's output meanwhile; returns how many records stay pending."""
+        deadline = self.drain_deadline or time.monotonic() + self.options.drain_timeout_s
+        try:
+            return self._drain_journal(deadline)
+        finally:
+            if self.agent is not None:  # after a Ctrl-C in the drain: no more waiting for the output either
+                self.agent.close(0 if self.drain_interrupted else deadline - time.monotonic())
+
+    def _drain_journal(self, deadline: float) -> int:
         if self.deliverer is None:
             return count_pending(self.run_dir)
         total = count_pending(self.run_dir)
         progress = Progress(self.run_dir, total)
         previous = signal.signal(signal.SIGINT, signal.default_int_handler)  # Ctrl-C: stop waiting at once
         try:
+            remaining = max(deadline - time.monotonic(), 0.0)
             if total and not self.deliverer.paused_reason:
                 self.log.info(
                     "the command has ended; waiting up to %gs (--drain-timeout, ANYLEARN_DRAIN_TIMEOUT) to deliver %s "
                     "to %s; Ctrl-C stops waiting and leaves them for `anylearn-reporter sync`",
-                    self.options.drain_timeout_s, records(total), self.config.backend_url,
+                    math.ceil(remaining) if remaining >= 1 else remaining, records(total), self.config.backend_url,
                 )
-            self.deliverer.drain(self.options.drain_timeout_s, lambda pending, _: progress.update(total - pending))
+            self.deliverer.drain(remaining, lambda pending, _: progress.update(total - pending))
         except KeyboardInterrupt:
             progress.finish()
             self.log.warning("interrupted (SIGINT): stopped waiting for delivery")
             self.deliverer.close(0)  # when the interrupt came before the drain began
+            self.drain_interrupted = True
         else:
             progress.finish()
         finally:
@@ -146,12 +182,22 @@ class Run:
         if self.options.tensorboard_dir:  # TensorBoard event files -> journal, until the command ends
             self.tensorboard = EventFileTailer(self.options.tensorboard_dir, self.run_dir, self.writer,
                                                objective_tag=self.options.tensorboard_tag).start()  # its journal write wakes delivery
+        if not self.config.offline and self.config.auth_token:
+            from ..logship import local_agent
+
+            self.agent = local_agent(self.config, self.run_dir)
         with signals_passed_to(self.child):
-            self.log.info("running %s", " ".join(shlex.quote(a) for a in redacted(self.argv, self.config.secret_key)))
+            self.log.info("running %s", " ".join(shlex.quote(a) for a in redacted(self.argv, self.config.secret_key, self.config.auth_token)))
             self.writer.append(KIND_STATE, STATE_RUNNING, None, None)
             outcome = self.child.supervise(child_env)
             if self.tensorboard is not None:
                 self.tensorboard.stop()  # reads what the command flushed last, before the final state
+            self.drain_deadline = time.monotonic() + self.options.drain_timeout_s
+            if self.agent is not None:
+                # The rest of the output and its end line go before the final state (for up to half the
+                # drain timeout): a reader that sees the task finished (the SDK's stream_log) has the whole log.
+                self.agent.finish(outcome.exit_code)
+                self.agent.wait(self.options.drain_timeout_s / 2)
             self.writer.append(KIND_STATE, outcome.state, None, None)
             pending = self.drain()
         if pending:
@@ -168,11 +214,12 @@ class Run:
         ended = time.time()
         self.writer.counters.save()  # this process's counters, for read_run below
         run = read_run(self.run_dir, SendRule.of(self.config))  # the journal and the deliverer's status.json
+        current = run.attempts[-1] if run.attempts else run  # this attempt's metrics, not earlier ones'
         child = self.child
         returncode = child.returncode
         summary: Dict[str, Any] = {
             "task_id": self.config.task_id,
-            "command": redacted(self.argv, self.config.secret_key),
+            "command": redacted(self.argv, self.config.secret_key, self.config.auth_token),
             "output_dir": self.options.output_dir,
             "started": started,
             "ended": ended,
@@ -184,6 +231,7 @@ class Run:
             "stop_signal": signal_name(child.stop_signal) if child.stop_signal else None,
             "state": outcome.state,
             "state_name": STATE_NAMES[outcome.state],
+            "attempt": self.attempt,
             "offline": self.config.offline,
             "records": {
                 "journalled": run.journalled,
@@ -196,8 +244,8 @@ class Run:
                 "lost": run.lost,
             },
             "counters": run.counters,
-            "last_intermediate_metric": run.last_metric,
-            "final_metric": run.final_metric,
+            "last_intermediate_metric": current.last_metric,
+            "final_metric": current.final_metric,
             "peak_rss_bytes": child.peak_rss_bytes,
             "output": {
                 "unreadable_metric_lines": self.parser.unreadable,
@@ -211,6 +259,8 @@ class Run:
         }
         if outcome.failure:
             summary["failure"] = {"reason": outcome.failure, "stderr_tail": child.stderr_tail[-STDERR_TAIL_LINES:]}
+        if self.attempt is not None:  # summary.json is overwritten by the next attempt; this copy stays
+            atomic_write_json(os.path.join(self.run_dir, attempt_summary_file(self.attempt)), summary)
         atomic_write_json(os.path.join(self.run_dir, SUMMARY_FILE), summary)
 
 
@@ -222,7 +272,7 @@ def dry_run(config: Config, options: RunOptions, env: Mapping[str, str]) -> int:
     shown: Dict[str, Optional[str]] = dict(added)
     if options.isolate_secret:
         shown[ENV_SECRET_KEY] = None  # removed from the child's environment
-    print(json.dumps(redacted(argv, config.secret_key)))
+    print(json.dumps(redacted(argv, config.secret_key, config.auth_token)))
     print(json.dumps(shown, indent=2))
     if options.tensorboard_dir:
         tag = f", objective tag {options.tensorboard_tag!r}" if options.tensorboard_tag else ", no objective tag: scalars are journalled, none sent"

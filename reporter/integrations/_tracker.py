@@ -1,0 +1,96 @@
+"""What the tracker bridges (MLflow, W&B, DVCLive) share: one :class:`MetricSink` per tracker run, its
+final metric when the run ends (or when the process exits, for a run never ended), and parameters merged
+into ``params.json`` of the run directory.
+
+A tracker has no objective of its own: ``ANYLEARN_OBJECTIVE_METRIC`` names it, every other number is
+journalled by name. Like the sink, nothing here raises into training.
+"""
+
+from __future__ import annotations
+
+import atexit
+import json
+import os
+import threading
+from typing import Any, Dict, Hashable, Mapping, Optional
+
+from .. import api
+from ..config import ENV_OBJECTIVE_METRIC
+from ..journal import atomic_write_json, read_json
+from ..log import get_logger
+from ._objective import MetricSink
+
+PARAMS_FILE = "params.json"
+
+
+class TrackerBridge:
+    """The sinks of one tracker's runs in this process, keyed by the tracker's run (an id or object)."""
+
+    def __init__(self, tracker: str) -> None:
+        self.tracker = tracker
+        self._sinks: Dict[Hashable, MetricSink] = {}
+        self._lock = threading.Lock()
+        self._exit_hook = False
+        self._params_said = False
+
+    def log(self, run: Hashable, metrics: Mapping[str, Any], step: Optional[int]) -> None:
+        """Report every number of ``metrics`` at ``step`` for the tracker run ``run``."""
+        sink = self._sinks.get(run)
+        if sink is None:
+            sink = self._new_sink(run)
+        sink.log(metrics, step)
+
+    def _new_sink(self, run: Hashable) -> MetricSink:
+        with self._lock:
+            sink = self._sinks.get(run)
+            if sink is None:
+                sink = self._sinks[run] = MetricSink(self.tracker, tracker=True)
+                if not self._exit_hook:
+                    # After the reporter's own exit flush (made by run_directory() if not yet), so that it runs
+                    # before that flush: a tracker's own exit hook ending its runs was registered earlier, and
+                    # runs after the flush, too late.
+                    api.run_directory()
+                    self._exit_hook = True
+                    atexit.register(self.end_all)
+            return sink
+
+    def end(self, run: Hashable) -> None:
+        """The tracker run ended: report its final metric (when an objective was named)."""
+        with self._lock:
+            sink = self._sinks.pop(run, None)
+        if sink is not None and (sink.seen_objective or os.environ.get(ENV_OBJECTIVE_METRIC, "").strip()):
+            sink.finish()
+
+    def end_all(self) -> None:
+        """Report the final metric of every run not ended (at interpreter exit)."""
+        for run in list(self._sinks):
+            self.end(run)
+
+    def params(self, params: Mapping[str, Any]) -> None:
+        """Merge ``params`` into ``params.json`` in the run directory; never raises."""
+        try:
+            run_dir = api.run_directory()
+            os.makedirs(run_dir, exist_ok=True)
+            path = os.path.join(run_dir, PARAMS_FILE)
+            with self._lock:
+                kept = read_json(path)
+                merged = dict(kept) if isinstance(kept, dict) else {}
+                merged.update(json.loads(json.dumps({str(k): v for k, v in params.items()}, default=str)))
+                atomic_write_json(path, merged)
+        except Exception as exc:  # parameters are a courtesy: never into training
+            if not self._params_said:
+                self._params_said = True
+                get_logger().warning("%s: cannot write %s: %s", self.tracker, PARAMS_FILE, exc)
+
+
+def flatten(data: Mapping[str, Any], prefix: str = "") -> Dict[str, Any]:
+    """``{"a": {"b": 1}}`` as ``{"a/b": 1}`` (W&B's nested dicts); keys that are not strings are left out."""
+    flat: Dict[str, Any] = {}
+    for key, value in data.items():
+        if not isinstance(key, str):
+            continue
+        if isinstance(value, Mapping):
+            flat.update(flatten(value, f"{prefix}{key}/"))
+        else:
+            flat[prefix + key] = value
+    return flat

@@ -1,0 +1,277 @@
+"""A local task's agent (``anyctl localtrain``'s part, in the SDK agent's shape): heartbeat and log shipping.
+
+With the user's token (``ANYLEARN_AUTH_TOKEN``) the wrapper runs this beside the command. One thread tails the
+run directory's ``stdout.log`` and ``stderr.log`` (the files the output pumps write, never the pipe: shipping
+can never slow the command) and ships new text with ``PATCH /train_task/local_logs`` in slices of at most
+``SLICE_BYTES``, whole lines while output flows and always whole UTF-8 characters. Each stream's offset (bytes)
+is kept on the backend through ``local_task_catch`` (read at start, written after each shipped slice), so a
+resumed task goes on where delivery stopped. Another thread heartbeats (``PATCH /train_task/heartbeat``).
+A backend that is down or refuses only delays both (the client's retry policy); a backend without these
+endpoints (404/405) turns them off, said once. At the end the last line shipped says how the command ended.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+import time
+from typing import Any, Callable, List, Optional
+
+from .client import BackendClient, Outcome, SendResult, TransientError, classify, delivery_retrying
+from .config import LOCAL_HEARTBEAT_INTERVAL_S, STDERR_LOG, STDOUT_LOG, Config
+from .log import get_logger
+
+LOGS_ENDPOINT = "train_task/local_logs"
+CATCH_ENDPOINT = "train_task/local_task_catch"
+SLICE_BYTES = 64 * 1024  # the most one request ships
+SHIP_INTERVAL_S = 0.25  # how often the logs are looked at while the command is quiet
+BUSY_INTERVAL_S = 0.05  # the pause after a shipped round while the command runs: encoding a slice holds the
+# GIL for milliseconds, so a flood of output is shipped at most 20 slices a second per stream (about 1.3 MB/s)
+# while the wrapper's pumps must keep up with the command; what is left goes at full speed once it ended
+PARTIAL_LINE_WAIT_S = 1.0  # a line without its newline (a progress bar) is shipped after this long
+REQUEST_TIMEOUT_S = 10.0
+STREAMS = ((STDOUT_LOG, "output_cache_pointer"), (STDERR_LOG, "error_cache_pointer"))
+
+
+def utf8_boundary(data: bytes) -> int:
+    """The length of the longest prefix of ``data`` that does not end inside a UTF-8 character (bytes that
+    are not UTF-8 count as whole characters: they are shipped replaced)."""
+    n = len(data)
+    for i in range(n - 1, max(n - 4, 0) - 1, -1):
+        byte = data[i]
+        if 0x80 <= byte < 0xC0:  # a continuation byte: look further back for its lead byte
+            continue
+        need = 2 if 0xC0 <= byte < 0xE0 else 3 if 0xE0 <= byte < 0xF0 else 4 if 0xF0 <= byte < 0xF8 else 1
+        return n if n - i >= need else i
+    return n
+
+
+def end_line(exit_code: int) -> str:
+    """The last line shipped, in the SDK agent's words."""
+    return f"Task finished with code {exit_code}" if exit_code == 0 else f"Task failed with code {exit_code}"
+
+
+class _Stream:
+    """One log file and how much of it the backend holds."""
+
+    def __init__(self, path: str, key: str) -> None:
+        self.path = path
+        self.key = key
+        self.offset = 0
+        self.partial_since: Optional[float] = None  # when a line without its newline was first seen
+
+    def next_slice(self, final: bool) -> Optional[bytes]:
+        """The bytes to ship next (None: nothing now): whole lines, or a partial line that waited long
+        enough, a full slice, or (``final``) everything; always cut on a whole UTF-8 character."""
+        if self.size() <= self.offset:  # the usual case while the command is quiet: one stat, no open
+            self.partial_since = None
+            return None
+        try:
+            with open(self.path, "rb") as f:
+                f.seek(self.offset)
+                data = f.read(SLICE_BYTES)
+        except OSError:
+            return None
+        if not data:
+            self.partial_since = None
+            return None
+        newline = data.rfind(b"\n")
+        full = len(data) == SLICE_BYTES
+        if newline >= 0 and (full or not final):  # whole lines: a line split between slices reads as two
+            return data[: newline + 1]
+        if not full and not final:
+            now = time.monotonic()
+            if self.partial_since is None:
+                self.partial_since = now
+            if now - self.partial_since < PARTIAL_LINE_WAIT_S:
+                return None
+        cut = utf8_boundary(data)
+        if cut == 0 and final:  # the output ends inside a character: ship the broken bytes replaced
+            cut = len(data)
+        return data[:cut] or None
+
+    def size(self) -> int:
+        try:
+            return os.path.getsize(self.path)
+        except OSError:
+            return 0
+
+
+class LocalAgent:
+    """Heartbeat and log shipping for one local task; :meth:`start`, then :meth:`finish` and :meth:`close`."""
+
+    def __init__(self, config: Config, run_dir: str) -> None:
+        def make() -> BackendClient:  # one per thread: a client serves one thread at a time
+            return BackendClient(config.backend_url or "", config.task_id or "", config.secret_key,
+                                 request_timeout_s=min(config.request_timeout_s, REQUEST_TIMEOUT_S), auth_token=config.auth_token)
+
+        self.task_id = config.task_id or ""
+        self.log = get_logger()
+        self.streams: List[_Stream] = [_Stream(os.path.join(run_dir, name), key) for name, key in STREAMS]
+        self.shipping = True  # False once the backend showed it has no log endpoints
+        self.finished = threading.Event()  # everything and the end line shipped
+        self._client = make()
+        self._beat_client = make()
+        self._wake = threading.Event()
+        self._stop = threading.Event()  # give up (the drain deadline passed): interrupts any backoff
+        self._exit_code: Optional[int] = None
+        self._failing = False
+        self._threads = [threading.Thread(target=self._ship_loop, name="anylearn-reporter-logship", daemon=True),
+                         threading.Thread(target=self._beat_loop, name="anylearn-reporter-heartbeat", daemon=True)]
+
+    def start(self) -> "LocalAgent":
+        for thread in self._threads:
+            thread.start()
+        return self
+
+    def finish(self, exit_code: int) -> None:
+        """The command ended with ``exit_code``: ship what is left, then the end line."""
+        self._exit_code = exit_code
+        self._wake.set()
+
+    def wait(self, timeout_s: float) -> bool:
+        """Wait up to ``timeout_s`` for the shipping to end (everything shipped, or shipping off); True when
+        it ended."""
+        self._threads[0].join(max(timeout_s, 0.0))
+        return not self._threads[0].is_alive()
+
+    def close(self, timeout_s: float) -> bool:
+        """Wait up to ``timeout_s`` for the shipping to end, then stop; True when everything was shipped."""
+        self.wait(timeout_s)
+        self._stop.set()
+        self._wake.set()
+        for thread in self._threads:
+            thread.join(REQUEST_TIMEOUT_S)
+        self._client.close()
+        self._beat_client.close()
+        done = self.finished.is_set()
+        if not done and self.shipping:
+            left = sum(max(s.size() - s.offset, 0) for s in self.streams)
+            self.log.warning("the command's output was not all shipped to the backend within the drain timeout "
+                             "(%d bytes left); a resumed task ships it", left)
+        return done
+
+    # --- requests ------------------------------------------------------------------------------------
+
+    def _call(self, what: str, send: Callable[[], SendResult]) -> bool:
+        """``send`` until it is delivered (retrying with the client's backoff while the backend is down or
+        refuses); False when the backend lacks the endpoint (shipping is then off) or when stopped."""
+        def attempt() -> SendResult:
+            result = send()
+            if result.outcome in (Outcome.AUTH, Outcome.REJECTED):  # a refusal only delays the logs
+                raise TransientError(f"HTTP {result.status} {result.reason}", status=result.status)
+            return result
+
+        def before_sleep(state: Any) -> None:
+            if not self._failing:
+                self._failing = True
+                exc = state.outcome.exception()
+                self.log.warning("shipping the command's output failed (%s: %s); will try again",
+                                 what, getattr(exc, "reason", type(exc).__name__))
+
+        try:
+            result = delivery_retrying(self._stop, before_sleep=before_sleep)(attempt)
+        except TransientError:
+            return False  # stopped while retrying
+        if self._failing:
+            self._failing = False
+            self.log.info("shipping the command's output again")
+        if result.outcome is Outcome.DELIVERED:
+            return True
+        self.shipping = False
+        self.log.warning("the backend cannot take the command's output (%s: HTTP %d %s); it is not shipped",
+                         what, result.status, result.reason)
+        return False
+
+    def _request(self, method: str, endpoint: str, answers: Optional[List[Any]] = None, **kwargs: Any) -> SendResult:
+        if self._client.setup_problem:
+            return SendResult(Outcome.SETUP, 0, self._client.setup_problem)
+        answer = self._client.request(method, endpoint, timeout_s=REQUEST_TIMEOUT_S, **kwargs)
+        if answers is not None:
+            answers.append(answer)
+        return classify(answer, optional_endpoint=True)
+
+    def _read_offsets(self) -> bool:
+        answers: List[Any] = []
+        if not self._call("reading the log offsets",
+                          lambda: self._request("GET", CATCH_ENDPOINT, answers, params={"id": self.task_id})):
+            return False
+        held = answers[-1].json()  # classify made sure it is a JSON object
+        for stream in self.streams:
+            try:
+                offset = int(held.get(stream.key) or 0)
+            except (TypeError, ValueError):
+                offset = 0
+            size = stream.size()
+            if offset > size:  # the backend holds more than this file has: a new file, ship it whole
+                self.log.warning("the backend holds %d bytes of %s but it has %d; shipping it from its start",
+                                 offset, os.path.basename(stream.path), size)
+                offset = 0
+            stream.offset = offset
+        return True
+
+    def _ship(self, text: str) -> bool:
+        return self._call("shipping logs", lambda: self._request("PATCH", LOGS_ENDPOINT, form={"id": self.task_id, "logs": text}))
+
+    # --- threads -------------------------------------------------------------------------------------
+
+    def _ship_loop(self) -> None:
+        try:
+            if not self._read_offsets():
+                return
+            while not self._stop.is_set():
+                final = self._exit_code is not None
+                shipped = False
+                for stream in self.streams:
+                    data = stream.next_slice(final)
+                    if data is None:
+                        continue
+                    if not self._ship(data.decode("utf-8", "replace")):
+                        return
+                    stream.offset += len(data)
+                    stream.partial_since = None
+                    shipped = True
+                    form = {"id": self.task_id, "key": stream.key, "value": str(stream.offset)}
+                    if not self._call("saving the log offset", lambda: self._request("PATCH", CATCH_ENDPOINT, form=form)):
+                        return
+                if final and not shipped:
+                    if self._ship(end_line(self._exit_code or 0)):
+                        self.finished.set()
+                    return
+                if not final:
+                    self._wake.wait(BUSY_INTERVAL_S if shipped else SHIP_INTERVAL_S)
+                    if self._exit_code is None:
+                        self._wake.clear()
+        except Exception as exc:  # noqa: BLE001 - the agent never takes the run down
+            self.log.warning("log shipping stopped: %s", exc)
+
+    def _beat_loop(self) -> None:
+        failing = False
+        while not self._stop.is_set() and not self.finished.is_set():
+            try:
+                result = self._beat_client.heartbeat(timeout_s=REQUEST_TIMEOUT_S)
+                if result.outcome in (Outcome.UNSUPPORTED, Outcome.REDIRECT, Outcome.SETUP):
+                    self.log.warning("the backend takes no local task heartbeat (HTTP %d %s); heartbeats are off",
+                                     result.status, result.reason)
+                    return
+                if result.outcome is not Outcome.DELIVERED and not failing:
+                    self.log.warning("heartbeat refused (HTTP %d: %s)", result.status, result.reason)
+                failing = result.outcome is not Outcome.DELIVERED
+            except TransientError as exc:
+                if not failing:
+                    self.log.warning("heartbeat failed (%s); will try again", exc.reason)
+                failing = True
+            except Exception as exc:  # noqa: BLE001
+                self.log.debug("heartbeat: %s", exc)
+            self._stop.wait(LOCAL_HEARTBEAT_INTERVAL_S)
+
+
+def local_agent(config: Config, run_dir: str) -> Optional[LocalAgent]:
+    """A started :class:`LocalAgent` when the run is a local task (a user's token, a task and a backend);
+    None otherwise, saying nothing."""
+    if not config.auth_token or config.offline:
+        return None
+    return LocalAgent(config, run_dir).start()
+
+
+__all__ = ["LocalAgent", "end_line", "local_agent", "utf8_boundary"]

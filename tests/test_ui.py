@@ -1,0 +1,217 @@
+"""``anylearn-reporter ui``: the JSON the page polls (pure), the server over loopback, the CLI, and the page
+in a real headless Chromium (every metric's chart drawn, tick labels clear of the axes, nothing injected)."""
+
+import json
+import os
+import re
+import subprocess
+import sys
+import urllib.error
+import urllib.request
+
+import pytest
+from conftest import clean_environ
+from test_emulator_page import find_chromium, read_png
+
+from reporter.journal import JournalWriter
+from reporter.runmeta import write_objective
+from reporter.ui import model
+from reporter.ui.model import Catalog
+from reporter.ui.server import UiServer
+
+EVIL = "<img src=x onerror=alert(1)>"
+
+
+def make_run(root, name, losses, *, attempts=1, failure=None, evil=False):
+    run_dir = root / name
+    writer = JournalWriter(str(run_dir))
+    ts = 1_700_000_000.0
+    for attempt in range(attempts):
+        if attempt:  # as the wrapper marks it, by a process that has ended since
+            size = os.path.getsize(run_dir / "metrics.jsonl")
+            with open(run_dir / "attempts.jsonl", "a") as f:
+                f.write(json.dumps({"attempt": 1, "offset": 0}) + "\n" + json.dumps({"attempt": 2, "offset": size}) + "\n")
+        writer.append("state", 1, None, None, ts=ts)
+        for step, loss in enumerate(losses):
+            ts += 1
+            writer.append("intermediate", loss, None, step, ts=ts)
+            writer.append("intermediate", 1 - loss, "val_acc", step, ts=ts)
+            if evil:
+                writer.append("intermediate", loss * 2, EVIL, step, ts=ts)
+        writer.append("final", min(losses), None, None, ts=ts)
+        writer.append("state", -2 if failure else 2, None, None, ts=ts)
+    writer.close()
+    write_objective(str(run_dir), "val_loss", "min", "test")
+    (run_dir / "params.json").write_text(json.dumps({"lr": 0.01, "opt": {"name": EVIL}}))
+    with open(run_dir / "resources.jsonl", "w") as f:
+        for i in range(5):
+            f.write(json.dumps({"ts": ts + i, "system": {"cpu_percent": 10.0 * i, "memory_used_bytes": 2 << 30},
+                                "process": {"cpu_percent": 50.0, "rss_bytes": (1 << 30) + i},
+                                "gpus": [{"index": 0, "utilization_percent": 70, "memory_used_bytes": 3 << 30}]}) + "\n")
+        f.write("not json\n")
+    if failure:
+        (run_dir / "summary.json").write_text(json.dumps({
+            "state": -2, "started": 1_700_000_000.0, "ended": ts, "attempt": attempts,
+            "failure": {"reason": failure, "stderr_tail": ["Traceback", f"RuntimeError: {EVIL}"]}}))
+    return run_dir
+
+
+@pytest.fixture
+def runs(tmp_path):
+    root = tmp_path / "runs"
+    make_run(root, "TRAIa", [0.9, 0.5, 0.3, 0.4], attempts=2)
+    make_run(root, "TRAIb", [0.8, 0.6, 0.7], failure="the command exited with code 3", evil=True)
+    return root
+
+
+def test_runs_json_lists_each_run_with_state_objective_best_and_final(runs):
+    data = Catalog([str(runs)]).runs_json()
+    by_name = {r["name"]: r for r in data["runs"]}
+    a, b = by_name["TRAIa"], by_name["TRAIb"]
+    assert (a["state_name"], a["objective"], a["mode"], a["best"], a["final"], a["attempts"]) == ("success", "val_loss", "min", 0.3, 0.3, 2)
+    assert (b["state_name"], b["best"], b["failure"]) == ("fail", 0.6, "the command exited with code 3")
+    assert a["duration_s"] == 4.0  # its last attempt: first record (state 1) to last, 4 s later
+    assert set(data["metrics"]) == {"val_loss", "val_acc", EVIL}
+
+
+def test_run_json_has_a_chart_per_metric_with_attempts_apart_resources_params_and_failure(runs):
+    catalog = Catalog([str(runs)])
+    ids = {r["name"]: r["id"] for r in catalog.runs_json()["runs"]}
+    a = catalog.run_json(ids["TRAIa"])
+    assert [c["name"] for c in a["charts"]] == ["val_loss", "val_acc"]
+    loss_svg = a["charts"][0]["svg"]
+    assert 'data-series="2"' in loss_svg and 'data-label="#1"' in loss_svg and 'data-label="#2"' in loss_svg
+    assert 'class="final"' in loss_svg and "final 0.3" in loss_svg
+    assert [r["number"] for r in a["attempt_rows"]] == [1, 2]
+    assert {r["name"] for r in a["resources"]} == {"CPU", "memory", "GPU utilisation", "GPU memory"}
+    assert ("lr", "0.01") in [tuple(p) for p in a["params"]]
+    b = catalog.run_json(ids["TRAIb"])
+    assert b["failure"] == "the command exited with code 3" and b["stderr_tail"][-1].endswith(EVIL)
+    assert catalog.run_json("../../etc/passwd") is None and catalog.run_json("") is None
+
+
+def test_every_user_text_is_escaped_in_the_charts(runs):
+    catalog = Catalog([str(runs)])
+    ids = {r["name"]: r["id"] for r in catalog.runs_json()["runs"]}
+    svgs = [c["svg"] for c in catalog.run_json(ids["TRAIb"])["charts"]] + [catalog.compare_json(EVIL)["svg"]]
+    assert all("<img" not in svg for svg in svgs)
+    assert any("&lt;img src=x onerror=alert(1)&gt;" in svg for svg in svgs)
+
+
+def test_compare_overlays_one_metric_of_every_run(runs):
+    data = Catalog([str(runs)]).compare_json("val_acc")
+    assert data["runs"] == 2 and 'data-label="TRAIa"' in data["svg"] and 'data-label="TRAIb"' in data["svg"]
+
+
+def test_a_growing_journal_is_read_incrementally_and_a_replaced_one_again(tmp_path, monkeypatch):
+    run_dir = tmp_path / "run"
+    writer = JournalWriter(str(run_dir))
+    for step in range(10):
+        writer.append("intermediate", float(step), "x", step)
+    monkeypatch.setattr(model, "RECORDS_PER_POLL", 4)  # a huge journal comes in over several polls
+    catalog = Catalog([str(run_dir)])
+    first = catalog.runs_json()["runs"][0]
+    assert first["records"] == 4 and first["loading"] is False or first["records"] == 4
+    for _ in range(3):
+        catalog.runs_json()
+    assert catalog.runs_json()["runs"][0]["records"] == 10
+    view = next(iter(catalog.views.values()))
+    offset = view.offset
+    writer.append("intermediate", 99.0, "x", 10)
+    assert catalog.runs_json()["runs"][0]["records"] == 11 and view.offset > offset
+    writer.close()
+    os.unlink(run_dir / "metrics.jsonl")  # replaced (log rotation): read from the start
+    fresh = JournalWriter(str(run_dir))
+    fresh.append("intermediate", 1.0, "y", 0)
+    fresh.close()
+    data = catalog.runs_json()
+    assert data["runs"][0]["records"] == 1 and data["metrics"] == ["y"]
+
+
+def test_series_keep_a_bounded_number_of_points():
+    points = model.Points(limit=100)
+    for i in range(10_000):
+        points.add(i, float(i))
+    assert len(points.points) <= 101 and points.drawn()[-1] == (9999, 9999.0)
+
+
+def _get(url):
+    try:
+        with urllib.request.urlopen(url, timeout=10) as answer:
+            return answer.status, dict(answer.headers), answer.read()
+    except urllib.error.HTTPError as exc:
+        return exc.code, dict(exc.headers), exc.read()
+
+
+def test_the_server_answers_the_page_and_the_endpoints_over_loopback(runs):
+    server = UiServer(Catalog([str(runs)]), port=0).start()
+    try:
+        assert server.httpd.server_address[0] == "127.0.0.1"
+        status, headers, body = _get(server.url)
+        page = body.decode()
+        assert status == 200 and "default-src 'none'" in headers["Content-Security-Policy"]
+        assert "<img src=x" not in page and "<link" not in page and "<script src" not in page
+        assert not re.findall(r"https?://(?!www\.w3\.org/2000/svg)", page)  # nothing from elsewhere (the SVG namespace is a name)
+        nonce = re.search(r'<script nonce="([^"]+)"', page).group(1)
+        assert f"'nonce-{nonce}'" in headers["Content-Security-Policy"]
+        status, _, body = _get(server.url + "api/runs")
+        ids = [r["id"] for r in json.loads(body)["runs"]]
+        assert status == 200 and len(ids) == 2
+        assert _get(server.url + f"api/run?id={ids[0]}")[0] == 200
+        assert _get(server.url + "api/run?id=..%2F..%2Fetc")[0] == 404
+        assert _get(server.url + "api/compare?metric=val_acc")[0] == 200
+        assert _get(server.url + "nothing")[0] == 404
+    finally:
+        server.stop()
+
+
+def test_the_cli_serves_the_reporter_directory_and_refuses_a_missing_one(runs, tmp_path):
+    done = subprocess.run([sys.executable, "-m", "reporter", "ui", str(tmp_path / "nope")], env=clean_environ(),
+                          capture_output=True, text=True, timeout=60)
+    assert done.returncode == 2 and "no directory" in done.stderr and "ANYLEARN_REPORTER_DIR" in done.stderr
+    proc = subprocess.Popen([sys.executable, "-m", "reporter", "ui", "--port", "0"],
+                            env=clean_environ(ANYLEARN_REPORTER_DIR=str(runs)), stdout=subprocess.PIPE, text=True)
+    try:
+        line = proc.stdout.readline()
+        url = re.search(r"http://127\.0\.0\.1:\d+/", line).group(0)
+        assert len(json.loads(_get(url + "api/runs")[2])["runs"]) == 2
+    finally:
+        proc.terminate()
+        proc.wait(10)
+
+
+def _chromium(args, tmp_path, url):
+    return subprocess.run(
+        [find_chromium(), "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+         "--disable-background-networking", "--disable-component-update", "--disable-sync", "--hide-scrollbars",
+         f"--user-data-dir={tmp_path / 'profile'}", *args, url],
+        capture_output=True, text=True, timeout=150,
+    )
+
+
+@pytest.mark.skipif(find_chromium() is None, reason="chromium is not installed (.ci/run installs Debian's chromium)")
+@pytest.mark.timeout(240)
+def test_the_page_in_headless_chromium_draws_every_chart_with_clear_labels(runs, tmp_path):
+    server = UiServer(Catalog([str(runs)]), port=0).start()
+    try:
+        catalog = server.catalog
+        ids = {r["name"]: r["id"] for r in catalog.runs_json()["runs"]}
+        url = f"{server.url}?run={ids['TRAIb']}"
+        dom = _chromium(["--dump-dom", "--virtual-time-budget=3000"], tmp_path, url).stdout
+        body = re.search(r"<body[^>]*>", dom).group(0)
+        assert 'data-labels-ok="true"' in body
+        metrics = re.findall(r'data-metric="([^"]*)"', dom)
+        assert {"val_loss", "val_acc", "&lt;img src=x onerror=alert(1)&gt;"} <= set(metrics)
+        charts = int(re.search(r'data-charts="(\d+)"', body).group(1))
+        assert charts == 3 + 4 + 1  # three metrics, four resource charts, the comparison
+        assert "<img src" not in dom and "the command exited with code 3" in dom and "RuntimeError: &lt;img" in dom
+        shot = tmp_path / "ui.png"
+        _chromium([f"--screenshot={shot}", "--window-size=1280,1800"], tmp_path, url)
+        assert shot.exists()
+        pixels = [p for row in read_png(shot) for p in row]
+        blue = sum(1 for r, g, b in pixels if abs(r - 0x25) < 40 and abs(g - 0x63) < 40 and abs(b - 0xEB) < 40)
+        red = sum(1 for r, g, b in pixels if abs(r - 0xDC) < 40 and abs(g - 0x26) < 40 and abs(b - 0x26) < 40)
+        assert blue > 1000, "the series are not drawn"
+        assert red > 100, "the final metric or the failure is not marked"
+    finally:
+        server.stop()
