@@ -1,7 +1,9 @@
 # An image for non-standard AnyLearn algorithms: the wrapper is the ENTRYPOINT and runs the task's
 # ANYLEARN_ENTRYPOINT (or the command given after --) with its hyper-parameters.
-#   docker build -t anylearn-reporter .
-#   docker run --rm -e ANYLEARN_ENTRYPOINT="python examples/train.py" anylearn-reporter
+#   docker build -t anylearn-reporter:0.1.0 .
+#   docker run -v "$PWD/anylearn-runs:/workspace/anylearn-runs" -e ANYLEARN_ENTRYPOINT="python examples/train.py" anylearn-reporter:0.1.0
+# The volume keeps the run directories (the journal a later `anylearn-reporter sync` delivers) after the
+# container is gone; the host directory must be writable by uid 1000 (the image's user).
 FROM python:3.11-slim
 
 ENV PYTHONDONTWRITEBYTECODE=1 \
@@ -12,7 +14,7 @@ ENV PYTHONDONTWRITEBYTECODE=1 \
 WORKDIR /opt/anylearn-reporter
 COPY pyproject.toml setup.cfg README.md ./
 COPY reporter ./reporter
-RUN pip install . && rm -rf /opt/anylearn-reporter/build
+RUN pip install . && rm -rf /opt/anylearn-reporter  # the installed package is in site-packages; no build/ or egg-info left
 
 COPY entrypoint.sh /entrypoint.sh
 COPY examples /workspace/examples

@@ -16,7 +16,19 @@ import threading
 import time
 from typing import TYPE_CHECKING, Any, Deque, Dict, List, Mapping, Optional, Tuple
 
-from .config import BURST_GAP_S, ENV_SUPERVISOR_PID, Config, load_config
+from .config import (
+    BURST_GAP_S,
+    ENV_FLUSH_TIMEOUT,
+    ENV_OBJECTIVE_MODE,
+    ENV_RANK,
+    ENV_REPORT_RANKS,
+    ENV_REQUEST_TIMEOUT,
+    ENV_RUN_DIR,
+    ENV_SUPERVISOR_PID,
+    Config,
+    load_config,
+    offline_reason,
+)
 from . import journal
 from .journal import (
     KIND_FINAL,
@@ -44,6 +56,18 @@ __all__ = [
 
 
 MAX_FLUSH_TIMEOUT_S = 1e9
+SUPERVISED_FLUSH_POLL_S = 0.05
+# a bad value: the default
+_DEFAULTED = (ENV_RUN_DIR, ENV_REPORT_RANKS, ENV_FLUSH_TIMEOUT, ENV_REQUEST_TIMEOUT, ENV_OBJECTIVE_MODE)
+
+
+def _consequence(problem: str) -> str:
+    """What the hook does about a configuration problem, when the problem's own text does not say it."""
+    if problem.startswith(_DEFAULTED):
+        return " (using the default)"
+    if "until it is fixed" in problem or problem.startswith(ENV_RANK + " "):
+        return ""
+    return "; records are only journalled until it is fixed"  # a task id or backend URL it cannot use
 
 
 class _Hook:
@@ -60,7 +84,7 @@ class _Hook:
         self._warned_non_finite: set = set()
         self._exit_delivered = False  # the exit flush ran and left nothing of this process pending
         for problem in problems:
-            get_logger().warning("configuration: %s (using the default)", problem)
+            get_logger().warning("configuration: %s%s", problem, _consequence(problem))
         register_fork_hook(self, _Hook._after_fork)
 
     def emit(self, kind: str, value: float, name: Optional[str], step: Optional[int], ts: Optional[float] = None) -> None:
@@ -95,7 +119,7 @@ class _Hook:
         if name not in self._warned_non_finite:
             self._warned_non_finite.add(name)
             get_logger().warning(
-                "metric %s is %r: journalled as null and not sent (said once per metric name)",
+                "the metric %r is %r: journalled as null and not sent (said once per metric name)",
                 name or self.config.objective_metric, value,
             )
 
@@ -112,11 +136,13 @@ class _Hook:
         if not self._start_once.acquire(blocking=False):  # never blocks, even re-entered from a signal handler
             return
         self.delivery_started = True
-        if self.config.offline:
+        supervised = bool(os.environ.get(ENV_SUPERVISOR_PID))
+        if self.config.offline or supervised:
+            # Under the wrapper the command only journals: the wrapper is the run's one deliverer (and has
+            # said offline mode already), even once its delivery paused or ended.
             self._deliverer_ready.set()
-            supervised = os.environ.get(ENV_SUPERVISOR_PID)  # the wrapper has said it already
             if not supervised and lock_holder_pid(self.config.run_dir) is None:
-                say_offline(self.config.run_dir)
+                say_offline(self.config.run_dir, offline_reason())
             return
         threading.Thread(target=self._delivery_main, name="anylearn-reporter-delivery", daemon=True).start()
 
@@ -144,7 +170,13 @@ class _Hook:
         deadline = time.monotonic() + timeout_s
         self._deliverer_ready.wait(timeout_s)
         if self.deliverer is None:
-            return count_pending(self.config.run_dir) == 0
+            if self.config.offline:
+                return count_pending(self.config.run_dir) == 0
+            while count_pending(self.config.run_dir):  # the wrapper delivers: wait for its cursor
+                if time.monotonic() >= deadline:
+                    return False
+                time.sleep(SUPERVISED_FLUSH_POLL_S)
+            return True
         # What this process journalled, file by file (the journal may have been renamed or deleted since).
         return self.deliverer.flush(max(0.0, deadline - time.monotonic()), self.writer.written_files())
 
@@ -160,14 +192,12 @@ class _Hook:
         deadline = time.monotonic() + self.config.flush_timeout_s
         self._deliverer_ready.wait(self.config.flush_timeout_s)
         deliverer = self.deliverer
-        if deliverer is None:
+        if deliverer is None:  # under the wrapper (it drains the journal after this process exits), or none started
             return
         # The next report (from a later atexit handler) starts a deliverer of its own and flushes again.
         self.deliverer, self.delivery_started = None, False
         self._start_once, self._deliverer_ready = threading.Lock(), threading.Event()
-        if not deliverer.wait_for_lock(max(0.0, deadline - time.monotonic())) and os.environ.get(ENV_SUPERVISOR_PID):
-            deliverer.close(0)  # the wrapper owns the journal and drains it after this process exits
-            return
+        deliverer.wait_for_lock(max(0.0, deadline - time.monotonic()))  # the worker's first try at the lock
         # What this process journalled first, file by file (the journal may have been renamed since). When
         # another process delivers (a sidecar, another rank, the parent of a forked child), this waits for
         # it, and the worker takes the lock over should that process exit first.
@@ -180,7 +210,7 @@ class _Hook:
         if not delivered:
             pending = count_pending(self.config.run_dir)
             if pending:
-                warn_pending(pending, self.config.run_dir)
+                warn_pending(pending, self.config.run_dir, self.config.backend_url)
             elif self.writer.earlier_files and not deliverer.paused_reason:
                 get_logger().warning(
                     "records this process journalled into %s before it was renamed or deleted were not delivered "

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import signal
 import sys
 from typing import Callable, List, Optional
 
@@ -300,12 +301,15 @@ def _number_arg(text: str) -> float:
 
 def _cmd_report(args: argparse.Namespace) -> int:
     from . import api
-    from .config import check_backend_url, check_secret_key, check_task_id, load_config_strict
+    from .config import ENV_RUN_DIR, check_backend_url, check_secret_key, check_task_id, load_config_strict
 
     check_secret_key()  # a key that cannot be sent is a usage error here (exit 2), not a silent offline run
     check_task_id()
     check_backend_url()
-    load_config_strict()  # any other problem (ANYLEARN_FLUSH_TIMEOUT=nan) too: the hook would only warn
+    config = load_config_strict()  # any other problem (ANYLEARN_FLUSH_TIMEOUT=nan) too: the hook would only warn
+    # The run directory is resolved once: an offline run's name is new at each resolution.
+    if not os.path.isabs(os.environ.get(ENV_RUN_DIR, "").strip()):
+        os.environ[ENV_RUN_DIR] = config.run_dir
     problem = _journal_problem()
     if problem:
         print(f"anylearn-reporter: error: {problem}", file=sys.stderr)
@@ -459,5 +463,18 @@ def main(argv: Optional[List[str]] = None) -> int:
         return EXIT_USAGE
     except KeyboardInterrupt:
         return 130
+    except BrokenPipeError:  # `show --metrics | head`: the reader has gone; nothing more to say to it
+        _silence_stdout()
+        return 128 + signal.SIGPIPE
+
+
+def _silence_stdout() -> None:
+    """Point stdout at /dev/null, so the interpreter's own flush at exit does not fail on the closed pipe."""
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
+    except (OSError, ValueError):
+        pass
 
 

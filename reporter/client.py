@@ -525,6 +525,7 @@ class BackendClient:
         self.setup_problem = proxy_problem(self.settings)  # said as a pause, not retried for ever
         self._connection: Optional[_Connection] = None
         self._watchdog = _Watchdog(self.request_timeout_s, self._current_socket)
+        self.has_secret_key = bool(secret_key)
 
     def _current_socket(self) -> Optional[socket.socket]:
         connection = self._connection

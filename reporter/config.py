@@ -501,3 +501,48 @@ def load_config_strict(env: Optional[Mapping[str, str]] = None) -> Config:
     if problems:
         raise ConfigError("; ".join(problems))
     return config
+
+
+def known_variables() -> List[str]:
+    """Every environment variable the agent reads (the ``ENV_*`` names of this module)."""
+    return sorted({value for name, value in globals().items() if name.startswith("ENV_") and isinstance(value, str)})
+
+
+def misspelt_variables(env: Mapping[str, str]) -> List[str]:
+    """``"ANYLEARN_TASKID is set: did you mean ANYLEARN_TASK_ID?"`` for each set variable that is not one the
+    agent reads but is close to one (an ``ANYLEARN_*`` name, or a spelling of ``task_id``/``secret_key``)."""
+    import difflib  # only when a run is offline or a check runs
+
+    known = known_variables()
+    by_upper = {name.upper(): name for name in known}
+    hints = []
+    for name in sorted(env):
+        if name in known or not env.get(name, "").strip():
+            continue
+        upper = name.upper()
+        if not upper.startswith("ANYLEARN") and not difflib.get_close_matches(upper, ["TASK_ID", "SECRET_KEY"], 1, 0.75):
+            continue
+        close = difflib.get_close_matches(upper, list(by_upper), 1, 0.75)
+        if close:
+            hints.append(f"{name} is set: did you mean {by_upper[close[0]]}?")
+    return hints
+
+
+def offline_reason(env: Optional[Mapping[str, str]] = None) -> str:
+    """Why a run is offline, naming the variables to set (and the misspelt ones that are set instead)."""
+    env = os.environ if env is None else env
+    why = []
+    task_id = _first(env, ENV_TASK_ID, ENV_TASK_ID_PLATFORM)
+    if not task_id:
+        why.append(f"{ENV_TASK_ID} (or {ENV_TASK_ID_PLATFORM}) is not set")
+    elif task_id_problem(task_id):
+        why.append(f"{ENV_TASK_ID} (or {ENV_TASK_ID_PLATFORM}) is not a valid task id")
+    key = _first(env, ENV_SECRET_KEY, ENV_SECRET_KEY_PLATFORM)
+    if key and secret_key_problem(key):
+        why.append("the secret key cannot be sent in an HTTP header")
+    elif not key and not auth_token_from(env)[0] and not _first(env, ENV_BACKEND_URL, ENV_BACKEND_NAMESPACE):
+        why.append(f"{ENV_SECRET_KEY} (or {ENV_SECRET_KEY_PLATFORM}) is not set")
+    if not why:  # the URL's own problem was said as a configuration problem
+        why.append("the backend URL cannot be used")
+    hints = misspelt_variables(env)
+    return " and ".join(why) + (" (" + "; ".join(hints) + ")" if hints else "")

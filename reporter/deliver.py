@@ -42,7 +42,7 @@ from .journal import (
     read_host_counters,
     save_cursor,
 )
-from .log import get_logger
+from .log import get_logger, stay_pending, sync_hint
 from .policy import SKIP_STATE_OFF, SendRule, is_short_gap, line_skip_reason, skip_reason
 from .runstatus import DeliveryStatus, read_status, write_status
 
@@ -403,6 +403,7 @@ class Deliverer:
         delivery pauses."""
         deadline = None if timeout_s is None else time.monotonic() + timeout_s
         drained = False
+        interrupted = True  # until the loop returns: a KeyboardInterrupt stops at once, nothing more is sent
         try:
             while True:
                 remaining = None if deadline is None else deadline - time.monotonic()
@@ -410,9 +411,10 @@ class Deliverer:
                 if on_progress is not None:
                     on_progress(count_pending(self.run_dir, self._acked_offset()), drained)
                 if drained or self.paused_reason or not self._running.is_set() or (remaining is not None and remaining <= 0):
+                    interrupted = False
                     return drained
         finally:
-            self.close(0.5 if deadline is None else max(0.5, deadline - time.monotonic()))
+            self.close(0 if interrupted else 0.5 if deadline is None else max(0.5, deadline - time.monotonic()))
 
     def close(self, timeout_s: Optional[float] = None) -> bool:
         """Deliver what is pending for up to ``timeout_s`` (when this deliverer holds the lock), then stop;
@@ -431,10 +433,10 @@ class Deliverer:
         if thread is not None and thread is not threading.current_thread():
             thread.join(1.0 if deadline is None else max(0.1, deadline - time.monotonic()))
         if self._lock_error is not None:  # nobody delivered: say so at the end too, not only when it began
+            left = count_pending(self.run_dir)
             self._log.warning(
-                "nothing was delivered: the deliver lock in %s could not be taken (%s); %d records stay pending, "
-                "deliver them with `anylearn-reporter sync %s`", self.run_dir, self._lock_error,
-                count_pending(self.run_dir), self.run_dir,
+                "nothing was delivered: the deliver lock in %s could not be taken (%s); %s, deliver %s with `%s`",
+                self.run_dir, self._lock_error, stay_pending(left), "it" if left == 1 else "them", sync_hint(self.run_dir),
             )
         return drained
 
@@ -660,18 +662,21 @@ class Deliverer:
             self._count_skip(SKIP_STATE_OFF)
             self._log.info("the backend has no state endpoint (HTTP %d); task state reporting is off", result.status)
         elif result.outcome is Outcome.AUTH:
+            refused = ("the backend refused the secret key" if self.client.has_secret_key else
+                       "no secret key is set (ANYLEARN_SECRET_KEY or secret_key) and the backend requires one")
             self._pause(
                 f"auth: HTTP {result.status}", f"HTTP {result.status}: {result.reason}",
-                f"the backend refused the secret key for task {self.client.task_id} (HTTP {result.status}: "
-                f"{result.reason}); delivery is paused and records stay pending in {self.run_dir}: check "
-                f"ANYLEARN_SECRET_KEY (or secret_key), then run `anylearn-reporter sync {self.run_dir}`",
+                f"{refused} for task {self.client.task_id} (HTTP {result.status}: "
+                f"{result.reason}); delivery is paused and records stay pending in {self.run_dir}: set "
+                f"ANYLEARN_SECRET_KEY (or secret_key) to the task's key, then run "
+                f"`{sync_hint(self.run_dir, self.client.base_url, new_key=True)}`",
             )
             return False
         elif result.outcome is Outcome.SETUP:
             self._pause(
                 f"setup: {result.reason}", result.reason,
                 f"cannot reach the backend as configured ({result.reason}); delivery is paused and records stay "
-                f"pending in {self.run_dir}; once that is fixed, run `anylearn-reporter sync {self.run_dir}`",
+                f"pending in {self.run_dir}; once that is fixed, run `{sync_hint(self.run_dir)}`",
             )
             return False
         elif result.outcome is Outcome.REDIRECT:
@@ -681,7 +686,7 @@ class Deliverer:
                 f"the backend answered HTTP {result.status} ({result.reason}); redirects are never followed "
                 f"(the secret key would go along), so delivery is paused and records stay pending in "
                 f"{self.run_dir}: set ANYLEARN_BACKEND_URL to the address that answers itself, then run "
-                f"`anylearn-reporter sync {self.run_dir}`",
+                f"`{sync_hint(self.run_dir)}`",
             )
             return False
         return True

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from typing import List, Mapping, Optional
 from urllib.parse import urlsplit
 
-from .config import Config, ConfigError, check_backend_url, check_secret_key, load_config
+from .config import Config, ConfigError, check_backend_url, check_secret_key, load_config, misspelt_variables
 
 OK, WARN, FAIL, INFO = "ok", "warn", "FAIL", "info"
 CONNECT_TIMEOUT_S = 3.0
@@ -37,6 +37,8 @@ def _task_checks(config: Config, problems: List[str], env: Mapping[str, str]) ->
     except ConfigError as exc:
         key_problem = str(exc)
     checks = [Check(FAIL, "configuration", p) for p in problems if not (key_problem and p.startswith(key_problem))]
+    for hint in misspelt_variables(env):
+        checks.append(Check(WARN, "variable", hint))
     if config.task_id:
         checks.append(Check(OK, "task id", config.task_id))
     else:
@@ -98,7 +100,8 @@ def _auth_check(config: Config) -> List[Check]:
                             "never followed (the secret key would go along); set ANYLEARN_BACKEND_URL to the address that answers itself"))
         return checks
     if status in (401, 403):
-        checks.append(Check(FAIL, "auth", f"the backend refused the secret key for task {config.task_id} (HTTP {status})"))
+        refused = "the backend refused the secret key" if config.secret_key else "no secret key is set and the backend requires one"
+        checks.append(Check(FAIL, "auth", f"{refused} for task {config.task_id} (HTTP {status})"))
     elif status in (404, 405):
         checks.append(Check(INFO, "auth", f"the backend has no read endpoint to check the key with (HTTP {status})"))
     elif answer.ok:

@@ -8,9 +8,10 @@ from __future__ import annotations
 
 import logging
 import os
+import shlex
 import sys
 import time
-from typing import Any, Mapping
+from typing import Any, Mapping, Optional
 
 LOGGER_NAME = "anylearn_reporter"
 BAR_WIDTH = 30
@@ -45,18 +46,48 @@ def get_logger() -> logging.Logger:
     return logger
 
 
-def say_offline(run_dir: str) -> None:
-    """The one line that says a run only journals here."""
+def records(count: int) -> str:
+    """``1 record``, ``9 records``."""
+    return f"{count} record" + ("" if count == 1 else "s")
+
+
+def stay_pending(count: int) -> str:
+    """``1 record stays pending``, ``9 records stay pending``."""
+    return f"{records(count)} {'stays' if count == 1 else 'stay'} pending"
+
+
+def sync_hint(run_dir: str, backend_url: Optional[str] = None, env: Optional[Mapping[str, str]] = None,
+              new_key: bool = False) -> str:
+    """The complete ``sync`` command that delivers ``run_dir``: the key's variable (never the key) when the
+    environment has none (or ``new_key``: the one set was refused), ``--task-id`` for an offline run,
+    ``--backend-url`` when it is known."""
+    from .config import ENV_SECRET_KEY, ENV_SECRET_KEY_PLATFORM, task_of_run_name
+
+    env = os.environ if env is None else env
+    has_key = not new_key and (env.get(ENV_SECRET_KEY, "").strip() or env.get(ENV_SECRET_KEY_PLATFORM, "").strip())
+    parts = [] if has_key else [
+        f"{ENV_SECRET_KEY}='<the task's secret key>'"]
+    parts += ["anylearn-reporter", "sync", shlex.quote(run_dir)]
+    if task_of_run_name(os.path.basename(os.path.normpath(run_dir))) is None:
+        parts.append("--task-id '<the task id>'")
+    if backend_url:
+        parts.append(f"--backend-url {shlex.quote(backend_url)}")
+    return " ".join(parts)
+
+
+def say_offline(run_dir: str, why: str = "") -> None:
+    """The one line that says a run only journals here, why, and how to deliver it later."""
     get_logger().info(
-        "offline mode (no task credentials or backend here): journalling to %s; a sidecar or "
-        "`anylearn-reporter sync %s` can deliver it", run_dir, run_dir,
+        "offline mode%s, so records are only journalled to %s; a sidecar or `%s` can deliver them",
+        f": {why}" if why else "", run_dir, sync_hint(run_dir),
     )
 
 
-def warn_pending(count: int, run_dir: str) -> None:
-    """The one line that counts what stays pending at the end and names the command that delivers it."""
+def warn_pending(count: int, run_dir: str, backend_url: Optional[str] = None, new_key: bool = False) -> None:
+    """The one line that counts what stays pending at the end and gives the command that delivers it."""
     get_logger().warning(
-        "%d records stay pending in %s; deliver them with `anylearn-reporter sync %s`", count, run_dir, run_dir
+        "%s in %s; deliver %s with `%s`", stay_pending(count), run_dir, "it" if count == 1 else "them",
+        sync_hint(run_dir, backend_url, new_key=new_key),
     )
 
 
@@ -81,7 +112,7 @@ class Progress:
             self.stream.flush()
         elif force or time.monotonic() - self._last_line >= self.PLAIN_LINE_INTERVAL_S:
             self._last_line = time.monotonic()
-            self.stream.write(f"{self.run_dir}: {done}/{self.total} records\n")
+            self.stream.write(f"{self.run_dir}: {done}/{self.total} records delivered\n")
             self.stream.flush()
 
     def finish(self) -> None:

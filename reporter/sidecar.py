@@ -224,7 +224,7 @@ class Sidecar:
             heartbeat.close()
         pending = 0 if drained else count_pending(self.run_dir)
         if pending:
-            warn_pending(pending, self.run_dir)
+            warn_pending(pending, self.run_dir, self.config.backend_url)
             return EXIT_PENDING
         return 0
 

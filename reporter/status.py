@@ -8,9 +8,9 @@ import sys
 import time
 from typing import Any, Dict, Iterator, List, Optional, Sequence, TextIO, Tuple
 
-from .config import ENV_RUN_DIR, HEARTBEAT_FILE, JOURNAL_FILE, load_config
+from .config import ENV_RUN_DIR, HEARTBEAT_FILE, JOURNAL_FILE, ConfigError, load_config
 from .journal import is_regular_file, load_cursor, parse_line
-from .log import counted
+from .log import counted, records, stay_pending, sync_hint
 from .policy import SendRule
 from .runinfo import RunInfo, find_runs, is_run_dir, read_run
 
@@ -57,7 +57,7 @@ def health(info: RunInfo, stale_after_s: float) -> Tuple[bool, str]:
     if os.path.lexists(journal) and not is_regular_file(journal):
         return False, f"{JOURNAL_FILE} in {info.run_dir} is not a regular file: nothing in it can be read or delivered"
     if info.paused:
-        return False, f"paused ({info.paused}): fix it, then `anylearn-reporter sync {info.run_dir}`"
+        return False, f"paused ({info.paused}): fix it, then `{sync_hint(info.run_dir, new_key=info.paused.startswith('auth'))}`"
     if info.failing_since is not None and now - info.failing_since > stale_after_s:
         return False, f"delivery has failed for {now - info.failing_since:.0f} s: {info.last_error}"
     if info.pending:
@@ -66,10 +66,14 @@ def health(info: RunInfo, stale_after_s: float) -> Tuple[bool, str]:
             quiet = now - max(since, info.last_delivery_ts or 0.0)
             if quiet > stale_after_s:
                 who = f"deliverer pid {info.deliverer_pid}" if info.deliverer_pid else "no deliverer running"
-                return False, (f"{info.pending} records pending and nothing delivered for {quiet:.0f} s ({who}; "
+                return False, (f"{records(info.pending)} pending and nothing delivered for {quiet:.0f} s ({who}; "
                                f"last error: {info.last_error or 'none'})")
-    if info.pending and info.deliverer_pid is None and info.ended is None:
-        return False, f"{info.pending} records pending and no deliverer is running"
+    if info.pending and info.deliverer_pid is None:
+        return False, (f"{stay_pending(info.pending)} and no deliverer is running (last error: {info.last_error or 'none'}); "
+                       f"deliver them with `{sync_hint(info.run_dir)}`")
+    if info.failing_since is not None:  # a live deliverer retrying: healthy for a probe until stale_after_s
+        return True, (f"retrying: delivery has failed for {now - info.failing_since:.0f} s ({info.last_error}); "
+                      f"unhealthy after {stale_after_s:g} s")
     return True, "ok"
 
 
@@ -78,8 +82,7 @@ def status_command(run_dir: Optional[str], *, as_json: bool = False, stale_after
     if run_dir is None:
         config, _ = load_config()
         if not config.task_id and not os.environ.get(ENV_RUN_DIR):
-            print("anylearn-reporter: which run? give RUN_DIR, or set ANYLEARN_TASK_ID (or task_id)", file=sys.stderr)
-            return 1
+            raise ConfigError("which run? give RUN_DIR, or set ANYLEARN_TASK_ID (or task_id)")
         run_dir = config.run_dir
     if not is_run_dir(run_dir):
         print(f"anylearn-reporter: no run at {run_dir} (no metrics.jsonl yet)", file=sys.stderr)
@@ -165,6 +168,9 @@ def _duration(seconds: Optional[float]) -> str:
 def show_command(run_dirs: List[str], *, as_json: bool = False, metrics: bool = False) -> int:
     """Print a table of runs (default: every run under the reporter directory, newest first)."""
     config, _ = load_config()
+    missing = [d for d in run_dirs if not os.path.isdir(d)]
+    if missing:
+        raise ConfigError(f"no run directory at {', '.join(missing)}; `anylearn-reporter show` lists the runs under {config.reporter_dir}")
     if not run_dirs:
         run_dirs = find_runs(config.reporter_dir)
         if not run_dirs:

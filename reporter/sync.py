@@ -22,7 +22,7 @@ from .config import (
     task_id_problem,
     task_of_run_name,
 )
-from .log import Progress, counted, get_logger
+from .log import Progress, counted, get_logger, stay_pending
 from .runinfo import is_run_dir, recorded_task_id
 
 
@@ -80,8 +80,12 @@ def sync_one(run_dir: str, config: Config, timeout_s: Optional[float]) -> int:
     progress = Progress(run_dir, total)
     try:
         deliverer.drain(timeout_s, lambda pending, drained: progress.update(total - pending, force=drained))
-    finally:
+    except KeyboardInterrupt:
         progress.finish()
+        left = count_pending(run_dir)
+        log.warning("interrupted: %s in %s; run the same command again to deliver the rest", stay_pending(left), run_dir)
+        raise
+    progress.finish()
     pending = count_pending(run_dir)
     print(f"{run_dir}: {describe_sync(deliverer.delivered_now, deliverer.skipped_now, deliverer.rejected_now, pending)}"
           + (f" ({deliverer.paused_reason})" if deliverer.paused_reason else ""))

@@ -29,6 +29,7 @@ class FakeClient:
     def __init__(self, answer: Answer = delivered, *, transient_failures: int = 0, task_id: str = "TRAIfake") -> None:
         self.task_id = task_id
         self.base_url = "fake://backend/api"
+        self.has_secret_key = True
         self.answer = answer
         self.transient_failures = transient_failures
         self.attempts: List[Record] = []

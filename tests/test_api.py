@@ -349,6 +349,28 @@ def test_a_name_above_the_limit_is_cut_once_said_and_never_raises(task, capsys):
     assert capsys.readouterr().err.count(f"longer than {MAX_NAME_CHARS} characters") == 1
 
 
+def test_offline_mode_says_which_variable_is_missing_and_suggests_a_misspelt_one(tmp_path):
+    env = clean_environ(ANYLEARN_REPORTER_DIR=str(tmp_path / "runs"), ANYLEARN_TASKID=TASK_ID, ANYLEARN_SECRET_KEY=SECRET_KEY)
+    done = run_python("import reporter; reporter.report_metric(1.0)", env)
+    assert "offline mode: ANYLEARN_TASK_ID (or task_id) is not set (ANYLEARN_TASKID is set: did you mean ANYLEARN_TASK_ID?)" in done.stderr
+    assert SECRET_KEY not in done.stderr and "--task-id '<the task id>'" in done.stderr
+    only_id = run_python("import reporter; reporter.report_metric(1.0)",
+                         clean_environ(ANYLEARN_REPORTER_DIR=str(tmp_path / "runs"), ANYLEARN_TASK_ID=TASK_ID))
+    assert "offline mode: ANYLEARN_SECRET_KEY (or secret_key) is not set," in only_id.stderr
+    assert "task credentials" not in only_id.stderr
+
+
+def test_configuration_warnings_say_what_the_hook_does_about_them(tmp_path):
+    env = task_env(f"http://127.0.0.1:{free_port()}/api", str(tmp_path / "run"), ANYLEARN_SECRET_KEY="k\u00e9y\u20ac",
+                   ANYLEARN_FLUSH_TIMEOUT="soon")
+    done = run_python("import reporter; reporter.report_metric(float('nan'))", env)
+    assert "records are only journalled until it is fixed" in done.stderr
+    key_line = next(line for line in done.stderr.splitlines() if "HTTP header" in line)
+    assert "(using the default)" not in key_line  # a key that cannot be sent has no default
+    assert "ANYLEARN_FLUSH_TIMEOUT must be a number of seconds, 0 or more (or inf for no limit), not 'soon' (using the default)" in done.stderr
+    assert "the metric 'metric' is nan" in done.stderr and "metric metric" not in done.stderr
+
+
 # --- the hook's lifetime: a journal replaced under it, exit, ranks, forks, signal handlers ----------------
 
 _REPLACE_JOURNAL = """

@@ -80,3 +80,25 @@ def test_the_hook_says_there_is_no_journal_when_it_cannot_take_the_lock_of_a_run
     assert done.returncode == 0, done.stderr
     assert "cannot take the deliver lock" in done.stderr and "no journal there" in done.stderr
     assert "records stay in the journal" not in done.stderr
+
+
+def test_an_offline_report_makes_one_run_directory(tmp_path):
+    done = cli("report", "0.5", env=clean_environ(ANYLEARN_REPORTER_DIR=str(tmp_path / "runs")))
+    assert done.returncode == 0, done.stderr
+    (run_dir,) = (tmp_path / "runs").iterdir()
+    assert [r.value for _, r in iter_records(str(run_dir))] == [0.5]
+
+
+def test_show_into_a_closed_pipe_ends_quietly(tmp_path):
+    import subprocess
+    import sys
+
+    env = clean_environ(ANYLEARN_REPORTER_DIR=str(tmp_path / "runs"))
+    run_python("import reporter\nfor i in range(5000): reporter.report_metric(float(i), step=i)", env)
+    show = subprocess.Popen([sys.executable, "-m", "reporter", "show", "--metrics"], env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    assert show.stdout.readline()  # `| head -1`: read one line, then close the pipe
+    show.stdout.close()
+    err = show.stderr.read().decode()
+    assert show.wait(30) == 141  # 128 + SIGPIPE, as a shell tool killed by it
+    assert "Traceback" not in err and "BrokenPipeError" not in err, err

@@ -235,6 +235,16 @@ def test_the_hook_says_a_bad_task_id_once_and_journals_locally(tmp_path):
     assert run_dir.name.startswith("offline-") and (run_dir / "metrics.jsonl").read_text().count("\n") == 3
 
 
+def test_offline_reason_names_the_missing_variable_and_a_close_misspelling():
+    from reporter.config import offline_reason
+
+    misspelt = offline_reason({"ANYLEARN_TASKID": "TRAIx", "ANYLEARN_SECRET_KEY": "k"})
+    assert misspelt == "ANYLEARN_TASK_ID (or task_id) is not set (ANYLEARN_TASKID is set: did you mean ANYLEARN_TASK_ID?)"
+    assert offline_reason({"ANYLEARN_TASK_ID": "TRAIx"}) == "ANYLEARN_SECRET_KEY (or secret_key) is not set"
+    assert "did you mean secret_key?" in offline_reason({"task_id": "TRAIx", "secretkey": "k"})
+    assert "did you mean" not in offline_reason({"task_id": "TRAIx", "HOME": "/root", "ANYLEARN_SOMETHING_ELSE_ENTIRELY": "1"})
+
+
 @pytest.mark.parametrize("name", ["ANYLEARN_AUTH_TOKEN", "ANYLEARN_TOKEN"])
 def test_a_users_token_is_read_as_a_secret_under_the_sdks_name_or_the_old_one(name):
     config, problems = load_config({name: "tok-123456", "ANYLEARN_TASK_ID": "TRAIx", "ANYLEARN_BACKEND_URL": "http://127.0.0.1:1/api"})

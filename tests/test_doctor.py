@@ -43,3 +43,9 @@ def test_doctor_reports_an_unwritable_reporter_directory(tmp_path):
     blocker.write_text("x")
     done = cli("doctor", env=clean_environ(ANYLEARN_REPORTER_DIR=str(blocker / "runs")))
     assert done.returncode == 1 and "is not writable" in done.stdout
+
+
+def test_doctor_points_at_a_misspelt_variable(tmp_path):
+    done = cli("doctor", env=clean_environ(ANYLEARN_TASKID="TRAIx", ANYLEARN_REPORTER_DIR=str(tmp_path)))
+    assert done.returncode == 1
+    assert "ANYLEARN_TASKID is set: did you mean ANYLEARN_TASK_ID?" in done.stdout + done.stderr

@@ -23,7 +23,7 @@ def test_sync_progress_is_a_bar_on_a_terminal_and_plain_lines_otherwise():
     lines.update(5)
     lines.update(6)  # a plain line only every 5 s of a long delivery
     lines.update(12, force=True)  # and the last one; records journalled meanwhile do not count
-    assert plain.getvalue() == "/runs/offline-x: 10/10 records\n"
+    assert plain.getvalue() == "/runs/offline-x: 10/10 records delivered\n"
 
 
 def test_counts_by_reason_read_as_one_phrase():
@@ -32,3 +32,22 @@ def test_counts_by_reason_read_as_one_phrase():
     assert counted({"torn or invalid line": 1, "not the objective metric": 2}, "skipped") == (
         "3 skipped (2 not the objective metric, 1 torn or invalid line)")
     assert counted({"EFBIG": 4}) == "4 (4 EFBIG)"
+
+
+def test_sync_hint_is_the_complete_command_never_the_key():
+    from reporter.log import sync_hint
+
+    offline = sync_hint("/runs/offline-20261125-101500-abc123", env={})
+    assert offline == ("ANYLEARN_SECRET_KEY='<the task's secret key>' anylearn-reporter sync "
+                       "/runs/offline-20261125-101500-abc123 --task-id '<the task id>'")
+    with_key = sync_hint("/runs/TRAIx", "http://127.0.0.1:8080/api", env={"ANYLEARN_SECRET_KEY": "s3cret"})
+    assert with_key == "anylearn-reporter sync /runs/TRAIx --backend-url http://127.0.0.1:8080/api"
+    refused = sync_hint("/runs/TRAIx", env={"ANYLEARN_SECRET_KEY": "s3cret"}, new_key=True)
+    assert refused.startswith("ANYLEARN_SECRET_KEY='<the task's secret key>' ") and "s3cret" not in refused
+
+
+def test_one_record_is_singular(capsys):
+    from reporter.log import warn_pending
+
+    warn_pending(1, "/runs/TRAIx")
+    assert "1 record stays pending in /runs/TRAIx; deliver it with" in capsys.readouterr().err

@@ -4,6 +4,7 @@
 whatever the cause (a request stuck in flight, no deliverer at all), judged from the journal and cursor."""
 
 import json
+import re
 import os
 import subprocess
 import sys
@@ -57,16 +58,17 @@ def test_a_request_stuck_in_flight_makes_the_run_stale(tmp_path):
         stuck.stop()
 
 
-def test_records_left_pending_with_no_deliverer_make_an_ended_run_stale(tmp_path):
+def test_records_left_pending_with_no_deliverer_make_an_ended_run_unhealthy_at_once(tmp_path):
     run_dir = tmp_path / TASK_ID
     writer = JournalWriter(str(run_dir))
     writer.append("intermediate", 0.5, None, 1)
     writer.close()
     (run_dir / "summary.json").write_text(json.dumps({"task_id": TASK_ID, "state": 2, "ended": 1.0}))
     assert oldest_pending_ts(str(run_dir)) is not None
-    assert _status(run_dir, 1000)[0] == 0
-    info = wait_until(lambda: _unhealthy(run_dir, 0.2), 20, what="stale")
-    assert "no deliverer running" in info["health"] and info["deliverer_pid"] is None
+    code, info = _status(run_dir, 1000)  # not "ok" until --stale-after: nothing will deliver them
+    assert code == 1 and info["deliverer_pid"] is None
+    assert info["health"].startswith("1 record stays pending and no deliverer is running")
+    assert f"anylearn-reporter sync {run_dir}`" in info["health"]
 
 
 def test_nothing_pending_is_healthy_however_old_the_run(tmp_path):
@@ -142,7 +144,7 @@ def test_status_exit_codes(serve_process, tmp_path):
     JournalWriter(str(run_dir)).append("intermediate", 1.0, None, None)
     assert cli("status", str(tmp_path / "nothing")).returncode == 1
     unnamed = cli("status", env=clean_environ())
-    assert unnamed.returncode == 1 and "give RUN_DIR" in unnamed.stderr
+    assert unnamed.returncode == 2 and "give RUN_DIR" in unnamed.stderr
     pending = cli("status", str(run_dir))
     assert pending.returncode == 1 and "no deliverer is running" in pending.stdout
     env = _env(tmp_path, server.base_url)
@@ -164,7 +166,10 @@ def test_status_is_unhealthy_when_delivery_fails_for_too_long(tmp_path):
     try:
         wait_until(lambda: (tmp_path / TASK_ID / "status.json").exists() and "failing_since" in (tmp_path / TASK_ID / "status.json").read_text()
                    and json.loads((tmp_path / TASK_ID / "status.json").read_text())["failing_since"], 30, what="a failure")
-        assert cli("status", str(tmp_path / TASK_ID), "--stale-after", "1000").returncode == 0
+        retrying = cli("status", str(tmp_path / TASK_ID), "--stale-after", "1000")
+        assert retrying.returncode == 0  # for a probe: a live deliverer retries, until --stale-after
+        assert re.search(r"health:\s+retrying: delivery has failed for", retrying.stdout), retrying.stdout
+
         def failed_for_over_a_second():
             done = cli("status", str(tmp_path / TASK_ID), "--stale-after", "1")
             return done.returncode == 1 and "has failed for" in done.stdout
@@ -210,7 +215,8 @@ def test_show_on_a_broken_run_directory_reports_the_problems_without_failing(tmp
     assert done.returncode == 0, done.stderr
     assert "(!)" in done.stdout and "torn or invalid" in done.stdout and "status.json is not valid JSON" in done.stdout
     missing = cli("show", str(tmp_path / "no-such-run"), env=clean_environ())
-    assert missing.returncode == 0 and "not a directory" in missing.stdout
+    assert missing.returncode == 2 and missing.stdout == ""
+    assert missing.stderr.count("\n") == 1 and f"no run directory at {tmp_path / 'no-such-run'}" in missing.stderr
 
 
 def test_show_status_and_summary_never_fail_on_invalid_records_or_hand_edited_files(tmp_path):

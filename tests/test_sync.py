@@ -52,7 +52,7 @@ def test_sync_reads_the_key_from_a_file_and_the_task_from_the_directory_name(ser
     done = cli("sync", str(run_dir), "--backend-url", server.base_url, "--secret-key-file", str(key_file), env=clean_environ())
     assert done.returncode == 0, done.stderr
     assert server.task()["intermediate_metrics"] == [0.0, 1.0, 2.0]
-    assert f"{run_dir}: 6/6 records\n" in done.stderr  # the last plain progress line off a terminal
+    assert f"{run_dir}: 6/6 records delivered\n" in done.stderr  # the last plain progress line off a terminal
     assert f"{run_dir}: 6 delivered, 0 pending\n" in done.stdout
 
 
@@ -128,3 +128,16 @@ def test_a_run_directory_named_anything_syncs_to_the_task_its_own_files_record(s
     assert again.returncode == 0 and "nothing pending" in again.stdout, again.stderr
     other = cli("sync", str(run_dir), "--task-id", "TRAIsomeoneelse", "--backend-url", server.base_url, env=sync_env())
     assert other.returncode == 2 and "its own files say so" in other.stderr
+
+
+def test_sync_interrupted_by_ctrl_c_says_how_many_records_stay_pending(tmp_path):
+    run_dir = offline_run(tmp_path, 4)
+    args = [sys.executable, "-m", "reporter", "sync", str(run_dir), "--task-id", TASK_ID,
+            "--backend-url", f"http://127.0.0.1:{free_port()}/api"]  # nothing listens: it retries
+    syncing = subprocess.Popen(args, env=sync_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    wait_until(lambda: (run_dir / "deliver.lock").exists() and b"failing_since" in (run_dir / "status.json").read_bytes()
+               if (run_dir / "status.json").exists() else False, 30, what="sync to be retrying")
+    syncing.send_signal(signal.SIGINT)
+    _, err = syncing.communicate(timeout=30)
+    assert syncing.returncode == 130
+    assert f"interrupted: 7 records stay pending in {run_dir}; run the same command again to deliver the rest" in err, err

@@ -1,5 +1,6 @@
 """``anylearn-reporter run`` as a whole (the runner): a run from its directory to summary.json, against the local backend."""
 
+import json
 import os
 import re
 import subprocess
@@ -78,3 +79,94 @@ def test_drain_shows_a_progress_bar_on_a_terminal(tmp_path):
     text = seen.decode()
     assert re.search(r"\rrun \[\.{30}\] 0/5", text), text  # 3 metrics and 2 states, none delivered
     assert "5 records stay pending" in text
+
+
+def test_a_refused_key_under_the_wrapper_is_said_once_counted_once_and_only_the_wrapper_delivers(server, tmp_path):
+    from wrapperkit import start_wrapper
+
+    script = write_script(tmp_path, "child.py", """
+        import reporter
+        for i in range(5):
+            reporter.report_metric(float(i))
+    """)
+    env = run_env(server.base_url, tmp_path, ANYLEARN_SECRET_KEY="wrong-key-0000")
+    wrapper = start_wrapper(["--drain-timeout", "5", "--", sys.executable, script], env, tmp_path)
+    out, err = wrapper.communicate(timeout=120)
+    assert wrapper.returncode == 0, err
+    assert err.count("the backend refused the secret key") == 1, err
+    assert len(re.findall(r"\d+ records? stays? pending", err)) == 1, err
+    assert "7 records stay pending" in err  # 5 metrics and 2 states
+    assert re.search(r"7 records stay pending .*; deliver them with `ANYLEARN_SECRET_KEY='<the task's secret key>' anylearn-reporter sync", err)
+    assert "wrong-key-0000" not in err
+    status = json.loads((tmp_path / "run" / "status.json").read_text())
+    assert status["deliverer_pid"] == wrapper.pid
+
+
+def test_no_key_at_all_is_not_called_a_refused_key(server, tmp_path):
+    env = run_env(server.base_url, tmp_path)
+    del env["ANYLEARN_SECRET_KEY"]
+    done = cli("run", "--drain-timeout", "5", "--", sys.executable, "-c", "print('ANYLEARN_METRIC 1')", env=env, cwd=tmp_path)
+    assert "no secret key is set (ANYLEARN_SECRET_KEY or secret_key) and the backend requires one" in done.stderr
+    assert "refused the secret key" not in done.stderr
+
+
+def test_the_pending_hint_is_a_command_that_delivers(serve_process, tmp_path):
+    server = serve_process()
+    down = run_env(f"http://127.0.0.1:{free_port()}/api", tmp_path)
+    done = cli("run", "--drain-timeout", "0.5", "--", sys.executable, "-c", "print('ANYLEARN_METRIC 1')", env=down, cwd=tmp_path)
+    (hint,) = re.findall(r"deliver them with `([^`]*)`", done.stderr)
+    hint = hint.replace(down["ANYLEARN_BACKEND_URL"], server.base_url)  # the backend is back, at a new address
+    hint = hint.replace("anylearn-reporter", f"{sys.executable} -m reporter")  # this checkout's
+    again = subprocess.run(hint, shell=True, env=clean_environ(ANYLEARN_SECRET_KEY=SECRET_KEY), cwd=tmp_path,
+                           capture_output=True, text=True, timeout=60)
+    assert again.returncode == 0, again.stderr
+    assert server.task()["intermediate_metrics"] == [1.0]
+
+
+def test_ctrl_c_during_the_drain_stops_it_at_once_and_says_what_stays_pending(tmp_path):
+    import signal
+
+    from conftest import wait_until
+    from wrapperkit import start_wrapper
+
+    env = run_env(f"http://127.0.0.1:{free_port()}/api", tmp_path)
+    wrapper = start_wrapper(["--drain-timeout", "600", "--", sys.executable, "-c", "print('ANYLEARN_METRIC 1')"], env, tmp_path)
+    err_lines = []
+
+    def draining():
+        line = wrapper.stderr.readline()
+        err_lines.append(line)
+        return "waiting up to 600s (--drain-timeout, ANYLEARN_DRAIN_TIMEOUT) to deliver 3 records" in line
+
+    wait_until(draining, 60, what="the drain's first line")
+    wrapper.send_signal(signal.SIGINT)
+    _, rest = wrapper.communicate(timeout=30)  # not 600 s: the drain stopped
+    err = "".join(err_lines) + rest
+    assert wrapper.returncode == 0, err
+    assert "interrupted (SIGINT): stopped waiting for delivery" in err
+    assert "passing it to the command" not in err
+    assert "3 records stay pending in" in err and "anylearn-reporter sync" in err
+    assert summary(tmp_path)["records"]["pending"] == 3
+
+
+def test_sigterm_during_the_drain_says_there_is_no_command_to_pass_it_to_and_the_drain_goes_on(tmp_path):
+    import signal
+
+    from conftest import wait_until
+    from wrapperkit import start_wrapper
+
+    env = run_env(f"http://127.0.0.1:{free_port()}/api", tmp_path)
+    wrapper = start_wrapper(["--drain-timeout", "3", "--", sys.executable, "-c", "print('ANYLEARN_METRIC 1')"], env, tmp_path)
+    err_lines = []
+
+    def draining():
+        err_lines.append(wrapper.stderr.readline())
+        return "waiting up to 3s" in err_lines[-1]
+
+    wait_until(draining, 60, what="the drain's first line")
+    wrapper.send_signal(signal.SIGTERM)
+    _, rest = wrapper.communicate(timeout=60)
+    err = "".join(err_lines) + rest
+    assert "received SIGTERM after the command ended: nothing to pass on" in err
+    assert "passing it to the command" not in err
+    assert wrapper.returncode == 0 and summary(tmp_path)["state"] == 2  # the command's own ending stands

@@ -116,7 +116,8 @@ def test_an_existing_non_empty_output_directory_is_kept(tmp_path):
     env = clean_environ(ANYLEARN_REPORTER_DIR=str(tmp_path / "runs"))
     done = cli("run", "--", sys.executable, "-c", "pass", env=env, cwd=tmp_path)
     assert done.returncode == 0
-    assert done.stderr.count("exists and is not empty: keeping it") == 1
+    assert done.stderr.count(f"the output directory {tmp_path / 'output'} already holds files") == 1
+    assert "resumed task" not in done.stderr  # an offline run is a new run, not a resumed task
     assert (tmp_path / "output" / "checkpoint.pt").read_text() == "weights"
 
 
@@ -178,3 +179,4 @@ def test_a_run_directory_that_cannot_be_made_exits_2_naming_the_path_and_the_fix
     else:
         assert "Traceback" not in line and f"cannot make the run directory {path}:" in line and fix in line
     assert not marker.exists() and all(t["states"] == [] for t in server.backend.tasks())
+

@@ -296,7 +296,8 @@ def prepare_output_dir(path: str) -> None:
     """Make the output directory (keeping a non-empty one: a resumed task); ConfigError when it cannot be."""
     try:
         if os.path.isdir(path) and os.listdir(path):
-            get_logger().info("the output directory %s exists and is not empty: keeping it (a resumed task)", path)
+            get_logger().info("the output directory %s already holds files (an earlier run's?): they are kept, and the "
+                              "command may overwrite them", path)
         os.makedirs(path, exist_ok=True)
     except OSError as exc:
         raise ConfigError(f"cannot make the output directory {path}: {exc.strerror}; give --output another relative path") from None

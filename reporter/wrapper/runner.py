@@ -10,8 +10,10 @@ and write ``summary.json``.
 from __future__ import annotations
 
 import json
+import math
 import os
 import shlex
+import signal
 import time
 from typing import Any, Dict, Mapping, Optional
 
@@ -25,6 +27,7 @@ from ..config import (
     Config,
     ConfigError,
     load_config_strict,
+    offline_reason,
 )
 from ..journal import (
     COUNTER_LOG_WRITE_FAILED,
@@ -34,7 +37,7 @@ from ..journal import (
     atomic_write_json,
     count_pending,
 )
-from ..log import Progress, get_logger, say_offline, warn_pending
+from ..log import Progress, get_logger, records, say_offline, warn_pending
 from ..policy import SendRule
 from ..runinfo import read_run
 from ..runmeta import HOST_RUN, attempt_summary_file, mark_attempt, write_objective
@@ -78,6 +81,7 @@ class Run:
         self.deliverer: Any = None
         self.agent: Any = None  # a local task's heartbeat and log shipping (reporter/logship.py)
         self.drain_deadline: Optional[float] = None
+        self.drain_interrupted = False  # a Ctrl-C stopped the drain
         self.tensorboard: Optional[EventFileTailer] = None
         self.attempt: Optional[int] = None
 
@@ -121,7 +125,7 @@ class Run:
     def start_delivery(self) -> None:
         if self.config.offline:
             # No lock taken: a sidecar sharing the run directory may deliver while the command runs.
-            say_offline(self.run_dir)
+            say_offline(self.run_dir, offline_reason(self.env))
             return
         from ..deliver import build_deliverer
 
@@ -140,18 +144,33 @@ class Run:
         try:
             return self._drain_journal(deadline)
         finally:
-            if self.agent is not None:
-                self.agent.close(deadline - time.monotonic())
+            if self.agent is not None:  # after a Ctrl-C in the drain: no more waiting for the output either
+                self.agent.close(0 if self.drain_interrupted else deadline - time.monotonic())
 
     def _drain_journal(self, deadline: float) -> int:
         if self.deliverer is None:
             return count_pending(self.run_dir)
         total = count_pending(self.run_dir)
         progress = Progress(self.run_dir, total)
+        previous = signal.signal(signal.SIGINT, signal.default_int_handler)  # Ctrl-C: stop waiting at once
         try:
-            self.deliverer.drain(max(deadline - time.monotonic(), 0.0), lambda pending, _: progress.update(total - pending))
-        finally:
+            remaining = max(deadline - time.monotonic(), 0.0)
+            if total and not self.deliverer.paused_reason:
+                self.log.info(
+                    "the command has ended; waiting up to %gs (--drain-timeout, ANYLEARN_DRAIN_TIMEOUT) to deliver %s "
+                    "to %s; Ctrl-C stops waiting and leaves them for `anylearn-reporter sync`",
+                    math.ceil(remaining) if remaining >= 1 else remaining, records(total), self.config.backend_url,
+                )
+            self.deliverer.drain(remaining, lambda pending, _: progress.update(total - pending))
+        except KeyboardInterrupt:
             progress.finish()
+            self.log.warning("interrupted (SIGINT): stopped waiting for delivery")
+            self.deliverer.close(0)  # when the interrupt came before the drain began
+            self.drain_interrupted = True
+        else:
+            progress.finish()
+        finally:
+            signal.signal(signal.SIGINT, previous)
         return count_pending(self.run_dir)
 
     # -- the whole run --
@@ -182,7 +201,8 @@ class Run:
             self.writer.append(KIND_STATE, outcome.state, None, None)
             pending = self.drain()
         if pending:
-            warn_pending(pending, self.run_dir)
+            refused = self.deliverer is not None and (self.deliverer.paused_reason or "").startswith("auth")
+            warn_pending(pending, self.run_dir, self.config.backend_url, new_key=refused)
         try:
             self.write_summary(started, outcome, pending)
         except OSError as exc:

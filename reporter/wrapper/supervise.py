@@ -107,6 +107,9 @@ class Child:
 
     def handle_signal(self, signum: int, _frame: Any) -> None:
         """A stop signal to the wrapper: pass it to the command's group; SIGKILL after the grace period."""
+        if self.popen is not None and self.popen.returncode is not None:
+            self._log.info("received %s after the command ended: nothing to pass on", signal_name(signum))
+            return
         if self.stop_signal is None:
             self.stop_signal = signum
             self._kill_deadline = time.monotonic() + self.grace_period_s
