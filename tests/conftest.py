@@ -116,12 +116,15 @@ class ServeProcess:
             raise RuntimeError(f"serve did not start: {line!r} {self.proc.stderr.read()}")
         self.base_url = line.split(" at ", 1)[1].split()[0]
         self.root = self.base_url.rsplit("/api", 1)[0]
+        # With a token, serve's /_dev reads need it too: the harness reads with it.
+        self.token = args[args.index("--token") + 1] if "--token" in args else (env.get("ANYLEARN_AUTH_TOKEN") or env.get("ANYLEARN_TOKEN"))
 
     def get(self, path: str):
         import json
         import urllib.request
 
-        with urllib.request.urlopen(self.root + path, timeout=10) as answer:
+        headers = {"Authorization": f"Bearer {self.token}"} if self.token else {}
+        with urllib.request.urlopen(urllib.request.Request(self.root + path, headers=headers), timeout=10) as answer:
             return json.loads(answer.read())
 
     def task(self):
