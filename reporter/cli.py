@@ -48,7 +48,7 @@ def _task_arg(text: str) -> tuple:
 
 def _duration(*, positive: bool = False, unlimited: bool = True, unit: str = "seconds") -> Callable[[str], float]:
     """An argparse type for a duration option, checked by config's one rule (:func:`~reporter.config.duration_problem`)."""
-    from .config import MAX_DURATION_S, duration_problem
+    from .checks import MAX_DURATION_S, duration_problem
 
     def parse(text: str) -> float:
         problem = duration_problem(text.strip(), positive=positive, unlimited=unlimited, unit=unit)

@@ -8,6 +8,7 @@ import os
 from dataclasses import replace
 from typing import Dict, List, Mapping, Optional
 
+from .checks import read_text_file
 from .config import (
     ENV_BACKEND_URL,
     EXIT_PENDING,
@@ -16,7 +17,6 @@ from .config import (
     Secret,
     backend_url_problem,
     load_config_strict,
-    read_text_file,
     resolve_backend_url,
     secret_key_problem,
     task_id_problem,
