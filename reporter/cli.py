@@ -315,11 +315,8 @@ def _cmd_report(args: argparse.Namespace) -> int:
         print(f"anylearn-reporter: error: {problem}", file=sys.stderr)
         return EXIT_NOT_JOURNALLED
 
-    hook = api._get_hook()
-    api.report_metric(args.value, step=args.step, name=args.name, final=args.final)
-    if hook.writer.lost:  # the writer said why, once (e.g. ENOSPC): not again in the exit summary
-        hook.writer.lost.clear()
-        return EXIT_NOT_JOURNALLED
+    if not api.try_report_metric(args.value, step=args.step, name=args.name, final=args.final):
+        return EXIT_NOT_JOURNALLED  # the writer said why, once (e.g. ENOSPC)
     return EXIT_OK
 
 
