@@ -21,6 +21,7 @@ from .config import (
     ENV_FLUSH_TIMEOUT,
     ENV_OBJECTIVE_MODE,
     ENV_RANK,
+    ENV_REPORTER_DIR,
     ENV_REPORT_RANKS,
     ENV_REQUEST_TIMEOUT,
     ENV_RUN_DIR,
@@ -255,7 +256,7 @@ def _reporting_hook() -> Optional[_Hook]:
                     except Exception as exc:  # e.g. the working directory was deleted: journal under a temp dir
                         import tempfile
 
-                        config, problems = load_config({"ANYLEARN_REPORTER_DIR": tempfile.gettempdir()})
+                        config, problems = load_config({ENV_REPORTER_DIR: tempfile.gettempdir()})
                         problems.append(f"cannot read the configuration ({type(exc).__name__}: {exc})")
                     _hook = _Hook(config, problems)
                     if _exit_flushed:  # the first report comes from an atexit handler that runs after ours

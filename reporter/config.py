@@ -261,6 +261,11 @@ def _first(env: Mapping[str, str], *names: str) -> Optional[str]:
     return None
 
 
+def env_task_id(env: Optional[Mapping[str, str]] = None) -> Optional[str]:
+    """The task id the environment gives (``ANYLEARN_TASK_ID``, else the platform's ``task_id``), unchecked."""
+    return _first(os.environ if env is None else env, ENV_TASK_ID, ENV_TASK_ID_PLATFORM)
+
+
 def backend_url_problem(url: str, where: str = ENV_BACKEND_URL) -> Optional[str]:
     """Why ``url`` cannot be the backend's API base, in one line naming ``where`` and the fix; None when
     it can. A user name or password in it is never shown."""
@@ -339,7 +344,7 @@ def load_config(env: Optional[Mapping[str, str]] = None) -> Tuple[Config, List[s
     env = os.environ if env is None else env
     problems: List[str] = []
 
-    task_id = _first(env, ENV_TASK_ID, ENV_TASK_ID_PLATFORM)
+    task_id = env_task_id(env)
     key = _first(env, ENV_SECRET_KEY, ENV_SECRET_KEY_PLATFORM)
     key_problem = secret_key_problem(key, ENV_SECRET_KEY if env.get(ENV_SECRET_KEY, "").strip() else ENV_SECRET_KEY_PLATFORM)
     secret = Secret(key) if key and not key_problem else None
@@ -451,7 +456,7 @@ def offline_reason(env: Optional[Mapping[str, str]] = None) -> str:
     """Why a run is offline, naming the variables to set (and the misspelt ones that are set instead)."""
     env = os.environ if env is None else env
     why = []
-    task_id = _first(env, ENV_TASK_ID, ENV_TASK_ID_PLATFORM)
+    task_id = env_task_id(env)
     if not task_id:
         why.append(f"{ENV_TASK_ID} (or {ENV_TASK_ID_PLATFORM}) is not set")
     elif task_id_problem(task_id):

@@ -1,6 +1,7 @@
 """``anylearn-reporter sync RUN_DIR...``: deliver what a run left pending (an offline run, an outage, a
 rejected key). Resumable: interrupted and run again, each record still reaches the backend once
-(the cursor moves per record; a record in flight is resent with its ``Idempotency-Key``)."""
+(the cursor is saved at most every 50 ms and at stop; what was sent after it is resent with the same
+``Idempotency-Key``)."""
 
 from __future__ import annotations
 
