@@ -2,6 +2,7 @@
 policy (no redirects, a total deadline) and the retry policy."""
 
 import json as _json
+import re
 import socket
 import subprocess
 import sys
@@ -18,7 +19,6 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from reporter.client import (
-    MAX_ANSWER_BYTES,
     Answer,
     BackendClient,
     Outcome,
@@ -27,12 +27,12 @@ from reporter.client import (
     SendResult,
     TransientError,
     classify,
-    connection_settings,
     delivery_retrying,
     retry_after_seconds,
 )
 from reporter.config import Secret, load_config
 from reporter.journal import Record
+from reporter.transport import MAX_ANSWER_BYTES, connection_settings
 
 KEY = "k-very-secret-99"
 RECORD = Record("intermediate", 0.125, None, 3, 1.0, 0, 1, "abc-1")
@@ -153,21 +153,45 @@ def test_connection_errors_and_timeouts_are_transient_and_never_show_the_key(fak
         assert KEY not in str(info.value) and KEY not in repr(info.value)
 
 
-def test_proxy_and_ca_bundle_come_from_the_environment():
+def test_proxy_and_ca_bundle_come_from_the_environment(monkeypatch):
     env = {"HTTPS_PROXY": "http://proxy.test:3128", "NO_PROXY": "internal.test,10.0.0.0/8", "REQUESTS_CA_BUNDLE": "/etc/ssl/custom-ca.pem"}
-    assert connection_settings("https://backend.test/api", env) == ("http://proxy.test:3128", "/etc/ssl/custom-ca.pem")
-    assert connection_settings("https://api.internal.test/api", env).proxy is None  # NO_PROXY honoured, subdomains too
-    assert connection_settings("https://10.1.2.3/api", env).proxy is None  # and CIDR blocks
-    assert connection_settings("http://backend.test/api", env).proxy is None  # an https proxy is for https only
-    assert connection_settings("http://backend.test/api", {"http_proxy": "http://low:1", "HTTP_PROXY": "http://up:2"}).proxy == "http://low:1"
-    default = connection_settings("https://backend.test/api", {}).ca_bundle
-    assert default is None or default.endswith(".pem")  # certifi's bundle (requests' default), else the system's
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    assert connection_settings("https://backend.test/api") == ("http://proxy.test:3128", "/etc/ssl/custom-ca.pem")
+    assert connection_settings("https://api.internal.test/api").proxy is None  # NO_PROXY honoured, subdomains too
+    assert connection_settings("https://10.1.2.3/api").proxy is None  # and CIDR blocks
+    assert connection_settings("http://backend.test/api").proxy is None  # an https proxy is for https only
+    for name in env:
+        monkeypatch.delenv(name)
+    monkeypatch.setenv("http_proxy", "http://low:1")
+    monkeypatch.setenv("HTTP_PROXY", "http://up:2")
+    assert connection_settings("http://backend.test/api").proxy == "http://low:1"
+    monkeypatch.delenv("http_proxy")
+    monkeypatch.delenv("HTTP_PROXY")
+    monkeypatch.delenv("CURL_CA_BUNDLE", raising=False)  # the machine's own, if any
+    default = connection_settings("https://backend.test/api").ca_bundle
+    assert default is None or default.endswith(".pem")  # certifi's bundle, else the system's
 
 
-def test_a_plain_http_proxy_gets_the_absolute_url_and_its_own_credentials(fakes):
+def test_no_proxy_entries_with_a_port_match_the_effective_port(monkeypatch):
+    monkeypatch.setenv("http_proxy", "http://proxy.test:3128")
+    monkeypatch.setenv("no_proxy", "backend.test:80")
+    assert connection_settings("http://backend.test/api").proxy is None  # port 80 implied by the scheme
+    assert connection_settings("http://backend.test:8080/api").proxy == "http://proxy.test:3128"
+
+
+def test_transport_has_no_anylearn_word():
+    import reporter.transport
+
+    with open(reporter.transport.__file__, encoding="utf-8") as f:
+        text = f.read()
+    assert not re.findall(r"anylearn|secret-key|task|idempotency", text, flags=re.IGNORECASE)
+
+
+def test_a_plain_http_proxy_gets_the_absolute_url_and_its_own_credentials(fakes, monkeypatch):
     proxy = fakes()
-    client = BackendClient("http://backend.invalid:8080/api", "TRAIx", Secret(KEY),
-                           env={"http_proxy": f"http://user:p%40ss@127.0.0.1:{proxy.port}"})
+    monkeypatch.setenv("http_proxy", f"http://user:p%40ss@127.0.0.1:{proxy.port}")
+    client = BackendClient("http://backend.invalid:8080/api", "TRAIx", Secret(KEY))
     assert client.send(RECORD).outcome is Outcome.DELIVERED
     client.close()
     _, path, headers, _ = proxy.last()
@@ -175,9 +199,10 @@ def test_a_plain_http_proxy_gets_the_absolute_url_and_its_own_credentials(fakes)
     assert headers["Proxy-Authorization"] == "Basic dXNlcjpwQHNz"  # user:p@ss
 
 
-def test_an_ipv6_backend_through_a_plain_proxy_keeps_its_brackets(fakes):
+def test_an_ipv6_backend_through_a_plain_proxy_keeps_its_brackets(fakes, monkeypatch):
     proxy = fakes()
-    client = BackendClient("http://[::1]:9/api", "TRAIx", Secret(KEY), env={"http_proxy": f"http://127.0.0.1:{proxy.port}"})
+    monkeypatch.setenv("http_proxy", f"http://127.0.0.1:{proxy.port}")
+    client = BackendClient("http://[::1]:9/api", "TRAIx", Secret(KEY))
     assert client.send(RECORD).outcome is Outcome.DELIVERED
     client.close()
     _, path, headers, _ = proxy.last()
@@ -436,14 +461,14 @@ def test_a_key_the_backend_echoes_is_masked_in_every_message_file_and_status(fak
 def test_a_key_echoed_inside_json_escapes_is_masked_too():
     key = 'k"ey\\with-quotes'
     body = _json.dumps({"msg": f"bad key {key}"}).encode()  # the quote and backslash arrive escaped
-    answer = Answer(401, {}, body, "Unauthorized " + key, secret=key)
+    answer = Answer(401, {}, body, "Unauthorized " + key, redact=(key,))
     result = classify(answer)
     assert key not in result.reason and "***" in result.reason
     assert key not in answer.reason and key.encode() not in answer.body
 
 
 def test_a_users_token_is_masked_like_the_key():
-    answer = Answer(401, {"X-Echo": "tok-123456"}, b'{"msg": "bad token tok-123456"}', "no tok-123456", secret="k", also_secret="tok-123456")
+    answer = Answer(401, {"X-Echo": "tok-123456"}, b'{"msg": "bad token tok-123456"}', "no tok-123456", redact=("k", "tok-123456"))
     assert "tok-123456" not in classify(answer).reason + answer.reason + str(answer.header("X-Echo"))
     assert b"tok-123456" not in answer.body
 
