@@ -188,6 +188,15 @@ def test_transport_has_no_anylearn_word():
     assert not re.findall(r"anylearn|secret-key|task|idempotency", text, flags=re.IGNORECASE)
 
 
+def test_urllib_request_loads_only_when_a_proxy_variable_is_set():
+    code = "import sys, reporter.client as c; c.BackendClient('http://h.test/api', 'T', None); print('urllib.request' in sys.modules)"
+    env = {k: v for k, v in clean_environ().items() if not k.lower().endswith("_proxy")}
+    without = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=60)
+    with_proxy = subprocess.run([sys.executable, "-c", code], env={**env, "https_proxy": "http://127.0.0.1:9"},
+                                capture_output=True, text=True, timeout=60)
+    assert (without.stdout.strip(), with_proxy.stdout.strip()) == ("False", "True"), without.stderr + with_proxy.stderr
+
+
 def test_a_plain_http_proxy_gets_the_absolute_url_and_its_own_credentials(fakes, monkeypatch):
     proxy = fakes()
     monkeypatch.setenv("http_proxy", f"http://user:p%40ss@127.0.0.1:{proxy.port}")
