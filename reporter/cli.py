@@ -365,8 +365,8 @@ def _add_doctor(sub: argparse._SubParsersAction) -> None:
         help="check what a run would use and say what is wrong",
         formatter_class=_formatter,
         description=(
-            "Checks the task id and key (redacted), the backend URL and how it was resolved, DNS, a TCP connect, "
-            "an authenticated read, the clock, the reporter directory and its free space, torch and NVML. "
+            "Checks the task id and key (redacted), the backend URL and how it was resolved, the route (direct or "
+            "the proxy), DNS and TCP to the first hop, an authenticated read through that route, the clock, the reporter directory and its free space, torch and NVML. "
             "Exit 0 when a run would report, 1 otherwise."
         ),
         epilog="example:\n  anylearn-reporter doctor",

@@ -773,8 +773,7 @@ def build_deliverer(
     """A deliverer for ``config``'s task and run directory (the configuration must not be offline)."""
     if config.offline:
         raise ValueError("no backend or task id configured: offline runs are only journalled")
-    client = BackendClient(config.backend_url or "", config.task_id or "", config.secret_key,
-                           request_timeout_s=config.request_timeout_s)
+    client = BackendClient.from_config(config)
     options = DeliveryOptions(
         rule=SendRule.of(config),
         **option_overrides,

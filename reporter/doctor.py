@@ -11,10 +11,13 @@ import sys
 import tempfile
 import time
 from dataclasses import dataclass
-from typing import List, Mapping, Optional
+from typing import TYPE_CHECKING, List, Mapping, Optional
 from urllib.parse import urlsplit
 
 from .config import Config, ConfigError, check_backend_url, check_secret_key, load_config, misspelt_variables
+
+if TYPE_CHECKING:
+    from .client import BackendClient
 
 OK, WARN, FAIL, INFO = "ok", "warn", "FAIL", "info"
 CONNECT_TIMEOUT_S = 3.0
@@ -59,57 +62,66 @@ def _task_checks(config: Config, problems: List[str], env: Mapping[str, str]) ->
 
 
 def _network_checks(config: Config) -> List[Check]:
-    parts = urlsplit(config.backend_url or "")
-    host, port = parts.hostname or "", parts.port or (443 if parts.scheme == "https" else 80)
-    try:
-        addresses = sorted({str(a[4][0]) for a in socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)})
-    except socket.gaierror as exc:
-        return [Check(FAIL, "DNS", f"cannot resolve {host}: {exc.strerror}")]
-    checks = [Check(OK, "DNS", f"{host} -> {', '.join(addresses)}")]
-    try:
-        start = time.monotonic()
-        with socket.create_connection((host, port), timeout=CONNECT_TIMEOUT_S):
-            pass
-        checks.append(Check(OK, "TCP", f"connected to {host}:{port} in {1000 * (time.monotonic() - start):.0f} ms"))
-    except OSError as exc:
-        reason = exc.strerror or type(exc).__name__
-        checks.append(Check(FAIL, "TCP", f"cannot connect to {host}:{port}: {reason}"))
-        return checks
-    checks += _auth_check(config)
-    return checks
+    """The route (direct or the proxy), DNS and TCP to the first hop, then the authenticated check through
+    the same client a run would use (proxy, CONNECT tunnel, TLS, the deadline, no redirect followed)."""
+    from .client import BackendClient
 
-
-def _auth_check(config: Config) -> List[Check]:
-    """An authenticated read that changes nothing: GET /train_task/final_metric?id=<task>, through the
-    delivery client (so under its policy: no redirect followed, the total deadline)."""
-    from .client import BackendClient, TransientError, location_host
-
-    client = BackendClient(config.backend_url or "", config.task_id or "", config.secret_key,
-                           request_timeout_s=min(config.request_timeout_s, CHECK_TIMEOUT_S))
+    client = BackendClient.from_config(config, request_timeout_s=CHECK_TIMEOUT_S)
     try:
-        answer = client.read_final_metric()
-    except TransientError as exc:
-        return [Check(FAIL, "auth", f"the authenticated check failed: {exc.reason}")]
+        if client.setup_problem:
+            return [Check(FAIL, "proxy", client.setup_problem)]
+        host, port, via_proxy = client.first_hop
+        backend_host = urlsplit(config.backend_url or "").hostname or ""
+        if via_proxy:
+            route = f"through the proxy http://{host}:{port} (NO_PROXY does not cover {backend_host})"
+        else:
+            route = "direct (no proxy variable applies)"
+        checks = [Check(INFO, "route", route)]
+        label = "proxy " if via_proxy else ""
+        try:
+            addresses = sorted({str(a[4][0]) for a in socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)})
+        except socket.gaierror as exc:
+            return checks + [Check(FAIL, f"{label}DNS", f"cannot resolve {host}: {exc.strerror}")]
+        checks.append(Check(OK, f"{label}DNS", f"{host} -> {', '.join(addresses)}"))
+        try:
+            start = time.monotonic()
+            with socket.create_connection((host, port), timeout=CONNECT_TIMEOUT_S):
+                pass
+            checks.append(Check(OK, f"{label}TCP", f"connected to {host}:{port} in {1000 * (time.monotonic() - start):.0f} ms"))
+        except OSError as exc:
+            reason = exc.strerror or type(exc).__name__
+            checks.append(Check(FAIL, f"{label}TCP", f"cannot connect to {host}:{port}: {reason}"))
+            return checks
+        return checks + _auth_check(config, client)
     finally:
         client.close()
-    checks = []
-    status = answer.status
-    if 300 <= status < 400:
-        host = location_host(answer.header("Location"))
-        checks.append(Check(FAIL, "backend", f"{config.backend_url} answered HTTP {status} (redirect to {host}): redirects are "
-                            "never followed (the secret key would go along); set ANYLEARN_BACKEND_URL to the address that answers itself"))
-        return checks
-    if status in (401, 403):
+
+
+def _auth_check(config: Config, client: "BackendClient") -> List[Check]:
+    """An authenticated read that changes nothing: GET /train_task/final_metric?id=<task>, through the
+    delivery client (so under its policy: no redirect followed, the total deadline), its answer classified
+    as a delivery's would be."""
+    from .client import Outcome, TransientError, classify
+
+    try:
+        answer = client.read_final_metric()
+        result = classify(answer, optional_endpoint=True)
+    except TransientError as exc:
+        return [Check(FAIL, "auth", f"the authenticated check failed: {exc.reason}")]
+    status = result.status
+    if result.outcome is Outcome.REDIRECT:
+        return [Check(FAIL, "backend", f"{config.backend_url} answered HTTP {status} ({result.reason}): redirects are "
+                      "never followed (the secret key would go along); set ANYLEARN_BACKEND_URL to the address that answers itself")]
+    if result.outcome is Outcome.AUTH:
         refused = "the backend refused the secret key" if config.secret_key else "no secret key is set and the backend requires one"
-        checks.append(Check(FAIL, "auth", f"{refused} for task {config.task_id} (HTTP {status})"))
-    elif status in (404, 405):
-        checks.append(Check(INFO, "auth", f"the backend has no read endpoint to check the key with (HTTP {status})"))
-    elif answer.ok:
-        checks.append(Check(OK, "auth", f"the backend accepted the secret key for task {config.task_id}"))
+        check = Check(FAIL, "auth", f"{refused} for task {config.task_id} (HTTP {status})")
+    elif result.outcome is Outcome.UNSUPPORTED:
+        check = Check(INFO, "auth", f"the backend has no read endpoint to check the key with (HTTP {status})")
+    elif result.outcome is Outcome.DELIVERED:
+        check = Check(OK, "auth", f"the backend accepted the secret key for task {config.task_id}")
     else:
-        checks.append(Check(WARN, "auth", f"the backend answered HTTP {status}"))
-    checks.append(_clock_check(answer.header("Date")))
-    return checks
+        check = Check(WARN, "auth", f"the backend answered HTTP {status}: {result.reason}")
+    return [check, _clock_check(answer.header("Date"))]
 
 
 def _clock_check(server_date: Optional[str]) -> Check:

@@ -17,7 +17,7 @@ import threading
 import time
 from typing import Any, Callable, List, Optional
 
-from .client import BackendClient, Outcome, SendResult, TransientError, classify, delivery_retrying
+from .client import BackendClient, Outcome, Retrier, SendResult, TransientError, classify
 from .config import LOCAL_HEARTBEAT_INTERVAL_S, STDERR_LOG, STDOUT_LOG, Config
 from .log import get_logger
 
@@ -102,8 +102,7 @@ class LocalAgent:
 
     def __init__(self, config: Config, run_dir: str) -> None:
         def make() -> BackendClient:  # one per thread: a client serves one thread at a time
-            return BackendClient(config.backend_url or "", config.task_id or "", config.secret_key,
-                                 request_timeout_s=min(config.request_timeout_s, REQUEST_TIMEOUT_S), auth_token=config.auth_token)
+            return BackendClient.from_config(config, request_timeout_s=REQUEST_TIMEOUT_S, with_token=True)
 
         self.task_id = config.task_id or ""
         self.log = get_logger()
@@ -162,15 +161,13 @@ class LocalAgent:
                 raise TransientError(f"HTTP {result.status} {result.reason}", status=result.status)
             return result
 
-        def before_sleep(state: Any) -> None:
+        def on_retry(exc: TransientError) -> None:
             if not self._failing:
                 self._failing = True
-                exc = state.outcome.exception()
-                self.log.warning("shipping the command's output failed (%s: %s); will try again",
-                                 what, getattr(exc, "reason", type(exc).__name__))
+                self.log.warning("shipping the command's output failed (%s: %s); will try again", what, exc.reason)
 
         try:
-            result = delivery_retrying(self._stop, before_sleep=before_sleep)(attempt)
+            result = Retrier(self._stop).call(attempt, on_retry)  # tenacity loads at the first failure only
         except TransientError:
             return False  # stopped while retrying
         if self._failing:

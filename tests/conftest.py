@@ -48,7 +48,7 @@ def clean_environ(**extra: str) -> Dict[str, str]:
 @pytest.fixture(autouse=True)
 def _isolated_env(monkeypatch: pytest.MonkeyPatch, tmp_path) -> Iterator[None]:
     for name in list(os.environ):
-        if name.startswith(REPORTER_ENV_PREFIXES):
+        if name.startswith(REPORTER_ENV_PREFIXES) or name.lower().endswith("_proxy"):  # the machine's proxy is not the test's
             monkeypatch.delenv(name)
     monkeypatch.chdir(tmp_path)
     api._reset_for_tests()

@@ -178,7 +178,7 @@ def test_import_reporter_loads_no_http_stack():
     import subprocess
     import sys
 
-    code = "import sys, reporter; print(json.dumps(sorted(m for m in ('requests', 'tenacity', 'psutil', 'urllib3') if m in sys.modules)))"
+    code = "import sys, reporter; print(json.dumps(sorted(m for m in ('requests', 'tenacity', 'psutil', 'urllib3', 'http.client', 'urllib.request') if m in sys.modules)))"
     out = subprocess.run([sys.executable, "-c", "import json; " + code], capture_output=True, text=True, check=True).stdout
     assert json.loads(out) == []
 

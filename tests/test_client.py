@@ -2,6 +2,7 @@
 policy (no redirects, a total deadline) and the retry policy."""
 
 import json as _json
+import re
 import socket
 import subprocess
 import sys
@@ -18,19 +19,20 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from reporter.client import (
-    MAX_ANSWER_BYTES,
     Answer,
     BackendClient,
     Outcome,
+    RecordClient,
+    Retrier,
     SendResult,
     TransientError,
     classify,
-    connection_settings,
     delivery_retrying,
     retry_after_seconds,
 )
-from reporter.config import Secret
+from reporter.config import Secret, load_config
 from reporter.journal import Record
+from reporter.transport import MAX_ANSWER_BYTES, connection_settings
 
 KEY = "k-very-secret-99"
 RECORD = Record("intermediate", 0.125, None, 3, 1.0, 0, 1, "abc-1")
@@ -151,21 +153,54 @@ def test_connection_errors_and_timeouts_are_transient_and_never_show_the_key(fak
         assert KEY not in str(info.value) and KEY not in repr(info.value)
 
 
-def test_proxy_and_ca_bundle_come_from_the_environment():
+def test_proxy_and_ca_bundle_come_from_the_environment(monkeypatch):
     env = {"HTTPS_PROXY": "http://proxy.test:3128", "NO_PROXY": "internal.test,10.0.0.0/8", "REQUESTS_CA_BUNDLE": "/etc/ssl/custom-ca.pem"}
-    assert connection_settings("https://backend.test/api", env) == ("http://proxy.test:3128", "/etc/ssl/custom-ca.pem")
-    assert connection_settings("https://api.internal.test/api", env).proxy is None  # NO_PROXY honoured, subdomains too
-    assert connection_settings("https://10.1.2.3/api", env).proxy is None  # and CIDR blocks
-    assert connection_settings("http://backend.test/api", env).proxy is None  # an https proxy is for https only
-    assert connection_settings("http://backend.test/api", {"http_proxy": "http://low:1", "HTTP_PROXY": "http://up:2"}).proxy == "http://low:1"
-    default = connection_settings("https://backend.test/api", {}).ca_bundle
-    assert default is None or default.endswith(".pem")  # certifi's bundle (requests' default), else the system's
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    assert connection_settings("https://backend.test/api") == ("http://proxy.test:3128", "/etc/ssl/custom-ca.pem")
+    assert connection_settings("https://api.internal.test/api").proxy is None  # NO_PROXY honoured, subdomains too
+    assert connection_settings("https://10.1.2.3/api").proxy is None  # and CIDR blocks
+    assert connection_settings("http://backend.test/api").proxy is None  # an https proxy is for https only
+    for name in env:
+        monkeypatch.delenv(name)
+    monkeypatch.setenv("http_proxy", "http://low:1")
+    monkeypatch.setenv("HTTP_PROXY", "http://up:2")
+    assert connection_settings("http://backend.test/api").proxy == "http://low:1"
+    monkeypatch.delenv("http_proxy")
+    monkeypatch.delenv("HTTP_PROXY")
+    monkeypatch.delenv("CURL_CA_BUNDLE", raising=False)  # the machine's own, if any
+    default = connection_settings("https://backend.test/api").ca_bundle
+    assert default is None or default.endswith(".pem")  # certifi's bundle, else the system's
 
 
-def test_a_plain_http_proxy_gets_the_absolute_url_and_its_own_credentials(fakes):
+def test_no_proxy_entries_with_a_port_match_the_effective_port(monkeypatch):
+    monkeypatch.setenv("http_proxy", "http://proxy.test:3128")
+    monkeypatch.setenv("no_proxy", "backend.test:80")
+    assert connection_settings("http://backend.test/api").proxy is None  # port 80 implied by the scheme
+    assert connection_settings("http://backend.test:8080/api").proxy == "http://proxy.test:3128"
+
+
+def test_transport_has_no_anylearn_word():
+    import reporter.transport
+
+    with open(reporter.transport.__file__, encoding="utf-8") as f:
+        text = f.read()
+    assert not re.findall(r"anylearn|secret-key|task|idempotency", text, flags=re.IGNORECASE)
+
+
+def test_urllib_request_loads_only_when_a_proxy_variable_is_set():
+    code = "import sys, reporter.client as c; c.BackendClient('http://h.test/api', 'T', None); print('urllib.request' in sys.modules)"
+    env = {k: v for k, v in clean_environ().items() if not k.lower().endswith("_proxy")}
+    without = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=60)
+    with_proxy = subprocess.run([sys.executable, "-c", code], env={**env, "https_proxy": "http://127.0.0.1:9"},
+                                capture_output=True, text=True, timeout=60)
+    assert (without.stdout.strip(), with_proxy.stdout.strip()) == ("False", "True"), without.stderr + with_proxy.stderr
+
+
+def test_a_plain_http_proxy_gets_the_absolute_url_and_its_own_credentials(fakes, monkeypatch):
     proxy = fakes()
-    client = BackendClient("http://backend.invalid:8080/api", "TRAIx", Secret(KEY),
-                           env={"http_proxy": f"http://user:p%40ss@127.0.0.1:{proxy.port}"})
+    monkeypatch.setenv("http_proxy", f"http://user:p%40ss@127.0.0.1:{proxy.port}")
+    client = BackendClient("http://backend.invalid:8080/api", "TRAIx", Secret(KEY))
     assert client.send(RECORD).outcome is Outcome.DELIVERED
     client.close()
     _, path, headers, _ = proxy.last()
@@ -173,9 +208,10 @@ def test_a_plain_http_proxy_gets_the_absolute_url_and_its_own_credentials(fakes)
     assert headers["Proxy-Authorization"] == "Basic dXNlcjpwQHNz"  # user:p@ss
 
 
-def test_an_ipv6_backend_through_a_plain_proxy_keeps_its_brackets(fakes):
+def test_an_ipv6_backend_through_a_plain_proxy_keeps_its_brackets(fakes, monkeypatch):
     proxy = fakes()
-    client = BackendClient("http://[::1]:9/api", "TRAIx", Secret(KEY), env={"http_proxy": f"http://127.0.0.1:{proxy.port}"})
+    monkeypatch.setenv("http_proxy", f"http://127.0.0.1:{proxy.port}")
+    client = BackendClient("http://[::1]:9/api", "TRAIx", Secret(KEY))
     assert client.send(RECORD).outcome is Outcome.DELIVERED
     client.close()
     _, path, headers, _ = proxy.last()
@@ -226,6 +262,51 @@ def test_policy_stops_when_the_stop_event_is_set(fakes):
         delivery_retrying(stop, sleep=sleep)(client.send, RECORD)
     client.close()
     assert len(calls) == 3
+
+
+def test_retrier_replays_the_first_failure_then_backs_off_before_the_second_request(fakes):
+    server = fakes(answers=[(429, {"Retry-After": "7"}, b"{}"), (503, {}, b"{}"), (200, {}, b'{"msg": "ok"}')])
+    client = client_of(server)
+    slept, seen = [], []
+    retrier = Retrier(threading.Event(), sleep=slept.append, initial_backoff_s=0.5, max_backoff_s=30)
+    assert retrier.call(lambda: client.send(RECORD), seen.append).outcome is Outcome.DELIVERED
+    client.close()
+    assert server.count() == 3  # the first failure is not sent again before the backoff
+    assert slept[0] == 7.0 and 0 <= slept[1] <= 1.0
+    assert [type(e) for e in seen] == [TransientError, TransientError]  # the exception, never tenacity's state
+    assert [e.status for e in seen] == [429, 503]
+
+
+def test_retrier_does_not_load_tenacity_or_call_on_retry_when_the_first_try_succeeds():
+    seen = []
+    retrier = Retrier(threading.Event(), sleep=seen.append)
+    assert retrier.call(lambda: "done", seen.append) == "done"
+    assert seen == [] and retrier._retrying is None
+
+
+def test_retrier_raises_the_transient_error_once_stopped():
+    stop = threading.Event()
+    attempts, seen = [], []
+
+    def attempt():
+        attempts.append(1)
+        raise TransientError("HTTP 503", status=503)
+
+    def sleep(_seconds):
+        if len(seen) == 3:
+            stop.set()
+
+    with pytest.raises(TransientError):
+        Retrier(stop, sleep=sleep).call(attempt, seen.append)
+    assert len(seen) == 3 and len(attempts) == 4
+
+
+def test_the_fake_and_the_real_client_are_record_clients():
+    from fakes import FakeClient
+
+    client = BackendClient("http://127.0.0.1:9/api", "T", None)
+    assert isinstance(FakeClient(), RecordClient) and isinstance(client, RecordClient)
+    client.close()
 
 
 # --- hardening against real loopback servers (issue 10) -------------------------------------------
@@ -281,11 +362,9 @@ def test_a_dribbling_answer_is_cut_at_the_total_deadline(fakes):
     assert isinstance(exc, TransientError) and "deadline" in exc.reason and SECRET_KEY not in str(exc)
 
 
-def test_request_timeout_comes_from_the_environment(monkeypatch):
-    monkeypatch.setenv("ANYLEARN_REQUEST_TIMEOUT", "2.5")
-    assert BackendClient("http://127.0.0.1:9/api", "T", None).request_timeout_s == 2.5
-    monkeypatch.setenv("ANYLEARN_REQUEST_TIMEOUT", "soon")
-    assert BackendClient("http://127.0.0.1:9/api", "T", None).request_timeout_s == 30.0
+def test_request_timeout_comes_from_the_environment():
+    assert BackendClient.from_config(load_config({"ANYLEARN_REQUEST_TIMEOUT": "2.5"})[0]).request_timeout_s == 2.5
+    assert BackendClient.from_config(load_config({"ANYLEARN_REQUEST_TIMEOUT": "soon"})[0]).request_timeout_s == 30.0
 
 
 @pytest.mark.parametrize("retry_after", ["0", "-5", "Wed, 21 Oct 2015 07:28:00 GMT"])
@@ -391,14 +470,14 @@ def test_a_key_the_backend_echoes_is_masked_in_every_message_file_and_status(fak
 def test_a_key_echoed_inside_json_escapes_is_masked_too():
     key = 'k"ey\\with-quotes'
     body = _json.dumps({"msg": f"bad key {key}"}).encode()  # the quote and backslash arrive escaped
-    answer = Answer(401, {}, body, "Unauthorized " + key, secret=key)
+    answer = Answer(401, {}, body, "Unauthorized " + key, redact=(key,))
     result = classify(answer)
     assert key not in result.reason and "***" in result.reason
     assert key not in answer.reason and key.encode() not in answer.body
 
 
 def test_a_users_token_is_masked_like_the_key():
-    answer = Answer(401, {"X-Echo": "tok-123456"}, b'{"msg": "bad token tok-123456"}', "no tok-123456", secret="k", also_secret="tok-123456")
+    answer = Answer(401, {"X-Echo": "tok-123456"}, b'{"msg": "bad token tok-123456"}', "no tok-123456", redact=("k", "tok-123456"))
     assert "tok-123456" not in classify(answer).reason + answer.reason + str(answer.header("X-Echo"))
     assert b"tok-123456" not in answer.body
 

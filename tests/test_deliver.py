@@ -154,9 +154,10 @@ def test_a_refused_key_or_a_redirect_pauses_delivery_and_keeps_every_record_pend
     assert json.loads((tmp_path / "status.json").read_text())["paused"] == deliverer.paused_reason
 
 
-def test_a_proxy_the_client_cannot_speak_pauses_delivery_once_instead_of_retrying_for_ever(server, tmp_path, capsys):
+def test_a_proxy_the_client_cannot_speak_pauses_delivery_once_instead_of_retrying_for_ever(server, tmp_path, capsys, monkeypatch):
     journal(tmp_path, [1.0, 2.0])
-    client = BackendClient(server.base_url, TASK_ID, Secret(SECRET_KEY), env={"ALL_PROXY": "socks5://127.0.0.1:1080"})
+    monkeypatch.setenv("ALL_PROXY", "socks5://127.0.0.1:1080")
+    client = BackendClient(server.base_url, TASK_ID, Secret(SECRET_KEY))
     deliverer, drained = deliver_with(tmp_path, client)
     assert not drained and deliverer.paused_reason.startswith("setup: the proxy is a socks5:// URL")
     assert count_pending(str(tmp_path)) == 2 and server.backend.tasks()[0]["intermediate_metrics"] == []  # nothing sent or lost

@@ -3,11 +3,15 @@
 
 from conftest import (
     SECRET_KEY,
+    TASK_ID,
     clean_environ,
     cli,
     free_port,
     task_env,
 )
+from httpfakes import FakeServer
+
+from reporter.doctor import FAIL, OK, run_checks
 
 
 def test_doctor_passes_against_serve_with_the_right_key(server, tmp_path):
@@ -49,3 +53,31 @@ def test_doctor_points_at_a_misspelt_variable(tmp_path):
     done = cli("doctor", env=clean_environ(ANYLEARN_TASKID="TRAIx", ANYLEARN_REPORTER_DIR=str(tmp_path)))
     assert done.returncode == 1
     assert "ANYLEARN_TASKID is set: did you mean ANYLEARN_TASK_ID?" in done.stdout + done.stderr
+
+
+def _proxied_backend_env(tmp_path):
+    return {"ANYLEARN_BACKEND_URL": "http://backend.invalid/api", "ANYLEARN_TASK_ID": TASK_ID,
+            "ANYLEARN_SECRET_KEY": SECRET_KEY, "ANYLEARN_REPORTER_DIR": str(tmp_path)}
+
+
+def test_doctor_reaches_the_backend_through_the_proxy(tmp_path, monkeypatch):
+    proxy = FakeServer().start()
+    try:
+        monkeypatch.setenv("http_proxy", f"http://127.0.0.1:{proxy.port}")
+        checks = run_checks(_proxied_backend_env(tmp_path))  # resolving backend.invalid would fail the test
+    finally:
+        proxy.stop()
+    by_subject = {c.subject: c for c in checks}
+    assert [c for c in checks if c.level == FAIL] == []
+    assert by_subject["auth"].level == OK
+    assert f"through the proxy http://127.0.0.1:{proxy.port}" in by_subject["route"].text
+    assert by_subject["proxy TCP"].level == OK
+    method, path, headers, _ = proxy.last()
+    assert (method, path) == ("GET", f"http://backend.invalid:80/api/train_task/final_metric?id={TASK_ID}")
+    assert headers["Secret-Key"] == SECRET_KEY  # to the backend, through the proxy that was configured
+
+
+def test_doctor_fails_on_a_proxy_it_cannot_speak(tmp_path, monkeypatch):
+    monkeypatch.setenv("ALL_PROXY", "socks5://127.0.0.1:1080")
+    (failed,) = [c for c in run_checks(_proxied_backend_env(tmp_path)) if c.level == FAIL]
+    assert failed.subject == "proxy" and "socks5://" in failed.text

@@ -240,7 +240,7 @@ def _interpreter_for(user, work):
     if system:
         site = os.path.join(work, "site")
         os.makedirs(site, exist_ok=True)
-        for name in ("requests", "urllib3", "idna", "charset_normalizer", "certifi", "tenacity", "psutil"):
+        for name in ("certifi", "tenacity", "psutil"):
             try:
                 module = importlib.import_module(name)
             except ImportError:
@@ -250,7 +250,7 @@ def _interpreter_for(user, work):
         candidates.append((system, os.pathsep.join(p for p in (here, site) if p)))
     for exe, path in candidates:
         try:
-            probe = subprocess.run([exe, "-c", "import reporter.deliver, requests, tenacity"], env={**clean_environ(), "PYTHONPATH": path},
+            probe = subprocess.run([exe, "-c", "import reporter.deliver, tenacity"], env={**clean_environ(), "PYTHONPATH": path},
                                    cwd=work, capture_output=True, user=user.pw_uid, group=user.pw_gid, extra_groups=[], timeout=60)
         except OSError:  # the user cannot even execute it
             continue
