@@ -7,12 +7,9 @@ import stat
 from typing import Optional, Tuple
 
 from .config import CURSOR_FILE, JOURNAL_FILE
-from .log import get_logger
+from .log import get_logger, say_once
 from .osutil import atomic_write, count_lines
 from .reader import journal_head
-
-_said_stale_cursor: set = set()
-
 
 def load_cursor_state(run_dir: str) -> Tuple[int, Optional[int]]:
     """The acknowledged byte offset and the mark of the journal it belongs to (:func:`journal_head`; None
@@ -56,15 +53,12 @@ def load_cursor_state(run_dir: str) -> Tuple[int, Optional[int]]:
         finally:
             os.close(fd)
     if offset > size:
-        if (path, offset, "past") not in _said_stale_cursor:  # flush() of a deliverer without the lock polls this
-            _said_stale_cursor.add((path, offset, "past"))
-            get_logger().warning("the cursor %s points past the journal's end (the journal was truncated: a new "
-                                 "journal); delivering it from its start", path)
+        say_once((path, offset, "past"), "the cursor %s points past the journal's end (the journal was truncated: "
+                 "a new journal); delivering it from its start", path)  # flush() without the lock polls this
         return 0, None
     if head is not None and head != journal_mark:
-        if (path, head) not in _said_stale_cursor:  # flush() of a deliverer without the lock polls this
-            _said_stale_cursor.add((path, head))
-            get_logger().warning("the cursor %s belongs to an earlier journal (it was replaced); delivering the journal from its start", path)
+        say_once((path, head), "the cursor %s belongs to an earlier journal (it was replaced); delivering the "
+                 "journal from its start", path)  # flush() of a deliverer without the lock polls this
         return 0, None
     return offset, head
 

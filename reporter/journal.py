@@ -20,19 +20,12 @@ from typing import Any, Callable, Deque, Dict, Iterator, Optional, Tuple
 
 from .config import JOURNAL_FILE, REJECTED_FILE
 from .ledger import COUNTER_LOST, HostCounters
-from .log import get_logger
+from .log import get_logger, say_once
 from .osutil import register_fork_hook, whole_lines_end
 from .record import MAX_NAME_CHARS, Record, clean_name, step_in_range
 
 MAX_CACHED_NAMES = 4096  # the writer keeps this many names' JSON text at most
 JOURNAL_CHECK_INTERVAL_S = 0.25  # how often a writer looks whether its path still names its file (not per report)
-_said: set = set()
-
-
-def _say_once(message: str) -> None:
-    if message not in _said:
-        _said.add(message)
-        get_logger().warning("%s (said once)", message)
 
 
 class JournalWriter:
@@ -196,12 +189,13 @@ class JournalWriter:
         if name_json is None:
             cleaned = name if name is None else clean_name(name)
             if cleaned is not None and len(cleaned) < len(name):  # type: ignore[arg-type]
-                _say_once(f"a metric name longer than {MAX_NAME_CHARS} characters was journalled cut to its first {MAX_NAME_CHARS}")
+                say_once("name cut", "a metric name longer than %d characters was journalled cut to its first %d (said once)",
+                         MAX_NAME_CHARS, MAX_NAME_CHARS)
             if len(self._names) >= MAX_CACHED_NAMES:  # a name per step must not grow the process for ever
                 self._names.clear()
             name_json = self._names[name] = json.dumps(cleaned)
         if step is not None and not step_in_range(step):
-            _say_once("a step beyond a 64-bit integer was journalled as null")
+            say_once("step null", "a step beyond a 64-bit integer was journalled as null (said once)")
             step = None
         if value is None or value - value != 0:  # NaN and +-inf fail x - x == 0
             value_text = "null"
