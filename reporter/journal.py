@@ -162,7 +162,7 @@ class JournalWriter:
 
     def count_lost(self, reason: str) -> None:
         """Count one record that could not be journalled (warned about once per reason)."""
-        if self.counters.count(COUNTER_LOST, reason):
+        if self.counters.record_lost(reason):
             get_logger().warning("a record could not be journalled in %s: %s", self.run_dir, reason)
 
     def append(

@@ -36,7 +36,7 @@ class HostCounters:
         """The live ``{reason: count}`` dict of one category."""
         return self.values.setdefault(name, {})
 
-    def count(self, category: str, reason: str, n: int = 1) -> bool:
+    def record_lost(self, reason: str, n: int = 1, *, category: str = COUNTER_LOST) -> bool:
         """Add ``n`` to ``category``/``reason``; True when that reason is new (say it once)."""
         counts = self.category(category)
         first = reason not in counts
@@ -47,6 +47,11 @@ class HostCounters:
             self._saved_at = now
             self.save()
         return first
+
+    def count(self, category: str, reason: str, n: int = 1) -> bool:
+        """TEMPORARY alias of :meth:`record_lost` for callers on other branches (issue 17); removed with
+        journal.py's façade."""
+        return self.record_lost(reason, n, category=category)
 
     def save(self) -> None:
         """Write the counters file now (if anything was counted); never raises."""
