@@ -244,7 +244,7 @@ def append_rejected(run_dir: str, record: Record, status: int, reason: str) -> N
 
 # TEMPORARY façade (issue 17): the names that moved out of this module, so importers on other branches keep
 # working until every track is merged; the lead removes it then.
-from .cursor import count_pending, load_cursor, load_cursor_state, save_cursor  # noqa: E402,F401
+from .cursor import count_pending, save_cursor  # noqa: E402,F401
 from .ledger import (  # noqa: E402,F401
     COUNTER_LOG_WRITE_FAILED,
     COUNTER_UNREADABLE,
@@ -276,7 +276,20 @@ from .record import (  # noqa: E402,F401
     RECORD_KINDS,
     check_record,
     metric_number,
-    parse_line,
     read_line,
 )
-from .runlock import DeliverLock, lock_holder_pid  # noqa: E402,F401
+from .runlock import RunLock, lock_holder_pid  # noqa: E402,F401
+
+DeliverLock = RunLock
+
+
+def load_cursor_state(run_dir: str) -> Tuple[int, Optional[int]]:
+    """TEMPORARY (façade): :func:`reporter.cursor.load_cursor` as the old tuple."""
+    from .cursor import load_cursor as _load
+
+    return tuple(_load(run_dir))  # type: ignore[return-value]
+
+
+def load_cursor(run_dir: str) -> int:
+    """TEMPORARY (façade): the old int-returning ``load_cursor``; use ``reporter.cursor.load_cursor(...).offset``."""
+    return load_cursor_state(run_dir)[0]

@@ -18,6 +18,7 @@ MAX_LINE_BYTES = 1 << 20  # far above any line a writer makes (a name is cut to 
 INVALID_TOO_LONG = f"line longer than {MAX_LINE_BYTES} bytes"
 INVALID_NOT_REGULAR = "the journal is not a regular file"
 HEAD_BYTES = 4096
+DEFAULT_BATCH = 10_000  # lines per read of iter_entries: one list of this many entries at most in memory
 
 
 @dataclass
@@ -96,12 +97,6 @@ class JournalReader:
         self._head = None
         self._ensure_open()
 
-    def size(self) -> int:
-        """Current size of the journal in bytes (0 when it does not exist yet)."""
-        if not self._ensure_open():
-            return 0
-        return os.fstat(self._fd).st_size
-
     def read_available(self, max_records: int = 1000) -> List[JournalEntry]:
         """Return the whole lines after :attr:`offset` (advancing it), at most ``max_records``.
 
@@ -176,6 +171,15 @@ class JournalReader:
             self._head = journal_head(self._fd)  # once per file: its first line is whole now
         return entries
 
+    def entries(self, batch: int = DEFAULT_BATCH) -> Iterator[JournalEntry]:
+        """Every whole line after :attr:`offset` up to the end there is now, ``batch`` lines a read: the one
+        read-until-empty loop (a deliverer that follows the file as it grows has its own)."""
+        while True:
+            entries = self.read_available(batch)
+            if not entries:
+                return
+            yield from entries
+
     def _restart_truncated(self) -> None:
         """The journal is shorter than the offset, or no longer has a line end there: it was truncated in
         place (logrotate's ``copytruncate``), so it is a new journal, read from its start."""
@@ -213,20 +217,22 @@ class JournalReader:
             self._fd = -1
 
 
+def iter_entries(run_dir: str, offset: int = 0, batch: int = DEFAULT_BATCH) -> Iterator[JournalEntry]:
+    """Every whole line of a run's journal after ``offset``, invalid ones included (their ``record`` is
+    None); the reader is closed when the iteration ends or is abandoned."""
+    reader = JournalReader(run_dir, offset)
+    try:
+        yield from reader.entries(batch)
+    finally:
+        reader.close()
+
+
 def iter_records(run_dir: str) -> Iterator[Tuple[int, Record]]:
     """Every whole, valid record of a run's journal with its end offset (for tools and tests); invalid
     lines are left out."""
-    reader = JournalReader(run_dir)
-    try:
-        while True:
-            entries = reader.read_available()
-            if not entries:
-                return
-            for entry in entries:
-                if entry.record is not None:
-                    yield entry.end_offset, entry.record
-    finally:
-        reader.close()
+    for entry in iter_entries(run_dir):
+        if entry.record is not None:
+            yield entry.end_offset, entry.record
 
 
 def journal_head(fd: int) -> int:

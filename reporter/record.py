@@ -165,11 +165,6 @@ def read_line(line: bytes) -> Tuple[Optional[Record], Optional[str], bool]:
     return None, INVALID_NOT_JSON, True
 
 
-def parse_line(line: bytes) -> Tuple[Optional[Record], bool]:
-    """Parse a journal line into (a valid record or None, torn); see :func:`read_line`."""
-    record, problem, torn = read_line(line)
-    return record, torn or (problem is not None)
-
 _NOT_JSON = object()
 
 

@@ -10,9 +10,9 @@ from .config import LOCK_FILE
 from .osutil import register_fork_hook
 
 
-class DeliverLock:
-    """``flock`` on ``deliver.lock``: at most one deliverer per run directory at a time (another file name
-    gives another role one holder per run, e.g. the reader of TensorBoard event files).
+class RunLock:
+    """``flock`` on a file of the run directory: one holder of a role per run at a time. ``deliver.lock``
+    (the default) is the deliverer's; another file name is another role (the TensorBoard reader's).
 
     The holder writes its pid into the file. A forked child inherits the descriptor but never the role:
     it closes its copy after fork, and only the process that took the lock releases it.
@@ -23,7 +23,7 @@ class DeliverLock:
         self.path = os.path.join(run_dir, file_name)
         self._fd = -1
         self._owner_pid = -1
-        register_fork_hook(self, DeliverLock._forget_after_fork)
+        register_fork_hook(self, RunLock._forget_after_fork)
 
     @property
     def held(self) -> bool:
