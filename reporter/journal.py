@@ -242,45 +242,30 @@ def append_rejected(run_dir: str, record: Record, status: int, reason: str) -> N
         os.close(fd)
 
 
-# TEMPORARY façade (issue 17): the names that moved out of this module, so importers on other branches keep
-# working until every track is merged; the lead removes it then.
-from .cursor import count_pending, save_cursor  # noqa: E402,F401
-from .ledger import (  # noqa: E402,F401
-    COUNTER_LOG_WRITE_FAILED,
-    COUNTER_UNREADABLE,
-    COUNTERS_FILE_GLOB,
-    COUNTERS_SAVE_INTERVAL_S,
-    read_host_counters,
-)
-from .osutil import atomic_write, atomic_write_json, count_lines, is_regular_file, read_json  # noqa: E402,F401
-from .reader import (  # noqa: E402,F401
-    HEAD_BYTES,
-    INVALID_NOT_REGULAR,
-    INVALID_TOO_LONG,
-    MAX_LINE_BYTES,
-    JournalEntry,
-    JournalReader,
-    iter_records,
-    journal_end,
-    journal_head,
-)
-from .record import (  # noqa: E402,F401
-    INVALID_NOT_JSON,
-    KIND_FINAL,
-    KIND_INTERMEDIATE,
-    KIND_STATE,
-    MAX_KEY_CHARS,
-    MAX_STEP,
-    MAX_TS,
-    RECORD_FIELDS,
-    RECORD_KINDS,
-    check_record,
-    metric_number,
-    read_line,
-)
-from .runlock import RunLock, lock_holder_pid  # noqa: E402,F401
+# TEMPORARY façade (issue 17): the names that moved out of this module, loaded on first use (PEP 562), so
+# importers on other branches keep working until every track is merged; the lead removes it then.
+_MOVED = {
+    **dict.fromkeys(("count_pending", "save_cursor"), "cursor"),
+    **dict.fromkeys(("COUNTER_LOG_WRITE_FAILED", "COUNTER_UNREADABLE", "COUNTERS_FILE_GLOB",
+                     "COUNTERS_SAVE_INTERVAL_S", "read_host_counters"), "ledger"),
+    **dict.fromkeys(("atomic_write", "atomic_write_json", "count_lines", "is_regular_file", "read_json"), "osutil"),
+    **dict.fromkeys(("HEAD_BYTES", "INVALID_NOT_REGULAR", "INVALID_TOO_LONG", "MAX_LINE_BYTES", "JournalEntry",
+                     "JournalReader", "iter_records", "journal_end", "journal_head"), "reader"),
+    **dict.fromkeys(("INVALID_NOT_JSON", "KIND_FINAL", "KIND_INTERMEDIATE", "KIND_STATE", "MAX_KEY_CHARS", "MAX_STEP",
+                     "MAX_TS", "RECORD_FIELDS", "RECORD_KINDS", "check_record", "metric_number", "read_line"), "record"),
+    **dict.fromkeys(("RunLock", "lock_holder_pid"), "runlock"),
+}
 
-DeliverLock = RunLock
+
+def __getattr__(name: str) -> Any:
+    if name == "DeliverLock":
+        name = "RunLock"
+    module = _MOVED.get(name)
+    if module is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    import importlib
+
+    return getattr(importlib.import_module(f"{__package__}.{module}"), name)
 
 
 def load_cursor_state(run_dir: str) -> Tuple[int, Optional[int]]:
