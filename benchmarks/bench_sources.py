@@ -28,7 +28,8 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from bench_core import machine, publish  # noqa: E402
 
-from reporter.journal import JournalWriter, count_lines  # noqa: E402
+from reporter.journal import JournalWriter  # noqa: E402
+from reporter.osutil import count_lines  # noqa: E402
 from reporter.tbevents import EventFileTailer, crc32c, frame_record, read_scalars  # noqa: E402
 
 

@@ -25,7 +25,7 @@ from typing import Any, Callable, Dict, List, Mapping, NamedTuple, Optional, Tup
 from urllib.parse import quote, quote_plus, unquote, urlencode, urlsplit
 
 from .config import DEFAULT_REQUEST_TIMEOUT_S, ENV_REQUEST_TIMEOUT, Secret, request_timeout
-from .journal import KIND_FINAL, KIND_INTERMEDIATE, KIND_STATE, Record
+from .record import KIND_FINAL, KIND_INTERMEDIATE, KIND_STATE, Record
 
 RETRYABLE_STATUSES = frozenset({408, 425, 429, 500, 502, 503, 504})
 AUTH_STATUSES = frozenset({401, 403})

@@ -10,7 +10,7 @@ from conftest import (
     task_env,
 )
 
-from reporter.journal import iter_records
+from reporter.reader import iter_records
 
 COMMANDS = ["run", "sidecar", "sync", "report", "show", "status", "doctor", "serve"]
 

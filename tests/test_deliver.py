@@ -19,9 +19,9 @@ from hypothesis import strategies as st
 
 from reporter.client import BackendClient, Outcome, SendResult, TransientError
 from reporter.config import Secret
+from reporter.cursor import count_pending, load_cursor
 from reporter.deliver import Deliverer, DeliveryOptions
 from reporter.emulator.server import Faults
-from reporter.cursor import count_pending, load_cursor
 from reporter.journal import JournalWriter
 from reporter.policy import SendRule
 

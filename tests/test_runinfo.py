@@ -7,7 +7,8 @@ import time
 from fakes import FakeClient
 
 from reporter.deliver import Deliverer, DeliveryOptions
-from reporter.journal import COUNTER_LOST, HostCounters, JournalWriter
+from reporter.journal import JournalWriter
+from reporter.ledger import COUNTER_LOST, HostCounters
 from reporter.policy import SendRule
 from reporter.runinfo import find_runs, read_run
 

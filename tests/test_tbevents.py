@@ -14,7 +14,9 @@ from conftest import cli, task_env, wait_until
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from reporter.journal import JournalWriter, iter_records, read_host_counters
+from reporter.journal import JournalWriter
+from reporter.ledger import read_host_counters
+from reporter.reader import iter_records
 from reporter.tbevents import (
     EventFileTailer,
     RecordScanner,

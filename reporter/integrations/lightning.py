@@ -21,7 +21,7 @@ from argparse import Namespace
 from typing import Any, Dict, List, Mapping, Optional, Union
 
 from .. import api
-from ..journal import atomic_write_json
+from ..osutil import atomic_write_json
 from ._objective import MetricSink, MissingFramework, env_rank_is_zero
 
 PARAMS_FILE = "params.json"
