@@ -62,7 +62,9 @@ def our_rate(points: int, port: int, directory: str, batch: int = 256) -> Dict[s
     of ``points`` scalars (``batch`` entries at a time), and the insert calls made."""
     from reporter.anyboard import anyboard_config, to_points
     from reporter.anyboard.writer import AnyboardWriter
-    from reporter.journal import KIND_INTERMEDIATE, JournalReader, JournalWriter
+    from reporter.journal import JournalWriter
+    from reporter.reader import JournalReader
+    from reporter.record import KIND_INTERMEDIATE
 
     run_dir = os.path.join(directory, f"run{batch}")
     journal = JournalWriter(run_dir)

@@ -30,7 +30,8 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(
 from bench_core import machine, publish  # noqa: E402
 from tbevents_support import frame_record, read_scalars  # noqa: E402
 
-from reporter.journal import JournalWriter, count_lines  # noqa: E402
+from reporter.journal import JournalWriter  # noqa: E402
+from reporter.osutil import count_lines  # noqa: E402
 from reporter.tbevents import EventFileTailer  # noqa: E402
 from reporter.tbformat import crc32c  # noqa: E402
 

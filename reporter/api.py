@@ -30,18 +30,11 @@ from .config import (
     load_config,
     offline_reason,
 )
-from . import journal
-from .journal import (
-    KIND_FINAL,
-    KIND_INTERMEDIATE,
-    JournalWriter,
-    count_pending,
-    lock_holder_pid,
-    metric_number,
-    register_fork_hook,
-)
-from .log import counted, get_logger, say_offline, warn_pending
+from .journal import JournalWriter
+from .log import counted, forget_said, get_logger, say_offline, warn_pending
+from .osutil import register_fork_hook
 from .policy import is_short_gap
+from .record import KIND_FINAL, KIND_INTERMEDIATE, metric_number
 from .runmeta import HOST_HOOK, mark_attempt, write_objective
 
 if TYPE_CHECKING:  # the delivery side (http.client, tenacity on the first failure) is imported by the delivery thread only
@@ -143,6 +136,8 @@ class _Hook:
             # Under the wrapper the command only journals: the wrapper is the run's one deliverer (and has
             # said offline mode already), even once its delivery paused or ended.
             self._deliverer_ready.set()
+            from .runlock import lock_holder_pid  # here, not at import: `import reporter` stays small
+
             if not supervised and lock_holder_pid(self.config.run_dir) is None:
                 say_offline(self.config.run_dir, offline_reason())
             return
@@ -172,6 +167,8 @@ class _Hook:
         deadline = time.monotonic() + timeout_s
         self._deliverer_ready.wait(timeout_s)
         if self.deliverer is None:
+            from .cursor import count_pending  # here, not at import: `import reporter` stays small
+
             if self.config.offline:
                 return count_pending(self.config.run_dir) == 0
             while count_pending(self.config.run_dir):  # the wrapper delivers: wait for its cursor
@@ -210,6 +207,8 @@ class _Hook:
             deliverer.close(0)
         self._exit_delivered = delivered
         if not delivered:
+            from .cursor import count_pending
+
             pending = count_pending(self.config.run_dir)
             if pending:
                 warn_pending(pending, self.config.run_dir, self.config.backend_url)
@@ -307,7 +306,7 @@ atexit.register(_close_at_exit)
 def _reset_for_tests() -> None:
     """Forget the process's hook so the next report reads the environment again (tests only)."""
     global _hook
-    journal._said.clear()  # the writer's say-once memory, so each test sees its own first warning
+    forget_said()  # the say-once memory, so each test sees its own first warning
     with _hook_lock:
         if _hook is not None:
             if _hook.deliverer is not None:

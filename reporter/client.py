@@ -17,7 +17,7 @@ from typing import Any, Callable, Dict, List, Mapping, NamedTuple, Optional, Pro
 from urllib.parse import urlsplit
 
 from .config import DEFAULT_REQUEST_TIMEOUT_S, Config, Secret
-from .journal import KIND_FINAL, KIND_INTERMEDIATE, KIND_STATE, Record
+from .record import KIND_FINAL, KIND_INTERMEDIATE, KIND_STATE, Record
 from .transport import DEFAULT_CONNECT_TIMEOUT_S, DEFAULT_READ_TIMEOUT_S, Answer, Transport, TransientError
 
 RETRYABLE_STATUSES = frozenset({408, 425, 429, 500, 502, 503, 504})

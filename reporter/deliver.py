@@ -29,21 +29,14 @@ from .client import (
     delivery_retrying,
 )
 from .config import BURST_GAP_S, JOURNAL_FILE, Config
-from .journal import (
-    DeliverLock,
-    JournalEntry,
-    JournalReader,
-    Record,
-    append_rejected,
-    count_pending,
-    journal_end,
-    load_cursor,
-    load_cursor_state,
-    read_host_counters,
-    save_cursor,
-)
+from .cursor import count_pending, load_cursor, save_cursor
+from .journal import append_rejected
+from .ledger import read_host_counters
 from .log import get_logger, stay_pending, sync_hint
 from .policy import SKIP_STATE_OFF, SendRule, is_short_gap, line_skip_reason, skip_reason
+from .reader import JournalEntry, JournalReader, journal_end
+from .record import Record
+from .runlock import RunLock
 from .runstatus import DeliveryStatus, read_status, write_status
 
 PROGRESS_INTERVAL_S = 0.5
@@ -307,7 +300,7 @@ class Deliverer:
         self.state_reporting = True
         self._host_busy = host_busy
         self._retry_sleep = retry_sleep
-        self._lock = DeliverLock(run_dir)
+        self._lock = RunLock(run_dir)
         self._holding = False
         self._lock_known = threading.Event()  # set once the worker knows whether it holds the lock
         self._stop = threading.Event()
@@ -394,7 +387,7 @@ class Deliverer:
         if self._holding:
             return all(ino in self._finished_inos or (ino == self._acked_ino and (counted(self._acked) if ino == path_ino else self._acked) >= end)
                        for ino, end in files.items())
-        acked = counted(load_cursor(self.run_dir))
+        acked = counted(load_cursor(self.run_dir).offset)
         return all(acked >= end if ino == path_ino else (path_ino is not None and acked > 0) for ino, end in files.items())
 
     def drain(self, timeout_s: Optional[float], on_progress: Optional[Callable[[int, bool], None]] = None) -> bool:
@@ -472,7 +465,7 @@ class Deliverer:
 
     def _acked_offset(self) -> int:
         """Byte offset acknowledged so far, by this deliverer or (when it does not hold the lock) another."""
-        return self._acked if self._holding else load_cursor(self.run_dir)
+        return self._acked if self._holding else load_cursor(self.run_dir).offset
 
     def _work(self) -> None:
         try:
@@ -551,7 +544,7 @@ class Deliverer:
         self._notify_progress()
 
     def _load_state(self) -> None:
-        self._acked, self._acked_head = load_cursor_state(self.run_dir)
+        self._acked, self._acked_head = load_cursor(self.run_dir)
         self._acked_saved = self._acked
         previous, _ = read_status(self.run_dir)  # field by field: a hand-edited file cannot stop delivery
         if previous is not None and previous.task_id == self.client.task_id:

@@ -15,9 +15,9 @@ from nni.runtime.trial_command_channel.base import TrialCommandChannel  # type: 
 
 from . import api
 from .config import ENV_NNI_PARAMETERS
-from .journal import KIND_FINAL
 from .log import get_logger
 from .nni_trial import parameter_record, result_records
+from .record import KIND_FINAL
 
 
 class AnyLearnTrialChannel(TrialCommandChannel):

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from typing import Any, Dict, List, Mapping, Optional, Tuple
 
 from .config import ENV_NNI, ENV_NNI_PARAMETERS, ConfigError
-from .journal import KIND_FINAL, KIND_INTERMEDIATE, metric_number
+from .record import KIND_FINAL, KIND_INTERMEDIATE, metric_number
 
 CHANNEL_URL = "import://reporter.nni_channel.AnyLearnTrialChannel"
 STANDALONE = "STANDALONE"  # NNI's own id when a trial runs outside an experiment

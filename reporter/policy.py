@@ -10,7 +10,7 @@ from dataclasses import dataclass
 from typing import Any, Optional
 
 from .config import DEFAULT_OBJECTIVE_METRIC
-from .journal import INVALID_NOT_JSON, KIND_STATE, Record
+from .record import INVALID_NOT_JSON, KIND_STATE, Record
 
 SKIP_OTHER_RANK = "from a rank other than 0"
 SKIP_NOT_OBJECTIVE = "not the objective metric"

@@ -16,20 +16,12 @@ from .config import (
     SUMMARY_FILE,
     task_of_run_name,
 )
-from .journal import (
-    COUNTER_LOST,
-    KIND_FINAL,
-    KIND_INTERMEDIATE,
-    KIND_STATE,
-    JournalReader,
-    count_lines,
-    count_pending,
-    load_cursor,
-    lock_holder_pid,
-    parse_line,
-    read_host_counters,
-    read_json,
-)
+from .cursor import count_pending, load_cursor
+from .ledger import COUNTER_LOST, read_host_counters
+from .osutil import count_lines, read_json
+from .reader import JournalReader, iter_entries
+from .record import KIND_FINAL, KIND_INTERMEDIATE, KIND_STATE, Record, read_line
+from .runlock import lock_holder_pid
 from .log import counted
 from .policy import SendRule, skip_reason
 from .runmeta import AttemptMark, Objective, attempt_segments, attempt_summary_file, better, process_alive, read_objective
@@ -265,7 +257,7 @@ def _last_state(journal: str, max_bytes: int = 1 << 20) -> Optional[int]:
         return None
     for line in reversed(tail.split(b"\n")):
         if line.startswith(b'{"kind":"state"'):
-            record, _ = parse_line(line)
+            record = read_line(line)[0]
             if record is not None and record.kind == KIND_STATE and record.rank == 0:
                 return int(record.value or 0)
     return None
@@ -274,30 +266,14 @@ def _last_state(journal: str, max_bytes: int = 1 << 20) -> Optional[int]:
 def _read_records(info: RunInfo, rule: SendRule) -> None:
     run_dir = info.run_dir
     reader = JournalReader(run_dir)
-    cursor = load_cursor(run_dir) if os.path.exists(os.path.join(run_dir, CURSOR_FILE)) else 0
+    cursor = load_cursor(run_dir).offset if os.path.exists(os.path.join(run_dir, CURSOR_FILE)) else 0
     try:
-        while True:
-            entries = reader.read_available(max_records=10_000)
-            if not entries:
-                break
-            for entry in entries:
-                info.journalled += 1
-                if entry.end_offset > cursor:
-                    info.pending += 1
-                record = entry.record
-                if record is None:
-                    continue
-                if record.ts is not None:
-                    info.started = record.ts if info.started is None else min(info.started, record.ts)
-                    info.last_ts = record.ts if info.last_ts is None else max(info.last_ts, record.ts)
-                if skip_reason(record, rule) is not None or record.value is None:
-                    continue
-                if record.kind == KIND_STATE:
-                    info.state = int(record.value)
-                elif record.kind == KIND_INTERMEDIATE:
-                    info.metrics.append(float(record.value))
-                elif record.kind == KIND_FINAL:
-                    info.final_metric = float(record.value)
+        for entry in reader.entries():
+            info.journalled += 1
+            if entry.end_offset > cursor:
+                info.pending += 1
+            if entry.record is not None:
+                _add_record(info, entry.record, rule)
     except OSError as exc:
         info.problems.append(f"cannot read {JOURNAL_FILE}: {exc.strerror}")
     finally:
@@ -358,34 +334,30 @@ def _split_attempts(info: RunInfo, rule: SendRule, segments: List[AttemptMark]) 
         only.state = info.state
         return
     bounds = [mark.offset for mark in segments[1:]]
-    reader = JournalReader(info.run_dir)
     index = 0
     try:
-        while True:
-            entries = reader.read_available(max_records=10_000)
-            if not entries:
-                break
-            for entry in entries:
-                while index < len(bounds) and entry.end_offset > bounds[index]:
-                    index += 1
-                record, attempt = entry.record, attempts[index]
-                if record is None:
-                    continue
-                if record.ts is not None:
-                    attempt.started = record.ts if attempt.started is None else min(attempt.started, record.ts)
-                    attempt.last_ts = record.ts if attempt.last_ts is None else max(attempt.last_ts, record.ts)
-                if skip_reason(record, rule) is not None or record.value is None:
-                    continue
-                if record.kind == KIND_STATE:
-                    attempt.state = int(record.value)
-                elif record.kind == KIND_INTERMEDIATE:
-                    attempt.metrics.append(float(record.value))
-                elif record.kind == KIND_FINAL:
-                    attempt.final_metric = float(record.value)
+        for entry in iter_entries(info.run_dir):
+            while index < len(bounds) and entry.end_offset > bounds[index]:
+                index += 1
+            if entry.record is not None:
+                _add_record(attempts[index], entry.record, rule)
     except OSError:
         pass  # said by the first pass
-    finally:
-        reader.close()
+
+
+def _add_record(into: "RunInfo | AttemptInfo", record: Record, rule: SendRule) -> None:
+    """Count one valid record into a run's or an attempt's times, state and metrics (what would be sent)."""
+    if record.ts is not None:
+        into.started = record.ts if into.started is None else min(into.started, record.ts)
+        into.last_ts = record.ts if into.last_ts is None else max(into.last_ts, record.ts)
+    if skip_reason(record, rule) is not None or record.value is None:
+        return
+    if record.kind == KIND_STATE:
+        into.state = int(record.value)
+    elif record.kind == KIND_INTERMEDIATE:
+        into.metrics.append(float(record.value))
+    elif record.kind == KIND_FINAL:
+        into.final_metric = float(record.value)
 
 
 def _failure(summary: Dict[str, Any]) -> "tuple[Optional[str], List[str]]":

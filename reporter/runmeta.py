@@ -23,7 +23,7 @@ from dataclasses import dataclass
 from typing import List, Optional
 
 from .config import ATTEMPTS_FILE, JOURNAL_FILE, OBJECTIVE_FILE
-from .journal import atomic_write_json, read_json
+from .osutil import atomic_write_json, read_json
 
 MODES = ("min", "max")
 HOST_RUN = "run"

@@ -13,7 +13,7 @@ from dataclasses import asdict, dataclass, field, fields
 from typing import Any, Dict, Optional, Tuple
 
 from .config import STATUS_FILE
-from .journal import atomic_write_json, read_json
+from .osutil import atomic_write_json, read_json
 
 
 @dataclass

@@ -94,7 +94,7 @@ class Heartbeat:
     def _record(self, state: str, reason: str = "") -> None:
         if self._run_dir is None or self._said == state:
             return
-        from .journal import atomic_write_json
+        from .osutil import atomic_write_json
 
         try:
             atomic_write_json(os.path.join(self._run_dir, HEARTBEAT_FILE), {"heartbeats": state, "reason": reason, "ts": time.time()})
@@ -179,7 +179,7 @@ class Sidecar:
 
     def run(self) -> int:
         from .deliver import build_deliverer
-        from .journal import count_pending
+        from .cursor import count_pending
         from .resources import ResourceSampler
 
         os.makedirs(self.run_dir, exist_ok=True)

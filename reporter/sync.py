@@ -62,7 +62,8 @@ def _secret(secret_key_file: Optional[str], config: Config) -> Secret:
 def sync_one(run_dir: str, config: Config, timeout_s: Optional[float]) -> int:
     """Deliver one run directory; returns how many records stay pending."""
     from .deliver import build_deliverer
-    from .journal import count_pending, lock_holder_pid
+    from .cursor import count_pending
+    from .runlock import lock_holder_pid
 
     log = get_logger()
     holder = lock_holder_pid(run_dir)

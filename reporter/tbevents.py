@@ -14,15 +14,12 @@ from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional, Tuple
 
 from .config import JOURNAL_FILE, TENSORBOARD_LOCK_FILE, TENSORBOARD_POSITION_FILE
-from .journal import (
-    COUNTER_UNREADABLE,
-    KIND_INTERMEDIATE,
-    DeliverLock,
-    JournalReader,
-    atomic_write,
-    read_json,
-)
+from .ledger import COUNTER_UNREADABLE
 from .log import get_logger
+from .osutil import atomic_write, read_json
+from .reader import JournalReader
+from .record import KIND_INTERMEDIATE
+from .runlock import RunLock
 from .tbformat import HEADER_BYTES, RecordScanner, Scalar, parse_event
 
 EVENT_FILE_PREFIX = "events.out.tfevents."
@@ -133,7 +130,7 @@ class EventFileTailer:
         self.duplicates_skipped = 0  # scalars a killed predecessor had journalled without saving its position
         self.files: Dict[str, _FileState] = {}
         self._already_journalled: Dict[Tuple[Any, Any, Any], int] = {}
-        self._lock = DeliverLock(run_dir, TENSORBOARD_LOCK_FILE)
+        self._lock = RunLock(run_dir, TENSORBOARD_LOCK_FILE)
         self._stop = threading.Event()
         self._thread: Optional[threading.Thread] = None
         self._said_waiting = False

@@ -10,7 +10,7 @@ import threading
 from typing import Callable, List, Optional
 
 from reporter.client import Outcome, SendResult, TransientError
-from reporter.journal import Record
+from reporter.record import Record
 
 Answer = Callable[[Record], SendResult]
 

@@ -14,7 +14,7 @@ import pytest
 from conftest import SECRET_KEY, TASK_ID, cli, task_env
 
 import reporter
-from reporter.journal import iter_records
+from reporter.reader import iter_records
 
 Row = Tuple[str, Optional[str], Optional[int], Optional[float]]
 

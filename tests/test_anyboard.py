@@ -17,8 +17,10 @@ from hypothesis import strategies as st
 from reporter.anyboard import anyboard_config, clean_metric_name, device_path, point_time, series_name, to_points
 from reporter.anyboard.points import OFFSET_SLOTS, SKIP_NOT_A_CURVE, Point
 from reporter.config import ANYBOARD_ENV, ConfigError, Secret
-from reporter.journal import KIND_FINAL, KIND_INTERMEDIATE, KIND_STATE, JournalEntry, JournalReader, JournalWriter, Record
+from reporter.journal import JournalWriter
 from reporter.policy import SKIP_NOT_A_NUMBER, SKIP_OTHER_RANK
+from reporter.reader import JournalEntry, JournalReader
+from reporter.record import KIND_FINAL, KIND_INTERMEDIATE, KIND_STATE, Record
 
 ENV = {
     "ANYLEARN_ANYBOARD_IOTDB_HOST": "127.0.0.1", "ANYLEARN_ANYBOARD_IOTDB_PORT": "6667",

@@ -13,7 +13,9 @@ from reporter.anyboard.sink import AnyboardSink, anyboard_from_config  # noqa: E
 from reporter.config import load_config  # noqa: E402
 from reporter.emulator.anyboard import AnyboardStore  # noqa: E402
 from reporter.emulator.anyboard_iotdb import IoTDBServer  # noqa: E402
-from reporter.journal import KIND_FINAL, KIND_INTERMEDIATE, JournalReader, JournalWriter  # noqa: E402
+from reporter.journal import JournalWriter  # noqa: E402
+from reporter.reader import JournalReader  # noqa: E402
+from reporter.record import KIND_FINAL, KIND_INTERMEDIATE  # noqa: E402
 
 ENV = {
     "ANYLEARN_ANYBOARD_IOTDB_HOST": "127.0.0.1", "ANYLEARN_ANYBOARD_IOTDB_USER": "root",

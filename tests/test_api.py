@@ -24,7 +24,9 @@ from hypothesis import strategies as st
 import reporter
 from reporter import api
 from reporter.emulator.server import Faults
-from reporter.journal import COUNTER_LOST, iter_records, lock_holder_pid, read_host_counters
+from reporter.ledger import COUNTER_LOST, read_host_counters
+from reporter.reader import iter_records
+from reporter.runlock import lock_holder_pid
 
 
 @pytest.fixture
@@ -341,7 +343,7 @@ def test_records_the_command_could_not_journal_are_counted_in_summary_json(serve
 @settings(max_examples=300, deadline=None)
 @given(st.text(st.characters(codec=None, exclude_categories=()), max_size=400))
 def test_any_name_is_journalled_as_utf8_of_at_most_the_name_limit(name):
-    from reporter.journal import MAX_NAME_CHARS, clean_name
+    from reporter.record import MAX_NAME_CHARS, clean_name
 
     cleaned = clean_name(name)
     cleaned.encode("utf-8")  # never raises: a lone surrogate became its escape
@@ -354,7 +356,7 @@ def test_any_name_is_journalled_as_utf8_of_at_most_the_name_limit(name):
 
 
 def test_a_name_above_the_limit_is_cut_once_said_and_never_raises(task, capsys):
-    from reporter.journal import MAX_NAME_CHARS
+    from reporter.record import MAX_NAME_CHARS
 
     reporter.report_metrics({"x" * 40_000: 0.5, "y" * 300: 0.25})
     reporter.report_metric(0.125, name="\ud800")

@@ -10,7 +10,8 @@ from conftest import (
     task_env,
 )
 
-from reporter.journal import COUNTER_LOST, iter_records, read_host_counters
+from reporter.ledger import COUNTER_LOST, read_host_counters
+from reporter.reader import iter_records
 
 COMMANDS = ["run", "sidecar", "sync", "report", "show", "status", "doctor", "serve"]
 

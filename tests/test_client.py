@@ -31,7 +31,7 @@ from reporter.client import (
     retry_after_seconds,
 )
 from reporter.config import Secret, load_config
-from reporter.journal import Record
+from reporter.record import Record
 from reporter.transport import MAX_ANSWER_BYTES, connection_settings
 
 KEY = "k-very-secret-99"
@@ -427,7 +427,8 @@ def test_any_answer_is_classified_and_nothing_else_is_raised(status, retry_after
 
 def test_status_json_of_a_redirected_deliverer_names_the_pause(tmp_path, fakes):
     from reporter.deliver import Deliverer, DeliveryOptions
-    from reporter.journal import JournalWriter, count_pending
+    from reporter.cursor import count_pending
+    from reporter.journal import JournalWriter
 
     elsewhere = fakes()
     redirecting = fakes(307, {"Location": f"{elsewhere.root}/api/train_task/intermediate_metric"}, b"")
@@ -542,7 +543,7 @@ def emulator():
 
 
 def _big_int_as_sent(n):
-    from reporter.journal import metric_number
+    from reporter.record import metric_number
 
     return metric_number(n)  # what report_metric journals for an int: the nearest double
 

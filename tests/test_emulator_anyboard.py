@@ -14,7 +14,8 @@ from reporter.anyboard.writer import AnyboardWriter  # noqa: E402
 from reporter.emulator.anyboard import AnyboardStore  # noqa: E402
 from reporter.emulator.anyboard_iotdb import IoTDBServer  # noqa: E402
 from reporter.emulator.server import make_server  # noqa: E402
-from reporter.journal import KIND_INTERMEDIATE, JournalEntry, Record  # noqa: E402
+from reporter.reader import JournalEntry  # noqa: E402
+from reporter.record import KIND_INTERMEDIATE, Record  # noqa: E402
 
 TOKEN = "reader-token"
 DEVICE = "root.USER1.PROJ1.TRAI1.scalar"

@@ -11,8 +11,9 @@ from conftest import SECRET_KEY, free_port, run_python, task_env, wait_until
 
 from reporter.client import BackendClient
 from reporter.config import Secret
+from reporter.cursor import count_pending
 from reporter.deliver import Deliverer, DeliveryOptions
-from reporter.journal import count_pending, iter_records
+from reporter.reader import iter_records
 
 TRAIN_1000 = """
 import reporter

@@ -11,7 +11,6 @@ from conftest import TASK_ID, clean_environ, cli, task_env
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from reporter.journal import KIND_FINAL, KIND_INTERMEDIATE, iter_records
 from reporter.nni_trial import (
     ResultRecord,
     nni_environment,
@@ -19,6 +18,8 @@ from reporter.nni_trial import (
     parameter_record,
     result_records,
 )
+from reporter.reader import iter_records
+from reporter.record import KIND_FINAL, KIND_INTERMEDIATE
 
 TRIAL = """
     import json, os, sys

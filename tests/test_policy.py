@@ -10,8 +10,9 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from reporter.deliver import Deliverer, DeliveryOptions
-from reporter.journal import JournalWriter, Record
+from reporter.journal import JournalWriter
 from reporter.policy import SendRule, skip_reason
+from reporter.record import Record
 from reporter.runinfo import read_run
 
 RULE = SendRule(objective_metric="acc")

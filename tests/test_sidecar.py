@@ -7,7 +7,9 @@ import sys
 
 from conftest import SECRET_KEY, TASK_ID, clean_environ, cli, free_port, wait_until
 
-from reporter.journal import JournalWriter, iter_records, lock_holder_pid
+from reporter.journal import JournalWriter
+from reporter.reader import iter_records
+from reporter.runlock import lock_holder_pid
 
 TRAINER = """
 import sys, time, reporter

@@ -104,7 +104,7 @@ def test_a_lone_surrogate_in_names_and_reasons_is_printed_escaped_never_a_traceb
 
 
 def test_a_line_above_the_bound_is_skipped_unread_and_counted_and_the_next_records_kept(tmp_path):
-    from reporter.journal import MAX_LINE_BYTES, JournalReader
+    from reporter.reader import MAX_LINE_BYTES, JournalReader
 
     run_dir = tmp_path / TASK_ID
     run_dir.mkdir()

@@ -16,7 +16,9 @@ from hypothesis import strategies as st
 
 from tbevents_support import frame_record, read_scalars
 
-from reporter.journal import JournalWriter, iter_records, read_host_counters
+from reporter.journal import JournalWriter
+from reporter.ledger import read_host_counters
+from reporter.reader import iter_records
 from reporter.tbevents import EventFileTailer
 from reporter.tbformat import RecordScanner, crc32c, parse_event
 

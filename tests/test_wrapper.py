@@ -14,7 +14,8 @@ from conftest import (
 )
 from wrapperkit import run_env, summary, write_script
 
-from reporter.journal import count_pending, iter_records
+from reporter.cursor import count_pending
+from reporter.reader import iter_records
 
 
 def test_backend_down_during_the_whole_run_keeps_the_childs_exit_code_and_counts_pending(tmp_path):

@@ -13,7 +13,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from wrapperkit import run_env, summary, write_script
 
-from reporter.journal import iter_records
+from reporter.reader import iter_records
 from reporter.wrapper.launch import compile_metric_patterns
 from reporter.wrapper.output import MetricLineParser, ParsedMetric
 

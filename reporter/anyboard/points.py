@@ -25,8 +25,9 @@ import re
 from dataclasses import dataclass
 from typing import Dict, List, Optional, Sequence, Tuple
 
-from ..journal import KIND_INTERMEDIATE, JournalEntry
 from ..policy import SKIP_NOT_A_NUMBER, SKIP_OTHER_RANK, line_skip_reason
+from ..reader import JournalEntry
+from ..record import KIND_INTERMEDIATE
 
 OFFSET_SLOTS = 1_000_000  # time slots per millisecond: the journal may grow this many bytes in 1 ms
 SKIP_NOT_A_CURVE = "not an intermediate metric (a final metric or a state)"

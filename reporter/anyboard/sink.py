@@ -21,8 +21,8 @@ from typing import Any, Callable, Dict, Mapping, Optional, Protocol, Sequence
 
 from ..client import INITIAL_BACKOFF_S, MAX_BACKOFF_S
 from ..config import ConfigError
-from ..journal import JournalEntry
 from ..log import get_logger
+from ..reader import JournalEntry
 from .config import AnyboardConfig, anyboard_config
 from .points import to_points
 

@@ -16,8 +16,8 @@ from typing import Any, Callable, Dict, Iterable, Mapping, Optional
 
 from .. import api
 from ..config import ENV_OBJECTIVE_METRIC, ENV_RANK
-from ..journal import metric_number
 from ..log import get_logger
+from ..record import metric_number
 
 FINAL_CHOICES = ("best", "last")
 MODE_CHOICES = ("max", "min")

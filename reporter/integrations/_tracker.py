@@ -16,8 +16,8 @@ from typing import Any, Dict, Hashable, Mapping, Optional
 
 from .. import api
 from ..config import ENV_OBJECTIVE_METRIC
-from ..journal import atomic_write_json, read_json
 from ..log import get_logger
+from ..osutil import atomic_write_json, read_json
 from ._objective import MetricSink
 
 PARAMS_FILE = "params.json"

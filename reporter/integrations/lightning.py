@@ -22,7 +22,7 @@ from typing import Any, Dict, List, Mapping, Optional, Union
 
 from .. import api
 from ..config import env_task_id
-from ..journal import atomic_write_json
+from ..osutil import atomic_write_json
 from ._objective import MetricSink, MissingFramework, env_rank_is_zero
 
 PARAMS_FILE = "params.json"

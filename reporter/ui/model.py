@@ -21,7 +21,9 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 from ..charts import Series, line_chart
 from ..config import DEFAULT_OBJECTIVE_METRIC, JOURNAL_FILE, PARAMS_FILE, RESOURCES_FILE, STATE_NAMES, SUMMARY_FILE
-from ..journal import KIND_FINAL, KIND_INTERMEDIATE, KIND_STATE, JournalReader, read_json
+from ..osutil import read_json
+from ..reader import JournalReader
+from ..record import KIND_FINAL, KIND_INTERMEDIATE, KIND_STATE
 from ..runinfo import find_runs, is_run_dir
 from ..runmeta import attempt_segments, attempt_summary_file, better, process_alive, read_objective
 

@@ -15,8 +15,8 @@ import threading
 from dataclasses import dataclass
 from typing import IO, Any, Callable, List, Optional, Union
 
-from ..journal import KIND_FINAL, KIND_INTERMEDIATE
 from ..log import get_logger
+from ..record import KIND_FINAL, KIND_INTERMEDIATE
 
 STDERR_TAIL_LINES = 50
 MAX_LINE_BYTES = 1 << 20

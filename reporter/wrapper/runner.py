@@ -29,16 +29,13 @@ from ..config import (
     load_config_strict,
     offline_reason,
 )
-from ..journal import (
-    COUNTER_LOG_WRITE_FAILED,
-    COUNTER_UNREADABLE,
-    KIND_STATE,
-    JournalWriter,
-    atomic_write_json,
-    count_pending,
-)
+from ..cursor import count_pending
+from ..journal import JournalWriter
+from ..ledger import COUNTER_LOG_WRITE_FAILED, COUNTER_UNREADABLE
 from ..log import Progress, get_logger, records, say_offline, warn_pending
+from ..osutil import atomic_write_json
 from ..policy import SendRule
+from ..record import KIND_STATE
 from ..runinfo import read_run
 from ..runmeta import HOST_RUN, attempt_summary_file, mark_attempt, write_objective
 from ..tbevents import EventFileTailer

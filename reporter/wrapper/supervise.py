@@ -26,8 +26,8 @@ from ..config import (
     STDERR_LOG,
     STDOUT_LOG,
 )
-from ..journal import atomic_write
 from ..log import get_logger
+from ..osutil import atomic_write
 from ..resources import PeakRss
 from .output import OutputPump, open_log
 from .reaper import own_children, reap_orphans, stop_leftovers
