@@ -21,7 +21,7 @@ import select
 import socket
 import threading
 import time
-from typing import Any, Callable, Dict, List, Mapping, NamedTuple, Optional, Tuple
+from typing import Any, Callable, Dict, List, Mapping, NamedTuple, Optional, Protocol, Tuple, TypeVar, runtime_checkable
 from urllib.parse import quote, quote_plus, unquote, urlencode, urlsplit
 
 from .config import DEFAULT_REQUEST_TIMEOUT_S, ENV_REQUEST_TIMEOUT, Secret, request_timeout
@@ -690,7 +690,69 @@ def delivery_retrying(
     )
 
 
+T = TypeVar("T")
+
+
+class Retrier:
+    """Runs an attempt; after a :class:`TransientError`, tenacity (loaded then) replays that failure as its
+    first try, so the backoff and any ``Retry-After`` apply before the second request. Raises
+    :class:`TransientError` only once ``stop`` is set.
+
+    ``on_retry`` receives the exception before each backoff (never tenacity's ``retry_state``)."""
+
+    def __init__(self, stop: threading.Event, *, initial_backoff_s: float = INITIAL_BACKOFF_S,
+                 max_backoff_s: float = MAX_BACKOFF_S, sleep: Optional[Callable[[float], Any]] = None) -> None:
+        self.stop = stop
+        self.initial_backoff_s = initial_backoff_s
+        self.max_backoff_s = max_backoff_s
+        self._sleep = sleep
+        self._retrying: Any = None  # built on the first failure, then reused
+        self._on_retry: Optional[Callable[[TransientError], None]] = None
+
+    def call(self, attempt: Callable[[], T], on_retry: Callable[[TransientError], None]) -> T:
+        """``attempt()``; after a transient failure, retried with backoff until it succeeds or ``stop`` is set."""
+        try:
+            return attempt()
+        except TransientError as exc:
+            failed = [exc]
+        if self._retrying is None:
+            self._retrying = delivery_retrying(
+                self.stop, initial_backoff_s=self.initial_backoff_s, max_backoff_s=self.max_backoff_s,
+                sleep=self._sleep, before_sleep=self._before_sleep,
+            )
+        self._on_retry = on_retry
+
+        def replay_then_attempt() -> T:
+            if failed:
+                raise failed.pop()
+            return attempt()
+
+        return self._retrying(replay_then_attempt)
+
+    def _before_sleep(self, retry_state: Any) -> None:
+        exc = retry_state.outcome.exception() if retry_state.outcome else None
+        if self._on_retry is not None and isinstance(exc, TransientError):
+            self._on_retry(exc)
+
+
+@runtime_checkable
+class RecordClient(Protocol):
+    """What a sink needs of an AnyLearn client; ``tests/fakes.py``'s ``FakeClient`` satisfies it."""
+
+    task_id: str
+    base_url: str
+    has_secret_key: bool  # for the pause message when the backend refuses
+
+    def send(self, record: Record, timeout_s: Optional[float] = None) -> SendResult:
+        """Send one record; raises :class:`TransientError` for a failure worth retrying."""
+        ...
+
+    def close(self) -> None:
+        """Let the connection go."""
+        ...
+
+
 __all__: List[str] = [
-    "Answer", "BackendClient", "ConnectionSettings", "Outcome", "SendResult", "TransientError", "classify",
-    "connection_settings", "delivery_retrying", "location_host", "retry_after_seconds",
+    "Answer", "BackendClient", "ConnectionSettings", "Outcome", "RecordClient", "Retrier", "SendResult",
+    "TransientError", "classify", "connection_settings", "delivery_retrying", "location_host", "retry_after_seconds",
 ]

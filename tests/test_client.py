@@ -22,6 +22,8 @@ from reporter.client import (
     Answer,
     BackendClient,
     Outcome,
+    RecordClient,
+    Retrier,
     SendResult,
     TransientError,
     classify,
@@ -226,6 +228,51 @@ def test_policy_stops_when_the_stop_event_is_set(fakes):
         delivery_retrying(stop, sleep=sleep)(client.send, RECORD)
     client.close()
     assert len(calls) == 3
+
+
+def test_retrier_replays_the_first_failure_then_backs_off_before_the_second_request(fakes):
+    server = fakes(answers=[(429, {"Retry-After": "7"}, b"{}"), (503, {}, b"{}"), (200, {}, b'{"msg": "ok"}')])
+    client = client_of(server)
+    slept, seen = [], []
+    retrier = Retrier(threading.Event(), sleep=slept.append, initial_backoff_s=0.5, max_backoff_s=30)
+    assert retrier.call(lambda: client.send(RECORD), seen.append).outcome is Outcome.DELIVERED
+    client.close()
+    assert server.count() == 3  # the first failure is not sent again before the backoff
+    assert slept[0] == 7.0 and 0 <= slept[1] <= 1.0
+    assert [type(e) for e in seen] == [TransientError, TransientError]  # the exception, never tenacity's state
+    assert [e.status for e in seen] == [429, 503]
+
+
+def test_retrier_does_not_load_tenacity_or_call_on_retry_when_the_first_try_succeeds():
+    seen = []
+    retrier = Retrier(threading.Event(), sleep=seen.append)
+    assert retrier.call(lambda: "done", seen.append) == "done"
+    assert seen == [] and retrier._retrying is None
+
+
+def test_retrier_raises_the_transient_error_once_stopped():
+    stop = threading.Event()
+    attempts, seen = [], []
+
+    def attempt():
+        attempts.append(1)
+        raise TransientError("HTTP 503", status=503)
+
+    def sleep(_seconds):
+        if len(seen) == 3:
+            stop.set()
+
+    with pytest.raises(TransientError):
+        Retrier(stop, sleep=sleep).call(attempt, seen.append)
+    assert len(seen) == 3 and len(attempts) == 4
+
+
+def test_the_fake_and_the_real_client_are_record_clients():
+    from fakes import FakeClient
+
+    client = BackendClient("http://127.0.0.1:9/api", "T", None)
+    assert isinstance(FakeClient(), RecordClient) and isinstance(client, RecordClient)
+    client.close()
 
 
 # --- hardening against real loopback servers (issue 10) -------------------------------------------
