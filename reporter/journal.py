@@ -755,11 +755,12 @@ def journal_head(fd: int) -> int:
 _said_stale_cursor: set = set()
 
 
-def load_cursor_state(run_dir: str) -> Tuple[int, Optional[int]]:
+def load_cursor_state(run_dir: str, file_name: str = CURSOR_FILE) -> Tuple[int, Optional[int]]:
     """The acknowledged byte offset and the mark of the journal it belongs to (:func:`journal_head`; None
     for a cursor of an older version, a plain offset). A missing cursor is 0; a corrupt one, one past the
-    journal's end or one of another file (the journal was replaced since) restarts from 0, with a warning."""
-    path = os.path.join(run_dir, CURSOR_FILE)
+    journal's end or one of another file (the journal was replaced since) restarts from 0, with a warning.
+    ``file_name`` names a destination's cursor (``cursor`` is AnyLearn's)."""
+    path = os.path.join(run_dir, file_name)
     try:
         with open(path, "rb") as f:
             text = f.read().strip()
@@ -810,15 +811,16 @@ def load_cursor_state(run_dir: str) -> Tuple[int, Optional[int]]:
     return offset, head
 
 
-def load_cursor(run_dir: str) -> int:
+def load_cursor(run_dir: str, file_name: str = CURSOR_FILE) -> int:
     """The acknowledged byte offset of the journal there now; see :func:`load_cursor_state`."""
-    return load_cursor_state(run_dir)[0]
+    return load_cursor_state(run_dir, file_name)[0]
 
 
-def save_cursor(run_dir: str, offset: int, *, fsync: bool = True, head: Optional[int] = None) -> None:
+def save_cursor(run_dir: str, offset: int, *, fsync: bool = True, head: Optional[int] = None,
+                file_name: str = CURSOR_FILE) -> None:
     """Atomically record that every byte before ``offset`` of the journal marked ``head`` is acknowledged."""
     data = b"%d\n" % offset if head is None else b"%d %d\n" % (offset, head)
-    atomic_write(os.path.join(run_dir, CURSOR_FILE), data, fsync=fsync)
+    atomic_write(os.path.join(run_dir, file_name), data, fsync=fsync)
 
 
 def append_rejected(run_dir: str, record: Record, status: int, reason: str) -> None:
