@@ -61,6 +61,11 @@ class DeliveryOptions:
         return f"DeliveryOptions({', '.join(f'{k}={v!r}' for k, v in self.__dict__.items())})"
 
 
+def _ledger_view(name: str, doc: str) -> Any:
+    """A read-only attribute of the deliverer that reads the AnyLearn sink's ledger."""
+    return property(lambda self: getattr(self._sink.ledger, name), doc=doc)
+
+
 class Deliverer:
     """Delivers one run directory's journal to one task (and to the other destinations it is given).
 
@@ -211,41 +216,16 @@ class Deliverer:
         """True from :meth:`start` until AnyLearn's lane has stopped."""
         return self._primary.running.is_set()
 
-    @property
-    def delivered(self) -> int:
-        return self._sink.ledger.delivered
-
-    @property
-    def skipped(self) -> Dict[str, int]:
-        return self._sink.ledger.skipped
-
-    @property
-    def delivered_now(self) -> int:
-        return self._sink.ledger.delivered_now
-
-    @property
-    def skipped_now(self) -> Dict[str, int]:
-        return self._sink.ledger.skipped_now
-
-    @property
-    def rejected_now(self) -> int:
-        return self._sink.ledger.rejected_now
-
-    @property
-    def paused_reason(self) -> Optional[str]:
-        return self._sink.ledger.paused_reason
-
-    @property
-    def last_error(self) -> Optional[str]:
-        return self._sink.ledger.last_error
-
-    @property
-    def last_error_ts(self) -> Optional[float]:
-        return self._sink.ledger.last_error_ts
-
-    @property
-    def last_delivery_ts(self) -> Optional[float]:
-        return self._sink.ledger.last_delivery_ts
+    # AnyLearn's account (what hosts print and status.json's top level), read from its sink's ledger.
+    delivered = _ledger_view("delivered", "Records delivered to the task (carried on from status.json).")
+    skipped = _ledger_view("skipped", "Records not sent, by reason (carried on from status.json).")
+    delivered_now = _ledger_view("delivered_now", "Records this deliverer delivered itself.")
+    skipped_now = _ledger_view("skipped_now", "Records this deliverer did not send, by reason.")
+    rejected_now = _ledger_view("rejected_now", "Records the backend refused for good (kept in rejected.jsonl).")
+    paused_reason = _ledger_view("paused_reason", "Why delivery is paused (a refused key, a redirect), else None.")
+    last_error = _ledger_view("last_error", "The last error, as status shows it.")
+    last_error_ts = _ledger_view("last_error_ts", "When the last error happened (seconds since the epoch).")
+    last_delivery_ts = _ledger_view("last_delivery_ts", "When a record was last delivered.")
 
     @property
     def state_reporting(self) -> bool:
