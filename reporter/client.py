@@ -24,7 +24,7 @@ import time
 from typing import Any, Callable, Dict, List, Mapping, NamedTuple, Optional, Protocol, Tuple, TypeVar, runtime_checkable
 from urllib.parse import quote, quote_plus, unquote, urlencode, urlsplit
 
-from .config import DEFAULT_REQUEST_TIMEOUT_S, ENV_REQUEST_TIMEOUT, Secret, request_timeout
+from .config import DEFAULT_REQUEST_TIMEOUT_S, Config, Secret
 from .journal import KIND_FINAL, KIND_INTERMEDIATE, KIND_STATE, Record
 
 RETRYABLE_STATUSES = frozenset({408, 425, 429, 500, 502, 503, 504})
@@ -291,15 +291,6 @@ def _bypasses_proxy(host: str, port: Optional[int], no_proxy: str) -> bool:
     return False
 
 
-def request_timeout_from_env(env: Optional[Mapping[str, str]] = None) -> float:
-    """``ANYLEARN_REQUEST_TIMEOUT`` (seconds, more than 0), else the default; an unusable value is ignored
-    (``load_config`` reports it)."""
-    try:
-        return request_timeout((os.environ if env is None else env).get(ENV_REQUEST_TIMEOUT))
-    except ValueError:
-        return DEFAULT_REQUEST_TIMEOUT_S
-
-
 # --- the transport ---------------------------------------------------------------------------------
 
 
@@ -510,7 +501,7 @@ class BackendClient:
         *,
         connect_timeout_s: float = DEFAULT_CONNECT_TIMEOUT_S,
         read_timeout_s: float = DEFAULT_READ_TIMEOUT_S,
-        request_timeout_s: Optional[float] = None,
+        request_timeout_s: float = DEFAULT_REQUEST_TIMEOUT_S,
         env: Optional[Mapping[str, str]] = None,
         auth_token: Optional[Secret] = None,
     ) -> None:
@@ -520,12 +511,21 @@ class BackendClient:
         self._auth_token = auth_token
         self.connect_timeout_s = connect_timeout_s
         self.read_timeout_s = read_timeout_s
-        self.request_timeout_s = request_timeout_from_env(env) if request_timeout_s is None else request_timeout_s
+        self.request_timeout_s = request_timeout_s
         self.settings = connection_settings(self.base_url, env)
         self.setup_problem = proxy_problem(self.settings)  # said as a pause, not retried for ever
         self._connection: Optional[_Connection] = None
         self._watchdog = _Watchdog(self.request_timeout_s, self._current_socket)
         self.has_secret_key = bool(secret_key)
+
+    @classmethod
+    def from_config(cls, config: Config, *, request_timeout_s: Optional[float] = None,
+                    with_token: bool = False) -> "BackendClient":
+        """The client for ``config``'s backend, task and key, with its request timeout (or the shorter
+        ``request_timeout_s``); ``with_token`` adds a local task's user token (heartbeats, log shipping)."""
+        timeout_s = config.request_timeout_s if request_timeout_s is None else min(config.request_timeout_s, request_timeout_s)
+        return cls(config.backend_url or "", config.task_id or "", config.secret_key, request_timeout_s=timeout_s,
+                   auth_token=config.auth_token if with_token else None)
 
     def _current_socket(self) -> Optional[socket.socket]:
         connection = self._connection

@@ -289,8 +289,7 @@ def build_deliverer(
     if config.offline:
         raise ValueError("no backend or task id configured: offline runs are only journalled")
     run_dir = run_dir or config.run_dir
-    client = BackendClient(config.backend_url or "", config.task_id or "", config.secret_key,
-                           request_timeout_s=config.request_timeout_s)  # TODO(p17b): BackendClient.from_config(config)
+    client = BackendClient.from_config(config)
     options = DeliveryOptions(rule=SendRule.of(config), **option_overrides)
     return Deliverer(run_dir, client, options, pacing=pacing,
                      more_sinks=build_sinks(config, run_dir, in_training_process=in_training_process))

@@ -84,8 +84,7 @@ def _auth_check(config: Config) -> List[Check]:
     delivery client (so under its policy: no redirect followed, the total deadline)."""
     from .client import BackendClient, TransientError, location_host
 
-    client = BackendClient(config.backend_url or "", config.task_id or "", config.secret_key,
-                           request_timeout_s=min(config.request_timeout_s, CHECK_TIMEOUT_S))
+    client = BackendClient.from_config(config, request_timeout_s=CHECK_TIMEOUT_S)
     try:
         answer = client.read_final_metric()
     except TransientError as exc:

@@ -102,8 +102,7 @@ class LocalAgent:
 
     def __init__(self, config: Config, run_dir: str) -> None:
         def make() -> BackendClient:  # one per thread: a client serves one thread at a time
-            return BackendClient(config.backend_url or "", config.task_id or "", config.secret_key,
-                                 request_timeout_s=min(config.request_timeout_s, REQUEST_TIMEOUT_S), auth_token=config.auth_token)
+            return BackendClient.from_config(config, request_timeout_s=REQUEST_TIMEOUT_S, with_token=True)
 
         self.task_id = config.task_id or ""
         self.log = get_logger()

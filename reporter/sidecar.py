@@ -86,8 +86,7 @@ class Heartbeat:
     def __init__(self, config: Config, run_dir: Optional[str] = None) -> None:
         from .client import BackendClient
 
-        self.client = BackendClient(config.backend_url or "", config.task_id or "", config.secret_key,
-                                    request_timeout_s=config.request_timeout_s, auth_token=config.auth_token)
+        self.client = BackendClient.from_config(config, with_token=True)
         self.enabled = True
         self._failing = False
         self._run_dir = run_dir

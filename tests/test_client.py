@@ -31,7 +31,7 @@ from reporter.client import (
     delivery_retrying,
     retry_after_seconds,
 )
-from reporter.config import Secret
+from reporter.config import Secret, load_config
 from reporter.journal import Record
 
 KEY = "k-very-secret-99"
@@ -328,11 +328,9 @@ def test_a_dribbling_answer_is_cut_at_the_total_deadline(fakes):
     assert isinstance(exc, TransientError) and "deadline" in exc.reason and SECRET_KEY not in str(exc)
 
 
-def test_request_timeout_comes_from_the_environment(monkeypatch):
-    monkeypatch.setenv("ANYLEARN_REQUEST_TIMEOUT", "2.5")
-    assert BackendClient("http://127.0.0.1:9/api", "T", None).request_timeout_s == 2.5
-    monkeypatch.setenv("ANYLEARN_REQUEST_TIMEOUT", "soon")
-    assert BackendClient("http://127.0.0.1:9/api", "T", None).request_timeout_s == 30.0
+def test_request_timeout_comes_from_the_environment():
+    assert BackendClient.from_config(load_config({"ANYLEARN_REQUEST_TIMEOUT": "2.5"})[0]).request_timeout_s == 2.5
+    assert BackendClient.from_config(load_config({"ANYLEARN_REQUEST_TIMEOUT": "soon"})[0]).request_timeout_s == 30.0
 
 
 @pytest.mark.parametrize("retry_after", ["0", "-5", "Wed, 21 Oct 2015 07:28:00 GMT"])
