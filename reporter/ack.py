@@ -11,7 +11,7 @@ from __future__ import annotations
 import time
 from typing import Callable, Dict, Optional, Set
 
-from .journal import load_cursor, load_cursor_state, save_cursor
+from .cursor import load_cursor, save_cursor
 
 
 class Acknowledgement:
@@ -35,12 +35,12 @@ class Acknowledgement:
 
     def load(self) -> None:
         """Start from the saved cursor (0 when it is missing, stale or of another journal)."""
-        self.offset, self.head = load_cursor_state(self.run_dir, self.cursor_file)
+        self.offset, self.head = load_cursor(self.run_dir, self.cursor_file)
         self._saved = self.offset
 
     def saved_offset(self) -> int:
         """The offset in the cursor file (what another process's lane acknowledged)."""
-        return load_cursor(self.run_dir, self.cursor_file)
+        return load_cursor(self.run_dir, self.cursor_file).offset
 
     def advance(self, offset: int, interval_s: Optional[float] = None) -> bool:
         """Every byte before ``offset`` is done; True when a save is due (``interval_s``: the pace now)."""

@@ -29,7 +29,6 @@ from .config import (
     load_config,
     offline_reason,
 )
-from . import journal
 from .journal import (
     KIND_FINAL,
     KIND_INTERMEDIATE,
@@ -39,7 +38,7 @@ from .journal import (
     metric_number,
     register_fork_hook,
 )
-from .log import counted, get_logger, say_offline, warn_pending
+from .log import counted, forget_said, get_logger, say_offline, warn_pending
 from .policy import is_short_gap
 from .runmeta import HOST_HOOK, mark_attempt, write_objective
 
@@ -305,7 +304,7 @@ atexit.register(_close_at_exit)
 def _reset_for_tests() -> None:
     """Forget the process's hook so the next report reads the environment again (tests only)."""
     global _hook
-    journal._said.clear()  # the writer's say-once memory, so each test sees its own first warning
+    forget_said()  # the say-once memory, so each test sees its own first warning
     with _hook_lock:
         if _hook is not None:
             if _hook.deliverer is not None:

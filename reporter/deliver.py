@@ -18,11 +18,13 @@ from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple
 
 from .client import INITIAL_BACKOFF_S, MAX_BACKOFF_S, BackendClient, RecordClient
 from .config import JOURNAL_FILE, Config
-from .journal import count_pending, journal_end, read_host_counters
+from .cursor import count_pending
 from .lane import Lane
+from .ledger import read_host_counters
 from .log import get_logger, stay_pending, sync_hint
 from .pacing import BurstPacing
 from .policy import SendRule
+from .reader import journal_end
 from .runstatus import DeliveryStatus, read_status, write_status
 from .sink import Sink, build_sinks
 from .sink_anylearn import AnyLearnSink

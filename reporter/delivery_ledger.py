@@ -11,7 +11,7 @@ from __future__ import annotations
 import time
 from typing import Any, Dict, Mapping, Optional
 
-from .journal import COUNTER_LOST
+from .ledger import COUNTER_LOST
 
 SKIPPED = "skipped"  # the category of records a sink did not send, by reason
 

@@ -16,9 +16,10 @@ from typing import Any, Callable, Dict, Mapping, Optional
 
 from .ack import Acknowledgement, saved_covers
 from .config import JOURNAL_FILE
-from .journal import DeliverLock, JournalReader
 from .log import get_logger
 from .pacing import BurstPacing
+from .reader import JournalReader
+from .runlock import RunLock
 from .sink import Sink
 from .watch import JournalWatch
 
@@ -51,7 +52,7 @@ class Lane:
         self._previous = previous
         self._pacing = pacing
         self._thread_name = thread_name
-        self._lock = DeliverLock(run_dir, sink.lock_file)
+        self._lock = RunLock(run_dir, sink.lock_file)
         self._reader: Optional[JournalReader] = None
         self._thread: Optional[threading.Thread] = None
         self._idle = False

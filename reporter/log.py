@@ -16,6 +16,7 @@ from typing import Any, Mapping, Optional
 LOGGER_NAME = "anylearn_reporter"
 BAR_WIDTH = 30
 ENV_LOG_LEVEL = "ANYLEARN_REPORTER_LOG_LEVEL"
+MAX_SAID_KEYS = 4096  # say_once remembers this many keys at most (a key per file or offset must not grow a process)
 
 
 class _StderrHandler(logging.StreamHandler):
@@ -44,6 +45,29 @@ def get_logger() -> logging.Logger:
         level = os.environ.get(ENV_LOG_LEVEL, "INFO").upper()
         logger.setLevel(getattr(logging, level, logging.INFO))
     return logger
+
+
+_said_keys: set = set()
+
+
+def say_once(key: Any, msg: str, *args: Any, level: int = logging.WARNING) -> bool:
+    """Log ``msg % args`` the first time ``key`` is seen in this process; True when it was said now.
+
+    For messages with no count behind them (a count's first reason is said by its ledger). The memory is
+    bounded: past :data:`MAX_SAID_KEYS` keys it starts afresh, so a message may be said again.
+    """
+    if key in _said_keys:
+        return False
+    if len(_said_keys) >= MAX_SAID_KEYS:
+        _said_keys.clear()
+    _said_keys.add(key)
+    get_logger().log(level, msg, *args)
+    return True
+
+
+def forget_said() -> None:
+    """Forget what :func:`say_once` said, so each test sees its own first message (tests only)."""
+    _said_keys.clear()
 
 
 def records(count: int) -> str:

@@ -16,19 +16,12 @@ from .config import (
     SUMMARY_FILE,
     task_of_run_name,
 )
-from .journal import (
-    KIND_FINAL,
-    KIND_INTERMEDIATE,
-    KIND_STATE,
-    JournalReader,
-    count_lines,
-    count_pending,
-    load_cursor,
-    lock_holder_pid,
-    parse_line,
-    read_host_counters,
-    read_json,
-)
+from .cursor import count_pending, load_cursor
+from .ledger import read_host_counters
+from .osutil import count_lines, read_json
+from .reader import JournalReader
+from .record import KIND_FINAL, KIND_INTERMEDIATE, KIND_STATE, read_line
+from .runlock import lock_holder_pid
 from .log import counted
 from .policy import SendRule, skip_reason
 from .runmeta import AttemptMark, Objective, attempt_segments, attempt_summary_file, better, process_alive, read_objective
@@ -264,7 +257,7 @@ def _last_state(journal: str, max_bytes: int = 1 << 20) -> Optional[int]:
         return None
     for line in reversed(tail.split(b"\n")):
         if line.startswith(b'{"kind":"state"'):
-            record, _ = parse_line(line)
+            record = read_line(line)[0]
             if record is not None and record.kind == KIND_STATE and record.rank == 0:
                 return int(record.value or 0)
     return None
@@ -273,30 +266,26 @@ def _last_state(journal: str, max_bytes: int = 1 << 20) -> Optional[int]:
 def _read_records(info: RunInfo, rule: SendRule) -> None:
     run_dir = info.run_dir
     reader = JournalReader(run_dir)
-    cursor = load_cursor(run_dir) if os.path.exists(os.path.join(run_dir, CURSOR_FILE)) else 0
+    cursor = load_cursor(run_dir).offset if os.path.exists(os.path.join(run_dir, CURSOR_FILE)) else 0
     try:
-        while True:
-            entries = reader.read_available(max_records=10_000)
-            if not entries:
-                break
-            for entry in entries:
-                info.journalled += 1
-                if entry.end_offset > cursor:
-                    info.pending += 1
-                record = entry.record
-                if record is None:
-                    continue
-                if record.ts is not None:
-                    info.started = record.ts if info.started is None else min(info.started, record.ts)
-                    info.last_ts = record.ts if info.last_ts is None else max(info.last_ts, record.ts)
-                if skip_reason(record, rule) is not None or record.value is None:
-                    continue
-                if record.kind == KIND_STATE:
-                    info.state = int(record.value)
-                elif record.kind == KIND_INTERMEDIATE:
-                    info.metrics.append(float(record.value))
-                elif record.kind == KIND_FINAL:
-                    info.final_metric = float(record.value)
+        for entry in reader.entries():
+            info.journalled += 1
+            if entry.end_offset > cursor:
+                info.pending += 1
+            record = entry.record
+            if record is None:
+                continue
+            if record.ts is not None:
+                info.started = record.ts if info.started is None else min(info.started, record.ts)
+                info.last_ts = record.ts if info.last_ts is None else max(info.last_ts, record.ts)
+            if skip_reason(record, rule) is not None or record.value is None:
+                continue
+            if record.kind == KIND_STATE:
+                info.state = int(record.value)
+            elif record.kind == KIND_INTERMEDIATE:
+                info.metrics.append(float(record.value))
+            elif record.kind == KIND_FINAL:
+                info.final_metric = float(record.value)
     except OSError as exc:
         info.problems.append(f"cannot read {JOURNAL_FILE}: {exc.strerror}")
     finally:

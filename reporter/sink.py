@@ -17,7 +17,8 @@ from .log import get_logger
 
 if TYPE_CHECKING:
     from .config import Config
-    from .journal import JournalEntry, Record
+    from .reader import JournalEntry
+    from .record import Record
 
 
 class Handoff(Protocol):

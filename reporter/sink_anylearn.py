@@ -8,14 +8,17 @@ redirect or a setup problem (records stay pending for ``sync``). Never raises in
 
 from __future__ import annotations
 
+import json
+import os
 from typing import Any, Callable, Dict, Mapping, Optional, Sequence
 
 from .client import INITIAL_BACKOFF_S, MAX_BACKOFF_S, Outcome, RecordClient, Retrier, SendResult, TransientError
-from .config import CURSOR_FILE, LOCK_FILE
+from .config import CURSOR_FILE, LOCK_FILE, REJECTED_FILE
 from .delivery_ledger import DeliveryLedger
-from .journal import JournalEntry, Record, append_rejected
 from .log import get_logger, sync_hint
 from .policy import SKIP_STATE_OFF, SendRule, line_skip_reason, skip_reason
+from .reader import JournalEntry
+from .record import Record
 from .sink import Handoff
 
 SINK_NAME = "anylearn"
@@ -161,4 +164,14 @@ class AnyLearnSink:
         self.client.close()
 
 
-__all__ = ["AnyLearnSink", "SINK_NAME"]
+def append_rejected(run_dir: str, record: Record, status: int, reason: str) -> None:
+    """Keep a record the backend refused for good, with the HTTP status and the backend's reason."""
+    line = json.dumps({**record.as_json(), "http_status": status, "reason": reason[:500]}) + "\n"
+    fd = os.open(os.path.join(run_dir, REJECTED_FILE), os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o644)
+    try:
+        os.write(fd, line.encode())
+    finally:
+        os.close(fd)
+
+
+__all__ = ["AnyLearnSink", "append_rejected", "SINK_NAME"]

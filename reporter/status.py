@@ -9,9 +9,11 @@ import time
 from typing import Any, Dict, Iterator, List, Optional, Sequence, TextIO, Tuple
 
 from .config import ENV_RUN_DIR, HEARTBEAT_FILE, JOURNAL_FILE, ConfigError, load_config
-from .journal import is_regular_file, load_cursor, parse_line
+from .cursor import load_cursor
 from .log import counted, records, stay_pending, sync_hint
+from .osutil import is_regular_file
 from .policy import SendRule
+from .record import read_line
 from .runinfo import RunInfo, find_runs, is_run_dir, read_run
 
 DEFAULT_STALE_AFTER_S = 300.0
@@ -35,7 +37,7 @@ def oldest_pending_ts(run_dir: str) -> Optional[float]:
     """When the first record not yet acknowledged was journalled (its ``ts``), or None when nothing is
     pending or that record has no readable time. Read from the journal and the cursor only, so it holds
     whether or not a deliverer is alive to write ``status.json``."""
-    offset = load_cursor(run_dir)
+    offset = load_cursor(run_dir).offset
     try:
         with open(os.path.join(run_dir, JOURNAL_FILE), "rb") as f:
             f.seek(offset)
@@ -44,7 +46,7 @@ def oldest_pending_ts(run_dir: str) -> Optional[float]:
         return None
     if not line.endswith(b"\n"):
         return None
-    record, _ = parse_line(line.rstrip(b"\n"))
+    record = read_line(line.rstrip(b"\n"))[0]
     return record.ts if record is not None else None  # a validated record's ts is a finite time or None
 
 
@@ -230,7 +232,7 @@ def _start(ts: Optional[float]) -> str:
 
 def _show_metrics(run_dirs: List[str], as_json: bool) -> int:
     """Each record written out as it is read: memory stays flat however long the journal is."""
-    from .journal import iter_records
+    from .reader import iter_records
 
     out = sys.stdout
     for run_dir in run_dirs:

@@ -21,7 +21,8 @@ from reporter.client import BackendClient, Outcome, SendResult, TransientError
 from reporter.config import Secret
 from reporter.deliver import Deliverer, DeliveryOptions
 from reporter.emulator.server import Faults
-from reporter.journal import JournalWriter, count_pending, load_cursor
+from reporter.cursor import count_pending, load_cursor
+from reporter.journal import JournalWriter
 from reporter.policy import SendRule
 
 FAST = DeliveryOptions(poll_interval_s=0.05, lock_poll_interval_s=0.05, initial_backoff_s=0.05, max_backoff_s=0.2)
@@ -60,7 +61,7 @@ def test_record_delivered_once_after_5xx_then_200(server_factory, tmp_path):
     deliverer.close(5)
     assert intermediate_values(server) == [0.5]
     assert server.backend.stats()["posts"] == 4 and server.backend.stats()["duplicates"] == 0
-    assert load_cursor(str(tmp_path)) == os.path.getsize(tmp_path / "metrics.jsonl")
+    assert load_cursor(str(tmp_path)).offset == os.path.getsize(tmp_path / "metrics.jsonl")
 
 
 def test_records_are_delivered_in_order_and_the_cursor_resumes(server, tmp_path):
@@ -97,7 +98,7 @@ def test_records_are_sent_one_at_a_time_in_journal_order(tmp_path):
     deliverer, drained = deliver_with(tmp_path, client)
     assert drained and client.values() == [float(i) for i in range(20)]
     assert [r.step for r in client.sent] == list(range(20))
-    assert load_cursor(str(tmp_path)) == os.path.getsize(tmp_path / "metrics.jsonl") and deliverer.delivered == 20
+    assert load_cursor(str(tmp_path)).offset == os.path.getsize(tmp_path / "metrics.jsonl") and deliverer.delivered == 20
 
 
 def test_transient_failures_are_retried_until_the_record_is_delivered_once(tmp_path):
@@ -197,7 +198,7 @@ def test_rejected_key_pauses_delivery_with_one_clear_message(server, tmp_path, c
     assert err.count("refused the secret key") == 1 and TASK_ID in err and "sync" in err
     assert "wrong-key-xyz" not in err
     assert deliverer.paused_reason == "auth: HTTP 401"
-    assert load_cursor(str(tmp_path)) == 0 and count_pending(str(tmp_path)) == 3
+    assert load_cursor(str(tmp_path)).offset == 0 and count_pending(str(tmp_path)) == 3
     assert server.backend.stats()["posts"] == 1  # paused: no hammering with a bad key
 
 
@@ -277,7 +278,7 @@ def test_any_sequence_of_transient_failures_delivers_each_record_once_in_order(t
     assert deliverer.flush(20)
     deliverer.close(5)
     assert client.values() == [float(i) for i in range(count)]
-    assert load_cursor(str(run_dir)) == os.path.getsize(run_dir / "metrics.jsonl")
+    assert load_cursor(str(run_dir)).offset == os.path.getsize(run_dir / "metrics.jsonl")
 
 
 def test_a_dribbling_backend_is_a_transient_failure_retried_with_backoff(tmp_path):
@@ -319,7 +320,7 @@ def test_the_journal_write_itself_wakes_an_idle_deliverer(server, tmp_path):
     journal(tmp_path, [1.0])
     deliverer = make_deliverer(tmp_path, server.base_url, options=slow_poll).start()
     assert deliverer.flush(10)
-    wait_until(lambda: load_cursor(str(tmp_path)) == os.path.getsize(tmp_path / "metrics.jsonl"), 10,
+    wait_until(lambda: load_cursor(str(tmp_path)).offset == os.path.getsize(tmp_path / "metrics.jsonl"), 10,
                what="the cursor saved when the deliverer went idle")
     journal(tmp_path, [2.0])  # the deliverer is blocked on its wake-up now; only the write can wake it
     wait_until(lambda: intermediate_values(server) == [1.0, 2.0], 20, what="delivery without waiting for a poll")
@@ -375,7 +376,7 @@ def test_the_cursor_is_saved_in_groups_yet_complete_at_idle_and_close(server, tm
     assert deliverer.flush(30)
     deliverer.close(5)
     assert len(saves) < 10  # not one rename per record
-    assert load_cursor(str(tmp_path)) == os.path.getsize(tmp_path / "metrics.jsonl")
+    assert load_cursor(str(tmp_path)).offset == os.path.getsize(tmp_path / "metrics.jsonl")
     assert intermediate_values(server) == [float(i) for i in range(200)]
 
 
@@ -443,7 +444,7 @@ def test_a_replaced_journal_is_followed_and_flush_waits_for_the_new_file(tmp_pat
     assert deliverer.flush(10)
     deliverer.close(5)
     assert client.values() == [0.0, 1.0, 2.0, 3.0, 4.0, 5.0, 6.0, 7.0]  # the old file's records not sent again
-    assert load_cursor(str(tmp_path)) == os.path.getsize(tmp_path / "metrics.jsonl")
+    assert load_cursor(str(tmp_path)).offset == os.path.getsize(tmp_path / "metrics.jsonl")
     assert capsys.readouterr().err.count("was replaced") == 1
 
 
@@ -521,7 +522,7 @@ def test_a_journal_truncated_in_place_is_a_new_journal_delivered_from_its_start(
     expected = [float(v) for v in range(700)]
     assert intermediate_values(server) == expected
     assert capsys.readouterr().err.count("truncated in place") == 1
-    assert load_cursor(str(tmp_path)) == os.path.getsize(path)
+    assert load_cursor(str(tmp_path)).offset == os.path.getsize(path)
     done = cli("sync", str(tmp_path), env=task_env(server.base_url, str(tmp_path)))
     assert done.returncode == 0 and "nothing pending" in done.stdout, done.stdout + done.stderr
     assert intermediate_values(server) == expected
@@ -618,12 +619,12 @@ def fill(directory):
 
 
 def test_a_lock_file_that_cannot_be_written_leaves_no_lock_behind(small_tmpfs):
-    from reporter.journal import DeliverLock
+    from reporter.runlock import RunLock
 
     run_dir = small_tmpfs / "run"
     run_dir.mkdir()
     filler = fill(small_tmpfs)
-    lock = DeliverLock(str(run_dir))
+    lock = RunLock(str(run_dir))
     with pytest.raises(OSError) as info:
         lock.try_acquire()
     assert info.value.errno == errno.ENOSPC and not lock.held
@@ -634,11 +635,11 @@ def test_a_lock_file_that_cannot_be_written_leaves_no_lock_behind(small_tmpfs):
 
 def test_a_deliverer_that_meets_a_full_disk_says_so_once_and_delivers_when_there_is_room(server, small_tmpfs, capsys,
                                                                                          monkeypatch):
-    from reporter.journal import DeliverLock
+    from reporter.runlock import RunLock
 
     tries = []
-    real_try = DeliverLock.try_acquire
-    monkeypatch.setattr(DeliverLock, "try_acquire", lambda self: (tries.append(1), real_try(self))[1])
+    real_try = RunLock.try_acquire
+    monkeypatch.setattr(RunLock, "try_acquire", lambda self: (tries.append(1), real_try(self))[1])
     run_dir = small_tmpfs / "run"
     journal(run_dir, [1.0, 2.0])
     filler = fill(small_tmpfs)

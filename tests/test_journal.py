@@ -10,22 +10,12 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from reporter.journal import (
-    RECORD_FIELDS,
-    DeliverLock,
-    JournalReader,
-    JournalWriter,
-    check_record,
-    iter_records,
-    journal_head,
-    load_cursor,
-    load_cursor_state,
-    lock_holder_pid,
-    parse_line,
-    read_host_counters,
-    read_line,
-    save_cursor,
-)
+from reporter.cursor import load_cursor, save_cursor
+from reporter.journal import JournalWriter
+from reporter.ledger import read_host_counters
+from reporter.reader import JournalReader, iter_records, journal_head
+from reporter.record import RECORD_FIELDS, check_record, read_line
+from reporter.runlock import RunLock, lock_holder_pid
 
 WRITERS = 4
 RECORDS_PER_WRITER = 2000
@@ -106,29 +96,29 @@ def test_torn_last_line_is_skipped_with_a_warning_and_the_next_record_survives(t
 
 def test_a_torn_line_glued_to_the_next_record_recovers_that_record():
     glued = b'{"kind":"intermediate","val{"kind":"final","value":5.0,"name":null,"step":null,"ts":1.0,"rank":0,"pid":1,"key":"k"}'
-    record, torn = parse_line(glued)
+    record, _, torn = read_line(glued)
     assert record.value == 5.0 and torn
-    assert parse_line(b"not json at all") == (None, True)
+    assert read_line(b"not json at all")[::2] == (None, True)
 
 
 def test_corrupt_cursor_restarts_from_zero_with_a_warning(tmp_path, capsys):
     JournalWriter(str(tmp_path)).append("intermediate", 1.0, None, None)
     (tmp_path / "cursor").write_text("garbage")
-    assert load_cursor(str(tmp_path)) == 0
+    assert load_cursor(str(tmp_path)).offset == 0
     assert "corrupt" in capsys.readouterr().err
 
 
 def test_cursor_past_the_end_restarts_from_zero(tmp_path):
     JournalWriter(str(tmp_path)).append("intermediate", 1.0, None, None)
     save_cursor(str(tmp_path), 10_000)
-    assert load_cursor(str(tmp_path)) == 0
+    assert load_cursor(str(tmp_path)).offset == 0
 
 
 def test_cursor_round_trips_atomically(tmp_path):
     JournalWriter(str(tmp_path)).append("intermediate", 1.0, None, None)
     size = os.path.getsize(tmp_path / "metrics.jsonl")
     save_cursor(str(tmp_path), size)
-    assert load_cursor(str(tmp_path)) == size
+    assert load_cursor(str(tmp_path)).offset == size
     assert sorted(os.listdir(tmp_path)) == ["cursor", "metrics.jsonl"]  # no temporary file left behind
 
 
@@ -144,10 +134,10 @@ def test_reader_follows_a_growing_file(tmp_path):
 
 
 def test_deliver_lock_is_exclusive_between_processes(tmp_path):
-    lock = DeliverLock(str(tmp_path))
+    lock = RunLock(str(tmp_path))
     assert lock.try_acquire()
     assert lock_holder_pid(str(tmp_path)) == os.getpid()
-    code = "import sys; from reporter.journal import DeliverLock; sys.exit(0 if DeliverLock(sys.argv[1]).try_acquire() else 7)"
+    code = "import sys; from reporter.runlock import RunLock; sys.exit(0 if RunLock(sys.argv[1]).try_acquire() else 7)"
     assert subprocess.run([sys.executable, "-c", code, str(tmp_path)]).returncode == 7
     lock.release()
     assert lock_holder_pid(str(tmp_path)) is None
@@ -155,7 +145,7 @@ def test_deliver_lock_is_exclusive_between_processes(tmp_path):
 
 
 def test_forked_child_neither_holds_the_lock_nor_reuses_keys(tmp_path):
-    lock = DeliverLock(str(tmp_path))
+    lock = RunLock(str(tmp_path))
     writer = JournalWriter(str(tmp_path))
     assert lock.try_acquire()
     writer.append("intermediate", 1.0, None, None)
@@ -308,11 +298,11 @@ def test_the_cursor_names_its_journal_and_an_older_plain_offset_still_counts(tmp
     with open(tmp_path / "metrics.jsonl", "rb") as f:
         head = journal_head(f.fileno())
     save_cursor(str(tmp_path), size, head=head)
-    assert load_cursor_state(str(tmp_path)) == (size, head)
+    assert tuple(load_cursor(str(tmp_path))) == (size, head)
     (tmp_path / "cursor").write_text(f"{size}\n")  # a cursor of an earlier version: the journal there
-    assert load_cursor_state(str(tmp_path)) == (size, None)
+    assert tuple(load_cursor(str(tmp_path))) == (size, None)
     save_cursor(str(tmp_path), size, head=head ^ 1)  # another journal's
-    assert load_cursor(str(tmp_path)) == 0
+    assert load_cursor(str(tmp_path)).offset == 0
 
 
 def test_the_reader_finishes_a_replaced_file_then_reads_the_new_one_from_its_start(tmp_path):
@@ -379,3 +369,26 @@ def test_a_journal_truncated_to_nothing_reads_as_empty_from_its_start(tmp_path):
     path.write_bytes(_line("b-1", 2.0))
     assert [e.record.key for e in reader.read_available()] == ["b-1"]
     reader.close()
+
+
+def test_iter_entries_reads_every_line_after_an_offset_invalid_ones_included(tmp_path):
+    from reporter.reader import iter_entries
+
+    writer = JournalWriter(str(tmp_path))
+    writer.append("intermediate", 1.0, None, 1)
+    first_end = os.path.getsize(tmp_path / "metrics.jsonl")
+    with open(tmp_path / "metrics.jsonl", "ab") as f:
+        f.write(b'{"kind":"bogus"}\n')
+    writer.append("intermediate", 2.0, None, 2)
+    entries = list(iter_entries(str(tmp_path), first_end, batch=1))
+    assert [(e.record.value if e.record else None, e.problem) for e in entries] == [(None, "unknown kind"), (2.0, None)]
+    assert entries[-1].end_offset == os.path.getsize(tmp_path / "metrics.jsonl")
+    assert [r.value for _, r in iter_records(str(tmp_path))] == [1.0, 2.0]
+
+
+def test_a_second_destination_keeps_its_own_cursor_file(tmp_path):
+    JournalWriter(str(tmp_path)).append("intermediate", 1.0, None, None)
+    size = os.path.getsize(tmp_path / "metrics.jsonl")
+    save_cursor(str(tmp_path), size, file_name="cursor.other")
+    assert load_cursor(str(tmp_path), "cursor.other").offset == size
+    assert load_cursor(str(tmp_path)).offset == 0  # the primary cursor is untouched

@@ -51,3 +51,16 @@ def test_one_record_is_singular(capsys):
 
     warn_pending(1, "/runs/TRAIx")
     assert "1 record stays pending in /runs/TRAIx; deliver it with" in capsys.readouterr().err
+
+
+def test_say_once_says_each_key_once_and_its_memory_is_bounded(capsys, monkeypatch):
+    from reporter import log
+
+    monkeypatch.setattr(log, "MAX_SAID_KEYS", 3)
+    assert log.say_once(("cursor", 7), "the cursor %s is stale", "c") is True
+    assert log.say_once(("cursor", 7), "the cursor %s is stale", "c") is False
+    assert capsys.readouterr().err == "anylearn-reporter: the cursor c is stale\n"
+    for key in range(3):  # past the bound the memory starts afresh: it never grows past MAX_SAID_KEYS
+        log.say_once(key, "key %d", key)
+    assert log.say_once(("cursor", 7), "again") is True
+    assert log.say_once(0, "key %d", 0) is True  # forgotten with the rest when the memory started afresh

@@ -48,7 +48,7 @@ def test_invalid_lines_and_lost_records_are_counted_and_named_as_problems(tmp_pa
     journal_lines(run_dir, b'{"kind": "intermediate", "value": "0.2x", "ts": 1.0}', b"[1, 2, 3]")
     JournalWriter(run_dir).append("intermediate", 0.6, None, 2)
     counters = HostCounters(run_dir)
-    counters.count(COUNTER_LOST, "disk full", 3)
+    counters.record_lost("disk full", 3, category=COUNTER_LOST)
     counters.save()
 
     info = read_run(run_dir)

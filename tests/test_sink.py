@@ -7,7 +7,8 @@ from conftest import SECRET_KEY, TASK_ID, clean_environ, offline_run
 
 import reporter
 from reporter import sink
-from reporter.journal import load_cursor, read_line
+from reporter.cursor import load_cursor
+from reporter.record import read_line
 from reporter.sink import SinkEntry
 from reporter.sync import sync_command
 
@@ -78,7 +79,7 @@ def test_a_second_sink_gets_every_record_once_with_its_own_cursor_and_no_host_ch
     assert first.keys == journal_keys(run_dir)  # every line, in order
     assert first.previous is None and first.closed
     end = (run_dir / "metrics.jsonl").stat().st_size
-    assert load_cursor(str(run_dir)) == end and load_cursor(str(run_dir), "cursor.list") == end
+    assert load_cursor(str(run_dir)).offset == end and load_cursor(str(run_dir), "cursor.list").offset == end
     status = json.loads((run_dir / "status.json").read_text())
     assert status["delivered"] == 23 and status["sinks"]["list"] == {"delivered": 23, "paused": None, "cursor": end}
     posts = server.backend.stats()["posts"]
@@ -95,10 +96,10 @@ def test_a_paused_sink_leaves_the_anylearn_lane_unaffected(server, tmp_path, mon
     (task,) = server.backend.tasks()
     assert task["intermediate_metrics"] == [float(i) for i in range(20)]
     assert pausing.paused and pausing.keys == journal_keys(run_dir)[:5]
-    assert load_cursor(str(run_dir)) == (run_dir / "metrics.jsonl").stat().st_size
+    assert load_cursor(str(run_dir)).offset == (run_dir / "metrics.jsonl").stat().st_size
     with open(run_dir / "metrics.jsonl", "rb") as f:
         fifth_end = len(b"".join(f.readlines()[:5]))
-    assert load_cursor(str(run_dir), "cursor.list") == fifth_end  # the rest stays pending for that sink
+    assert load_cursor(str(run_dir), "cursor.list").offset == fifth_end  # the rest stays pending for that sink
     status = json.loads((run_dir / "status.json").read_text())
     assert status["paused"] is None and status["sinks"]["list"]["paused"] == "list: paused"
 
