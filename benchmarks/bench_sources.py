@@ -26,10 +26,13 @@ from typing import List, Tuple
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "tests"))
 from bench_core import machine, publish  # noqa: E402
+from tbevents_support import frame_record, read_scalars  # noqa: E402
 
 from reporter.journal import JournalWriter, count_lines  # noqa: E402
-from reporter.tbevents import EventFileTailer, crc32c, frame_record, read_scalars  # noqa: E402
+from reporter.tbevents import EventFileTailer  # noqa: E402
+from reporter.tbformat import crc32c  # noqa: E402
 
 
 def _varint(n: int) -> bytes:

@@ -21,6 +21,7 @@ from .config import (
     ENV_FLUSH_TIMEOUT,
     ENV_OBJECTIVE_MODE,
     ENV_RANK,
+    ENV_REPORTER_DIR,
     ENV_REPORT_RANKS,
     ENV_REQUEST_TIMEOUT,
     ENV_RUN_DIR,
@@ -42,7 +43,7 @@ from .log import counted, forget_said, get_logger, say_offline, warn_pending
 from .policy import is_short_gap
 from .runmeta import HOST_HOOK, mark_attempt, write_objective
 
-if TYPE_CHECKING:  # the delivery side (requests, tenacity) is imported by the delivery thread only
+if TYPE_CHECKING:  # the delivery side (http.client, tenacity on the first failure) is imported by the delivery thread only
     from .deliver import Deliverer
 
 __all__ = [
@@ -82,6 +83,7 @@ class _Hook:
         self._deliverer_ready = threading.Event()
         self._warned_non_finite: set = set()
         self._exit_delivered = False  # the exit flush ran and left nothing of this process pending
+        self._lost_said = 0  # records lost that the caller was told of already (try_report_metric)
         for problem in problems:
             get_logger().warning("configuration: %s%s", problem, _consequence(problem))
         register_fork_hook(self, _Hook._after_fork)
@@ -183,7 +185,7 @@ class _Hook:
         self.emit = self._emit_after_exit_flush  # type: ignore[method-assign]  # no cost on the hot path before
         self._exit_delivered = False
         self.writer.counters.save()
-        if self.writer.lost:
+        if sum(self.writer.lost.values()) > self._lost_said:
             get_logger().warning("%s", counted(self.writer.lost, "records could not be journalled"))
         if not self.delivery_started or self.config.offline:
             self._exit_delivered = not self.delivery_started
@@ -253,7 +255,7 @@ def _reporting_hook() -> Optional[_Hook]:
                     except Exception as exc:  # e.g. the working directory was deleted: journal under a temp dir
                         import tempfile
 
-                        config, problems = load_config({"ANYLEARN_REPORTER_DIR": tempfile.gettempdir()})
+                        config, problems = load_config({ENV_REPORTER_DIR: tempfile.gettempdir()})
                         problems.append(f"cannot read the configuration ({type(exc).__name__}: {exc})")
                     _hook = _Hook(config, problems)
                     if _exit_flushed:  # the first report comes from an atexit handler that runs after ours
@@ -421,3 +423,17 @@ def flush(timeout: Optional[float] = None) -> bool:
     except Exception as exc:
         get_logger().warning("flush failed: %s", exc)
         return False
+
+
+def try_report_metric(value: Any, *, step: Optional[int] = None, name: Optional[str] = None, final: bool = False) -> bool:
+    """:func:`report_metric`, and whether the record was journalled: False when the writer could not write
+    it (it said why, once; the exit summary does not say it again, and the run's counters keep it). For the
+    ``report`` command, which exits 1 then; :class:`TypeError` for a value that is not a number."""
+    hook = _get_hook()
+    lost_before = sum(hook.writer.lost.values())
+    report_metric(value, step=step, name=name, final=final)
+    lost = sum(hook.writer.lost.values())
+    if lost == lost_before:
+        return True
+    hook._lost_said = lost
+    return False

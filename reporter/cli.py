@@ -48,7 +48,7 @@ def _task_arg(text: str) -> tuple:
 
 def _duration(*, positive: bool = False, unlimited: bool = True, unit: str = "seconds") -> Callable[[str], float]:
     """An argparse type for a duration option, checked by config's one rule (:func:`~reporter.config.duration_problem`)."""
-    from .config import MAX_DURATION_S, duration_problem
+    from .checks import MAX_DURATION_S, duration_problem
 
     def parse(text: str) -> float:
         problem = duration_problem(text.strip(), positive=positive, unlimited=unlimited, unit=unit)
@@ -315,11 +315,8 @@ def _cmd_report(args: argparse.Namespace) -> int:
         print(f"anylearn-reporter: error: {problem}", file=sys.stderr)
         return EXIT_NOT_JOURNALLED
 
-    hook = api._get_hook()
-    api.report_metric(args.value, step=args.step, name=args.name, final=args.final)
-    if hook.writer.lost:  # the writer said why, once (e.g. ENOSPC): not again in the exit summary
-        hook.writer.lost.clear()
-        return EXIT_NOT_JOURNALLED
+    if not api.try_report_metric(args.value, step=args.step, name=args.name, final=args.final):
+        return EXIT_NOT_JOURNALLED  # the writer said why, once (e.g. ENOSPC)
     return EXIT_OK
 
 

@@ -1,7 +1,7 @@
 """Environment variable names, defaults and the validated run configuration.
 
-A leaf module: it imports nothing from the package and does no I/O at import time. Every value the
-agent reads from the environment is named here, once.
+It imports only :mod:`reporter.checks` (a leaf: the validators of numbers, durations and text files)
+and does no I/O at import time. Every value the agent reads from the environment is named here, once.
 """
 
 from __future__ import annotations
@@ -9,7 +9,9 @@ from __future__ import annotations
 import os
 import time
 from dataclasses import dataclass, field
-from typing import Any, Callable, List, Mapping, Optional, Tuple
+from typing import Callable, List, Mapping, Optional, Tuple
+
+from .checks import ConfigError, parse_duration, parse_number
 
 # --- environment variable names -------------------------------------------------------------------
 ENV_TASK_ID = "ANYLEARN_TASK_ID"
@@ -117,10 +119,6 @@ STATE_ABORT = -3
 STATE_NAMES = {0: "created", 1: "running", 2: "success", -1: "deleted", -2: "fail", -3: "abort"}
 
 
-class ConfigError(ValueError):
-    """The environment or the command line holds a value the agent cannot use."""
-
-
 class Secret:
     """A string that never shows itself: ``repr``/``str`` print a redaction, ``reveal()`` the value."""
 
@@ -188,85 +186,6 @@ class Config:
             f"run_dir={self.run_dir!r}, report_all_ranks={self.report_all_ranks}, "
             f"objective_metric={self.objective_metric!r}, rank={self.rank})"
         )
-
-
-def option_or_env(value: Optional[str], env: Mapping[str, str], *names: str) -> Optional[str]:
-    """A command-line option's value when given, else the first of ``names`` set (and not empty) in ``env``."""
-    if value is not None:
-        return value
-    for name in names:
-        if env.get(name, "") != "":
-            return env[name]
-    return None
-
-
-def parse_number(
-    text: Optional[str], what: str, default: Any, *, integer: bool = False, minimum: float = 0.0, positive: bool = False
-) -> Any:
-    """A number from an option or a variable: ``default`` when unset or empty, ConfigError naming ``what``
-    when it is not a (whole) number, is NaN, is below ``minimum``, or is not above 0 with ``positive``."""
-    if text is None or str(text).strip() == "":
-        return default
-    try:
-        value = int(text) if integer else float(text)
-    except ValueError:
-        raise ConfigError(f"{what} must be {'a whole number' if integer else 'a number'}, not {text!r}") from None
-    if value != value or value < minimum or (positive and value <= 0):
-        bound = "more than 0" if positive else f"at least {minimum:g}"
-        raise ConfigError(f"{what} must be {bound}, not {text!r}")
-    return value
-
-
-MAX_DURATION_S = 1_000_000.0  # ~11.6 days: "no limit" in practice, and within every wait's range (poll takes int ms)
-
-
-def duration_problem(text: str, *, positive: bool = False, unlimited: bool = True, unit: str = "seconds") -> Optional[str]:
-    """Why ``text`` cannot be a duration, as the end of a sentence (``must be ...``); None when it can.
-
-    A duration is a number of ``unit``: not NaN, not negative (not 0 either with ``positive``). With
-    ``unlimited``, ``inf`` (or anything above :data:`MAX_DURATION_S`) means "no limit"; without, it is refused.
-    """
-    try:
-        value = float(text)
-    except (TypeError, ValueError):
-        value = float("nan")
-    most = "" if unlimited else f" up to {MAX_DURATION_S:.0f}"
-    if value != value or value < 0 or (positive and value == 0) or (not unlimited and value > MAX_DURATION_S):
-        bound = "more than 0" if positive else "0 or more"
-        no_limit = " (or inf for no limit)" if unlimited else ""
-        return f"must be a number of {unit}, {bound}{most}{no_limit}, not {str(text)[:40]!r}"
-    return None
-
-
-def parse_duration(text: Optional[str], what: str, default: Any, *, positive: bool = False, unlimited: bool = True) -> Any:
-    """The one parser of every duration (an option or a variable, in seconds): ``default`` when unset or empty;
-    :class:`ConfigError` naming ``what`` for what :func:`duration_problem` refuses. "No limit" (inf, or
-    more than :data:`MAX_DURATION_S`) comes back as :data:`MAX_DURATION_S`, so no wait, deadline or
-    timestamp computed from it can overflow."""
-    if text is None or str(text).strip() == "":
-        return default
-    problem = duration_problem(str(text).strip(), positive=positive, unlimited=unlimited)
-    if problem:
-        raise ConfigError(f"{what} {problem}")
-    return min(float(text), MAX_DURATION_S)
-
-
-def read_text_file(path: str, what: str, *, secret: bool = False) -> str:
-    """The UTF-8 text of the file ``path`` given as ``what`` (``--params-file``); a UTF-8 byte-order mark is
-    dropped. :class:`ConfigError` in one line names the file and what is wrong (unreadable, not UTF-8 text);
-    with ``secret`` the message never shows a byte of the content."""
-    try:
-        with open(path, "rb") as f:
-            data = f.read()
-    except OSError as exc:
-        raise ConfigError(f"cannot read {what} {path}: {exc.strerror or exc}") from None
-    try:
-        return data.decode("utf-8-sig")
-    except UnicodeDecodeError as exc:
-        bom = data[:2] in (b"\xff\xfe", b"\xfe\xff")
-        found = "it starts with a UTF-16 byte-order mark" if bom else (
-            f"an invalid byte at offset {exc.start}" if secret else f"byte 0x{data[exc.start]:02x} at offset {exc.start} is invalid")
-        raise ConfigError(f"{what} {path} is not UTF-8 text ({found}); save it as UTF-8") from None
 
 
 MAX_TASK_ID_BYTES = 255  # a file name's limit on Linux: the task id names the run directory
@@ -340,6 +259,11 @@ def _first(env: Mapping[str, str], *names: str) -> Optional[str]:
         if value:
             return value
     return None
+
+
+def env_task_id(env: Optional[Mapping[str, str]] = None) -> Optional[str]:
+    """The task id the environment gives (``ANYLEARN_TASK_ID``, else the platform's ``task_id``), unchecked."""
+    return _first(os.environ if env is None else env, ENV_TASK_ID, ENV_TASK_ID_PLATFORM)
 
 
 def backend_url_problem(url: str, where: str = ENV_BACKEND_URL) -> Optional[str]:
@@ -420,7 +344,7 @@ def load_config(env: Optional[Mapping[str, str]] = None) -> Tuple[Config, List[s
     env = os.environ if env is None else env
     problems: List[str] = []
 
-    task_id = _first(env, ENV_TASK_ID, ENV_TASK_ID_PLATFORM)
+    task_id = env_task_id(env)
     key = _first(env, ENV_SECRET_KEY, ENV_SECRET_KEY_PLATFORM)
     key_problem = secret_key_problem(key, ENV_SECRET_KEY if env.get(ENV_SECRET_KEY, "").strip() else ENV_SECRET_KEY_PLATFORM)
     secret = Secret(key) if key and not key_problem else None
@@ -532,7 +456,7 @@ def offline_reason(env: Optional[Mapping[str, str]] = None) -> str:
     """Why a run is offline, naming the variables to set (and the misspelt ones that are set instead)."""
     env = os.environ if env is None else env
     why = []
-    task_id = _first(env, ENV_TASK_ID, ENV_TASK_ID_PLATFORM)
+    task_id = env_task_id(env)
     if not task_id:
         why.append(f"{ENV_TASK_ID} (or {ENV_TASK_ID_PLATFORM}) is not set")
     elif task_id_problem(task_id):

@@ -17,7 +17,7 @@ from .config import (
     task_of_run_name,
 )
 from .cursor import count_pending, load_cursor
-from .ledger import read_host_counters
+from .ledger import COUNTER_LOST, read_host_counters
 from .osutil import count_lines, read_json
 from .reader import JournalReader
 from .record import KIND_FINAL, KIND_INTERMEDIATE, KIND_STATE, read_line
@@ -101,7 +101,7 @@ class RunInfo:
     skipped: Dict[str, int] = field(default_factory=dict)
     torn_lines: int = 0
     invalid: Dict[str, int] = field(default_factory=dict)  # journal lines that are not valid records, by reason
-    counters: Dict[str, Dict[str, int]] = field(default_factory=dict)  # hosts' counters, e.g. "lost" records
+    counters: Dict[str, Dict[str, int]] = field(default_factory=dict)  # hosts' counters, e.g. COUNTER_LOST records
     paused: Optional[str] = None
     last_delivery_ts: Optional[float] = None
     last_error: Optional[str] = None
@@ -133,7 +133,7 @@ class RunInfo:
     @property
     def lost(self) -> Dict[str, int]:
         """Records a writer could not journal, by reason."""
-        return self.counters.get("lost", {})
+        return self.counters.get(COUNTER_LOST, {})
 
     @property
     def last_metric(self) -> Optional[float]:

@@ -15,6 +15,7 @@ import time
 from dataclasses import dataclass
 from typing import Any, Optional
 
+from .checks import option_or_env, parse_duration
 from .config import (
     CHILD_PID_FILE,
     DEFAULT_DRAIN_TIMEOUT_S,
@@ -32,8 +33,6 @@ from .config import (
     Config,
     ConfigError,
     load_config_strict,
-    option_or_env,
-    parse_duration,
 )
 from .log import get_logger, warn_pending
 

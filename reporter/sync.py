@@ -1,6 +1,7 @@
 """``anylearn-reporter sync RUN_DIR...``: deliver what a run left pending (an offline run, an outage, a
 rejected key). Resumable: interrupted and run again, each record still reaches the backend once
-(the cursor moves per record; a record in flight is resent with its ``Idempotency-Key``)."""
+(the cursor is saved at most every 50 ms and at stop; what was sent after it is resent with the same
+``Idempotency-Key``)."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ import os
 from dataclasses import replace
 from typing import Dict, List, Mapping, Optional
 
+from .checks import read_text_file
 from .config import (
     ENV_BACKEND_URL,
     EXIT_PENDING,
@@ -16,7 +18,6 @@ from .config import (
     Secret,
     backend_url_problem,
     load_config_strict,
-    read_text_file,
     resolve_backend_url,
     secret_key_problem,
     task_id_problem,

@@ -157,7 +157,7 @@ def serve_process() -> Iterator[Callable[..., ServeProcess]]:
 @pytest.fixture(autouse=True)
 def _loopback_only(monkeypatch: pytest.MonkeyPatch) -> None:
     """Network tests stay on this machine: the test process refuses to resolve any name but loopback, so
-    no lookup or connection can leave it (requests-mock's fake hosts are never resolved)."""
+    no lookup or connection can leave it (a made-up host name in a test fails at once)."""
     real = socket.getaddrinfo
 
     def guarded(host, *args, **kwargs):

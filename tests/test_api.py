@@ -24,7 +24,7 @@ from hypothesis import strategies as st
 import reporter
 from reporter import api
 from reporter.emulator.server import Faults
-from reporter.journal import iter_records, lock_holder_pid
+from reporter.journal import COUNTER_LOST, iter_records, lock_holder_pid, read_host_counters
 
 
 @pytest.fixture
@@ -257,6 +257,20 @@ def test_an_invalid_record_on_disk_is_skipped_counted_and_delivery_goes_on(task,
 
 
 # --- a run directory that cannot be made (item 6) and records that cannot be journalled (item 4) -----
+
+
+def test_try_report_metric_says_whether_the_record_was_journalled_and_the_exit_does_not_repeat_a_loss(task, capsys):
+    assert api.try_report_metric(0.5, step=1) is True
+    assert [(r.value, r.step) for r in journalled(task)] == [(0.5, 1)]
+    api._reset_for_tests()
+    task.joinpath("metrics.jsonl").unlink()
+    task.joinpath("metrics.jsonl").symlink_to("/dev/full")  # opens, but every write fails: ENOSPC
+    assert api.try_report_metric(0.25) is False
+    assert sum(api._get_hook().writer.lost.values()) == 1  # still counted (status.json, counters.<pid>.json)
+    capsys.readouterr()
+    api._get_hook().close_at_exit()
+    assert "could not be journalled" not in capsys.readouterr().err
+    assert sum(read_host_counters(str(task))[COUNTER_LOST].values()) == 1  # saved at exit, not cleared
 
 _REPORT_FOR_A_WHILE = """
 import time, reporter

@@ -10,7 +10,7 @@ from conftest import (
     task_env,
 )
 
-from reporter.journal import iter_records
+from reporter.journal import COUNTER_LOST, iter_records, read_host_counters
 
 COMMANDS = ["run", "sidecar", "sync", "report", "show", "status", "doctor", "serve"]
 
@@ -71,6 +71,16 @@ def test_report_exits_1_with_one_line_when_the_record_cannot_be_journalled(serve
     done = cli("report", "0.5", env=clean_environ(ANYLEARN_REPORTER_RUN_DIR=str(full)))
     assert done.returncode == 1 and "ENOSPC" in done.stderr and done.stderr.count("could not be journalled") == 1, done.stderr
     assert server.backend.tasks() == [] or server.backend.tasks()[0]["intermediate_metrics"] == []
+
+
+def test_report_that_cannot_be_journalled_stays_counted_in_the_run_and_is_said_once(tmp_path):
+    run_dir = tmp_path / "full"
+    run_dir.mkdir()
+    (run_dir / "metrics.jsonl").symlink_to("/dev/full")  # opens, but every write fails: ENOSPC
+    done = cli("report", "0.5", env=clean_environ(ANYLEARN_REPORTER_RUN_DIR=str(run_dir)))
+    assert done.returncode == 1 and done.stderr.count("could not be journalled") == 1, done.stderr
+    lost = read_host_counters(str(run_dir)).get(COUNTER_LOST, {})
+    assert sum(lost.values()) == 1 and any("ENOSPC" in reason for reason in lost), lost  # status/show still see it
 
 
 def test_the_hook_says_there_is_no_journal_when_it_cannot_take_the_lock_of_a_run_that_cannot_be_made(server, tmp_path):

@@ -103,7 +103,7 @@ def test_secret_hint_shows_length_and_at_most_two_characters():
     [(None, {}, 7), ("", {}, 7), ("2.5", {}, 2.5), ("3", {"integer": True}, 3), ("0", {}, 0.0)],
 )
 def test_parse_number_reads_or_defaults(text, kwargs, expected):
-    from reporter.config import parse_number
+    from reporter.checks import parse_number
 
     assert parse_number(text, "--x", 7, **kwargs) == expected
 
@@ -114,7 +114,7 @@ def test_parse_number_reads_or_defaults(text, kwargs, expected):
      ("-1", {}, "at least 0"), ("0", {"positive": True}, "more than 0"), ("0", {"integer": True, "minimum": 1}, "at least 1")],
 )
 def test_parse_number_names_what_is_wrong(text, kwargs, message):
-    from reporter.config import parse_number
+    from reporter.checks import parse_number
 
     with pytest.raises(ConfigError, match=f"^--x must be {message}, not"):
         parse_number(text, "--x", 7, **kwargs)
@@ -286,7 +286,7 @@ def test_a_negative_nan_or_unbounded_duration_is_refused_in_one_line_with_exit_2
 
 
 def test_parse_duration_caps_no_limit_and_refuses_the_rest():
-    from reporter.config import MAX_DURATION_S, parse_duration
+    from reporter.checks import MAX_DURATION_S, parse_duration
 
     assert parse_duration("inf", "--x", 1.0) == parse_duration("1e308", "--x", 1.0) == MAX_DURATION_S
     assert parse_duration(" 2.5 ", "--x", 1.0) == 2.5 and parse_duration("", "--x", 1.0) == 1.0

@@ -1,5 +1,5 @@
 """The delivery engine: its policy (skip, pause, reject, order, retry) with an in-memory client, and the
-wire against the real local backend on loopback (and requests-mock for sequences of failures)."""
+wire against the real local backend on loopback (its injected faults, and tests/httpfakes.py's misbehaving servers)."""
 
 import errno
 import glob

@@ -134,3 +134,14 @@ def test_works_with_the_pytorch_lightning_package_too(reporting):
     task = delivered(reporting.server)
     assert len(task["intermediate_metrics"]) == 2 and task["final_metric"] == min(task["intermediate_metrics"])
 
+
+
+def test_the_logger_version_is_the_task_id_the_platform_gives(monkeypatch):
+    monkeypatch.delenv("ANYLEARN_TASK_ID", raising=False)
+    monkeypatch.setenv("task_id", "TRAIx")  # the platform's own name for it
+    assert AnylearnLogger().version == "TRAIx"
+    monkeypatch.setenv("ANYLEARN_TASK_ID", "TRAIy")
+    assert AnylearnLogger().version == "TRAIy"
+    monkeypatch.delenv("ANYLEARN_TASK_ID")
+    monkeypatch.delenv("task_id")
+    assert AnylearnLogger().version == "offline"

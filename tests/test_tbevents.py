@@ -14,15 +14,11 @@ from conftest import cli, task_env, wait_until
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from tbevents_support import frame_record, read_scalars
+
 from reporter.journal import JournalWriter, iter_records, read_host_counters
-from reporter.tbevents import (
-    EventFileTailer,
-    RecordScanner,
-    crc32c,
-    frame_record,
-    parse_event,
-    read_scalars,
-)
+from reporter.tbevents import EventFileTailer
+from reporter.tbformat import RecordScanner, crc32c, parse_event
 
 # --- a tiny protobuf encoder of our own (the reader must not be checked against itself) -------------
 
@@ -298,7 +294,7 @@ def test_a_reader_killed_before_saving_its_position_is_not_repeated_by_its_succe
     saved = (tmp_path / "run" / "tensorboard.json").read_bytes()
     write(path, frame_record(event(1, simple_value("loss", 2.0))) + frame_record(event(2, simple_value("loss", 3.0))))
     assert first.poll_once() == 2
-    first._lock.release()  # killed here: the batch is journalled, the position saved before it is on disk
+    first.release()  # killed here: the batch is journalled, the position saved before it is on disk
     (tmp_path / "run" / "tensorboard.json").write_bytes(saved)
     foreign = {"kind": "intermediate", "value": 4.0, "name": "loss", "step": 3, "ts": 1700000000.5, "rank": 0, "pid": 1, "key": "k-1"}
     write(tmp_path / "run" / "metrics.jsonl", (json.dumps(foreign) + "\n").encode())  # the same scalar from another process

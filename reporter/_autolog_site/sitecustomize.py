@@ -29,6 +29,7 @@ def _run_hidden_sitecustomize() -> None:
 
 
 def _autolog() -> None:
+    # The literal, not reporter.config.ENV_AUTOLOG: this runs before the package is known to be importable.
     if os.environ.get("ANYLEARN_AUTOLOG", "").strip().lower() not in ("1", "true", "yes", "on"):
         return
     try:

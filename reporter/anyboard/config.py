@@ -10,9 +10,10 @@ import os
 from dataclasses import dataclass, field
 from typing import Mapping, Optional
 
+from ..checks import parse_number
 from ..config import (
     ANYBOARD_ENV, DEFAULT_OBJECTIVE_METRIC, ENV_ANYBOARD_HOST, ENV_ANYBOARD_PASSWORD, ENV_ANYBOARD_PORT,
-    ENV_ANYBOARD_USER, ENV_PROJECT_ID, ENV_TASK_ID, ENV_USER_ID, ConfigError, Secret, parse_number,
+    ENV_ANYBOARD_USER, ENV_PROJECT_ID, ENV_TASK_ID, ENV_USER_ID, ConfigError, Secret,
 )
 
 DEFAULT_ANYBOARD_TIMEOUT_S = 10.0  # every socket operation with IoTDB (connect, one call) waits at most this

@@ -21,6 +21,7 @@ from argparse import Namespace
 from typing import Any, Dict, List, Mapping, Optional, Union
 
 from .. import api
+from ..config import env_task_id
 from ..journal import atomic_write_json
 from ._objective import MetricSink, MissingFramework, env_rank_is_zero
 
@@ -89,7 +90,7 @@ class AnylearnLogger(*_logger_bases()):  # type: ignore[misc]
 
     @property
     def version(self) -> str:
-        return os.environ.get("ANYLEARN_TASK_ID", "") or "offline"
+        return env_task_id() or "offline"
 
     @property
     def save_dir(self) -> Optional[str]:

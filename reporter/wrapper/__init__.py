@@ -15,13 +15,13 @@ Imports run one way: ``launch``, ``output``, ``reaper`` -> ``supervise`` -> ``ru
 from .launch import RunOptions, build_argv, child_environment, options_from
 from .output import MetricLineParser, ParsedMetric
 from .runner import Run, dry_run, run
-from .supervise import Outcome, outcome_of
+from .supervise import RunEnding, outcome_of
 
 __all__ = [
     "MetricLineParser",
-    "Outcome",
     "ParsedMetric",
     "Run",
+    "RunEnding",
     "RunOptions",
     "build_argv",
     "child_environment",

@@ -18,6 +18,7 @@ import sys
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Mapping, Optional, Tuple
 
+from ..checks import option_or_env, parse_duration, parse_number, read_text_file
 from ..config import (
     DEFAULT_DRAIN_TIMEOUT_S,
     DEFAULT_GRACE_PERIOD_S,
@@ -53,10 +54,6 @@ from ..config import (
     Config,
     ConfigError,
     Secret,
-    option_or_env,
-    parse_duration,
-    parse_number,
-    read_text_file,
 )
 from ..integrations.autolog import autolog_environment, autolog_requested
 from ..log import get_logger

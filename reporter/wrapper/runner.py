@@ -54,7 +54,7 @@ from .launch import (
 )
 from .output import STDERR_TAIL_LINES, MetricLineParser
 from .reaper import become_subreaper, make_non_dumpable
-from .supervise import Child, Outcome, signal_name, signals_passed_to
+from .supervise import Child, RunEnding, signal_name, signals_passed_to
 
 
 class Run:
@@ -210,7 +210,7 @@ class Run:
         self.writer.close()
         return outcome.exit_code
 
-    def write_summary(self, started: float, outcome: Outcome, pending: int) -> None:
+    def write_summary(self, started: float, outcome: RunEnding, pending: int) -> None:
         ended = time.time()
         self.writer.counters.save()  # this process's counters, for read_run below
         run = read_run(self.run_dir, SendRule.of(self.config))  # the journal and the deliverer's status.json

@@ -41,7 +41,10 @@ PUMP_JOIN_TIMEOUT_S = 5.0  # a process outside the group that keeps a pipe open 
 
 
 @dataclass(frozen=True)
-class Outcome:
+class RunEnding:
+    """How the command ended: the task state to report, the wrapper's exit code, and why it failed (None when
+    it succeeded). Not :class:`reporter.client.Outcome`, which is what became of one record's delivery."""
+
     state: int
     exit_code: int
     failure: Optional[str]
@@ -56,7 +59,7 @@ def signal_name(number: int) -> str:
 
 def outcome_of(
     returncode: Optional[int], stop_signal: Optional[int], start_error: Optional[Exception] = None, program: str = ""
-) -> Outcome:
+) -> RunEnding:
     """The one failure ladder: (task state, wrapper exit code, failure reason) for every way a run ends.
 
     ``start_error`` is the error of a command that could not be started (127 when it was not found, 126
@@ -67,21 +70,21 @@ def outcome_of(
     if start_error is not None or returncode is None:
         code = 127 if isinstance(start_error, FileNotFoundError) else 126
         why = (getattr(start_error, "strerror", None) or str(start_error)) if start_error is not None else "no exit status"
-        return Outcome(STATE_FAIL, code, f"cannot start {program!r}: {why}")
+        return RunEnding(STATE_FAIL, code, f"cannot start {program!r}: {why}")
     exit_code = 128 - returncode if returncode < 0 else returncode
     if stop_signal is not None:
-        return Outcome(STATE_ABORT, exit_code, f"stopped: the wrapper received {signal_name(stop_signal)}")
+        return RunEnding(STATE_ABORT, exit_code, f"stopped: the wrapper received {signal_name(stop_signal)}")
     if returncode == 0:
-        return Outcome(STATE_SUCCESS, 0, None)
+        return RunEnding(STATE_SUCCESS, 0, None)
     if returncode < 0:
-        return Outcome(STATE_FAIL, exit_code, f"the command was killed by {signal_name(-returncode)}")
-    return Outcome(STATE_FAIL, exit_code, f"the command exited with code {returncode}")
+        return RunEnding(STATE_FAIL, exit_code, f"the command was killed by {signal_name(-returncode)}")
+    return RunEnding(STATE_FAIL, exit_code, f"the command exited with code {returncode}")
 
 # --- the child --------------------------------------------------------------------------------------
 
 
 class Child:
-    """The command under the wrapper's care, from :meth:`supervise` to its :class:`Outcome`."""
+    """The command under the wrapper's care, from :meth:`supervise` to its :class:`RunEnding`."""
 
     def __init__(
         self, argv: List[str], run_dir: str, grace_period_s: float, on_line: Callable[[bytes], Any],
@@ -125,8 +128,8 @@ class Child:
 
     # -- the steps --
 
-    def supervise(self, env: Mapping[str, str]) -> Outcome:
-        """Start the command, supervise it to its end, stop what it left; the ending's :class:`Outcome`."""
+    def supervise(self, env: Mapping[str, str]) -> RunEnding:
+        """Start the command, supervise it to its end, stop what it left; the ending's :class:`RunEnding`."""
         try:
             self.start(env)
         except (OSError, ValueError, TypeError) as exc:  # ValueError/TypeError: what check_launchable did not foresee
