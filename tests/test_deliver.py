@@ -480,7 +480,7 @@ def test_the_watch_follows_the_journal_to_its_new_file(tmp_path):
     replace_journal(tmp_path, "rename")
     journal(tmp_path, [1.0])  # the new file: watched once it is made
     wait_until(lambda: woken, 20, what="a wake-up for the rename or the new file")
-    wait_until(lambda: watch._watching_file and watch._file_ino == os.stat(tmp_path / "metrics.jsonl").st_ino, 20,
+    wait_until(lambda: watch.watched_ino == os.stat(tmp_path / "metrics.jsonl").st_ino, 20,
                what="the watch on the new file")
     woken.clear()
     journal(tmp_path, [2.0])  # a write to the new file wakes the watch (a 60 s timeout otherwise)
