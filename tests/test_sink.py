@@ -142,11 +142,46 @@ def test_a_sink_that_cannot_be_built_is_said_and_left_off(server, tmp_path, monk
     assert "cannot set up the broken destination (RuntimeError)" in err and "secret-ish" not in err
 
 
-def test_the_anyboard_sink_fits_the_door():
-    pytest.importorskip("reporter.anyboard.sink")
-    from reporter.anyboard.sink import IN_TRAINING_PROCESS, AnyboardSink, anyboard_from_config
+class PointsWriter:
+    """Stands in for Anyboard's IoTDB writer: keeps the points it is given."""
 
-    for name in ("open", "deliver", "status", "close"):
-        assert callable(getattr(AnyboardSink, name))
-    entry = SinkEntry("anyboard", IN_TRAINING_PROCESS, anyboard_from_config)  # the line issue 18 adds
-    assert entry.in_training_process is False
+    def __init__(self):
+        self.points = []
+        self.closed = False
+
+    def write(self, points, timeout_s=None):
+        self.points.extend(points)
+
+    def close(self):
+        self.closed = True
+
+
+def test_issue_18s_anyboard_sink_runs_in_a_lane_of_its_own(tmp_path):
+    from fakes import FakeClient
+
+    from reporter.anyboard.config import AnyboardConfig
+    from reporter.anyboard.sink import AnyboardSink
+    from reporter.config import Secret
+    from reporter.deliver import Deliverer, DeliveryOptions
+    from reporter.journal import JournalWriter
+
+    writer = JournalWriter(str(tmp_path))
+    for i in range(5):
+        writer.append("intermediate", i / 10, None, i)  # unnamed: the objective, sent to AnyLearn too
+    writer.close()
+    config = AnyboardConfig(host="127.0.0.1", port=6667, user="root", password=Secret("root"), user_id="USER1",
+                            project_id="PROJ1", task_id=TASK_ID)
+    points = PointsWriter()
+    options = DeliveryOptions(poll_interval_s=0.05, lock_poll_interval_s=0.05)
+    deliverer = Deliverer(str(tmp_path), FakeClient(task_id=TASK_ID), options,
+                          more_sinks=[AnyboardSink(config, writer=points)]).start()
+    assert deliverer.flush(20)  # waits for both lanes
+    deliverer.close(5)
+    assert deliverer.client.values() == [i / 10 for i in range(5)] and len(points.points) == 5 and points.closed
+    end = (tmp_path / "metrics.jsonl").stat().st_size
+    assert load_cursor(str(tmp_path), "cursor.anyboard").offset == end
+    section = json.loads((tmp_path / "status.json").read_text())["sinks"]["anyboard"]
+    assert section["delivered"] == 5 and section["cursor"] == end
+    again = AnyboardSink(config, writer=PointsWriter())  # the next deliverer carries Anyboard's count on
+    Deliverer(str(tmp_path), FakeClient(task_id=TASK_ID), options, more_sinks=[again]).start().close(5)
+    assert again.delivered == 5 and again.writer.points == []
