@@ -145,11 +145,11 @@ class _Hook:
 
     def _delivery_main(self) -> None:
         try:
-            from .deliver import (
-                build_deliverer,  # the HTTP side loads here, off the caller's path
-            )
+            from .deliver import build_deliverer  # the HTTP side loads here, off the caller's path
+            from .pacing import BurstPacing
 
-            self.deliverer = build_deliverer(self.config, host_busy=self._reporting_in_a_burst).start()
+            self.deliverer = build_deliverer(self.config, pacing=BurstPacing(self._reporting_in_a_burst),
+                                             in_training_process=True).start()
         except Exception as exc:  # never into training code
             get_logger().warning("cannot start delivery (%s); records stay in %s", exc, self.config.run_dir)
         finally:

@@ -18,11 +18,11 @@ import threading
 import time
 from typing import Any, Callable, Deque, Dict, Iterator, Optional, Tuple
 
-from .config import JOURNAL_FILE, REJECTED_FILE
+from .config import JOURNAL_FILE
 from .ledger import COUNTER_LOST, HostCounters
 from .log import get_logger, say_once
 from .osutil import register_fork_hook, whole_lines_end
-from .record import MAX_NAME_CHARS, Record, clean_name, step_in_range
+from .record import MAX_NAME_CHARS, clean_name, step_in_range
 
 MAX_CACHED_NAMES = 4096  # the writer keeps this many names' JSON text at most
 JOURNAL_CHECK_INTERVAL_S = 0.25  # how often a writer looks whether its path still names its file (not per report)
@@ -230,51 +230,3 @@ class JournalWriter:
             if self._fd >= 0:
                 os.close(self._fd)
                 self._fd = -1
-
-
-def append_rejected(run_dir: str, record: Record, status: int, reason: str) -> None:
-    """Keep a record the backend refused for good, with the HTTP status and the backend's reason."""
-    line = json.dumps({**record.as_json(), "http_status": status, "reason": reason[:500]}) + "\n"
-    fd = os.open(os.path.join(run_dir, REJECTED_FILE), os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o644)
-    try:
-        os.write(fd, line.encode())
-    finally:
-        os.close(fd)
-
-
-# TEMPORARY façade (issue 17): the names that moved out of this module, loaded on first use (PEP 562), so
-# importers on other branches keep working until every track is merged; the lead removes it then.
-_MOVED = {
-    **dict.fromkeys(("count_pending", "save_cursor"), "cursor"),
-    **dict.fromkeys(("COUNTER_LOG_WRITE_FAILED", "COUNTER_UNREADABLE", "COUNTERS_FILE_GLOB",
-                     "COUNTERS_SAVE_INTERVAL_S", "read_host_counters"), "ledger"),
-    **dict.fromkeys(("atomic_write", "atomic_write_json", "count_lines", "is_regular_file", "read_json"), "osutil"),
-    **dict.fromkeys(("HEAD_BYTES", "INVALID_NOT_REGULAR", "INVALID_TOO_LONG", "MAX_LINE_BYTES", "JournalEntry",
-                     "JournalReader", "iter_records", "journal_end", "journal_head"), "reader"),
-    **dict.fromkeys(("INVALID_NOT_JSON", "KIND_FINAL", "KIND_INTERMEDIATE", "KIND_STATE", "MAX_KEY_CHARS", "MAX_STEP",
-                     "MAX_TS", "RECORD_FIELDS", "RECORD_KINDS", "check_record", "metric_number", "read_line"), "record"),
-    **dict.fromkeys(("RunLock", "lock_holder_pid"), "runlock"),
-}
-
-
-def __getattr__(name: str) -> Any:
-    if name == "DeliverLock":
-        name = "RunLock"
-    module = _MOVED.get(name)
-    if module is None:
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    import importlib
-
-    return getattr(importlib.import_module(f"{__package__}.{module}"), name)
-
-
-def load_cursor_state(run_dir: str) -> Tuple[int, Optional[int]]:
-    """TEMPORARY (façade): :func:`reporter.cursor.load_cursor` as the old tuple."""
-    from .cursor import load_cursor as _load
-
-    return tuple(_load(run_dir))  # type: ignore[return-value]
-
-
-def load_cursor(run_dir: str) -> int:
-    """TEMPORARY (façade): the old int-returning ``load_cursor``; use ``reporter.cursor.load_cursor(...).offset``."""
-    return load_cursor_state(run_dir)[0]

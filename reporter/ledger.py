@@ -17,8 +17,34 @@ COUNTER_UNREADABLE = "unreadable"  # output lines a host could not read a metric
 COUNTER_LOG_WRITE_FAILED = "log_write_failed"  # writes of the wrapper's stdout.log/stderr.log that failed, by file
 
 
-class HostCounters:
-    """Counters a host process keeps for its run: ``{category: {reason: count}}`` (e.g. ``lost``).
+class Ledger:
+    """Counts by category, then by reason: ``{category: {reason: count}}``, the one shape of a count.
+
+    ``record_lost(reason, n, category=...)`` returns True the first time a reason is seen, which is what
+    "say it once" hangs on. A host's :class:`HostCounters` and a sink's ``DeliveryLedger`` are ledgers.
+    """
+
+    def __init__(self) -> None:
+        self.values: Dict[str, Dict[str, int]] = {}
+
+    def category(self, name: str) -> Dict[str, int]:
+        """The live ``{reason: count}`` dict of one category (made empty when new)."""
+        return self.values.setdefault(name, {})
+
+    def record_lost(self, reason: str, n: int = 1, *, category: str = COUNTER_LOST) -> bool:
+        """Add ``n`` to ``category``/``reason``; True when that reason is new (say it once)."""
+        counts = self.category(category)
+        first = reason not in counts
+        counts[reason] = counts.get(reason, 0) + n
+        return first
+
+    def snapshot(self) -> Dict[str, Dict[str, int]]:
+        """A copy of every non-empty category."""
+        return {name: dict(counts) for name, counts in self.values.items() if counts}
+
+
+class HostCounters(Ledger):
+    """Counters a host process keeps for its run (e.g. ``lost``), a :class:`Ledger` saved to disk.
 
     Saved to ``counters.<pid>.json`` in the run directory when a reason first appears, then at most
     once a second while counting and on :meth:`save`; the deliverer (whichever process it runs in)
@@ -27,31 +53,19 @@ class HostCounters:
     """
 
     def __init__(self, run_dir: str) -> None:
+        super().__init__()
         self.run_dir = run_dir
-        self.values: Dict[str, Dict[str, int]] = {}
         self._saved_at = 0.0
         self._dirty = False
 
-    def category(self, name: str) -> Dict[str, int]:
-        """The live ``{reason: count}`` dict of one category."""
-        return self.values.setdefault(name, {})
-
     def record_lost(self, reason: str, n: int = 1, *, category: str = COUNTER_LOST) -> bool:
-        """Add ``n`` to ``category``/``reason``; True when that reason is new (say it once)."""
-        counts = self.category(category)
-        first = reason not in counts
-        counts[reason] = counts.get(reason, 0) + n
+        first = super().record_lost(reason, n, category=category)
         self._dirty = True
         now = time.monotonic()
         if first or now - self._saved_at >= COUNTERS_SAVE_INTERVAL_S:
             self._saved_at = now
             self.save()
         return first
-
-    def count(self, category: str, reason: str, n: int = 1) -> bool:
-        """TEMPORARY alias of :meth:`record_lost` for callers on other branches (issue 17); removed with
-        journal.py's façade."""
-        return self.record_lost(reason, n, category=category)
 
     def save(self) -> None:
         """Write the counters file now (if anything was counted); never raises."""

@@ -36,6 +36,7 @@ class DeliveryStatus:
     failing_since: Optional[float] = None
     updated: Optional[float] = None
     running: bool = False
+    sinks: Dict[str, Dict[str, Any]] = field(default_factory=dict)  # other destinations' sections, by name
 
     def to_json(self) -> Dict[str, Any]:
         """The JSON object written to ``status.json``."""
@@ -94,11 +95,17 @@ def _categories(value: Any) -> Any:
     return {k: _counts(v) for k, v in value.items() if isinstance(k, str) and isinstance(v, dict)}
 
 
+def _sections(value: Any) -> Any:
+    if not isinstance(value, dict):
+        return _BAD
+    return {k: dict(v) for k, v in value.items() if isinstance(k, str) and isinstance(v, dict)}
+
+
 _CHECKS = {
     "task_id": _text, "backend_url": _text, "deliverer_pid": _pid, "deliverer_started": _time, "cursor": _count,
     "delivered": _count, "skipped": _counts, "counters": _categories, "paused": _text, "state_reporting": _flag,
     "last_delivery_ts": _time, "last_error": _text, "last_error_ts": _time, "failing_since": _time,
-    "updated": _time, "running": _flag,
+    "updated": _time, "running": _flag, "sinks": _sections,
 }
 
 

@@ -266,7 +266,7 @@ class EventFileTailer:
                     state.corrupt += result.corrupt
                     counters = getattr(self.writer, "counters", None)  # the run's counters: status.json, summary.json
                     if counters is not None:
-                        counters.count(COUNTER_UNREADABLE, "tensorboard record", result.corrupt)
+                        counters.record_lost("tensorboard record", result.corrupt, category=COUNTER_UNREADABLE)
                 if result.consumed:
                     state.offset += result.consumed
                     moved = True

@@ -449,7 +449,7 @@ def test_a_final_metric_reported_from_a_users_atexit_handler_is_delivered(server
 
 _RANK = """
 import os, sys, time, reporter
-from reporter.journal import lock_holder_pid
+from reporter.runlock import lock_holder_pid
 run_dir = os.environ["ANYLEARN_REPORTER_RUN_DIR"]
 for i in range(50):
     reporter.report_metric(float(i), step=i)

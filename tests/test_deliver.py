@@ -329,9 +329,9 @@ def test_the_journal_write_itself_wakes_an_idle_deliverer(server, tmp_path):
 
 
 def test_without_inotify_the_deliverer_polls(server, tmp_path, monkeypatch):
-    from reporter import deliver
+    from reporter import watch
 
-    monkeypatch.setattr(deliver, "_inotify", False)
+    monkeypatch.setattr(watch, "_inotify", False)
     journal(tmp_path, [1.0])
     deliverer = make_deliverer(tmp_path, server.base_url).start()
     assert deliverer.flush(10)
@@ -342,7 +342,7 @@ def test_without_inotify_the_deliverer_polls(server, tmp_path, monkeypatch):
 
 
 def test_a_watch_made_before_the_journal_exists_follows_it_once_created(tmp_path):
-    from reporter.deliver import JournalWatch
+    from reporter.watch import JournalWatch
 
     watch = JournalWatch(str(tmp_path), poll_interval_s=60, watch_interval_s=60)
     if not watch.uses_inotify:
@@ -366,11 +366,11 @@ def test_a_watch_made_before_the_journal_exists_follows_it_once_created(tmp_path
 
 
 def test_the_cursor_is_saved_in_groups_yet_complete_at_idle_and_close(server, tmp_path, monkeypatch):
-    from reporter import deliver
+    from reporter import ack
 
     saves = []
-    real = deliver.save_cursor
-    monkeypatch.setattr(deliver, "save_cursor", lambda run_dir, offset, **kw: (saves.append(offset), real(run_dir, offset, **kw)))
+    real = ack.save_cursor
+    monkeypatch.setattr(ack, "save_cursor", lambda run_dir, offset, **kw: (saves.append(offset), real(run_dir, offset, **kw)))
     journal(tmp_path, [float(i) for i in range(200)])
     grouped = DeliveryOptions(poll_interval_s=0.05, lock_poll_interval_s=0.05, ack_interval_s=3600)
     deliverer = make_deliverer(tmp_path, server.base_url, options=grouped).start()
@@ -382,7 +382,7 @@ def test_the_cursor_is_saved_in_groups_yet_complete_at_idle_and_close(server, tm
 
 
 def test_a_lone_record_waits_for_a_quiet_host_and_a_burst_holds_each_request_back_once(server, tmp_path):
-    from reporter.deliver import BURST_HISTORY
+    from reporter.pacing import BURST_HISTORY, BurstPacing
 
     asked = []
 
@@ -394,11 +394,12 @@ def test_a_lone_record_waits_for_a_quiet_host_and_a_burst_holds_each_request_bac
         return (f'{{"kind":"intermediate","value":{value!r},"name":null,"step":null,"ts":{ts!r},"rank":0,"pid":1,'
                 f'"key":"k-{value}"}}\n')
 
-    options = DeliveryOptions(poll_interval_s=0.05, lock_poll_interval_s=0.05, max_defer_s=0.02, burst_gap_s=0.002)
-    looks_per_lone_record = 1 + round(options.max_defer_s / options.burst_gap_s)  # every 2 ms until max_defer_s
+    options = DeliveryOptions(poll_interval_s=0.05, lock_poll_interval_s=0.05)
+    pacing = BurstPacing(host_busy, burst_gap_s=0.002, max_defer_s=0.02)
+    looks_per_lone_record = 1 + round(pacing.max_defer_s / pacing.burst_gap_s)  # every 2 ms until max_defer_s
     # two records 10 ms apart: not a burst; each waits for the host to be quiet (here: until max_defer_s)
     (tmp_path / "metrics.jsonl").write_text(line(1.0, 1000.0) + line(2.0, 1000.01))
-    deliverer = Deliverer(str(tmp_path), BackendClient(server.base_url, TASK_ID, Secret(SECRET_KEY)), options, host_busy=host_busy).start()
+    deliverer = Deliverer(str(tmp_path), BackendClient(server.base_url, TASK_ID, Secret(SECRET_KEY)), options, pacing=pacing).start()
     assert deliverer.flush(10)
     assert len(asked) == 2 * looks_per_lone_record
     # then twelve 0.5 ms apart, one of them 5 ms late (as when the delivery thread had the interpreter a
@@ -460,7 +461,7 @@ def test_a_cursor_of_a_replaced_journal_starts_the_next_deliverer_at_zero(tmp_pa
 
 
 def test_the_watch_follows_the_journal_to_its_new_file(tmp_path):
-    from reporter.deliver import JournalWatch
+    from reporter.watch import JournalWatch
 
     journal(tmp_path, [0.0])
     watch = JournalWatch(str(tmp_path), poll_interval_s=60, watch_interval_s=60)
@@ -480,7 +481,7 @@ def test_the_watch_follows_the_journal_to_its_new_file(tmp_path):
     replace_journal(tmp_path, "rename")
     journal(tmp_path, [1.0])  # the new file: watched once it is made
     wait_until(lambda: woken, 20, what="a wake-up for the rename or the new file")
-    wait_until(lambda: watch._watching_file and watch._file_ino == os.stat(tmp_path / "metrics.jsonl").st_ino, 20,
+    wait_until(lambda: watch.watched_ino == os.stat(tmp_path / "metrics.jsonl").st_ino, 20,
                what="the watch on the new file")
     woken.clear()
     journal(tmp_path, [2.0])  # a write to the new file wakes the watch (a 60 s timeout otherwise)
@@ -553,6 +554,7 @@ def test_records_stamped_ahead_of_the_clock_are_delivered_without_holding_back(s
     once read as "reporting in a burst", and each request was held back, about 10 records/s for the hour."""
     from reporter import api
     from reporter.config import load_config
+    from reporter.pacing import BurstPacing
 
     config, problems = load_config(task_env(server.base_url, str(tmp_path)))
     assert not problems
@@ -566,7 +568,7 @@ def test_records_stamped_ahead_of_the_clock_are_delivered_without_holding_back(s
     hook.writer.last_append_ts = ahead + 0.01  # what the writer noted at the last report
     assert not hook._reporting_in_a_burst()
     deliverer = Deliverer(str(tmp_path), BackendClient(server.base_url, TASK_ID, Secret(SECRET_KEY)), FAST,
-                          host_busy=hook._reporting_in_a_burst).start()
+                          pacing=BurstPacing(hook._reporting_in_a_burst)).start()
     assert deliverer.flush(60)
     deliverer.close(5)
     hook.writer.close()
@@ -677,15 +679,15 @@ def _cpu_share_of_waits(watch, wall_s=1.0):
 
 
 def test_a_watch_out_of_inotify_watches_falls_back_to_polling_without_spinning(tmp_path, monkeypatch):
-    from reporter import deliver
+    from reporter import watch as deliver_watch
 
     journal(tmp_path, [0.0])
-    watch = deliver.JournalWatch(str(tmp_path), poll_interval_s=0.1, watch_interval_s=0.5)
+    watch = deliver_watch.JournalWatch(str(tmp_path), poll_interval_s=0.1, watch_interval_s=0.5)
     if not watch.uses_inotify:
         watch.close()
         pytest.skip("no inotify on this system")
-    init1, _, rm_watch = deliver._inotify_calls()
-    monkeypatch.setattr(deliver, "_inotify", (init1, lambda *args: -1, rm_watch))  # every new watch: ENOSPC
+    init1, _, rm_watch = deliver_watch._inotify_calls()
+    monkeypatch.setattr(deliver_watch, "_inotify", (init1, lambda *args: -1, rm_watch))  # every new watch: ENOSPC
     replace_journal(tmp_path, "rename")
     journal(tmp_path, [1.0])
     try:
@@ -708,17 +710,17 @@ def _inotify_watches_in_use():
 
 
 def test_the_real_inotify_limit_reached_while_the_journal_is_replaced_never_spins(tmp_path):
-    from reporter import deliver
+    from reporter import watch as deliver_watch
 
     limit_file = "/proc/sys/fs/inotify/max_user_watches"
     if not os.access(limit_file, os.W_OK):
         pytest.skip(f"{limit_file} is not writable here")
     journal(tmp_path, [0.0])
-    watch = deliver.JournalWatch(str(tmp_path), poll_interval_s=0.1, watch_interval_s=0.5)
+    watch = deliver_watch.JournalWatch(str(tmp_path), poll_interval_s=0.1, watch_interval_s=0.5)
     if not watch.uses_inotify:
         watch.close()
         pytest.skip("no inotify on this system")
-    init1, add_watch, rm_watch = deliver._inotify_calls()
+    init1, add_watch, rm_watch = deliver_watch._inotify_calls()
     probe = init1(0o2000000)
     spare = tmp_path / "spare"
     spare.mkdir()

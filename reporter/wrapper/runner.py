@@ -72,9 +72,9 @@ class Run:
         self.state_rank = options.node_rank * options.nproc_per_node  # only node 0's state records are sent
         self.writer = JournalWriter(self.run_dir, rank=self.state_rank)
         counters = self.writer.counters  # the run's host counters: status.json and summary.json show them
-        self.parser = MetricLineParser(options.metric_patterns, on_unreadable=lambda: counters.count(COUNTER_UNREADABLE, "metric line"))
+        self.parser = MetricLineParser(options.metric_patterns, on_unreadable=lambda: counters.record_lost("metric line", category=COUNTER_UNREADABLE))
         self.child = Child(self.argv, self.run_dir, options.grace_period_s, self._on_line,
-                           on_log_failure=lambda name: counters.count(COUNTER_LOG_WRITE_FAILED, name))
+                           on_log_failure=lambda name: counters.record_lost(name, category=COUNTER_LOG_WRITE_FAILED))
         self.deliverer: Any = None
         self.agent: Any = None  # a local task's heartbeat and log shipping (reporter/logship.py)
         self.drain_deadline: Optional[float] = None
