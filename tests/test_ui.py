@@ -269,3 +269,27 @@ def test_the_server_answers_only_requests_naming_the_loopback_host(runs):
             assert _get_as(server.url + "api/runs", host) == 200, host
     finally:
         server.stop()
+
+
+def test_the_compare_legend_shows_the_selected_run_first_names_apart_and_clear_of_the_title(tmp_path):
+    from reporter.charts import CHAR_W
+
+    names = [f"offline-20261205-2333{10 + i}-{i:06x}" for i in range(7)]
+    for i, name in enumerate(names):
+        _journal(tmp_path / name, [(None, 1.0 / (s + 1 + i), s) for s in range(5)])
+    catalog = Catalog([str(tmp_path)])
+    ids = {r["name"]: r["id"] for r in catalog.runs_json()["runs"]}
+    picked = names[3]
+    svg = catalog.compare_json("metric", ids[picked])["svg"]
+    legend = svg[svg.index('<g class="legend">'):]
+    texts = re.findall(r'<text x="([\d.]+)"[^>]*>([^<]+)</text>', legend)
+    shown = [t for _, t in texts if not t.startswith("+")]
+    assert shown[0].endswith(picked[-13:])  # the selected run's own line is in the legend, first (blue)
+    assert len(set(shown)) == len(shown) and all(len(t) <= 22 for t in shown)  # told apart, not 7 alike prefixes
+    assert re.search(r'>\+\d+ more</text>', legend)
+    title = re.search(r'class="chart-title" x="(\d+)"[^>]*>([^<]+)<', svg)
+    title_end = float(title.group(1)) + len(title.group(2)) * 7.6  # 13 px bold: at most 7.6 px a character
+    lefts = [float(x) - 16 for x, t in texts if not t.startswith("+")]
+    more = re.search(r'x="([\d.]+)"[^>]*text-anchor="end"[^>]*>(\+\d+ more)<', legend)
+    lefts.append(float(more.group(1)) - len(more.group(2)) * CHAR_W)
+    assert min(lefts) > title_end  # nothing of the legend is drawn over the title

@@ -420,10 +420,12 @@ class Catalog:
         )
         return data
 
-    def compare_json(self, metric: str) -> Dict[str, Any]:
-        """``/api/compare?metric=``: ``metric`` of every run that has it (each run's last attempt), overlaid."""
+    def compare_json(self, metric: str, selected: str = "") -> Dict[str, Any]:
+        """``/api/compare?metric=&run=``: ``metric`` of every run that has it (each run's last attempt),
+        overlaid; the run ``selected`` (an id) first, so its line is the blue one and first in the legend."""
         series = []
-        for view in self.refresh():
+        views = self.refresh()
+        for view in sorted(views, key=lambda v: v.id != selected):
             found = view.metric_series(metric)
             if found:
                 series.append(Series(view.name, found[-1][1].drawn()))

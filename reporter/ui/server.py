@@ -1,7 +1,7 @@
 """``anylearn-reporter ui``: the page of every curve, served on 127.0.0.1 from run directories.
 
 Only requests whose ``Host`` is 127.0.0.1, localhost or [::1] are answered (403 otherwise), so that a
-web page whose name was rebound to 127.0.0.1 cannot read the runs. Routes: ``/`` (the page, :mod:`.page`), ``/api/runs``, ``/api/run?id=``, ``/api/compare?metric=`` (JSON,
+web page whose name was rebound to 127.0.0.1 cannot read the runs. Routes: ``/`` (the page, :mod:`.page`), ``/api/runs``, ``/api/run?id=``, ``/api/compare?metric=&run=`` (JSON,
 :class:`~.model.Catalog`). One lock serialises the catalog (its caches are read incrementally). Every
 answer forbids loading anything from elsewhere (``Content-Security-Policy``); an unknown id or path is a
 404, a failure inside a request a 500 with one line, and the server goes on.
@@ -53,9 +53,10 @@ class UiServer:
             run = self.catalog.run_json(run_id) if run_id else None
             if run is None and runs["runs"]:
                 run = self.catalog.run_json(runs["runs"][0]["id"])
+            selected = run["id"] if run else ""
             if metric in runs["metrics"]:
-                return {"runs": runs, "run": run, "compare": self.catalog.compare_json(metric)}
-            compare = self.catalog.compare_json(runs["metrics"][0]) if runs["metrics"] else None
+                return {"runs": runs, "run": run, "compare": self.catalog.compare_json(metric, selected)}
+            compare = self.catalog.compare_json(runs["metrics"][0], selected) if runs["metrics"] else None
         return {"runs": runs, "run": run, "compare": compare}
 
     def start(self) -> "UiServer":
@@ -117,7 +118,7 @@ class _Handler(BaseHTTPRequestHandler):
                         return self._json(404, {"error": "no such run: reload the page"})
                     return self._json(200, run)
                 if parts.path == "/api/compare":
-                    return self._json(200, self.ui.catalog.compare_json(query.get("metric", "")))
+                    return self._json(200, self.ui.catalog.compare_json(query.get("metric", ""), query.get("run", "")))
             self._json(404, {"error": "not found"})
         except (BrokenPipeError, ConnectionResetError):
             pass
