@@ -162,3 +162,26 @@ def test_a_key_named_metric_is_the_objective_by_default_as_the_deliverer_sends_i
     assert task["intermediate_metrics"] == [pytest.approx(0.5 + 0.1 * s) for s in range(3)], done.stderr
     assert task["final_metric"] == pytest.approx(0.7) and [k for k, *_ in rows].count("final") == 1
     assert "mlflow: objective metric is 'metric'" in done.stderr
+
+
+def test_the_mlflow_extra_runs_an_unchanged_mlflow_3_script_with_its_default_store(server, tmp_path):
+    # what `pip install 'anylearn-reporter[mlflow]'` installs must run MLflow 3's default (sqlite) store
+    import configparser
+
+    cfg = configparser.ConfigParser()
+    cfg.read(os.path.join(os.path.dirname(__file__), os.pardir, "setup.cfg"))
+    extra = {line.split(">")[0].split("=")[0].strip().lower() for line in cfg["options.extras_require"]["mlflow"].split("\n") if line.strip()}
+    assert "mlflow" in extra or {"mlflow-skinny", "alembic", "sqlalchemy"} <= extra, extra
+    pytest.importorskip("alembic", reason="alembic is not installed (the [mlflow] extra installs it)")
+    pytest.importorskip("sqlalchemy", reason="sqlalchemy is not installed (the [mlflow] extra installs it)")
+    env = {k: v for k, v in offline_tracker_env(tmp_path).items() if not k.startswith("MLFLOW_")}
+    script = """
+        import mlflow
+        with mlflow.start_run() as run:
+            for step in range(2):
+                mlflow.log_metric("val_loss", 0.5 - 0.1 * step, step=step)
+        print("STORE", mlflow.get_tracking_uri())
+    """
+    done, rows, task = run_autolog(script, server, tmp_path, ANYLEARN_OBJECTIVE_METRIC="val_loss", **env)
+    assert "STORE sqlite:" in done.stdout, done.stdout + done.stderr
+    assert task["intermediate_metrics"] == [pytest.approx(0.5), pytest.approx(0.4)] and task["final_metric"] == pytest.approx(0.4)
