@@ -293,3 +293,18 @@ def test_the_compare_legend_shows_the_selected_run_first_names_apart_and_clear_o
     more = re.search(r'x="([\d.]+)"[^>]*text-anchor="end"[^>]*>(\+\d+ more)<', legend)
     lefts.append(float(more.group(1)) - len(more.group(2)) * CHAR_W)
     assert min(lefts) > title_end  # nothing of the legend is drawn over the title
+
+
+def test_a_real_hook_run_with_a_named_objective_shows_its_best_last_and_final(tmp_path):
+    from conftest import run_python
+
+    code = ("import reporter\n"
+            "for step, v in enumerate([0.9, 0.3, 0.5]):\n"
+            "    reporter.report_metrics({'loss': v, 'acc': 1 - v}, step=step)\n"
+            "reporter.report_metric(0.3, final=True)\n")
+    env = clean_environ(ANYLEARN_OBJECTIVE_METRIC="loss", ANYLEARN_OBJECTIVE_MODE="min",
+                        ANYLEARN_REPORTER_RUN_DIR=str(tmp_path / "runs" / "run"))
+    done = run_python(code, env)
+    assert done.returncode == 0, done.stderr
+    [row] = Catalog([str(tmp_path / "runs")]).runs_json()["runs"]
+    assert (row["objective"], row["mode"], row["best"], row["last"], row["final"]) == ("loss", "min", 0.3, 0.5, 0.3)
