@@ -10,12 +10,14 @@ from __future__ import annotations
 
 import html
 import math
+import os
 from dataclasses import dataclass, field
 from typing import List, Optional, Sequence, Tuple
 
 PALETTE = ("#2563eb", "#f59e0b", "#16a34a", "#9333ea", "#0891b2", "#db2777", "#65a30d", "#ea580c", "#475569", "#0d9488")
 FINAL_COLOR = "#dc2626"
 CHAR_W = 6.6  # the width of a character of the 11 px sans-serif labels, a little generous
+LEGEND_CHARS = 22  # a legend label's most characters (cut in the middle)
 MAX_DRAWN_POINTS = 1200  # per series: more are thinned to this many before drawing
 _FONT = 'font-family="system-ui, sans-serif"'
 
@@ -186,27 +188,53 @@ def _cut(text: str, limit: int) -> str:
     return text if len(text) <= limit else text[: max(limit - 1, 1)] + "…"
 
 
+def _cut_middle(text: str, limit: int) -> str:
+    """``text`` at most ``limit`` characters, cut in its middle: run names differ at their end."""
+    if len(text) <= limit:
+        return text
+    head = max((limit - 1) // 3, 1)
+    return text[:head] + "…" + text[len(text) - (limit - 1 - head):]
+
+
+def legend_labels(labels: Sequence[str], limit: int = LEGEND_CHARS) -> List[str]:
+    """The legend's texts: each label cut in its middle; where that leaves two alike, what follows the
+    labels' common beginning (the part that tells them apart)."""
+    texts = [_cut_middle(label, limit) for label in labels]
+    if len(set(texts)) < len(set(labels)):
+        common = len(os.path.commonprefix(list(labels)))
+        texts = [label if len(label) <= limit else "…" + _cut_middle(label[common:], limit - 1) for label in labels]
+    return texts
+
+
 def _legend(labels: List[str], right: float, title_w: float) -> str:
-    """Swatches and labels right-aligned on the title's line, as many as fit; then "+N more"."""
-    items, x = [], right
-    shown = 0
-    for i, label in reversed(list(enumerate(labels))):
-        text = _cut(label, 22)
-        w = 18 + len(text) * CHAR_W + 10
-        if x - w < title_w and shown:
-            break
-        x -= w
-        items.append((x, PALETTE[i % len(PALETTE)], text))
-        shown += 1
+    """Swatches and labels right-aligned on the title's line, the first labels first (the first line is the
+    one the reader picked), as many as fit right of the title with "+N more" after them."""
+    texts = legend_labels(labels)
+    widths = [18 + len(text) * CHAR_W + 10 for text in texts]
+    room = right - title_w
+    shown = len(texts)
+    while shown > 1 and sum(widths[:shown]) + (_more_width(len(texts) - shown) if shown < len(texts) else 0) > room:
+        shown -= 1
+    more = len(texts) - shown
+    if widths[0] + (_more_width(more) if more else 0) > room:  # not even the first whole: cut it shorter
+        chars = max(int((room - 28 - (_more_width(more) if more else 0)) / CHAR_W), 6)
+        texts[0] = _cut_middle(labels[0], chars)
+        widths[0] = 18 + len(texts[0]) * CHAR_W + 10
+    x = right - sum(widths[:shown]) - (_more_width(more) if more else 0)
     parts = ['<g class="legend">']
-    if shown < len(labels):
-        parts.append(f'<text x="{x - 6:.1f}" y="19" font-size="11" fill="#6b7280" text-anchor="end" {_FONT}>'
-                     f"+{len(labels) - shown} more</text>")
-    for x0, color, text in items:
-        parts.append(f'<rect x="{x0:.1f}" y="12" width="12" height="4" rx="2" fill="{color}"/>'
-                     f'<text x="{x0 + 16:.1f}" y="19" font-size="11" fill="#374151" {_FONT}>{html.escape(text)}</text>')
+    for i in range(shown):
+        parts.append(f'<rect x="{x:.1f}" y="12" width="12" height="4" rx="2" fill="{PALETTE[i % len(PALETTE)]}"/>'
+                     f'<text x="{x + 16:.1f}" y="19" font-size="11" fill="#374151" {_FONT}>{html.escape(texts[i])}</text>')
+        x += widths[i]
+    if more:
+        parts.append(f'<text class="legend-more" x="{right:.1f}" y="19" font-size="11" fill="#6b7280" text-anchor="end" {_FONT}>'
+                     f"+{more} more</text>")
     parts.append("</g>")
     return "".join(parts)
 
 
-__all__ = ["Series", "line_chart", "nice_ticks", "thin", "tick_text", "PALETTE", "FINAL_COLOR"]
+def _more_width(count: int) -> float:
+    return len(f"+{count} more") * CHAR_W + 4
+
+
+__all__ = ["Series", "line_chart", "legend_labels", "nice_ticks", "thin", "tick_text", "PALETTE", "FINAL_COLOR"]

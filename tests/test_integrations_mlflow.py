@@ -64,6 +64,9 @@ def test_without_an_objective_every_number_is_journalled_and_none_is_sent(server
     done, rows, task = run_autolog(SCRIPT, server, tmp_path, **offline_tracker_env(tmp_path))
     assert len(named(rows)) == 10 and all(name for name, _, _ in named(rows))
     assert "final" not in [kind for kind, *_ in rows] and "objective metric is" not in done.stderr
+    # said once (at the run's end), naming what was logged and how to choose the objective
+    said = [line for line in done.stderr.splitlines() if "no objective metric sent" in line]
+    assert len(said) == 1 and "train_loss" in said[0] and "ANYLEARN_OBJECTIVE_METRIC=<key>" in said[0], done.stderr
     assert not task.get("intermediate_metrics") and task.get("final_metric") is None
 
 
@@ -123,3 +126,62 @@ def test_a_run_the_script_never_ended_has_its_final_delivered_before_the_process
     assert [kind for kind, *_ in journal(run_dir)] == ["intermediate"] * 3 + ["final"], done.stderr
     (task,) = server.backend.tasks()
     assert task["final_metric"] == pytest.approx(0.3) and "pending" not in done.stderr
+
+
+NESTED = """
+    import mlflow
+    for trial in range(2):  # a loop of top-level runs, each with nested runs
+        with mlflow.start_run():
+            for child in range(2):
+                with mlflow.start_run(nested=True):
+                    mlflow.log_metric("val_loss", 0.5 - 0.1 * child - 0.2 * trial, step=child)
+            mlflow.log_metric("val_loss", 0.45 - 0.2 * trial, step=2)
+    print("ENDED")
+"""
+
+
+def test_nested_runs_send_no_final_and_a_loop_of_runs_says_its_objective_once(server, tmp_path):
+    env = {**offline_tracker_env(tmp_path), "ANYLEARN_OBJECTIVE_METRIC": "val_loss"}
+    done, rows, task = run_autolog(NESTED, server, tmp_path, **env)
+    assert "ENDED" in done.stdout, done.stdout + done.stderr
+    finals = [value for kind, _, _, value in rows if kind == "final"]
+    # one final per top-level run (the best of its own and its nested runs' values), none per nested run
+    assert finals == [pytest.approx(0.4), pytest.approx(0.2)], rows
+    assert task["final_metric"] == pytest.approx(0.2)  # the backend keeps the last one reported
+    assert done.stderr.count("mlflow: objective metric is 'val_loss'") == 1, done.stderr
+
+
+def test_a_key_named_metric_is_the_objective_by_default_as_the_deliverer_sends_it(server, tmp_path):
+    script = """
+        import mlflow
+        with mlflow.start_run():
+            for step in range(3):
+                mlflow.log_metrics({"metric": 0.5 + 0.1 * step, "loss": 1.0 - 0.1 * step}, step=step)
+    """
+    done, rows, task = run_autolog(script, server, tmp_path, **offline_tracker_env(tmp_path))
+    assert task["intermediate_metrics"] == [pytest.approx(0.5 + 0.1 * s) for s in range(3)], done.stderr
+    assert task["final_metric"] == pytest.approx(0.7) and [k for k, *_ in rows].count("final") == 1
+    assert "mlflow: objective metric is 'metric'" in done.stderr
+
+
+def test_the_mlflow_extra_runs_an_unchanged_mlflow_3_script_with_its_default_store(server, tmp_path):
+    # what `pip install 'anylearn-reporter[mlflow]'` installs must run MLflow 3's default (sqlite) store
+    import configparser
+
+    cfg = configparser.ConfigParser()
+    cfg.read(os.path.join(os.path.dirname(__file__), os.pardir, "setup.cfg"))
+    extra = {line.split(">")[0].split("=")[0].strip().lower() for line in cfg["options.extras_require"]["mlflow"].split("\n") if line.strip()}
+    assert "mlflow" in extra or {"mlflow-skinny", "alembic", "sqlalchemy"} <= extra, extra
+    pytest.importorskip("alembic", reason="alembic is not installed (the [mlflow] extra installs it)")
+    pytest.importorskip("sqlalchemy", reason="sqlalchemy is not installed (the [mlflow] extra installs it)")
+    env = {k: v for k, v in offline_tracker_env(tmp_path).items() if not k.startswith("MLFLOW_")}
+    script = """
+        import mlflow
+        with mlflow.start_run() as run:
+            for step in range(2):
+                mlflow.log_metric("val_loss", 0.5 - 0.1 * step, step=step)
+        print("STORE", mlflow.get_tracking_uri())
+    """
+    done, rows, task = run_autolog(script, server, tmp_path, ANYLEARN_OBJECTIVE_METRIC="val_loss", **env)
+    assert "STORE sqlite:" in done.stdout, done.stdout + done.stderr
+    assert task["intermediate_metrics"] == [pytest.approx(0.5), pytest.approx(0.4)] and task["final_metric"] == pytest.approx(0.4)

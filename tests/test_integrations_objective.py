@@ -71,6 +71,23 @@ def test_an_objective_never_logged_gives_no_final_and_says_which_keys_were(repor
     assert [r[0] for r in journal(reporting.run_dir)] == ["intermediate"]
 
 
+def test_a_tracker_whose_objective_was_never_logged_points_to_the_variable_not_objective_eq(reporting, capsys, monkeypatch):
+    from reporter.integrations import _objective
+    from reporter.integrations._tracker import TrackerBridge
+
+    monkeypatch.setattr(_objective, "_said", set(), raising=False)
+    monkeypatch.setenv("ANYLEARN_OBJECTIVE_METRIC", "val_los")  # misspelt
+    bridge = TrackerBridge("demo-tracker")
+    for run in ("a", "b"):  # two runs of one process: said once
+        bridge.log(run, {"val_loss": 0.5, "acc": 0.9}, 0)
+        bridge.end(run)
+    said = [line for line in capsys.readouterr().err.splitlines() if "never logged" in line]
+    assert len(said) == 1 and "objective=" not in said[0], said
+    assert "'val_los' (ANYLEARN_OBJECTIVE_METRIC) was never logged (logged: val_loss, acc)" in said[0]
+    assert "set ANYLEARN_OBJECTIVE_METRIC=<key>" in said[0]
+    assert [r[0] for r in journal(reporting.run_dir)] == ["intermediate"] * 4  # by name, no final
+
+
 def test_a_repeat_of_the_same_key_value_and_step_is_reported_once(reporting):
     sink = MetricSink("demo", objective="eval_loss")
     sink.log({"eval_loss": 0.5, "epoch": 1.0}, 10)  # e.g. transformers' on_log, then on_evaluate

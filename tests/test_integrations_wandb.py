@@ -96,3 +96,27 @@ def test_wandb_is_made_offline_only_under_run_autolog_without_an_account_or_a_mo
     done = run_python(code, env)
     assert done.returncode == 0 and f"MODE {mode}" in done.stdout, done.stderr
     assert "W&B runs offline" not in done.stderr
+
+
+@pytest.mark.parametrize(("netrc", "base_url", "settings", "mode"), [
+    ("machine api.wandb.ai login user password " + "k" * 40, None, "", None),  # `wandb login`: W&B decides
+    ("machine 127.0.0.1:9 login user password " + "k" * 40, "http://127.0.0.1:9", "", None),  # its own server
+    ("machine example.org login user password secret", None, "", "offline"),  # no entry for W&B's host
+    ("", None, "[default]\napi_key = " + "k" * 40 + "\n", None),  # a settings file's key
+    ("", None, "[default]\nbase_url = https://api.wandb.ai\n", "offline"),  # settings without a key
+])
+def test_a_user_logged_in_to_wandb_is_not_made_offline(netrc, base_url, settings, mode, tmp_path):
+    env = {k: v for k, v in clean_environ(**offline_tracker_env(tmp_path)).items()
+           if k not in ("WANDB_MODE", "WANDB_API_KEY", "WANDB_BASE_URL")}
+    (tmp_path / "netrc").write_text(netrc + "\n")
+    (tmp_path / "netrc").chmod(0o600)
+    (tmp_path / "wandb-config").mkdir()
+    (tmp_path / "wandb-config" / "settings").write_text(settings)
+    env.update({"ANYLEARN_AUTOLOG": "1", "NETRC": str(tmp_path / "netrc"), "WANDB_CONFIG_DIR": str(tmp_path / "wandb-config")})
+    if base_url:
+        env["WANDB_BASE_URL"] = base_url
+    code = "import os, reporter; reporter.autolog(); import wandb; print('MODE', os.environ.get('WANDB_MODE'))"
+    done = run_python(code, env, cwd=str(tmp_path))
+    assert done.returncode == 0 and f"MODE {mode}" in done.stdout, done.stdout + done.stderr
+    assert ("W&B runs offline" in done.stderr) == (mode == "offline")
+    assert "k" * 40 not in done.stdout + done.stderr and "secret" not in done.stdout + done.stderr

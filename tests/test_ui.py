@@ -175,6 +175,7 @@ def test_the_cli_serves_the_reporter_directory_and_refuses_a_missing_one(runs, t
         line = proc.stdout.readline()
         url = re.search(r"http://127\.0\.0\.1:\d+/", line).group(0)
         assert len(json.loads(_get(url + "api/runs")[2])["runs"]) == 2
+        assert _get_as(url + "api/runs", "evil.example:" + url.rsplit(":", 1)[1].strip("/")) == 403
     finally:
         proc.terminate()
         proc.wait(10)
@@ -215,3 +216,95 @@ def test_the_page_in_headless_chromium_draws_every_chart_with_clear_labels(runs,
         assert red > 100, "the final metric or the failure is not marked"
     finally:
         server.stop()
+
+
+def _journal(run_dir, records):
+    writer = JournalWriter(str(run_dir))
+    for i, (name, value, step) in enumerate(records):
+        writer.append("intermediate", value, name, step, ts=1_700_000_000.0 + i)
+    writer.close()
+
+
+def test_best_and_last_of_a_named_objective_follow_the_send_rule(tmp_path):
+    # ANYLEARN_OBJECTIVE_METRIC=loss with report_metrics({"loss": ...}): named records are the objective
+    _journal(tmp_path / "runs" / "named", [("loss", 0.9, 0), ("acc", 0.1, 0), ("loss", 0.2, 1), ("loss", 0.5, 2)])
+    write_objective(str(tmp_path / "runs" / "named"), "loss", "min", "ANYLEARN_OBJECTIVE_MODE")
+    # the README's report_metrics({"metric": ...}): no objective.json, the default name is the objective
+    _journal(tmp_path / "runs" / "default", [("metric", 0.3, 0), ("metric", 0.8, 1), ("metric", 0.6, 2)])
+    # a tracker's objective (unnamed) beside a named repeat of it, both of the objective's series
+    _journal(tmp_path / "runs" / "mixed", [(None, 0.7, 0), ("val_loss", 0.4, 1), (None, 0.6, 2)])
+    write_objective(str(tmp_path / "runs" / "mixed"), "val_loss", "min", "mlflow")
+    catalog = Catalog([str(tmp_path / "runs")])
+    rows = {r["name"]: r for r in catalog.runs_json()["runs"]}
+    assert (rows["named"]["objective"], rows["named"]["best"], rows["named"]["last"]) == ("loss", 0.2, 0.5)
+    assert (rows["default"]["objective"], rows["default"]["best"], rows["default"]["last"]) == ("metric", 0.8, 0.6)
+    assert (rows["mixed"]["best"], rows["mixed"]["last"], rows["mixed"]["metrics"]) == (0.4, 0.6, ["val_loss"])
+    assert [a["best"] for a in catalog.run_json(rows["named"]["id"])["attempt_rows"]] == [0.2]
+    [(_, points)] = catalog.views[str(tmp_path / "runs" / "mixed")].metric_series("val_loss")
+    assert points.drawn() == [(0.0, 0.7), (1.0, 0.4), (2.0, 0.6)]
+    # a run without objective.json under a ui started with ANYLEARN_OBJECTIVE_METRIC=loss
+    _journal(tmp_path / "bare" / "run", [("loss", 0.9, 0), ("loss", 0.4, 1)])
+    [row] = Catalog([str(tmp_path / "bare")], "min", "loss").runs_json()["runs"]
+    assert (row["objective"], row["best"], row["last"]) == ("loss", 0.4, 0.4)
+
+
+def _get_as(url, host):
+    request = urllib.request.Request(url, headers={"Host": host})
+    try:
+        with urllib.request.urlopen(request, timeout=10) as answer:
+            return answer.status
+    except urllib.error.HTTPError as exc:
+        return exc.code
+
+
+def test_the_server_answers_only_requests_naming_the_loopback_host(runs):
+    # DNS rebinding: another site's name resolved to 127.0.0.1 must not read the runs
+    server = UiServer(Catalog([str(runs)]), port=0).start()
+    try:
+        port = server.port
+        for host in ("evil.example", f"evil.example:{port}", f"127.0.0.1.evil.example:{port}", f"localhost:{port + 1}"):
+            assert _get_as(server.url + "api/runs", host) == 403, host
+            assert _get_as(server.url, host) == 403, host
+        for host in ("127.0.0.1", f"127.0.0.1:{port}", "localhost", f"LOCALHOST:{port}", "[::1]", f"[::1]:{port}"):
+            assert _get_as(server.url + "api/runs", host) == 200, host
+    finally:
+        server.stop()
+
+
+def test_the_compare_legend_shows_the_selected_run_first_names_apart_and_clear_of_the_title(tmp_path):
+    from reporter.charts import CHAR_W
+
+    names = [f"offline-20261205-2333{10 + i}-{i:06x}" for i in range(7)]
+    for i, name in enumerate(names):
+        _journal(tmp_path / name, [(None, 1.0 / (s + 1 + i), s) for s in range(5)])
+    catalog = Catalog([str(tmp_path)])
+    ids = {r["name"]: r["id"] for r in catalog.runs_json()["runs"]}
+    picked = names[3]
+    svg = catalog.compare_json("metric", ids[picked])["svg"]
+    legend = svg[svg.index('<g class="legend">'):]
+    texts = re.findall(r'<text x="([\d.]+)"[^>]*>([^<]+)</text>', legend)
+    shown = [t for _, t in texts if not t.startswith("+")]
+    assert shown[0].endswith(picked[-13:])  # the selected run's own line is in the legend, first (blue)
+    assert len(set(shown)) == len(shown) and all(len(t) <= 22 for t in shown)  # told apart, not 7 alike prefixes
+    assert re.search(r'>\+\d+ more</text>', legend)
+    title = re.search(r'class="chart-title" x="(\d+)"[^>]*>([^<]+)<', svg)
+    title_end = float(title.group(1)) + len(title.group(2)) * 7.6  # 13 px bold: at most 7.6 px a character
+    lefts = [float(x) - 16 for x, t in texts if not t.startswith("+")]
+    more = re.search(r'x="([\d.]+)"[^>]*text-anchor="end"[^>]*>(\+\d+ more)<', legend)
+    lefts.append(float(more.group(1)) - len(more.group(2)) * CHAR_W)
+    assert min(lefts) > title_end  # nothing of the legend is drawn over the title
+
+
+def test_a_real_hook_run_with_a_named_objective_shows_its_best_last_and_final(tmp_path):
+    from conftest import run_python
+
+    code = ("import reporter\n"
+            "for step, v in enumerate([0.9, 0.3, 0.5]):\n"
+            "    reporter.report_metrics({'loss': v, 'acc': 1 - v}, step=step)\n"
+            "reporter.report_metric(0.3, final=True)\n")
+    env = clean_environ(ANYLEARN_OBJECTIVE_METRIC="loss", ANYLEARN_OBJECTIVE_MODE="min",
+                        ANYLEARN_REPORTER_RUN_DIR=str(tmp_path / "runs" / "run"))
+    done = run_python(code, env)
+    assert done.returncode == 0, done.stderr
+    [row] = Catalog([str(tmp_path / "runs")]).runs_json()["runs"]
+    assert (row["objective"], row["mode"], row["best"], row["last"], row["final"]) == ("loss", "min", 0.3, 0.5, 0.3)

@@ -15,7 +15,7 @@ import re
 from typing import Any, Callable, Dict, Iterable, Mapping, Optional
 
 from .. import api
-from ..config import ENV_OBJECTIVE_METRIC, ENV_RANK
+from ..config import DEFAULT_OBJECTIVE_METRIC, ENV_OBJECTIVE_METRIC, ENV_RANK
 from ..log import get_logger
 from ..record import metric_number
 
@@ -26,6 +26,8 @@ _ERROR_WORDS = frozenset({"mse", "rmse", "mae", "mape", "rmsle", "l1", "l2", "hu
 # The latest objective value sent in this process: [the sink that sent it (None once another sink's echo of
 # it was absorbed), the value, whether that sink is a tracker bridge].
 _last_sent: list = [None, None, False]
+# What a tracker bridge has said in this process (its objective, its lack of one): said once, not per run.
+_said: set = set()
 
 
 class MissingFramework(ImportError):
@@ -149,11 +151,36 @@ class MetricSink:
         self.objective = key
         self.mode = self.requested_mode or self.mode_hints.get(key) or default_mode(key)
         detail = f"final = {self.final}" + (f" ({self.mode})" if self.final == "best" else "")
-        get_logger().info("%s: objective metric is %r (from %s); %s", self.framework, key, why, detail)
+        if self._say_once(("objective", key)):
+            get_logger().info("%s: objective metric is %r (from %s); %s", self.framework, key, why, detail)
         if self.is_rank_zero():  # show/status/ui then call the right value "best"
             from ..runmeta import write_objective
 
             write_objective(api.run_directory(), key, self.mode, self.framework)
+
+    def _say_once(self, what: Any) -> bool:
+        """Whether to say ``what`` now: always for a trainer's sink (one per training run), once per process
+        for a tracker bridge's (a loop of tracker runs, nested runs, say it once)."""
+        if not self.tracker:
+            return True
+        key = (self.framework, what)
+        if key in _said:
+            return False
+        _said.add(key)
+        return True
+
+    def absorb(self, nested: "MetricSink") -> None:
+        """Take in what a nested tracker run (an MLflow child run) logged: its objective values count toward
+        this, its parent's, final; the nested run sends no final of its own."""
+        self._keys_seen.update(nested._keys_seen)
+        if not nested.seen_objective or nested.last is None:
+            return
+        if self.objective is None:
+            self.objective, self.mode = nested.objective, nested.mode
+        if nested.best is not None:
+            self._track(nested.best)
+        self._track(nested.last)
+        self.sent_objective = self.sent_objective or nested.sent_objective
 
     # --- the hot path -------------------------------------------------------------------------
 
@@ -228,18 +255,34 @@ class MetricSink:
             self._trouble(exc)
             return None
 
+    def _say_never_logged(self, logged: str) -> None:
+        configured = os.environ.get(ENV_OBJECTIVE_METRIC, "").strip()
+        if self.tracker:  # a tracker has no objective= of its own: ANYLEARN_OBJECTIVE_METRIC names it
+            if not self._say_once("no objective"):
+                return
+            if configured:
+                get_logger().warning(
+                    "%s: no final metric: the objective %r (%s) was never logged (logged: %s); set %s=<key> "
+                    "to one of those", self.framework, configured, ENV_OBJECTIVE_METRIC, logged, ENV_OBJECTIVE_METRIC)
+            else:
+                get_logger().warning(
+                    "%s: no objective metric sent to AnyLearn: %s is not set and no key is named %r; logged: %s "
+                    "(journalled by name); set %s=<key> to send one (said once)", self.framework,
+                    ENV_OBJECTIVE_METRIC, DEFAULT_OBJECTIVE_METRIC, logged, ENV_OBJECTIVE_METRIC)
+            return
+        wanted = self.requested or configured or (self.natural if isinstance(self.natural, str) else None)
+        get_logger().warning(
+            "%s: no final metric: the objective %s was never logged (logged: %s); name one with objective= "
+            "or %s", self.framework, repr(wanted) if wanted else "", logged, ENV_OBJECTIVE_METRIC,
+        )
+
     def _finish(self) -> Optional[float]:
         if self.finished or not self.is_rank_zero():
             return None
         self.finished = True
         if not self.seen_objective:
-            wanted = self.requested or os.environ.get(ENV_OBJECTIVE_METRIC, "").strip() or (
-                self.natural if isinstance(self.natural, str) else None)
             if self._keys_seen:
-                get_logger().warning(
-                    "%s: no final metric: the objective %s was never logged (logged: %s); name one with objective=",
-                    self.framework, repr(wanted) if wanted else "", ", ".join(list(self._keys_seen)[:20]),
-                )
+                self._say_never_logged(", ".join(list(self._keys_seen)[:20]))
             return None
         if not self.sent_objective:  # every value was an echo of another sink's: that sink sends the final
             return None

@@ -231,16 +231,59 @@ def _patch_mlflow(module: Any) -> None:
     _follow("mlflow", module.MlflowClient, ("log_metric", "log_batch", "log_param", "set_terminated"))
 
 
-WANDB_OFFLINE_WHY = ("no WANDB_API_KEY or WANDB_MODE: W&B runs offline, reaching no network "
+WANDB_OFFLINE_WHY = ("no W&B login (WANDB_API_KEY, `wandb login`'s netrc entry, a settings file's api_key) "
+                     "and no WANDB_MODE: W&B runs offline, reaching no network "
                      "(sync later with `wandb sync`; WANDB_MODE=online to change)")
+WANDB_DEFAULT_HOST = "https://api.wandb.ai"
+
+
+def _wandb_settings(env: Mapping[str, str]) -> Dict[str, str]:
+    """The ``[default]`` section of W&B's settings files (global: ``WANDB_CONFIG_DIR`` or
+    ``~/.config/wandb``; local: ``./wandb``), the local one winning; empty when unreadable."""
+    import configparser
+
+    config_dir = env.get("WANDB_CONFIG_DIR") or os.path.join(os.path.expanduser("~"), ".config", "wandb")
+    parser = configparser.ConfigParser(interpolation=None)
+    try:
+        parser.read([os.path.join(config_dir, "settings"), os.path.join("wandb", "settings")])
+        return dict(parser["default"]) if parser.has_section("default") else {}
+    except (configparser.Error, OSError, UnicodeDecodeError):
+        return {}
+
+
+def _wandb_logged_in(env: Mapping[str, str]) -> bool:
+    """Whether W&B has an account here without WANDB_API_KEY: a settings file's ``api_key`` or ``mode``, or
+    (as ``wandb login`` writes it) a netrc entry with a password for W&B's host (``WANDB_BASE_URL``, a
+    settings file's ``base_url``, else api.wandb.ai) in ``NETRC``'s file, ``~/.netrc`` or ``~/_netrc``.
+    Only whether one is there is read: the key itself is never kept."""
+    import netrc
+    from urllib.parse import urlsplit
+
+    settings = _wandb_settings(env)
+    if settings.get("api_key") or settings.get("mode"):
+        return True
+    host = env.get("WANDB_BASE_URL") or settings.get("base_url") or WANDB_DEFAULT_HOST
+    machine = urlsplit(host.strip()).netloc or host.strip()
+    home = os.path.expanduser("~")
+    path = env.get("NETRC") or next((p for p in (os.path.join(home, ".netrc"), os.path.join(home, "_netrc"))
+                                     if os.path.exists(p)), "")
+    if not path or not machine:
+        return False
+    try:
+        entry = netrc.netrc(os.path.expanduser(path)).authenticators(machine)
+    except (netrc.NetrcParseError, OSError, UnicodeDecodeError):
+        return False
+    return bool(entry and entry[2])
 
 
 def _patch_wandb(module: Any) -> None:
     _follow("wandb", module.Run, ("log", "finish"))
     # Under `run --autolog` in a container without a W&B account, wandb.init() would wait for a login
     # or fail reaching the network; offline, the script runs as written and the run can be synced later.
+    # A user logged in with `wandb login` (netrc) or a settings file keeps W&B as it was.
     env = os.environ
-    if env.get(ENV_AUTOLOG, "").strip().lower() in TRUE_WORDS and not env.get("WANDB_API_KEY") and not env.get("WANDB_MODE"):
+    if (env.get(ENV_AUTOLOG, "").strip().lower() in TRUE_WORDS and not env.get("WANDB_API_KEY")
+            and not env.get("WANDB_MODE") and not _wandb_logged_in(env)):
         env["WANDB_MODE"] = "offline"
         get_logger().info("autolog: wandb: %s", WANDB_OFFLINE_WHY)
 

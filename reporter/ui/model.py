@@ -74,14 +74,46 @@ class Attempt:
         self.state: Optional[int] = None
         self.started: Optional[float] = None
         self.last_ts: Optional[float] = None
-        self.best: Dict[str, Optional[float]] = {"min": None, "max": None}
+        self.best: Dict[Optional[str], Dict[str, Optional[float]]] = {}  # per name: the least and the greatest
+        self.latest: Dict[Optional[str], int] = {}  # per name: the index of its latest record in the journal
+
+    def objective_keys(self, objective: str) -> Tuple[Optional[str], ...]:
+        """The names the objective's records carry: none, or the objective's own (SendRule's rule)."""
+        return (None, objective)
+
+    def objective_best(self, objective: str, mode: str) -> Optional[float]:
+        """The best objective value of this attempt in direction ``mode``."""
+        best: Optional[float] = None
+        for key in self.objective_keys(objective):
+            value = self.best.get(key, {}).get(mode)
+            if value is not None and better(value, best, mode):
+                best = value
+        return best
+
+    def objective_last(self, objective: str) -> Optional[float]:
+        """The objective's latest value (of whichever of its names was journalled last)."""
+        keys = [k for k in self.objective_keys(objective) if k in self.latest and self.metrics[k].last]
+        if not keys:
+            return None
+        return self.metrics[max(keys, key=lambda k: self.latest[k])].last[1]  # type: ignore[index]
+
+    def objective_points(self, objective: str) -> Optional[Points]:
+        """The objective's series: its unnamed records and those named like it, merged in step order."""
+        found = [self.metrics[k] for k in self.objective_keys(objective) if k in self.metrics]
+        if len(found) < 2:
+            return found[0] if found else None
+        merged = Points()
+        for x, y in sorted(found[0].drawn() + found[1].drawn(), key=lambda p: p[0]):
+            merged.add(x, y)
+        return merged
 
 
 class RunView:
     """One run directory, read a little more at every :meth:`refresh`."""
 
-    def __init__(self, run_dir: str) -> None:
+    def __init__(self, run_dir: str, default_metric: str = DEFAULT_OBJECTIVE_METRIC) -> None:
         self.run_dir = run_dir
+        self.default_metric = default_metric
         self.id = hashlib.sha1(run_dir.encode("utf-8", "surrogateescape")).hexdigest()[:12]
         self.name = os.path.basename(run_dir)
         self._reset()
@@ -168,10 +200,11 @@ class RunView:
                     series = attempt.metrics[name] = Points()
                 value = float(record.value)
                 series.add(float(record.step if record.step is not None else count), value)
-                if name is None:
-                    for mode in ("min", "max"):
-                        if better(value, attempt.best[mode], mode):
-                            attempt.best[mode] = value
+                attempt.latest[name] = self.records
+                best = attempt.best.setdefault(name, {"min": None, "max": None})
+                for mode in ("min", "max"):
+                    if value == value and better(value, best[mode], mode):
+                        best[mode] = value
         self.offset = reader.offset
 
     def _refresh_resources(self) -> None:
@@ -235,6 +268,7 @@ class RunView:
         """The run's row: state, duration, objective, best and final (of its last attempt)."""
         objective = read_objective(self.run_dir, default_mode)
         mode = objective.mode if objective else "max"
+        name = self.objective_name()
         summary = read_json(os.path.join(self.run_dir, SUMMARY_FILE))
         summary = summary if isinstance(summary, dict) else {}
         last = self.attempts[-1] if self.attempts else None
@@ -261,10 +295,10 @@ class RunView:
             "state_name": "unknown" if state is None else STATE_NAMES.get(state, str(state)),
             "started": started,
             "duration_s": duration,
-            "objective": (objective.name if objective and objective.name else DEFAULT_OBJECTIVE_METRIC),
+            "objective": name,
             "mode": mode,
-            "best": last.best[mode] if last else None,
-            "last": last.metrics[None].last[1] if last and None in last.metrics and last.metrics[None].last else None,
+            "best": last.objective_best(name, mode) if last else None,
+            "last": last.objective_last(name) if last else None,
             "final": last.final if last else None,
             "attempts": len(self.attempts),
             "records": self.records,
@@ -284,27 +318,29 @@ class RunView:
         except OSError:
             return False
 
-    def label(self, name: Optional[str], objective: str) -> str:
-        return objective if name is None else name
+    def objective_name(self) -> str:
+        """The objective metric's name: ``objective.json``'s, else the one ``ui`` was started with
+        (``ANYLEARN_OBJECTIVE_METRIC``), else ``metric``. Its records are the unnamed ones and those named
+        like it, as the deliverer's :class:`~reporter.policy.SendRule` decides what is sent."""
+        objective = read_objective(self.run_dir)
+        return objective.name if objective and objective.name else self.default_metric
 
     def metric_names(self) -> List[str]:
-        objective = read_objective(self.run_dir)
-        label = objective.name if objective and objective.name else DEFAULT_OBJECTIVE_METRIC
+        label = self.objective_name()
         names: Dict[str, None] = {}
         for attempt in self.attempts:
             for name in attempt.metrics:
-                names[self.label(name, label)] = None
+                names[label if name is None else name] = None
         return list(names)
 
     def metric_series(self, metric: str) -> List[Tuple[Attempt, Points]]:
-        """Each attempt's series of ``metric`` (the objective's records are unnamed)."""
-        objective = read_objective(self.run_dir)
-        label = objective.name if objective and objective.name else DEFAULT_OBJECTIVE_METRIC
+        """Each attempt's series of ``metric`` (the objective's: its unnamed records and those named like it)."""
+        objective = self.objective_name()
         found = []
         for attempt in self.attempts:
-            for name, points in attempt.metrics.items():
-                if self.label(name, label) == metric:
-                    found.append((attempt, points))
+            points = attempt.objective_points(objective) if metric == objective else attempt.metrics.get(metric)
+            if points is not None:
+                found.append((attempt, points))
         return found
 
 
@@ -319,9 +355,11 @@ def _text(value: Any) -> Optional[str]:
 class Catalog:
     """The runs under the paths ``ui`` was given (run directories or reporter directories)."""
 
-    def __init__(self, paths: Sequence[str], default_mode: Optional[str] = None) -> None:
+    def __init__(self, paths: Sequence[str], default_mode: Optional[str] = None,
+                 default_metric: Optional[str] = None) -> None:
         self.paths = [os.path.abspath(p) for p in paths]
         self.default_mode = default_mode
+        self.default_metric = default_metric or DEFAULT_OBJECTIVE_METRIC
         self.views: Dict[str, RunView] = {}
 
     def run_dirs(self) -> List[str]:
@@ -339,7 +377,7 @@ class Catalog:
         for run_dir in self.run_dirs():
             view = self.views.get(run_dir)
             if view is None:
-                view = self.views[run_dir] = RunView(run_dir)
+                view = self.views[run_dir] = RunView(run_dir, self.default_metric)
             view.refresh()
             views.append(view)
         return views
@@ -384,10 +422,12 @@ class Catalog:
         )
         return data
 
-    def compare_json(self, metric: str) -> Dict[str, Any]:
-        """``/api/compare?metric=``: ``metric`` of every run that has it (each run's last attempt), overlaid."""
+    def compare_json(self, metric: str, selected: str = "") -> Dict[str, Any]:
+        """``/api/compare?metric=&run=``: ``metric`` of every run that has it (each run's last attempt),
+        overlaid; the run ``selected`` (an id) first, so its line is the blue one and first in the legend."""
         series = []
-        for view in self.refresh():
+        views = self.refresh()
+        for view in sorted(views, key=lambda v: v.id != selected):
             found = view.metric_series(metric)
             if found:
                 series.append(Series(view.name, found[-1][1].drawn()))
@@ -404,7 +444,7 @@ def _attempt_row(view: RunView, attempt: Attempt, mode: str) -> Dict[str, Any]:
         "number": attempt.number,
         "state_name": "unknown" if state is None else STATE_NAMES.get(state, str(state)),
         "started": attempt.started,
-        "best": attempt.best[mode],
+        "best": attempt.objective_best(view.objective_name(), mode),
         "final": attempt.final,
         "records": sum(attempt.counts.values()),
         "failure": _text(failure.get("reason")),

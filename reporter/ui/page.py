@@ -242,7 +242,7 @@ async function poll() {
     if (!selected && runs.runs.length) selected = runs.runs[0].id;
     const run = selected ? await getJSON("/api/run?id=" + encodeURIComponent(selected)) : null;
     const m = runs.metrics.includes(metric) ? metric : runs.metrics[0];
-    const cmp = m ? await getJSON("/api/compare?metric=" + encodeURIComponent(m)) : null;
+    const cmp = m ? await getJSON("/api/compare?metric=" + encodeURIComponent(m) + "&run=" + encodeURIComponent(selected || "")) : null;
     draw(runs, run, cmp);
     live.textContent = "live \\u00b7 " + new Date().toLocaleTimeString();
     live.className = "live";

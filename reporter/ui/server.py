@@ -1,6 +1,7 @@
 """``anylearn-reporter ui``: the page of every curve, served on 127.0.0.1 from run directories.
 
-Routes: ``/`` (the page, :mod:`.page`), ``/api/runs``, ``/api/run?id=``, ``/api/compare?metric=`` (JSON,
+Only requests whose ``Host`` is 127.0.0.1, localhost or [::1] are answered (403 otherwise), so that a
+web page whose name was rebound to 127.0.0.1 cannot read the runs. Routes: ``/`` (the page, :mod:`.page`), ``/api/runs``, ``/api/run?id=``, ``/api/compare?metric=&run=`` (JSON,
 :class:`~.model.Catalog`). One lock serialises the catalog (its caches are read incrementally). Every
 answer forbids loading anything from elsewhere (``Content-Security-Policy``); an unknown id or path is a
 404, a failure inside a request a 500 with one line, and the server goes on.
@@ -9,6 +10,7 @@ answer forbids loading anything from elsewhere (``Content-Security-Policy``); an
 from __future__ import annotations
 
 import json
+import os
 import secrets
 import sys
 import threading
@@ -16,13 +18,14 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any, Dict, Optional, Sequence
 from urllib.parse import parse_qs, urlsplit
 
-from ..config import DEFAULT_UI_PORT
+from ..config import DEFAULT_UI_PORT, ENV_OBJECTIVE_METRIC
 from ..log import get_logger
 from .model import Catalog
 from .page import render_page
 
 DEFAULT_PORT = DEFAULT_UI_PORT
 HOST = "127.0.0.1"
+LOOPBACK_HOSTS = ("127.0.0.1", "localhost", "[::1]")
 
 
 class UiServer:
@@ -50,9 +53,10 @@ class UiServer:
             run = self.catalog.run_json(run_id) if run_id else None
             if run is None and runs["runs"]:
                 run = self.catalog.run_json(runs["runs"][0]["id"])
+            selected = run["id"] if run else ""
             if metric in runs["metrics"]:
-                return {"runs": runs, "run": run, "compare": self.catalog.compare_json(metric)}
-            compare = self.catalog.compare_json(runs["metrics"][0]) if runs["metrics"] else None
+                return {"runs": runs, "run": run, "compare": self.catalog.compare_json(metric, selected)}
+            compare = self.catalog.compare_json(runs["metrics"][0], selected) if runs["metrics"] else None
         return {"runs": runs, "run": run, "compare": compare}
 
     def start(self) -> "UiServer":
@@ -84,10 +88,20 @@ class _Handler(BaseHTTPRequestHandler):
         self.end_headers()
         self.wfile.write(body)
 
+    def _host_is_loopback(self) -> bool:
+        """Whether the request's ``Host`` names this machine's loopback (with or without our port)."""
+        host = (self.headers.get("Host") or "").strip().lower()
+        port = f":{self.ui.port}"
+        if host.endswith(port):
+            host = host[: -len(port)]
+        return host in LOOPBACK_HOSTS
+
     def _json(self, status: int, data: Any) -> None:
         self._send(status, json.dumps(data, allow_nan=False, default=str).encode(), "application/json")
 
     def do_GET(self) -> None:  # noqa: N802 (http.server's name)
+        if not self._host_is_loopback():  # a page of another site reaching us by DNS rebinding
+            return self._json(403, {"error": "this page answers only as 127.0.0.1, localhost or [::1]"})
         parts = urlsplit(self.path)
         query = {k: v[-1] for k, v in parse_qs(parts.query).items()}
         try:
@@ -104,7 +118,7 @@ class _Handler(BaseHTTPRequestHandler):
                         return self._json(404, {"error": "no such run: reload the page"})
                     return self._json(200, run)
                 if parts.path == "/api/compare":
-                    return self._json(200, self.ui.catalog.compare_json(query.get("metric", "")))
+                    return self._json(200, self.ui.catalog.compare_json(query.get("metric", ""), query.get("run", "")))
             self._json(404, {"error": "not found"})
         except (BrokenPipeError, ConnectionResetError):
             pass
@@ -119,7 +133,9 @@ class _Handler(BaseHTTPRequestHandler):
 def ui_command(paths: Sequence[str], *, port: int = DEFAULT_PORT, default_mode: Optional[str] = None) -> int:
     """Serve the page until interrupted; 2 when the port cannot be bound."""
     try:
-        server = UiServer(Catalog(paths, default_mode), port)
+        # The objective of a run without objective.json: the one this shell names, as the run's own would.
+        default_metric = os.environ.get(ENV_OBJECTIVE_METRIC, "").strip() or None
+        server = UiServer(Catalog(paths, default_mode, default_metric), port)
     except OSError as exc:
         print(f"anylearn-reporter: cannot listen on {HOST}:{port} ({exc.strerror}); choose another with --port", file=sys.stderr)
         return 2
