@@ -12,6 +12,7 @@ from __future__ import annotations
 import atexit
 import collections
 import os
+import sys
 import threading
 import time
 from typing import TYPE_CHECKING, Any, Deque, Dict, List, Mapping, Optional, Tuple
@@ -51,6 +52,9 @@ __all__ = [
 
 MAX_FLUSH_TIMEOUT_S = 1e9
 SUPERVISED_FLUSH_POLL_S = 0.05
+FORK_IMPORT_WAIT_S = 5.0  # longest a fork waits for an import by one of our threads to finish
+FORK_IMPORT_POLL_S = 0.002
+THREAD_NAME_PREFIX = "anylearn-reporter"  # every thread of the package is named so
 # a bad value: the default
 _DEFAULTED = (ENV_RUN_DIR, ENV_REPORT_RANKS, ENV_FLUSH_TIMEOUT, ENV_REQUEST_TIMEOUT, ENV_OBJECTIVE_MODE)
 
@@ -297,6 +301,34 @@ def _close_at_exit() -> None:
         except Exception as exc:  # interpreter shutdown: say it, never raise
             get_logger().warning("flush at exit failed: %s", exc)
 
+
+def _our_import_under_way() -> bool:
+    """Whether one of this package's threads is importing a module (it holds the module's import lock).
+    Reads CPython's import bookkeeping; False where that is not there to read."""
+    locks = getattr(sys.modules.get("_frozen_importlib"), "_module_locks", None)
+    if not locks:
+        return False
+    ours = {t.ident for t in threading.enumerate() if t.name.startswith(THREAD_NAME_PREFIX)}
+    try:
+        held = [ref() for ref in list(locks.values())]
+    except Exception:  # another thread changed the table under us: look again
+        return True
+    return any(getattr(lock, "owner", None) in ours for lock in held if lock is not None)
+
+
+def _before_fork() -> None:
+    """Let an import by one of our threads (the delivery side, loaded by the delivery thread after the first
+    report) finish before the process forks: the child would inherit the module half-initialised, its import
+    lock held by a thread the child does not have, and neither its own delivery nor the user's code could
+    import it again. Costs a fork nothing when no such import is under way; bounded should that import
+    wait for a module the forking thread is importing."""
+    deadline = time.monotonic() + FORK_IMPORT_WAIT_S
+    while _our_import_under_way() and time.monotonic() < deadline:
+        time.sleep(FORK_IMPORT_POLL_S)
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(before=_before_fork)
 
 # Registered at import, not at the first report: atexit runs handlers last-registered-first, so ours runs
 # after every handler registered once reporter is imported (a "report the best at exit" among them).

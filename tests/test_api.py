@@ -524,6 +524,44 @@ def test_a_forked_child_that_outlives_its_parent_takes_delivery_over(server, tmp
     assert server.backend.stats()["duplicates"] == 0
 
 
+_FORK_DURING_IMPORT = """
+import json, os, sys, threading, time
+import reporter
+
+importing = threading.Event()
+
+class SlowImport:  # the delivery thread's import of the delivery side takes a while, as on a loaded machine
+    def find_spec(self, name, path=None, target=None):
+        if name == "reporter.client" and threading.current_thread().name == "anylearn-reporter-delivery":
+            importing.set()
+            time.sleep(0.5)
+        return None
+
+sys.meta_path.insert(0, SlowImport())
+for i in range(10):
+    reporter.report_metric(float(i), step=i)
+assert importing.wait(20)
+parent = os.getpid()
+if os.fork() == 0:  # while the delivery thread is inside `import reporter.deliver`
+    deadline = time.monotonic() + 30
+    while os.getppid() == parent and time.monotonic() < deadline:  # the parent exits first: the child delivers
+        time.sleep(0.01)
+    for i in range(10, 60):
+        reporter.report_metric(float(i), step=i)
+    print(json.dumps({"flushed": reporter.flush(10)}), flush=True)
+    os._exit(0)
+os._exit(0)  # no exit flush: the child takes delivery over
+"""
+
+
+def test_a_process_forked_while_the_delivery_side_is_being_imported_delivers_in_the_child(server, tmp_path):
+    result = run_python(_FORK_DURING_IMPORT, task_env(server.base_url, str(tmp_path / "run")))  # ends with the child (its pipes)
+    assert json.loads(result.stdout) == {"flushed": True}, result.stderr
+    assert "cannot start delivery" not in result.stderr
+    assert server.backend.tasks()[0]["intermediate_metrics"] == [float(i) for i in range(60)]
+    assert server.backend.stats()["duplicates"] == 0
+
+
 _SIGNAL_REPORTS = """
 import json, signal, reporter
 ticks = [0]
