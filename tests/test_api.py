@@ -447,6 +447,36 @@ def test_a_final_metric_reported_from_a_users_atexit_handler_is_delivered(server
     assert task["final_metric"] == 0.4, result.stderr
 
 
+_MANY_REPORTS_AT_EXIT = """
+import atexit, json
+flushes = []
+atexit.register(lambda: print(json.dumps(len(flushes)), flush=True))  # runs last: after the reports' flush
+def report_all():
+    for i in range(300):
+        reporter.report_metric(i / 100, step=i)
+    reporter.report_metric(9.5, final=True)
+atexit.register(report_all)  # registered before reporter is imported: runs after the exit flush
+import reporter
+from reporter import api
+exit_flush = api._close_at_exit
+def counted_exit_flush():
+    flushes.append(1)
+    exit_flush()
+api._close_at_exit = counted_exit_flush  # the late reports' flushes (atexit keeps the exit flush itself)
+reporter.report_metric(-1.0, step=-1)
+"""
+
+
+def test_reports_from_an_atexit_handler_after_the_exit_flush_are_flushed_once_when_it_returns(server, tmp_path):
+    result = run_python(_MANY_REPORTS_AT_EXIT, task_env(server.base_url, str(tmp_path / "run")))
+    assert result.returncode == 0, result.stderr
+    assert json.loads(result.stdout) == 1, result.stderr  # one flush for the handler's 301 reports, not one each
+    task = server.backend.tasks()[0]
+    assert task["intermediate_metrics"] == [-1.0] + [i / 100 for i in range(300)]
+    assert task["final_metric"] == 9.5
+    assert server.backend.stats()["duplicates"] == 0
+
+
 _RANK = """
 import os, sys, time, reporter
 from reporter.runlock import lock_holder_pid
