@@ -450,11 +450,17 @@ def test_a_final_metric_reported_from_a_users_atexit_handler_is_delivered(server
 _MANY_REPORTS_AT_EXIT = """
 import atexit, json
 flushes = []
+import threading
 atexit.register(lambda: print(json.dumps(len(flushes)), flush=True))  # runs last: after the reports' flush
+def report_from_a_thread():  # not the main thread: flushed before the report returns
+    thread = threading.Thread(target=reporter.report_metric, args=(9.5,), kwargs={"final": True})
+    thread.start()
+    thread.join()
+atexit.register(report_from_a_thread)
 def report_all():
     for i in range(300):
         reporter.report_metric(i / 100, step=i)
-    reporter.report_metric(9.5, final=True)
+    raise RuntimeError("a handler that fails after its reports")
 atexit.register(report_all)  # registered before reporter is imported: runs after the exit flush
 import reporter
 from reporter import api
@@ -467,10 +473,10 @@ reporter.report_metric(-1.0, step=-1)
 """
 
 
-def test_reports_from_an_atexit_handler_after_the_exit_flush_are_flushed_once_when_it_returns(server, tmp_path):
+def test_reports_from_an_atexit_handler_after_the_exit_flush_are_flushed_once_when_it_returns_or_raises(server, tmp_path):
     result = run_python(_MANY_REPORTS_AT_EXIT, task_env(server.base_url, str(tmp_path / "run")))
     assert result.returncode == 0, result.stderr
-    assert json.loads(result.stdout) == 1, result.stderr  # one flush for the handler's 301 reports, not one each
+    assert json.loads(result.stdout) == 2, result.stderr  # one for the handler's 300 reports, not one each; one for the thread's
     task = server.backend.tasks()[0]
     assert task["intermediate_metrics"] == [-1.0] + [i / 100 for i in range(300)]
     assert task["final_metric"] == 9.5
