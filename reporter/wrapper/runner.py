@@ -50,6 +50,7 @@ from .launch import (
     redacted,
 )
 from .output import STDERR_TAIL_LINES, MetricLineParser
+from .paramsfile import write_params_file
 from .reaper import become_subreaper, make_non_dumpable
 from .supervise import Child, RunEnding, signal_name, signals_passed_to
 
@@ -108,16 +109,13 @@ class Run:
         return child_env
 
     def write_params(self) -> None:
-        """The command's hyper-parameters as ``params.json`` (for ``ui``), the key masked like in argv;
-        a failure is logged, the run goes on."""
+        """The command's hyper-parameters as ``params.json`` (for ``ui``), the key and the token masked in
+        every form; a failure is logged, the run goes on."""
         if not self.options.params:
             return
-        text = json.dumps(self.options.params, default=str)
-        key = self.config.secret_key.reveal() if self.config.secret_key else None
-        try:
-            atomic_write_json(os.path.join(self.run_dir, PARAMS_FILE), json.loads(text.replace(key, "***") if key else text))
-        except (OSError, ValueError) as exc:
-            self.log.warning("cannot write %s: %s", PARAMS_FILE, exc)
+        problem = write_params_file(self.run_dir, self.options.params, self.config.secret_key, self.config.auth_token)
+        if problem:
+            self.log.warning("cannot write %s: %s", PARAMS_FILE, problem)
 
     def start_delivery(self) -> None:
         if self.config.offline:
