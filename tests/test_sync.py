@@ -61,7 +61,7 @@ def test_sync_with_a_wrong_key_leaves_records_pending_and_exits_3(serve_process,
     run_dir = offline_run(tmp_path, 3)
     done = cli("sync", str(run_dir), "--task-id", TASK_ID, "--backend-url", server.base_url,
                env=clean_environ(ANYLEARN_SECRET_KEY="wrong-key-1234"))
-    assert done.returncode == 3 and "refused the secret key" in done.stderr
+    assert done.returncode == 3 and "refused the task id or the secret key" in done.stderr
     assert "wrong-key-1234" not in done.stdout + done.stderr
 
 
