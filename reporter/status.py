@@ -97,8 +97,8 @@ def status_command(run_dir: Optional[str], *, as_json: bool = False, stale_after
     if not is_run_dir(run_dir):
         print(f"anylearn-reporter: no run at {run_dir} (no metrics.jsonl yet)", file=sys.stderr)
         return 1
-    info = read_run(run_dir, with_metrics=False, default_mode=config_mode())
-    probe = stale_after_s is not None
+    probe = stale_after_s is not None  # a probe, every minute: no read of the whole journal for the metrics
+    info = read_run(run_dir, with_metrics=not probe, default_mode=config_mode())
     ok, why = health(info, DEFAULT_STALE_AFTER_S if stale_after_s is None else stale_after_s, probe)
     beats = heartbeat_state(run_dir)
     if as_json:
@@ -111,8 +111,8 @@ def status_command(run_dir: Optional[str], *, as_json: bool = False, stale_after
         ("records", f"{info.journalled} journalled, {info.delivered} delivered, {info.pending} pending, {info.rejected} rejected"),
         ("skipped", _reasons(info.skipped)),
         ("lost", _reasons(info.lost)),
-        ("objective", f"{_objective(info)}: last {_fmt(info.last_metric)}, best {_fmt(info.best_metric)}, "
-                      f"final {_fmt(info.final_metric)}"),
+        *([] if probe else [("objective", f"{_objective(info)}: last {_fmt(info.last_metric)}, "
+                                          f"best {_fmt(info.best_metric)}, final {_fmt(info.final_metric)}")]),
         ("last delivery", _when(info.last_delivery_ts)),
         ("last error", info.last_error or "none"),
         ("deliverer", f"pid {info.deliverer_pid}" if info.deliverer_pid else "none running"),
