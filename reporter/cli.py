@@ -241,7 +241,9 @@ def _add_status(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("run_dir", nargs="?", metavar="RUN_DIR", help="default: this task's run directory")
     p.add_argument("--json", action="store_true", help="print JSON")
-    p.add_argument("--stale-after", type=_duration(), default=300.0, metavar="S", help="unhealthy when delivery has failed this long (default 300)")
+    p.add_argument("--stale-after", type=_duration(), metavar="S",
+                   help="for probes: healthy while delivery has failed or stalled less than S seconds (default: a failed "
+                        "last attempt is unhealthy at once, records pending 300 s with no delivery are stalled)")
     p.set_defaults(func=_cmd_status)
 
 
@@ -266,10 +268,13 @@ def _add_show(sub: argparse._SubParsersAction) -> None:
 
 
 def _cmd_sync(args: argparse.Namespace) -> int:
-    from .sync import sync_command
+    from .sync import Terminated, sync_command
 
-    return sync_command(args.run_dirs, task_id=args.task_id, backend_url=args.backend_url,
-                        secret_key_file=args.secret_key_file, timeout_s=args.timeout)
+    try:
+        return sync_command(args.run_dirs, task_id=args.task_id, backend_url=args.backend_url,
+                            secret_key_file=args.secret_key_file, timeout_s=args.timeout)
+    except Terminated:
+        return 128 + signal.SIGTERM
 
 
 def _add_sync(sub: argparse._SubParsersAction) -> None:

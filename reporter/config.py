@@ -343,6 +343,7 @@ def load_config(env: Optional[Mapping[str, str]] = None) -> Tuple[Config, List[s
     """
     env = os.environ if env is None else env
     problems: List[str] = []
+    say_misspelt_backend_url(env)
 
     task_id = env_task_id(env)
     key = _first(env, ENV_SECRET_KEY, ENV_SECRET_KEY_PLATFORM)
@@ -450,6 +451,37 @@ def misspelt_variables(env: Mapping[str, str]) -> List[str]:
         if close:
             hints.append(f"{name} is set: did you mean {by_upper[close[0]]}?")
     return hints
+
+
+def refusal(task_id: Optional[str], has_key: bool, env: Optional[Mapping[str, str]] = None) -> str:
+    """Why the backend answered 401/403, naming what to check: the task id or the key when a key was sent
+    (the backend cannot tell which it did not know), else the missing key and any misspelt variable set
+    instead (``ANYLEARN_SECRETKEY is set: did you mean ANYLEARN_SECRET_KEY?``)."""
+    hints = misspelt_variables(os.environ if env is None else env)
+    if has_key:
+        text = (f"the backend refused the task id or the secret key for task {task_id} (it cannot say which): check "
+                f"that {task_id} is the task's id ({ENV_TASK_ID} or {ENV_TASK_ID_PLATFORM}) and {ENV_SECRET_KEY} "
+                f"(or {ENV_SECRET_KEY_PLATFORM}) its key")
+    else:
+        text = (f"no secret key is set ({ENV_SECRET_KEY} or {ENV_SECRET_KEY_PLATFORM}) and the backend requires one "
+                f"for task {task_id}: set {ENV_SECRET_KEY} (or {ENV_SECRET_KEY_PLATFORM}) to the task's key")
+    return text + (" (" + "; ".join(hints) + ")" if hints else "")
+
+
+def say_misspelt_backend_url(env: Mapping[str, str]) -> None:
+    """Say once per process that a variable set looks like a misspelt ``ANYLEARN_BACKEND_URL`` (or
+    ``BACKEND_NAMESPACE``) when the real one is not set: the run would otherwise resolve another backend."""
+    if _first(env, ENV_BACKEND_URL, ENV_BACKEND_NAMESPACE):
+        return
+    names = (f"did you mean {ENV_BACKEND_URL}?", f"did you mean {ENV_BACKEND_NAMESPACE}?")
+    near = [n for n in env if "BACKEND" in n.upper() and n not in (ENV_BACKEND_URL, ENV_BACKEND_NAMESPACE)]
+    if not near:  # the common case costs no difflib
+        return
+    from .log import say_once
+
+    for hint in misspelt_variables({n: env[n] for n in near}):
+        if hint.endswith(names):
+            say_once(("misspelt", hint), "%s", hint)
 
 
 def offline_reason(env: Optional[Mapping[str, str]] = None) -> str:

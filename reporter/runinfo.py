@@ -94,6 +94,7 @@ class RunInfo:
     run_dir: str
     name: str
     task_id: Optional[str] = None
+    backend_url: Optional[str] = None  # where status.json says the run was delivered to
     journalled: int = 0
     pending: int = 0
     delivered: int = 0
@@ -291,6 +292,7 @@ def _read_status_files(info: RunInfo) -> None:
     status, problem = read_status(run_dir)  # every field type-checked: a hand-edited file cannot break show
     if status is not None:
         info.task_id = status.task_id
+        info.backend_url = status.backend_url
         info.delivered = status.delivered
         info.skipped = dict(status.skipped)
         info.paused = status.paused

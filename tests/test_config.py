@@ -353,3 +353,19 @@ def test_the_hook_says_a_bad_backend_url_once_and_journals_only(tmp_path):
     assert done.returncode == 0
     assert done.stderr.count("ANYLEARN_BACKEND_URL") == 1 and "pa55w0rd" not in done.stderr
     assert len((tmp_path / TASK_ID / "metrics.jsonl").read_text().splitlines()) >= 3
+
+
+@pytest.mark.parametrize("name", ["ANYLEARN_SECRETKEY", "ANYLEARN_SECRET", "secretkey", "Secret_Key", "ANYLEARN_SECRET_KY"])
+def test_a_refusal_without_a_key_names_the_misspelt_key_variable(name):
+    from reporter.config import refusal
+
+    text = refusal(TASK_ID, False, {name: "k"})
+    assert text.startswith("no secret key is set (ANYLEARN_SECRET_KEY or secret_key)") and f"{name} is set: did you mean" in text
+
+
+def test_a_refusal_of_a_sent_key_names_both_the_task_id_and_the_key():
+    from reporter.config import refusal
+
+    text = refusal(TASK_ID, True, {})
+    assert f"refused the task id or the secret key for task {TASK_ID} (it cannot say which)" in text
+    assert "ANYLEARN_TASK_ID" in text and "ANYLEARN_SECRET_KEY" in text

@@ -54,6 +54,8 @@ from .paramsfile import write_params_file
 from .reaper import become_subreaper, make_non_dumpable
 from .supervise import Child, RunEnding, signal_name, signals_passed_to
 
+QUIET_DRAIN_S = 1.0  # a drain that delivers everything this fast is not announced
+
 
 class Run:
     """One run of the command; :meth:`run` returns the wrapper's exit code.
@@ -150,11 +152,15 @@ class Run:
         previous = signal.signal(signal.SIGINT, signal.default_int_handler)  # Ctrl-C: stop waiting at once
         try:
             remaining = max(deadline - time.monotonic(), 0.0)
-            if total and not self.deliverer.paused_reason:
+            # Said only when the drain has to wait: a healthy backend takes the last records in milliseconds.
+            if total and not self.deliverer.flush(min(remaining, QUIET_DRAIN_S)) and not self.deliverer.paused_reason:
+                left = count_pending(self.run_dir)
+                remaining = max(deadline - time.monotonic(), 0.0)
                 self.log.info(
                     "the command has ended; waiting up to %gs (--drain-timeout, ANYLEARN_DRAIN_TIMEOUT) to deliver %s "
-                    "to %s; Ctrl-C stops waiting and leaves them for `anylearn-reporter sync`",
-                    math.ceil(remaining) if remaining >= 1 else remaining, records(total), self.config.backend_url,
+                    "to %s; Ctrl-C stops waiting and leaves %s for `anylearn-reporter sync`",
+                    math.ceil(remaining) if remaining >= 1 else remaining, records(left), self.config.backend_url,
+                    "it" if left == 1 else "them",
                 )
             self.deliverer.drain(remaining, lambda pending, _: progress.update(total - pending))
         except KeyboardInterrupt:
