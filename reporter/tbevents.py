@@ -223,9 +223,7 @@ class EventFileTailer:
         except FileNotFoundError:
             return 0, False
         except OSError as exc:
-            if rel not in self._said_unreadable:
-                self._said_unreadable.add(rel)
-                get_logger().warning("cannot read the event file %s: %s", state.path, exc.strerror)
+            self._say_unreadable(rel, state.path, exc)
             return 0, False
         journalled = 0
         moved = False
@@ -265,12 +263,15 @@ class EventFileTailer:
                     break  # no progress possible with what is there
                 need = result.need
         except OSError as exc:
-            if rel not in self._said_unreadable:
-                self._said_unreadable.add(rel)
-                get_logger().warning("cannot read the event file %s: %s", state.path, exc.strerror)
+            self._say_unreadable(rel, state.path, exc)
         finally:
             os.close(fd)
         return journalled, moved
+
+    def _say_unreadable(self, rel: str, path: str, exc: OSError) -> None:
+        if rel not in self._said_unreadable:  # once per file and tailer
+            self._said_unreadable.add(rel)
+            get_logger().warning("cannot read the event file %s: %s", path, exc.strerror)
 
     def _journal(self, scalar: Scalar) -> bool:
         name = None if scalar.tag == self.objective_tag else scalar.tag
