@@ -3,6 +3,7 @@
 Read from the source with `ast`, so a failure names the file, the line and the rule it breaks.
 """
 import ast
+import functools
 import json
 import os
 import subprocess
@@ -23,8 +24,13 @@ NOT_LOADED_BY_IMPORT = ("reporter.deliver", "reporter.lane", "reporter.client", 
                         "reporter.reader", "reporter.cursor", "reporter.runlock", "urllib.request", "http.client")
 
 
-def _modules() -> Iterator[Tuple[str, str]]:
+@functools.lru_cache(maxsize=None)
+def _modules() -> Tuple[Tuple[str, str], ...]:
     """(dotted name under reporter, path) of every module of the package."""
+    return tuple(_walk())
+
+
+def _walk() -> Iterator[Tuple[str, str]]:
     for root, dirs, files in os.walk(PACKAGE_DIR):
         dirs[:] = sorted(d for d in dirs if d != "__pycache__")
         for name in sorted(files):
