@@ -202,6 +202,7 @@ class _Watchdog:
     def __init__(self, timeout_s: float, current_socket: Callable[[], Optional[socket.socket]], thread_name: str) -> None:
         self.granularity_s = max(0.02, min(1.0, timeout_s / 10))
         self.deadline: Optional[float] = None
+        self.armed_s = timeout_s  # the deadline of the request in hand, for the message when it fires
         self.fired = False
         self._current_socket = current_socket
         self._closed = threading.Event()
@@ -215,12 +216,17 @@ class _Watchdog:
             self._thread = threading.Thread(target=self._watch, name=self._thread_name, daemon=True)
             self._thread.start()
         self.fired = False
+        self.armed_s = timeout_s
         self.deadline = time.monotonic() + timeout_s
 
     def disarm(self) -> bool:
         """Stop watching; True when the deadline passed during the request."""
         self.deadline = None
         return self.fired
+
+    def overrun(self) -> "TransientError":
+        """What a request the deadline cut short fails with."""
+        return TransientError(f"no whole answer within the request deadline of {self.armed_s:g} s")
 
     def _watch(self) -> None:
         while not self._closed.wait(self.granularity_s):
@@ -438,7 +444,7 @@ class Transport:
         except Exception as exc:  # whatever the socket, TLS or HTTP layers raise: a transient failure
             self._drop_connection()
             if self._watchdog.fired:
-                raise TransientError(f"no whole answer within the request deadline of {total:g} s") from None
+                raise self._watchdog.overrun() from None
             raise TransientError(_describe(exc, self.base_url)) from None
         finally:
             self._watchdog.disarm()
@@ -456,7 +462,7 @@ class Transport:
         response = conn.getresponse()
         content = response.read(MAX_ANSWER_BYTES)
         if self._watchdog.fired:  # a socket shut down mid-answer can still parse as a (truncated) answer
-            raise TransientError(f"no whole answer within the request deadline of {self.request_timeout_s:g} s")
+            raise self._watchdog.overrun()
         if response.will_close or not response.isclosed():
             connection.close()  # the server ends the connection, or the answer was longer than we read
         connection.last_used = time.monotonic()
