@@ -225,3 +225,34 @@ def test_the_released_sdks_reader_reads_back_what_run_delivered_through_serve(se
     assert meta == {(TASK_ID, "loss"): 15, (TASK_ID, "lr"): 15, (TASK_ID, "acc"): 15}
     (loss,) = reader.get_metric(MetricType.SCALAR, "PROJ1", [MetricQuery(TASK_ID, "loss", 0, 100)])
     assert [r.step for r in loss.record_list] == list(range(15)) and loss.get_last() == 1.0 / 15
+
+
+def test_without_the_extra_run_says_the_pip_line_once_and_the_backend_gets_everything(board, tmp_path):
+    backend, iotdb, store = board
+    blocker = tmp_path / "block" / "iotdb"
+    blocker.mkdir(parents=True)
+    (blocker / "__init__.py").write_text("raise ImportError('blocked for the test')\n")
+    script = tmp_path / "train.py"
+    script.write_text(TRAINER)
+    env = task_env(backend.base_url, str(tmp_path / "run"), **anyboard_env(iotdb.port), ANYLEARN_OBJECTIVE_METRIC="loss",
+                   PYTHONPATH=f"{tmp_path / 'block'}{os.pathsep}{os.environ.get('PYTHONPATH', '')}")
+    done = cli("run", "--", sys.executable, str(script), "10", "0", env=env, cwd=tmp_path)
+    assert done.returncode == 0, done.stderr
+    said = [line for line in done.stderr.splitlines() if "Anyboard" in line]
+    assert len(said) == 1 and "pip install 'anylearn-reporter[anyboard]'" in said[0]
+    (task,) = backend.backend.tasks()
+    assert task["intermediate_metrics"] == [1.0 / (i + 1) for i in range(10)] and store.count() == 0
+
+
+def test_some_variables_only_is_one_line_naming_what_is_missing_and_the_backend_gets_everything(board, tmp_path):
+    backend, iotdb, store = board
+    script = tmp_path / "train.py"
+    script.write_text(TRAINER)
+    partial = {k: v for k, v in anyboard_env(iotdb.port).items() if k != "ANYLEARN_PROJECT_ID"}
+    env = task_env(backend.base_url, str(tmp_path / "run"), **partial, ANYLEARN_OBJECTIVE_METRIC="loss")
+    done = cli("run", "--", sys.executable, str(script), "10", "0", env=env, cwd=tmp_path)
+    assert done.returncode == 0, done.stderr
+    said = [line for line in done.stderr.splitlines() if "Anyboard" in line]
+    assert len(said) == 1 and "ANYLEARN_PROJECT_ID is not set" in said[0] and PASSWORD not in done.stderr
+    (task,) = backend.backend.tasks()
+    assert task["intermediate_metrics"] == [1.0 / (i + 1) for i in range(10)] and store.count() == 0
