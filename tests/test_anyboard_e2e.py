@@ -24,7 +24,8 @@ PASSWORD = "iotdb-Pw-never-shown-42"
 TOKEN = "reader-token"
 
 # Unchanged training code: several named metrics per step through the hook, and metric lines on stdout. The
-# script also checks that the password is in no argv of the wrapper or of itself.
+# script also checks that the password is in no argv of the wrapper or of itself, and that the training
+# process never loads the IoTDB client.
 TRAINER = """
 import os, sys, time, reporter
 count, pause = int(sys.argv[1]), float(sys.argv[2])
@@ -35,6 +36,7 @@ for i in range(count):
     reporter.report_metrics({"loss": 1.0 / (i + 1), "lr": 0.1 * 0.9 ** i, "grad_norm": float("nan")}, step=i)
     print('ANYLEARN_METRIC {"name": "acc", "value": %s, "step": %d}' % (i / count, i), flush=True)
     time.sleep(pause)
+assert not any(m.startswith(("iotdb", "thrift", "reporter.anyboard")) for m in sys.modules)  # training never loads them
 """
 
 LINES_ONLY = """
