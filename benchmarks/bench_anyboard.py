@@ -5,7 +5,7 @@ a sidecar at rest.
 
 1. A journal of ``--points`` intermediate scalars (4 names) is synced into ``serve --anyboard-port`` (its own
    process) the way a lane does it: batches of 256 journal entries, each turned into points and written with
-   one ``insertRecords`` call. Beside it, in the same run and against the same server, the AnyLearn SDK's own
+   one ``insertTablets`` call. Beside it, in the same run and against the same server, the AnyLearn SDK's own
    ``IotdbWriter`` (one SQL ``insert into`` per point through its session pool) writes ``--sdk-points``
    points (it needs ``anylearn==0.20.7``; skipped without it). Goal: at least 20x the SDK's rate.
 2. Peak RSS and CPU at rest over ``--seconds`` of: the sidecar (Anyboard off); the sidecar with an open

@@ -135,6 +135,7 @@ class RunInfo(_Derived):
     failure_reason: Optional[str] = None  # summary.json's failure
     stderr_tail: List[str] = field(default_factory=list)
     attempts: List[AttemptInfo] = field(default_factory=list)  # read with the metrics only
+    anyboard: Optional[Dict[str, Any]] = None  # Anyboard's account (status.json's sinks.anyboard, pending points)
 
     @property
     def lost(self) -> Dict[str, int]:
@@ -297,6 +298,7 @@ def _read_status_files(info: RunInfo) -> None:
         info.failing_since = status.failing_since
     if problem:
         info.problems.append(problem)
+    _read_anyboard(info, {} if status is None else status.sinks)
     info.rejected = count_lines(os.path.join(run_dir, REJECTED_FILE))
     info.deliverer_pid = lock_holder_pid(run_dir)
     info.counters = read_host_counters(run_dir)
@@ -320,6 +322,40 @@ def _read_status_files(info: RunInfo) -> None:
         info.problems.append(f"{SUMMARY_FILE} is not valid JSON")
     if info.task_id is None:
         info.task_id = task_of_run_name(info.name)
+
+
+def _read_anyboard(info: RunInfo, sections: Dict[str, Dict[str, Any]]) -> None:
+    """Anyboard's delivered/pending/failed counts, when it delivered (or tried to) for this run: pending are
+    the journal's records after ``cursor.anyboard`` that Anyboard would send (intermediate metrics that are
+    finite numbers, of rank 0 unless the run reports every rank)."""
+    from .anyboard.points import to_points  # only here: a run without Anyboard never loads it
+    from .anyboard.sink import CURSOR_FILE as ANYBOARD_CURSOR, SINK_NAME
+
+    section = sections.get(SINK_NAME)
+    if section is None and not os.path.exists(os.path.join(info.run_dir, ANYBOARD_CURSOR)):
+        return
+    section = section or {}
+    all_ranks = section.get("report_all_ranks") is True
+    unnamed = section.get("objective_metric") if isinstance(section.get("objective_metric"), str) else "metric"
+    pending = 0
+    try:
+        batch: List[Any] = []
+        for entry in iter_entries(info.run_dir, load_cursor(info.run_dir, ANYBOARD_CURSOR).offset):
+            batch.append(entry)
+            if len(batch) == 1024:
+                pending += len(to_points(batch, "", report_all_ranks=all_ranks, unnamed=unnamed)[0])
+                batch = []
+        pending += len(to_points(batch, "", report_all_ranks=all_ranks, unnamed=unnamed)[0])
+    except OSError as exc:
+        info.problems.append(f"cannot read {JOURNAL_FILE} for Anyboard: {exc.strerror}")
+    number = lambda key: section.get(key) if type(section.get(key)) is int else 0  # noqa: E731
+    skipped = section.get("skipped")
+    info.anyboard = {
+        "delivered": number("delivered"), "pending": pending, "failed": number("failed"),
+        "skipped": {k: v for k, v in skipped.items() if type(v) is int} if isinstance(skipped, dict) else {},
+        "paused": section.get("paused") if isinstance(section.get("paused"), str) else None,
+        "last_error": section.get("last_error") if isinstance(section.get("last_error"), str) else None,
+    }
 
 
 def _split_attempts(info: RunInfo, rule: SendRule, segments: List[AttemptMark]) -> None:

@@ -76,7 +76,15 @@ class SinkEntry(NamedTuple):
     build: Callable[["Config", str], Optional[Sink]]  # None: off for this configuration; imports its client lazily
 
 
-SINKS: List[SinkEntry] = []  # issue 18 adds Anyboard here
+def _anyboard(config: "Config", run_dir: str) -> Optional[Sink]:
+    from .anyboard.sink import anyboard_from_config  # its client is loaded only when Anyboard is configured
+
+    return anyboard_from_config(config, run_dir)
+
+
+SINKS: List[SinkEntry] = [
+    SinkEntry("anyboard", False, _anyboard),  # issue 18: every named metric into the platform's curves store
+]
 
 
 def build_sinks(config: "Config", run_dir: str, *, in_training_process: bool) -> List[Sink]:

@@ -118,6 +118,8 @@ def status_command(run_dir: Optional[str], *, as_json: bool = False, stale_after
         ("deliverer", f"pid {info.deliverer_pid}" if info.deliverer_pid else "none running"),
         ("health", why),
     ]
+    if info.anyboard is not None:
+        rows.insert(-3, ("anyboard", anyboard_summary(info.anyboard)))
     if beats is not None:
         rows.insert(-1, ("heartbeats", beats["heartbeats"] + (f" ({beats['reason']})" if beats.get("reason") else "")))
     if info.failure_reason:
@@ -127,6 +129,17 @@ def status_command(run_dir: Optional[str], *, as_json: bool = False, stale_after
     for key, value in rows:
         print(f"{key + ':':<{width}} {value}")
     return 0 if ok else 1
+
+
+def anyboard_summary(account: Dict[str, Any]) -> str:
+    """Anyboard's counts in one line: points delivered, pending and failed writes, skips, a pause."""
+    text = (f"{account['delivered']} points delivered, {account['pending']} pending, "
+            f"{account['failed']} failed writes; skipped: {_reasons(account['skipped'])}")
+    if account.get("paused"):
+        text += f"; paused: {account['paused']}"
+    elif account.get("last_error"):
+        text += f"; last error: {account['last_error']}"
+    return text
 
 
 def heartbeat_state(run_dir: str) -> Optional[Dict[str, Any]]:
@@ -198,7 +211,13 @@ def show_command(run_dirs: List[str], *, as_json: bool = False, metrics: bool = 
         print(json.dumps([i.as_dict() for i in infos], indent=2))
         return 0
     header = ["run", "state", "start", "duration", "delivered", "pending", "rejected", "objective", "last", "best", "final", "metric"]
-    rows = [row for info in infos for row in _show_rows(info)]
+    board = any(info.anyboard is not None for info in infos)
+    if board:  # Anyboard's points beside the backend's records: delivered/pending/failed writes
+        header.insert(7, "anyboard d/p/f")
+    rows = []
+    for info in infos:
+        for i, row in enumerate(_show_rows(info)):
+            rows.append(row[:7] + [_anyboard_cell(info) if i == 0 else ""] + row[7:] if board else row)
     widths = [max(len(r[i]) for r in rows + [header]) for i in range(len(header))]
     print("  ".join(h.ljust(w) for h, w in zip(header, widths)).rstrip())
     for row in rows:
@@ -243,6 +262,13 @@ def _objective(info: RunInfo) -> str:
     return f"{info.objective_name or 'metric'} ({info.objective_mode})"
 
 
+def _anyboard_cell(info: RunInfo) -> str:
+    account = info.anyboard
+    if account is None:
+        return "-"
+    return f"{account['delivered']}/{account['pending']}/{account['failed']}" + (" paused" if account.get("paused") else "")
+
+
 def _start(ts: Optional[float]) -> str:
     return time.strftime("%Y-%m-%d %H:%M", time.localtime(ts)) if ts else "-"
 
@@ -281,4 +307,4 @@ def _write_json_list(items: Iterator[Dict[str, Any]], out: TextIO) -> None:
     out.write("[]\n" if separator == "[\n  " else "\n]\n")
 
 
-__all__ = ["status_command", "show_command", "sparkline", "health", "oldest_pending_ts"]
+__all__ = ["anyboard_summary", "status_command", "show_command", "sparkline", "health", "oldest_pending_ts"]

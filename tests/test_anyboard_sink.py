@@ -39,6 +39,9 @@ class Handoff:
         assert end_offset > self.acked
         self.acked = end_offset
 
+    def checkpoint(self):
+        pass
+
 
 def journal(run_dir, count):
     writer = JournalWriter(str(run_dir))
@@ -73,12 +76,11 @@ def test_every_point_lands_once_through_an_outage_and_a_resend_after_a_crash(tmp
     port = free_port()
     servers = []
 
-    def wait(stop, seconds):  # the backoff: IoTDB comes up during the second wait
+    def sleep(seconds):  # the engine's backoff: IoTDB comes up during the second wait
         if len(servers) == 0 and sink.attempts_failed >= 2:
             servers.append(IoTDBServer(AnyboardStore(), port=port).start())
-        return stop.is_set()
 
-    sink = AnyboardSink(anyboard_config({**ENV, "ANYLEARN_ANYBOARD_IOTDB_PORT": str(port)}), wait=wait)
+    sink = AnyboardSink(anyboard_config({**ENV, "ANYLEARN_ANYBOARD_IOTDB_PORT": str(port)}), retry_sleep=sleep)
     try:
         handoff = Handoff()
         end = deliver_all(sink, tmp_path, handoff)
@@ -120,7 +122,7 @@ def test_a_refused_login_pauses_the_sink_with_one_line_and_acknowledges_nothing(
 
 def test_a_stop_during_the_backoff_leaves_the_batch_pending(tmp_path):
     journal(tmp_path, 3)
-    sink = AnyboardSink(anyboard_config({**ENV, "ANYLEARN_ANYBOARD_IOTDB_PORT": str(free_port())}), backoff_s=(0.01, 0.02))
+    sink = AnyboardSink(anyboard_config({**ENV, "ANYLEARN_ANYBOARD_IOTDB_PORT": str(free_port())}), initial_backoff_s=0.01, max_backoff_s=0.02)
     handoff = Handoff()
     threading.Timer(0.2, handoff.stop.set).start()
     assert deliver_all(sink, tmp_path, handoff) == 0

@@ -14,34 +14,25 @@ wrapper, a sidecar or ``sync``, so training never imports the IoTDB client.
 
 from __future__ import annotations
 
-import random
-import threading
 import time
-from typing import Any, Callable, Dict, Mapping, Optional, Protocol, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Dict, Mapping, Optional, Sequence
 
-from ..client import INITIAL_BACKOFF_S, MAX_BACKOFF_S
+from ..client import INITIAL_BACKOFF_S, MAX_BACKOFF_S, Retrier
 from ..config import ConfigError
-from ..log import get_logger
+from ..delivery_ledger import SKIPPED, DeliveryLedger
+from ..log import get_logger, say_once
 from ..reader import JournalEntry
+from ..transport import TransientError
 from .config import AnyboardConfig, anyboard_config
 from .points import to_points
+
+if TYPE_CHECKING:
+    from ..sink import Handoff  # reporter.sink registers this module lazily: no import back at run time
 
 SINK_NAME = "anyboard"
 CURSOR_FILE = "cursor.anyboard"
 LOCK_FILE = "deliver.anyboard.lock"
 IN_TRAINING_PROCESS = False
-
-
-class Handoff(Protocol):
-    """What a lane gives its sink with each batch (issue 17's ``sink.Handoff``)."""
-
-    stop: threading.Event
-
-    def remaining_s(self) -> Optional[float]: ...
-
-    def hold(self, record: Any) -> None: ...
-
-    def acknowledge(self, end_offset: int) -> None: ...
 
 
 class AnyboardSink:
@@ -51,93 +42,109 @@ class AnyboardSink:
     cursor_file = CURSOR_FILE
     lock_file = LOCK_FILE
 
-    def __init__(self, config: AnyboardConfig, *, writer: Any = None,
-                 backoff_s: Sequence[float] = (INITIAL_BACKOFF_S, MAX_BACKOFF_S),
-                 wait: Optional[Callable[[threading.Event, float], bool]] = None) -> None:
+    def __init__(self, config: AnyboardConfig, *, writer: Any = None, initial_backoff_s: float = INITIAL_BACKOFF_S,
+                 max_backoff_s: float = MAX_BACKOFF_S, retry_sleep: Optional[Callable[[float], Any]] = None) -> None:
         if writer is None:
             from .writer import AnyboardWriter  # the IoTDB client's service: loaded by the host that delivers
 
             writer = AnyboardWriter(config)
         self.config = config
         self.writer = writer
-        self._initial_s, self._max_s = backoff_s
-        self._wait = wait or (lambda stop, seconds: stop.wait(seconds))
-        self.delivered = 0  # points IoTDB acknowledged
-        self.skipped: Dict[str, int] = {}
-        self.paused_reason: Optional[str] = None
-        self.last_error: Optional[str] = None
-        self.last_error_ts: Optional[float] = None
-        self.failing_since: Optional[float] = None
-        self.last_delivery_ts: Optional[float] = None
-        self.attempts_failed = 0
+        self.ledger = DeliveryLedger()  # delivered counts points IoTDB acknowledged
+        self.attempts_failed = 0  # writes that failed (and were retried) in this process
+        self._backoff = (initial_backoff_s, max_backoff_s)
+        self._retry_sleep = retry_sleep
+        self._retrier: Optional[Retrier] = None
+
+    @property
+    def delivered(self) -> int:
+        """Points IoTDB acknowledged, carried on from the previous ``status.json``."""
+        return self.ledger.delivered
+
+    @property
+    def skipped(self) -> Dict[str, int]:
+        """Journal entries that are no point (NaN, a final metric, another rank...), by reason."""
+        return self.ledger.skipped
+
+    @property
+    def paused_reason(self) -> Optional[str]:
+        return self.ledger.paused_reason
 
     def open(self, previous: Optional[Mapping[str, Any]] = None) -> None:
         """Carry on the counts of this sink's section of a previous ``status.json`` (``sinks.anyboard``)."""
-        if not previous:
-            return
-        delivered = previous.get("delivered")
-        if type(delivered) is int and delivered >= 0:
-            self.delivered = delivered
-        skipped = previous.get("skipped")
-        if isinstance(skipped, dict):
-            self.skipped = {str(k): v for k, v in skipped.items() if type(v) is int and v >= 0}
+        if previous:
+            self.ledger.carry_on(previous)
+            failed = previous.get("failed")
+            if type(failed) is int and failed >= 0:
+                self.attempts_failed = failed
 
-    def deliver(self, entries: Sequence[JournalEntry], handoff: Handoff) -> bool:
+    def deliver(self, entries: Sequence[JournalEntry], handoff: "Handoff") -> bool:
         """Write the points of ``entries`` and acknowledge them; False when paused or stopping (what is not
         acknowledged stays pending for the next lane). Never raises."""
-        if self.paused_reason is not None or not entries:
-            return self.paused_reason is None
+        if self.ledger.paused_reason is not None or not entries:
+            return self.ledger.paused_reason is None
         points, skipped = to_points(entries, self.config.device_prefix, report_all_ranks=self.config.report_all_ranks,
                                     unnamed=self.config.objective_metric)
-        backoff = self._initial_s
-        while True:
-            if handoff.stop.is_set() and handoff.remaining_s() is not None and handoff.remaining_s() <= 0:
-                return False
-            try:
-                self.writer.write(points, timeout_s=handoff.remaining_s())
-            except Exception as exc:  # noqa: BLE001 - nothing reaches a host; the writer's errors are scrubbed
-                if not self._failed(exc):
-                    return False
-                if self._wait(handoff.stop, random.uniform(0, backoff)):
-                    return False  # stopping: the batch stays pending
-                backoff = min(self._max_s, backoff * 2)
-                continue
-            break
-        for reason, count in skipped.items():
-            self.skipped[reason] = self.skipped.get(reason, 0) + count
-        self.delivered += len(points)
         if points:
-            self.last_delivery_ts = time.time()
-        if self.failing_since is not None:
-            get_logger().info("Anyboard delivery resumed")
-            self.failing_since = None
+            if self._retrier is None:
+                self._retrier = Retrier(handoff.stop, initial_backoff_s=self._backoff[0],
+                                        max_backoff_s=self._backoff[1], sleep=self._retry_sleep)
+            try:
+                self._retrier.call(lambda: self._write(points, handoff), lambda exc: self._before_retry(exc, handoff))
+            except TransientError:
+                return False  # stopped while retrying: the batch stays pending
+            except Exception as exc:  # noqa: BLE001 - a refused login (the writer's text is scrubbed)
+                self._pause(exc)
+                return False
+        for reason, count in skipped.items():
+            self.ledger.record_lost(reason, count, category=SKIPPED)
+        if points:
+            self.ledger.delivered += len(points)
+            self.ledger.delivered_now += len(points)
+            self.ledger.last_delivery_ts = time.time()
+        resumed = self.ledger.resumed()
+        if resumed is not None:
+            get_logger().info("Anyboard: delivery resumed after %.0f s", resumed)
         handoff.acknowledge(entries[-1].end_offset)
         return True
 
-    def _failed(self, exc: BaseException) -> bool:
-        """Book a failed write; True when it is worth retrying."""
+    def _write(self, points: Sequence[Any], handoff: "Handoff") -> None:
+        """One try: IoTDB unavailable (or anything unexpected) is a :class:`TransientError` for the retrier."""
         from .writer import AnyboardLoginRefused, AnyboardUnavailable
 
-        text = str(exc) if isinstance(exc, (AnyboardUnavailable, AnyboardLoginRefused)) else (
-            f"Anyboard: unexpected {type(exc).__name__}")  # not its text: it may come from anywhere
-        now = time.time()
-        self.last_error, self.last_error_ts = text, now
+        try:
+            self.writer.write(points, timeout_s=handoff.remaining_s())
+        except AnyboardLoginRefused:
+            raise
+        except AnyboardUnavailable as exc:
+            raise TransientError(str(exc)) from None
+        except Exception as exc:  # noqa: BLE001 - not its text: it may come from anywhere
+            raise TransientError(f"Anyboard: unexpected {type(exc).__name__}") from None
+
+    def _before_retry(self, exc: TransientError, handoff: "Handoff") -> None:
         self.attempts_failed += 1
-        if isinstance(exc, AnyboardLoginRefused):
-            self.paused_reason = text
-            get_logger().error("%s; Anyboard is paused (delivery to AnyLearn goes on)", text)
-            return False
-        if self.failing_since is None:
-            self.failing_since = now
-            get_logger().warning("%s; retrying with backoff", text)
-        return True
+        self.ledger.note_error(exc.reason)
+        if self.ledger.failing():
+            get_logger().warning("%s; retrying with backoff", exc.reason)
+        handoff.checkpoint()
+
+    def _pause(self, exc: BaseException) -> None:
+        from .writer import AnyboardLoginRefused
+
+        text = str(exc) if isinstance(exc, AnyboardLoginRefused) else f"Anyboard: unexpected {type(exc).__name__}"
+        self.attempts_failed += 1
+        self.ledger.pause(text, text)
+        get_logger().error("%s; Anyboard is paused (delivery to AnyLearn goes on)", text)
 
     def status(self) -> Dict[str, Any]:
         """This sink's fields of ``status.json`` (``sinks.anyboard``)."""
+        ledger = self.ledger
         return {
-            "delivered": self.delivered, "skipped": dict(self.skipped), "paused": self.paused_reason,
-            "last_delivery_ts": self.last_delivery_ts, "last_error": self.last_error,
-            "last_error_ts": self.last_error_ts, "failing_since": self.failing_since,
+            "delivered": ledger.delivered, "skipped": dict(ledger.skipped), "failed": self.attempts_failed,
+            "paused": ledger.paused_reason, "last_delivery_ts": ledger.last_delivery_ts,
+            "last_error": ledger.last_error, "last_error_ts": ledger.last_error_ts,
+            "failing_since": ledger.failing_since, "report_all_ranks": self.config.report_all_ranks,
+            "objective_metric": self.config.objective_metric,
             "target": f"{self.config.host}:{self.config.port} {self.config.device_prefix}",
         }
 
@@ -148,16 +155,19 @@ class AnyboardSink:
 
 def anyboard_from_config(config: Any, run_dir: str, env: Optional[Mapping[str, str]] = None) -> Optional[AnyboardSink]:
     """The sink for this configuration, or None when Anyboard is off; a half configuration or a missing extra
-    is said in one line and leaves Anyboard off (the AnyLearn lane is not affected). ``run_dir`` is unused:
-    the lane keeps the cursor. For issue 17's registry: ``SinkEntry("anyboard", False, anyboard_from_config)``."""
+    is said in one line (once per process) and leaves Anyboard off (the AnyLearn lane is not affected).
+    ``run_dir`` is unused: the lane keeps the cursor. Registered in :data:`reporter.sink.SINKS`."""
     try:
         settings = anyboard_config(env, task_id=config.task_id, report_all_ranks=config.report_all_ranks,
                                    objective_metric=config.objective_metric)
         if settings is None:
             return None
+        from .writer import check_client_installed
+
+        check_client_installed()
         return AnyboardSink(settings)
     except ConfigError as exc:
-        get_logger().warning("%s; Anyboard is off for this run", exc)
+        say_once(("anyboard-off", str(exc)), "%s; Anyboard is off for this run", exc)
         return None
 
 
