@@ -225,6 +225,11 @@ class BackendClient:
         """GET the task's final metric: an authenticated read that changes nothing (``doctor``'s check)."""
         return self.request("GET", ENDPOINTS[KIND_FINAL], params={"id": self.task_id}, timeout_s=timeout_s)
 
+    def interrupt(self) -> None:
+        """From another thread: cut off the request in flight and fail every later one (see
+        :meth:`Transport.interrupt`)."""
+        self._transport.interrupt()
+
     def close(self) -> None:
         """Let the connection go."""
         self._transport.close()

@@ -334,6 +334,10 @@ def request_timeout(text: Optional[str]) -> float:
     return float(parse_duration(text, ENV_REQUEST_TIMEOUT, DEFAULT_REQUEST_TIMEOUT_S, positive=True, unlimited=False))
 
 
+JOURNAL_ONLY = "; records are only journalled until it is fixed"  # what the hook does with the problem meanwhile
+NOT_SHIPPED = "; a local task's logs are not shipped until it is fixed"
+
+
 def load_config(env: Optional[Mapping[str, str]] = None) -> Tuple[Config, List[str]]:
     """Resolve the configuration, replacing each invalid value by its default.
 
@@ -350,15 +354,17 @@ def load_config(env: Optional[Mapping[str, str]] = None) -> Tuple[Config, List[s
     secret = Secret(key) if key and not key_problem else None
     token, token_problem = auth_token_from(env)
     if token_problem:
-        problems.append(f"{token_problem}; a local task's logs are not shipped until it is fixed")
-    backend_url, source = resolve_backend_url(env, bool(task_id and (key or token)))
+        problems.append(f"{token_problem}{NOT_SHIPPED}")
+    # Only the key makes AnyLearn's default host a guess worth making: a token alone (a local task) goes
+    # only to a backend named for it, never to a guessed host.
+    backend_url, source = resolve_backend_url(env, bool(task_id and key))
     if key_problem:  # a key that cannot be sent: journal only, and say so
-        problems.append(f"{key_problem}; records are only journalled until it is fixed")
+        problems.append(f"{key_problem}{JOURNAL_ONLY}")
         backend_url, source = None, "offline: the secret key cannot be sent"
     where = ENV_BACKEND_URL if source == ENV_BACKEND_URL else f"the URL from {source}"
     url_problem = backend_url_problem(backend_url, where) if backend_url else None
     if url_problem:  # a URL that cannot work: journal only, and say so (never retry it for ever)
-        problems.append(f"{url_problem}; records are only journalled until it is fixed")
+        problems.append(f"{url_problem}{JOURNAL_ONLY}")
         backend_url, source = None, "offline: invalid backend URL"
     id_problem = task_id_problem(task_id, ENV_TASK_ID if env.get(ENV_TASK_ID, "").strip() else ENV_TASK_ID_PLATFORM)
     if id_problem:
@@ -420,10 +426,11 @@ def load_config(env: Optional[Mapping[str, str]] = None) -> Tuple[Config, List[s
 
 
 def load_config_strict(env: Optional[Mapping[str, str]] = None) -> Config:
-    """Like :func:`load_config`, but raise :class:`ConfigError` naming every problem."""
+    """Like :func:`load_config`, but raise :class:`ConfigError` naming every problem (without what the
+    in-process hook does meanwhile: the command is not run)."""
     config, problems = load_config(env)
     if problems:
-        raise ConfigError("; ".join(problems))
+        raise ConfigError("; ".join(p.replace(JOURNAL_ONLY, "").replace(NOT_SHIPPED, "") for p in problems))
     return config
 
 

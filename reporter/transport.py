@@ -390,6 +390,7 @@ class Transport:
         self.setup_problem = self.settings.problem  # the caller says it once; no request is made
         self._connection: Optional[_Connection] = None
         self._watchdog = _Watchdog(request_timeout_s, self._current_socket, thread_name)
+        self._interrupted = False  # see interrupt()
 
     @property
     def first_hop(self) -> Tuple[str, int, bool]:
@@ -399,6 +400,17 @@ class Transport:
         if address is not None:
             return address[0], address[1], True
         return parts.hostname or "", parts.port or (443 if parts.scheme.lower() == "https" else 80), False
+
+    def interrupt(self) -> None:
+        """From another thread: end the request in flight at once (its socket shut down) and fail every
+        later one (:class:`TransientError`), so a hanging backend cannot hold a caller that gave up."""
+        self._interrupted = True
+        sock = self._current_socket()
+        if sock is not None:
+            try:
+                sock.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
 
     def _current_socket(self) -> Optional[socket.socket]:
         connection = self._connection
@@ -410,6 +422,8 @@ class Transport:
                 redact: Sequence[Optional[str]] = ()) -> Answer:
         """One request to ``base_url/path`` under the policy; :class:`TransientError` on any failure to get a
         whole answer (connection trouble, a timeout, the total deadline)."""
+        if self._interrupted:
+            raise TransientError("interrupted: the caller stopped waiting")
         all_headers = {"User-Agent": self.user_agent} if self.user_agent else {}
         if headers:
             all_headers.update(headers)
@@ -426,7 +440,7 @@ class Transport:
                 return self._exchange(method, path, params, all_headers, body, connect_timeout, read_timeout, redact)
             except (http.client.RemoteDisconnected, ConnectionResetError, BrokenPipeError):
                 connection = self._connection
-                if connection is None or not connection.reused or self._watchdog.fired:
+                if connection is None or not connection.reused or self._watchdog.fired or self._interrupted:
                     raise
                 # The server had closed the kept-alive connection: once more on a new one (the caller's
                 # requests are safe to repeat).
@@ -437,6 +451,8 @@ class Transport:
             raise
         except Exception as exc:  # whatever the socket, TLS or HTTP layers raise: a transient failure
             self._drop_connection()
+            if self._interrupted:
+                raise TransientError("interrupted: the caller stopped waiting") from None
             if self._watchdog.fired:
                 raise TransientError(f"no whole answer within the request deadline of {total:g} s") from None
             raise TransientError(_describe(exc, self.base_url)) from None

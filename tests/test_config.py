@@ -353,3 +353,15 @@ def test_the_hook_says_a_bad_backend_url_once_and_journals_only(tmp_path):
     assert done.returncode == 0
     assert done.stderr.count("ANYLEARN_BACKEND_URL") == 1 and "pa55w0rd" not in done.stderr
     assert len((tmp_path / TASK_ID / "metrics.jsonl").read_text().splitlines()) >= 3
+
+
+def test_a_token_without_the_key_or_a_backend_url_guesses_no_host_and_starts_no_agent(tmp_path):
+    from reporter.logship import local_agent
+
+    config, problems = load_config(clean_environ(ANYLEARN_TASK_ID=TASK_ID, ANYLEARN_AUTH_TOKEN="tok-0042",
+                                                 ANYLEARN_REPORTER_RUN_DIR=str(tmp_path)))
+    assert problems == [] and config.backend_url is None and config.offline
+    assert local_agent(config, str(tmp_path)) is None
+    with_url, _ = load_config(clean_environ(ANYLEARN_TASK_ID=TASK_ID, ANYLEARN_AUTH_TOKEN="tok-0042",
+                                            ANYLEARN_BACKEND_URL="http://127.0.0.1:9/api"))
+    assert with_url.backend_url == "http://127.0.0.1:9/api" and not with_url.offline  # named: the agent ships there
