@@ -316,21 +316,27 @@ def test_a_stop_signal_after_the_command_ended_stops_the_waiting_with_the_final_
         env = local_env(hanging.base_url, run_dir, ANYLEARN_AUTH_TOKEN=TOKEN)
         proc = subprocess.Popen([sys.executable, "-m", "reporter", "run", "--drain-timeout", "inf", "--", sys.executable,
                                  "-c", "print('done')"], env=env, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        out, err = bytearray(), bytearray()
+        readers = [collect(proc.stdout, out), collect(proc.stderr, err)]
         try:
             states = lambda: [r.value for _, r in iter_records(str(run_dir)) if r.kind == "state"]
             wait_until(lambda: states() == [1, 2], 60, what="the final state journalled while the backend hangs")
+            wait_until(lambda: b"waiting without a time limit (--drain-timeout" in err, 60, what="the drain")
             proc.send_signal(signal.SIGTERM)
-            out, err = proc.communicate(timeout=60)  # not for ever: the signal stopped the waiting
+            proc.wait(60)  # not for ever: the signal stopped the waiting
+            for reader in readers:
+                reader.join(10)
         finally:
             if proc.poll() is None:
                 proc.kill()
     finally:
         hanging.stop()
     text = err.decode()
+    assert "1e+06" not in text
     assert proc.returncode == 0, text
     assert "interrupted (SIGTERM): stopped waiting for delivery" in text
     assert json.loads((run_dir / "summary.json").read_text())["state"] == 2
-    assert_no_secret_in(run_dir, out, err)
+    assert_no_secret_in(run_dir, bytes(out), bytes(err))
 
 
 def test_close_cuts_off_a_request_that_hangs(tmp_path, monkeypatch):

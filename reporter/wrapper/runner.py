@@ -30,6 +30,7 @@ from ..config import (
     load_config_strict,
     offline_reason,
 )
+from ..checks import MAX_DURATION_S
 from ..cursor import count_pending
 from ..journal import JournalWriter
 from ..ledger import COUNTER_LOG_WRITE_FAILED, COUNTER_UNREADABLE
@@ -181,10 +182,14 @@ class Run:
             self._in_journal_drain = True
             remaining = max(deadline - time.monotonic(), 0.0)
             if total and not self.deliverer.paused_reason:
+                if self.options.drain_timeout_s >= MAX_DURATION_S:  # --drain-timeout inf
+                    how_long = "without a time limit"
+                else:
+                    how_long = "up to %gs" % (math.ceil(remaining) if remaining >= 1 else math.ceil(remaining * 10) / 10)
                 self.log.info(
-                    "the command has ended; waiting up to %gs (--drain-timeout, ANYLEARN_DRAIN_TIMEOUT) to deliver %s "
+                    "the command has ended; waiting %s (--drain-timeout, ANYLEARN_DRAIN_TIMEOUT) to deliver %s "
                     "to %s; Ctrl-C stops waiting and leaves them for `anylearn-reporter sync`",
-                    math.ceil(remaining) if remaining >= 1 else math.ceil(remaining * 10) / 10, records(total), self.config.backend_url,
+                    how_long, records(total), self.config.backend_url,
                 )
             self.deliverer.drain(remaining, lambda pending, _: progress.update(total - pending))
             self._in_journal_drain = False
