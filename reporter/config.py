@@ -471,8 +471,12 @@ def offline_reason(env: Optional[Mapping[str, str]] = None) -> str:
     key = _first(env, ENV_SECRET_KEY, ENV_SECRET_KEY_PLATFORM)
     if key and secret_key_problem(key):
         why.append("the secret key cannot be sent in an HTTP header")
-    elif not key and not auth_token_from(env)[0] and not _first(env, ENV_BACKEND_URL, ENV_BACKEND_NAMESPACE):
-        why.append(f"{ENV_SECRET_KEY} (or {ENV_SECRET_KEY_PLATFORM}) is not set")
+    elif not key and not _first(env, ENV_BACKEND_URL, ENV_BACKEND_NAMESPACE):
+        if auth_token_from(env)[0]:
+            why.append(f"no backend is named ({ENV_BACKEND_URL} or {ENV_BACKEND_NAMESPACE}): a token alone is never "
+                       "sent to a guessed host")
+        else:
+            why.append(f"{ENV_SECRET_KEY} (or {ENV_SECRET_KEY_PLATFORM}) is not set")
     if not why:  # the URL's own problem was said as a configuration problem
         why.append("the backend URL cannot be used")
     hints = misspelt_variables(env)

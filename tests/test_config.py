@@ -362,6 +362,10 @@ def test_a_token_without_the_key_or_a_backend_url_guesses_no_host_and_starts_no_
                                                  ANYLEARN_REPORTER_RUN_DIR=str(tmp_path)))
     assert problems == [] and config.backend_url is None and config.offline
     assert local_agent(config, str(tmp_path)) is None
+    from reporter.config import offline_reason
+
+    assert offline_reason(clean_environ(ANYLEARN_TASK_ID=TASK_ID, ANYLEARN_AUTH_TOKEN="tok-0042")).startswith(
+        "no backend is named (ANYLEARN_BACKEND_URL or BACKEND_NAMESPACE)")
     with_url, _ = load_config(clean_environ(ANYLEARN_TASK_ID=TASK_ID, ANYLEARN_AUTH_TOKEN="tok-0042",
                                             ANYLEARN_BACKEND_URL="http://127.0.0.1:9/api"))
     assert with_url.backend_url == "http://127.0.0.1:9/api" and not with_url.offline  # named: the agent ships there
