@@ -12,6 +12,7 @@ from __future__ import annotations
 import atexit
 import collections
 import os
+import sys
 import threading
 import time
 from typing import TYPE_CHECKING, Any, Deque, Dict, List, Mapping, Optional, Tuple
@@ -51,6 +52,9 @@ __all__ = [
 
 MAX_FLUSH_TIMEOUT_S = 1e9
 SUPERVISED_FLUSH_POLL_S = 0.05
+FORK_IMPORT_WAIT_S = 5.0  # longest a fork waits for an import by one of our threads to finish
+FORK_IMPORT_POLL_S = 0.002
+THREAD_NAME_PREFIX = "anylearn-reporter"  # every thread of the package is named so
 # a bad value: the default
 _DEFAULTED = (ENV_RUN_DIR, ENV_REPORT_RANKS, ENV_FLUSH_TIMEOUT, ENV_REQUEST_TIMEOUT, ENV_OBJECTIVE_MODE)
 
@@ -78,6 +82,7 @@ class _Hook:
         self._warned_non_finite: set = set()
         self._exit_delivered = False  # the exit flush ran and left nothing of this process pending
         self._lost_said = 0  # records lost that the caller was told of already (try_report_metric)
+        self._flush_at_handler_end = False  # a late report's flush waits for its atexit handler to return
         for problem in problems:
             get_logger().warning("configuration: %s%s", problem, _consequence(problem))
         register_fork_hook(self, _Hook._after_fork)
@@ -120,12 +125,13 @@ class _Hook:
 
     def _emit_after_exit_flush(self, kind: str, value: float, name: Optional[str], step: Optional[int], ts: Optional[float] = None) -> None:
         """``emit`` once the exit flush has run: a report from a user's ``atexit`` handler that runs after
-        ours (registered before the first report). Journalled, then flushed again on the way out, unless
-        the exit flush left records pending (said then, with the command that delivers them): a backend that
-        is down must not cost each late report a flush timeout."""
+        ours (registered before ``import reporter``). Journalled, then flushed again once, when that handler
+        returns (each report of it journalled at a report's cost), unless the exit flush left records pending
+        (said then, with the command that delivers them): a backend that is down must not cost each late
+        report a flush timeout."""
         _Hook.emit(self, kind, value, name, step, ts)
-        if self._exit_delivered:
-            _close_at_exit()
+        if self._exit_delivered and not self._flush_at_handler_end and not _flush_when_handler_returns(self):
+            _close_at_exit()  # a report from another thread, or a profiler is set: flushed here
 
     def _start_delivery(self) -> None:
         if not self._start_once.acquire(blocking=False):  # never blocks, even re-entered from a signal handler
@@ -296,6 +302,53 @@ def _close_at_exit() -> None:
             hook.close_at_exit()
         except Exception as exc:  # interpreter shutdown: say it, never raise
             get_logger().warning("flush at exit failed: %s", exc)
+
+
+def _our_import_under_way() -> bool:
+    """Whether one of this package's threads is importing a module (it holds the module's import lock).
+    Reads CPython's import bookkeeping; False where that is not there to read."""
+    locks = getattr(sys.modules.get("_frozen_importlib"), "_module_locks", None)
+    if not locks:
+        return False
+    ours = {t.ident for t in threading.enumerate() if t.name.startswith(THREAD_NAME_PREFIX)}
+    try:
+        held = [ref() for ref in list(locks.values())]
+    except Exception:  # another thread changed the table under us: look again
+        return True
+    return any(getattr(lock, "owner", None) in ours for lock in held if lock is not None)
+
+
+def _before_fork() -> None:
+    """Let an import by one of our threads (the delivery side, loaded by the delivery thread after the first
+    report) finish before the process forks: the child would inherit the module half-initialised, its import
+    lock held by a thread the child does not have, and neither its own delivery nor the user's code could
+    import it again. Costs a fork nothing when no such import is under way; bounded should that import
+    wait for a module the forking thread is importing."""
+    deadline = time.monotonic() + FORK_IMPORT_WAIT_S
+    while _our_import_under_way() and time.monotonic() < deadline:
+        time.sleep(FORK_IMPORT_POLL_S)
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(before=_before_fork)
+
+def _flush_when_handler_returns(hook: _Hook) -> bool:
+    """Flush once when the ``atexit`` handler making this late report returns, not once per report. No
+    handler registered while atexit runs its handlers is ever run (CPython 3.9 to 3.13), so the handler's
+    return is caught with a profile function: its frame is the bottom of the main thread's stack. False
+    where that cannot be arranged (another thread, a profiler already set): the caller flushes at once."""
+    if threading.current_thread() is not threading.main_thread() or sys.getprofile() is not None:
+        return False
+
+    def on_return(frame: Any, event: str, arg: Any) -> None:
+        if event == "return" and frame.f_back is None:
+            sys.setprofile(None)
+            hook._flush_at_handler_end = False
+            _close_at_exit()
+
+    hook._flush_at_handler_end = True
+    sys.setprofile(on_return)
+    return True
 
 
 # Registered at import, not at the first report: atexit runs handlers last-registered-first, so ours runs

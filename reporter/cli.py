@@ -12,7 +12,10 @@ import signal
 import sys
 from typing import Callable, List, Optional
 
-from .config import DEFAULT_UI_PORT, ENV_REPORTER_DIR, ENV_SECRET_KEY, ENV_SECRET_KEY_PLATFORM, ConfigError
+from .config import (DEFAULT_UI_PORT, ENV_ANYBOARD_PASSWORD, ENV_ANYBOARD_USER, ENV_AUTH_TOKEN,
+                     ENV_REPORTER_DIR, ENV_RUN_DIR, ENV_SECRET_KEY, ENV_SECRET_KEY_PLATFORM, ENV_TOKEN, JOURNAL_FILE,
+                     ConfigError, check_backend_url, check_secret_key, check_task_id, load_config,
+                     load_config_strict)
 
 EXIT_OK = 0
 EXIT_USAGE = 2
@@ -81,7 +84,6 @@ def _port(text: str) -> int:
 
 
 def _cmd_serve(args: argparse.Namespace) -> int:
-    from .config import ENV_AUTH_TOKEN, ENV_TOKEN
     from .emulator.server import Faults, serve_command
 
     faults = Faults(
@@ -89,8 +91,6 @@ def _cmd_serve(args: argparse.Namespace) -> int:
         retry_after_s=args.retry_after, seed=args.seed,
     )
     token = args.token if args.token is not None else (os.environ.get(ENV_AUTH_TOKEN) or os.environ.get(ENV_TOKEN) or None)
-    from .config import ENV_ANYBOARD_PASSWORD, ENV_ANYBOARD_USER
-
     anyboard = None if args.anyboard_port is None else {  # a container's own variables serve as the login too
         "port": args.anyboard_port, "user": args.anyboard_user or os.environ.get(ENV_ANYBOARD_USER) or "root",
         "password": args.anyboard_password or os.environ.get(ENV_ANYBOARD_PASSWORD) or "root"}
@@ -241,7 +241,9 @@ def _add_status(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("run_dir", nargs="?", metavar="RUN_DIR", help="default: this task's run directory")
     p.add_argument("--json", action="store_true", help="print JSON")
-    p.add_argument("--stale-after", type=_duration(), default=300.0, metavar="S", help="unhealthy when delivery has failed this long (default 300)")
+    p.add_argument("--stale-after", type=_duration(), metavar="S",
+                   help="for probes: healthy while delivery has failed or stalled less than S seconds (default: a failed "
+                        "last attempt is unhealthy at once, records pending 300 s with no delivery are stalled)")
     p.set_defaults(func=_cmd_status)
 
 
@@ -266,10 +268,13 @@ def _add_show(sub: argparse._SubParsersAction) -> None:
 
 
 def _cmd_sync(args: argparse.Namespace) -> int:
-    from .sync import sync_command
+    from .sync import Terminated, sync_command
 
-    return sync_command(args.run_dirs, task_id=args.task_id, backend_url=args.backend_url,
-                        secret_key_file=args.secret_key_file, timeout_s=args.timeout)
+    try:
+        return sync_command(args.run_dirs, task_id=args.task_id, backend_url=args.backend_url,
+                            secret_key_file=args.secret_key_file, timeout_s=args.timeout)
+    except Terminated:
+        return 128 + signal.SIGTERM
 
 
 def _add_sync(sub: argparse._SubParsersAction) -> None:
@@ -301,7 +306,6 @@ def _number_arg(text: str) -> float:
 
 def _cmd_report(args: argparse.Namespace) -> int:
     from . import api
-    from .config import ENV_RUN_DIR, check_backend_url, check_secret_key, check_task_id, load_config_strict
 
     check_secret_key()  # a key that cannot be sent is a usage error here (exit 2), not a silent offline run
     check_task_id()
@@ -322,7 +326,6 @@ def _cmd_report(args: argparse.Namespace) -> int:
 
 def _journal_problem() -> Optional[str]:
     """Why the run's journal cannot be opened for appending (one line naming the path and the fix), or None."""
-    from .config import ENV_REPORTER_DIR, ENV_RUN_DIR, JOURNAL_FILE, load_config
 
     run_dir = load_config()[0].run_dir
     try:
@@ -375,7 +378,6 @@ def _add_doctor(sub: argparse._SubParsersAction) -> None:
 
 
 def _cmd_ui(args: argparse.Namespace) -> int:
-    from .config import load_config
     from .ui.server import ui_command
 
     config, _ = load_config()

@@ -226,9 +226,9 @@ class BackendClient:
         return self.request("GET", ENDPOINTS[KIND_FINAL], params={"id": self.task_id}, timeout_s=timeout_s)
 
     def interrupt(self) -> None:
-        """From another thread: cut off the request in flight and fail every later one (see
-        :meth:`Transport.interrupt`)."""
-        self._transport.interrupt()
+        """From another thread: cut off the request in flight (the transport's deadline watch shuts its socket
+        down at its next look, within a second, as at the request deadline). The caller sends no more."""
+        self._transport._watchdog.deadline = 0.0
 
     def close(self) -> None:
         """Let the connection go."""

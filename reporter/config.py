@@ -108,6 +108,8 @@ TENSORBOARD_LOCK_FILE = "tensorboard.lock"  # one reader of the event files per 
 OBJECTIVE_FILE = "objective.json"  # the objective's name and direction, when known
 ATTEMPTS_FILE = "attempts.jsonl"  # one line per attempt: where it starts in the journal
 PARAMS_FILE = "params.json"  # the hyper-parameters an integration recorded
+JOURNAL_ONLY = "; records are only journalled until it is fixed"  # what the hook does with a problem meanwhile
+NOT_SHIPPED = "; a local task's logs are not shipped until it is fixed"
 
 # --- task states (AnyLearn) ------------------------------------------------------------------------
 STATE_CREATED = 0
@@ -334,10 +336,6 @@ def request_timeout(text: Optional[str]) -> float:
     return float(parse_duration(text, ENV_REQUEST_TIMEOUT, DEFAULT_REQUEST_TIMEOUT_S, positive=True, unlimited=False))
 
 
-JOURNAL_ONLY = "; records are only journalled until it is fixed"  # what the hook does with the problem meanwhile
-NOT_SHIPPED = "; a local task's logs are not shipped until it is fixed"
-
-
 def load_config(env: Optional[Mapping[str, str]] = None) -> Tuple[Config, List[str]]:
     """Resolve the configuration, replacing each invalid value by its default.
 
@@ -347,6 +345,7 @@ def load_config(env: Optional[Mapping[str, str]] = None) -> Tuple[Config, List[s
     """
     env = os.environ if env is None else env
     problems: List[str] = []
+    say_misspelt_backend_url(env)
 
     task_id = env_task_id(env)
     key = _first(env, ENV_SECRET_KEY, ENV_SECRET_KEY_PLATFORM)
@@ -355,8 +354,7 @@ def load_config(env: Optional[Mapping[str, str]] = None) -> Tuple[Config, List[s
     token, token_problem = auth_token_from(env)
     if token_problem:
         problems.append(f"{token_problem}{NOT_SHIPPED}")
-    # Only the key makes AnyLearn's default host a guess worth making: a token alone (a local task) goes
-    # only to a backend named for it, never to a guessed host.
+    # A token alone (a local task) goes only to a backend named for it, never to AnyLearn's guessed default.
     backend_url, source = resolve_backend_url(env, bool(task_id and key))
     if key_problem:  # a key that cannot be sent: journal only, and say so
         problems.append(f"{key_problem}{JOURNAL_ONLY}")
@@ -426,8 +424,7 @@ def load_config(env: Optional[Mapping[str, str]] = None) -> Tuple[Config, List[s
 
 
 def load_config_strict(env: Optional[Mapping[str, str]] = None) -> Config:
-    """Like :func:`load_config`, but raise :class:`ConfigError` naming every problem (without what the
-    in-process hook does meanwhile: the command is not run)."""
+    """Like :func:`load_config`, but raise :class:`ConfigError` naming every problem."""
     config, problems = load_config(env)
     if problems:
         raise ConfigError("; ".join(p.replace(JOURNAL_ONLY, "").replace(NOT_SHIPPED, "") for p in problems))
@@ -459,6 +456,37 @@ def misspelt_variables(env: Mapping[str, str]) -> List[str]:
     return hints
 
 
+def refusal(task_id: Optional[str], has_key: bool, env: Optional[Mapping[str, str]] = None) -> str:
+    """Why the backend answered 401/403, naming what to check: the task id or the key when a key was sent
+    (the backend cannot tell which it did not know), else the missing key and any misspelt variable set
+    instead (``ANYLEARN_SECRETKEY is set: did you mean ANYLEARN_SECRET_KEY?``)."""
+    hints = misspelt_variables(os.environ if env is None else env)
+    if has_key:
+        text = (f"the backend refused the task id or the secret key for task {task_id} (it cannot say which): check "
+                f"that {task_id} is the task's id ({ENV_TASK_ID} or {ENV_TASK_ID_PLATFORM}) and {ENV_SECRET_KEY} "
+                f"(or {ENV_SECRET_KEY_PLATFORM}) its key")
+    else:
+        text = (f"no secret key is set ({ENV_SECRET_KEY} or {ENV_SECRET_KEY_PLATFORM}) and the backend requires one "
+                f"for task {task_id}: set {ENV_SECRET_KEY} (or {ENV_SECRET_KEY_PLATFORM}) to the task's key")
+    return text + (" (" + "; ".join(hints) + ")" if hints else "")
+
+
+def say_misspelt_backend_url(env: Mapping[str, str]) -> None:
+    """Say once per process that a variable set looks like a misspelt ``ANYLEARN_BACKEND_URL`` (or
+    ``BACKEND_NAMESPACE``) when the real one is not set: the run would otherwise resolve another backend."""
+    if _first(env, ENV_BACKEND_URL, ENV_BACKEND_NAMESPACE):
+        return
+    names = (f"did you mean {ENV_BACKEND_URL}?", f"did you mean {ENV_BACKEND_NAMESPACE}?")
+    near = [n for n in env if "BACKEND" in n.upper() and n not in (ENV_BACKEND_URL, ENV_BACKEND_NAMESPACE)]
+    if not near:  # the common case costs no difflib
+        return
+    from .log import say_once
+
+    for hint in misspelt_variables({n: env[n] for n in near}):
+        if hint.endswith(names):
+            say_once(("misspelt", hint), "%s", hint)
+
+
 def offline_reason(env: Optional[Mapping[str, str]] = None) -> str:
     """Why a run is offline, naming the variables to set (and the misspelt ones that are set instead)."""
     env = os.environ if env is None else env
@@ -472,11 +500,8 @@ def offline_reason(env: Optional[Mapping[str, str]] = None) -> str:
     if key and secret_key_problem(key):
         why.append("the secret key cannot be sent in an HTTP header")
     elif not key and not _first(env, ENV_BACKEND_URL, ENV_BACKEND_NAMESPACE):
-        if auth_token_from(env)[0]:
-            why.append(f"no backend is named ({ENV_BACKEND_URL} or {ENV_BACKEND_NAMESPACE}): a token alone is never "
-                       "sent to a guessed host")
-        else:
-            why.append(f"{ENV_SECRET_KEY} (or {ENV_SECRET_KEY_PLATFORM}) is not set")
+        why.append(f"no backend is named ({ENV_BACKEND_URL} or {ENV_BACKEND_NAMESPACE}): a token alone is never sent to a "
+                   "guessed host" if auth_token_from(env)[0] else f"{ENV_SECRET_KEY} (or {ENV_SECRET_KEY_PLATFORM}) is not set")
     if not why:  # the URL's own problem was said as a configuration problem
         why.append("the backend URL cannot be used")
     hints = misspelt_variables(env)

@@ -34,8 +34,8 @@ THREAD_NAME = "anylearn-reporter-delivery"
 
 
 class DeliveryOptions:
-    """How a deliverer behaves; every duration in seconds. (A plain class: a dataclass would cost the
-    delivery thread of a training process an ``exec`` at import.)"""
+    """How a deliverer behaves; every duration in seconds. (A plain class: a frozen dataclass's generated
+    methods would add about 0.4 ms to loading the delivery side in the training process.)"""
 
     def __init__(
         self,

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, List, Mapping, Optional
 from urllib.parse import urlsplit
 
-from .config import Config, ConfigError, check_backend_url, check_secret_key, load_config, misspelt_variables
+from .config import Config, ConfigError, check_backend_url, check_secret_key, load_config, misspelt_variables, refusal
 
 if TYPE_CHECKING:
     from .client import BackendClient
@@ -113,8 +113,7 @@ def _auth_check(config: Config, client: "BackendClient") -> List[Check]:
         return [Check(FAIL, "backend", f"{config.backend_url} answered HTTP {status} ({result.reason}): redirects are "
                       "never followed (the secret key would go along); set ANYLEARN_BACKEND_URL to the address that answers itself")]
     if result.outcome is Outcome.AUTH:
-        refused = "the backend refused the secret key" if config.secret_key else "no secret key is set and the backend requires one"
-        check = Check(FAIL, "auth", f"{refused} for task {config.task_id} (HTTP {status})")
+        check = Check(FAIL, "auth", f"{refusal(config.task_id, bool(config.secret_key), {})} (HTTP {status})")
     elif result.outcome is Outcome.UNSUPPORTED:
         check = Check(INFO, "auth", f"the backend has no read endpoint to check the key with (HTTP {status})")
     elif result.outcome is Outcome.DELIVERED:
@@ -193,7 +192,7 @@ def doctor_command(env: Optional[Mapping[str, str]] = None) -> int:
         print(f"{check.level:<4}  {check.subject:<{width}}  {check.text}")
     failed = [c for c in checks if c.level == FAIL]
     if failed:
-        print(f"\n{len(failed)} problem(s): a run would only journal locally until they are fixed.", file=sys.stderr)
+        print(f"\n{len(failed)} problem{'' if len(failed) == 1 else 's'}: a run would only journal locally until {'it is' if len(failed) == 1 else 'they are'} fixed.", file=sys.stderr)
         return 1
     print("\na run would report.")
     return 0

@@ -56,17 +56,25 @@ def say_once(key: Any, msg: str, *args: Any, level: int = logging.WARNING) -> bo
     For messages with no count behind them (a count's first reason is said by its ledger). The memory is
     bounded: past :data:`MAX_SAID_KEYS` keys it starts afresh, so a message may be said again.
     """
+    if not first_time(key):
+        return False
+    get_logger().log(level, msg, *args)
+    return True
+
+
+def first_time(key: Any) -> bool:
+    """True the first time ``key`` is seen in this process (the memory :func:`say_once` uses), for a caller
+    that builds its message only when it will be said."""
     if key in _said_keys:
         return False
     if len(_said_keys) >= MAX_SAID_KEYS:
         _said_keys.clear()
     _said_keys.add(key)
-    get_logger().log(level, msg, *args)
     return True
 
 
 def forget_said() -> None:
-    """Forget what :func:`say_once` said, so each test sees its own first message (tests only)."""
+    """Forget what :func:`say_once` and :func:`first_time` saw, so each test sees its own first message (tests only)."""
     _said_keys.clear()
 
 

@@ -41,7 +41,7 @@ BUSY_INTERVAL_S = 0.05  # the pause after a shipped round while the command runs
 # while the wrapper's pumps must keep up with the command; what is left goes at full speed once it ended
 PARTIAL_LINE_WAIT_S = 1.0  # a line without its newline (a progress bar) is shipped after this long
 REQUEST_TIMEOUT_S = 10.0
-CLOSE_JOIN_S = 1.0  # how long close waits for each thread once its request was cut off
+CLOSE_JOIN_S = 2.0  # how long close waits for each thread once its request was cut off (within a second)
 STREAMS = ((STDOUT_LOG, "output_cache_pointer"), (STDERR_LOG, "error_cache_pointer"))
 
 
@@ -239,6 +239,8 @@ class LocalAgent:
     def _request(self, method: str, endpoint: str, answers: Optional[List[Any]] = None, **kwargs: Any) -> SendResult:
         if self._client.setup_problem:
             return SendResult(Outcome.SETUP, 0, self._client.setup_problem)
+        if self._stop.is_set():  # abandoned: no new request (one in flight was cut off)
+            raise TransientError("stopped")
         answer = self._client.request(method, endpoint, timeout_s=REQUEST_TIMEOUT_S, **kwargs)
         if answers is not None:
             answers.append(answer)

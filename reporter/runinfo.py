@@ -28,22 +28,17 @@ from .runmeta import AttemptMark, Objective, attempt_segments, attempt_summary_f
 from .runstatus import read_status
 
 
-@dataclass
-class AttemptInfo:
-    """One attempt of a run (the same task run again appends to its journal): its records and its end."""
+class _Derived:
+    """What a run and each of its attempts derive from their fields (state, started, ended, last_ts, live,
+    metrics, objective_mode) the same way."""
 
-    number: int
-    started: Optional[float] = None
-    last_ts: Optional[float] = None  # the time of its last record
-    ended: Optional[float] = None  # from its summary (the wrapper's), else None
-    state: Optional[int] = None
-    metrics: List[float] = field(default_factory=list)
-    final_metric: Optional[float] = None
-    exit_code: Optional[int] = None
-    failure_reason: Optional[str] = None
-    stderr_tail: List[str] = field(default_factory=list)
-    live: bool = False  # the process that began it still runs
-    objective_mode: str = "max"
+    state: Optional[int]
+    started: Optional[float]
+    ended: Optional[float]
+    last_ts: Optional[float]
+    live: bool
+    metrics: List[float]
+    objective_mode: str
 
     @property
     def state_name(self) -> str:
@@ -68,6 +63,24 @@ class AttemptInfo:
         return data
 
 
+@dataclass
+class AttemptInfo(_Derived):
+    """One attempt of a run (the same task run again appends to its journal): its records and its end."""
+
+    number: int
+    started: Optional[float] = None
+    last_ts: Optional[float] = None  # the time of its last record
+    ended: Optional[float] = None  # from its summary (the wrapper's), else None
+    state: Optional[int] = None
+    metrics: List[float] = field(default_factory=list)
+    final_metric: Optional[float] = None
+    exit_code: Optional[int] = None
+    failure_reason: Optional[str] = None
+    stderr_tail: List[str] = field(default_factory=list)
+    live: bool = False  # the process that began it still runs
+    objective_mode: str = "max"
+
+
 def _duration_s(started: Optional[float], ended: Optional[float], last_ts: Optional[float], live: bool) -> Optional[float]:
     """Start to end when the end is known; to now while the run's process lives; else to its last record."""
     if started is None:
@@ -88,12 +101,13 @@ def _best(values: List[float], mode: str) -> Optional[float]:
 
 
 @dataclass
-class RunInfo:
+class RunInfo(_Derived):
     """A run directory's state: records, delivery, task state and metrics."""
 
     run_dir: str
     name: str
     task_id: Optional[str] = None
+    backend_url: Optional[str] = None  # where status.json says the run was delivered to
     journalled: int = 0
     pending: int = 0
     delivered: int = 0
@@ -123,30 +137,13 @@ class RunInfo:
     attempts: List[AttemptInfo] = field(default_factory=list)  # read with the metrics only
 
     @property
-    def state_name(self) -> str:
-        return "unknown" if self.state is None else STATE_NAMES.get(self.state, str(self.state))
-
-    @property
-    def duration_s(self) -> Optional[float]:
-        return _duration_s(self.started, self.ended, self.last_ts, self.live)
-
-    @property
     def lost(self) -> Dict[str, int]:
         """Records a writer could not journal, by reason."""
         return self.counters.get(COUNTER_LOST, {})
 
-    @property
-    def last_metric(self) -> Optional[float]:
-        return self.metrics[-1] if self.metrics else None
-
-    @property
-    def best_metric(self) -> Optional[float]:
-        return _best(self.metrics, self.objective_mode)
-
     def as_dict(self) -> Dict[str, Any]:
-        data = asdict(self)
-        data.update(state_name=self.state_name, duration_s=self.duration_s, last_metric=self.last_metric,
-                    best_metric=self.best_metric, lost=self.lost, attempts=[a.as_dict() for a in self.attempts])
+        data = super().as_dict()
+        data.update(lost=self.lost, attempts=[a.as_dict() for a in self.attempts])
         return data
 
 
@@ -291,6 +288,7 @@ def _read_status_files(info: RunInfo) -> None:
     status, problem = read_status(run_dir)  # every field type-checked: a hand-edited file cannot break show
     if status is not None:
         info.task_id = status.task_id
+        info.backend_url = status.backend_url
         info.delivered = status.delivered
         info.skipped = dict(status.skipped)
         info.paused = status.paused

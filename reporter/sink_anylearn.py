@@ -13,7 +13,7 @@ import os
 from typing import Any, Callable, Dict, Mapping, Optional, Sequence
 
 from .client import INITIAL_BACKOFF_S, MAX_BACKOFF_S, Outcome, RecordClient, Retrier, SendResult, TransientError
-from .config import CURSOR_FILE, LOCK_FILE, REJECTED_FILE
+from .config import CURSOR_FILE, LOCK_FILE, REJECTED_FILE, refusal
 from .delivery_ledger import DeliveryLedger
 from .log import get_logger, sync_hint
 from .policy import SKIP_STATE_OFF, SendRule, line_skip_reason, skip_reason
@@ -115,13 +115,10 @@ class AnyLearnSink:
             self.ledger.record_skipped(SKIP_STATE_OFF)
             self._log.info("the backend has no state endpoint (HTTP %d); task state reporting is off", result.status)
         elif result.outcome is Outcome.AUTH:
-            refused = ("the backend refused the secret key" if self.client.has_secret_key else
-                       "no secret key is set (ANYLEARN_SECRET_KEY or secret_key) and the backend requires one")
             self._pause(
                 f"auth: HTTP {result.status}", f"HTTP {result.status}: {result.reason}",
-                f"{refused} for task {self.client.task_id} (HTTP {result.status}: "
-                f"{result.reason}); delivery is paused and records stay pending in {self.run_dir}: set "
-                f"ANYLEARN_SECRET_KEY (or secret_key) to the task's key, then run "
+                f"{refusal(self.client.task_id, self.client.has_secret_key)} (HTTP {result.status}: {result.reason}); "
+                f"delivery is paused and records stay pending in {self.run_dir}; once that is fixed, run "
                 f"`{sync_hint(self.run_dir, self.client.base_url, new_key=True)}`",
             )
             return False

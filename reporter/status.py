@@ -50,8 +50,9 @@ def oldest_pending_ts(run_dir: str) -> Optional[float]:
     return record.ts if record is not None else None  # a validated record's ts is a finite time or None
 
 
-def health(info: RunInfo, stale_after_s: float) -> Tuple[bool, str]:
-    """Whether delivery is healthy, and why not: paused (a rejected key, a redirect), failing too long, or
+def health(info: RunInfo, stale_after_s: float, probe: bool = True) -> Tuple[bool, str]:
+    """Whether delivery is healthy, and why not: paused (a rejected key, a redirect), failing (at once, or
+    with ``probe`` for longer than ``stale_after_s``: a live deliverer retries through a short outage), or
     records pending with no delivery for longer than ``stale_after_s`` whatever the cause (failing, a
     request stuck in flight, no deliverer running)."""
     now = time.time()
@@ -59,7 +60,8 @@ def health(info: RunInfo, stale_after_s: float) -> Tuple[bool, str]:
     if os.path.lexists(journal) and not is_regular_file(journal):
         return False, f"{JOURNAL_FILE} in {info.run_dir} is not a regular file: nothing in it can be read or delivered"
     if info.paused:
-        return False, f"paused ({info.paused}): fix it, then `{sync_hint(info.run_dir, new_key=info.paused.startswith('auth'))}`"
+        hint = sync_hint(info.run_dir, info.backend_url, new_key=info.paused.startswith("auth"))
+        return False, f"paused ({info.paused}): fix it, then `{hint}`"
     if info.failing_since is not None and now - info.failing_since > stale_after_s:
         return False, f"delivery has failed for {now - info.failing_since:.0f} s: {info.last_error}"
     if info.pending:
@@ -72,15 +74,21 @@ def health(info: RunInfo, stale_after_s: float) -> Tuple[bool, str]:
                                f"last error: {info.last_error or 'none'})")
     if info.pending and info.deliverer_pid is None:
         return False, (f"{stay_pending(info.pending)} and no deliverer is running (last error: {info.last_error or 'none'}); "
-                       f"deliver them with `{sync_hint(info.run_dir)}`")
-    if info.failing_since is not None:  # a live deliverer retrying: healthy for a probe until stale_after_s
+                       f"deliver them with `{sync_hint(info.run_dir, info.backend_url)}`")
+    if info.failing_since is not None and probe:  # a live deliverer retrying: healthy for a probe until stale_after_s
         return True, (f"retrying: delivery has failed for {now - info.failing_since:.0f} s ({info.last_error}); "
                       f"unhealthy after {stale_after_s:g} s")
+    if info.failing_since is not None:  # the last attempt failed and nothing was delivered since
+        who = f"deliverer pid {info.deliverer_pid} retrying" if info.deliverer_pid else "no deliverer running"
+        return False, (f"failing: delivery has failed for {now - info.failing_since:.0f} s ({info.last_error}; {who}); "
+                       "a probe that should allow a short outage gives --stale-after S")
     return True, "ok"
 
 
-def status_command(run_dir: Optional[str], *, as_json: bool = False, stale_after_s: float = DEFAULT_STALE_AFTER_S) -> int:
-    """Print a run's delivery state; 0 while delivery is healthy, 1 when it is paused or stuck."""
+def status_command(run_dir: Optional[str], *, as_json: bool = False, stale_after_s: Optional[float] = None) -> int:
+    """Print a run's delivery state; 0 while delivery is healthy, 1 when it is paused, failing or stuck.
+    ``stale_after_s`` given (a probe): failing is healthy that long; else failing is unhealthy at once and
+    records stall after :data:`DEFAULT_STALE_AFTER_S`."""
     if run_dir is None:
         config, _ = load_config()
         if not config.task_id and not os.environ.get(ENV_RUN_DIR):
@@ -89,8 +97,9 @@ def status_command(run_dir: Optional[str], *, as_json: bool = False, stale_after
     if not is_run_dir(run_dir):
         print(f"anylearn-reporter: no run at {run_dir} (no metrics.jsonl yet)", file=sys.stderr)
         return 1
-    info = read_run(run_dir, with_metrics=False, default_mode=config_mode())
-    ok, why = health(info, stale_after_s)
+    probe = stale_after_s is not None  # a probe, every minute: no read of the whole journal for the metrics
+    info = read_run(run_dir, with_metrics=not probe, default_mode=config_mode())
+    ok, why = health(info, DEFAULT_STALE_AFTER_S if stale_after_s is None else stale_after_s, probe)
     beats = heartbeat_state(run_dir)
     if as_json:
         print(json.dumps({**info.as_dict(), "healthy": ok, "health": why, "heartbeats": beats}, indent=2))
@@ -102,6 +111,8 @@ def status_command(run_dir: Optional[str], *, as_json: bool = False, stale_after
         ("records", f"{info.journalled} journalled, {info.delivered} delivered, {info.pending} pending, {info.rejected} rejected"),
         ("skipped", _reasons(info.skipped)),
         ("lost", _reasons(info.lost)),
+        *([] if probe else [("objective", f"{_objective(info)}: last {_fmt(info.last_metric)}, "
+                                          f"best {_fmt(info.best_metric)}, final {_fmt(info.final_metric)}")]),
         ("last delivery", _when(info.last_delivery_ts)),
         ("last error", info.last_error or "none"),
         ("deliverer", f"pid {info.deliverer_pid}" if info.deliverer_pid else "none running"),
@@ -209,8 +220,9 @@ def _show_rows(info: RunInfo) -> List[List[str]]:
     """A run's rows of the table: one, or with several attempts one per attempt, the newest first (the
     delivery columns, counted over the whole journal, on the first)."""
     name = info.task_id or info.name
-    objective = "-" if info.objective_name is None and info.objective_mode == "max" else (
-        f"{info.objective_name or 'metric'} ({info.objective_mode})")
+    if info.task_id and info.task_id != info.name:  # a synced offline run beside the task's own directory
+        name = f"{info.task_id} ({info.name})"
+    objective = _objective(info)
     delivery = [str(info.delivered), str(info.pending), str(info.rejected)]
     problem = " (!)" if info.problems else ""
     if len(info.attempts) <= 1:
@@ -224,6 +236,11 @@ def _show_rows(info: RunInfo) -> List[List[str]]:
                      *(delivery if first else ["", "", ""]), objective if first else "",
                      _fmt(attempt.last_metric), _fmt(attempt.best_metric), _fmt(attempt.final_metric), sparkline(attempt.metrics)])
     return rows
+
+
+def _objective(info: RunInfo) -> str:
+    """``metric (max)``: the objective's name and which way is better, as ``ui`` shows it."""
+    return f"{info.objective_name or 'metric'} ({info.objective_mode})"
 
 
 def _start(ts: Optional[float]) -> str:

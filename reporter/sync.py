@@ -6,13 +6,15 @@ rejected key). Resumable: interrupted and run again, each record still reaches t
 from __future__ import annotations
 
 import os
+import signal
+import threading
 from dataclasses import replace
-from typing import Dict, List, Mapping, Optional
+from typing import Dict, List, Mapping, Optional, Tuple
 
 from .checks import read_text_file
 from .config import (
-    ENV_BACKEND_URL,
     EXIT_PENDING,
+    STATUS_FILE,
     Config,
     ConfigError,
     Secret,
@@ -25,6 +27,15 @@ from .config import (
 )
 from .log import Progress, counted, get_logger, stay_pending
 from .runinfo import is_run_dir, recorded_task_id
+from .runstatus import read_status
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM ended ``sync``: handled like Ctrl-C (the count of what stays pending is said), exit 143."""
+
+
+def _terminate(_signum: int, _frame: object) -> None:
+    raise Terminated()
 
 
 def _task_of(run_dir: str, given: Optional[str]) -> str:
@@ -82,10 +93,11 @@ def sync_one(run_dir: str, config: Config, timeout_s: Optional[float]) -> int:
     progress = Progress(run_dir, total)
     try:
         deliverer.drain(timeout_s, lambda pending, drained: progress.update(total - pending, force=drained))
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as exc:
         progress.finish()
         left = count_pending(run_dir)
-        log.warning("interrupted: %s in %s; run the same command again to deliver the rest", stay_pending(left), run_dir)
+        log.warning("%s: %s in %s; run the same command again to deliver the rest",
+                    "terminated (SIGTERM)" if isinstance(exc, Terminated) else "interrupted", stay_pending(left), run_dir)
         raise
     progress.finish()
     pending = count_pending(run_dir)
@@ -107,21 +119,45 @@ def describe_sync(delivered: int, skipped: Dict[str, int], rejected: int, pendin
 
 def sync_command(run_dirs: List[str], *, task_id: Optional[str], backend_url: Optional[str],
                  secret_key_file: Optional[str], timeout_s: Optional[float], env: Optional[Mapping[str, str]] = None) -> int:
-    """The ``sync`` command: 0 when every run is fully delivered, 3 when records stay pending."""
-    base = load_config_strict(os.environ if env is None else env)
+    """The ``sync`` command: 0 when every run is fully delivered, 3 when records stay pending; SIGTERM ends it
+    like Ctrl-C (:class:`Terminated`). The backend URL: ``--backend-url``, else the environment's
+    (``ANYLEARN_BACKEND_URL``, ``BACKEND_NAMESPACE``), else the one the run's ``status.json`` records, else
+    AnyLearn's default."""
+    env = os.environ if env is None else env
+    base = load_config_strict(env)
     for run_dir in run_dirs:
         if not is_run_dir(run_dir):
             raise ConfigError(f"{run_dir} is not a run directory (it has no metrics.jsonl)")
     secret = _secret(secret_key_file, base)
     pending = 0
-    for run_dir in run_dirs:
-        task = _task_of(run_dir, task_id or base.task_id)
-        url = backend_url or resolve_backend_url(os.environ if env is None else env, True)[0]
-        if not url:
-            raise ConfigError("no backend URL: set ANYLEARN_BACKEND_URL or give --backend-url http://host/api")
-        problem = backend_url_problem(url.rstrip("/"), "--backend-url" if backend_url else ENV_BACKEND_URL)
-        if problem:
-            raise ConfigError(problem)
-        config = replace(base, task_id=task, secret_key=secret, backend_url=url.rstrip("/"), run_dir=os.path.abspath(run_dir))
-        pending += sync_one(config.run_dir, config, timeout_s)
+    main = threading.current_thread() is threading.main_thread()
+    previous = signal.signal(signal.SIGTERM, _terminate) if main else None
+    try:
+        for run_dir in run_dirs:
+            task = _task_of(run_dir, task_id or base.task_id)
+            url, where = _backend_of(run_dir, backend_url, env)
+            problem = backend_url_problem(url, where)
+            if problem:
+                raise ConfigError(problem)
+            if where != "--backend-url":
+                get_logger().info("%s: delivering to %s (from %s)", run_dir, url, where)
+            config = replace(base, task_id=task, secret_key=secret, backend_url=url, run_dir=os.path.abspath(run_dir))
+            pending += sync_one(config.run_dir, config, timeout_s)
+    finally:
+        if main:
+            signal.signal(signal.SIGTERM, previous)
     return EXIT_PENDING if pending else 0
+
+
+def _backend_of(run_dir: str, given: Optional[str], env: Mapping[str, str]) -> Tuple[str, str]:
+    """The URL to deliver ``run_dir`` to and where it came from (see :func:`sync_command`)."""
+    if given:
+        return given.rstrip("/"), "--backend-url"
+    url, source = resolve_backend_url(env, False)  # only what the environment names
+    if url:
+        return url, source
+    status, _ = read_status(run_dir)
+    if status is not None and status.backend_url:
+        return status.backend_url.rstrip("/"), f"{STATUS_FILE} of the run"
+    url, source = resolve_backend_url(env, True)
+    return (url or "").rstrip("/"), source

@@ -17,7 +17,7 @@ from .config import JOURNAL_FILE, TENSORBOARD_LOCK_FILE, TENSORBOARD_POSITION_FI
 from .ledger import COUNTER_UNREADABLE
 from .log import get_logger
 from .osutil import atomic_write, read_json
-from .reader import JournalReader
+from .reader import iter_entries
 from .record import KIND_INTERMEDIATE
 from .runlock import RunLock
 from .tbformat import HEADER_BYTES, RecordScanner, Scalar, parse_event
@@ -83,20 +83,11 @@ def _journalled_after_last_save(run_dir: str, mark: Any) -> Dict[Tuple[Any, Any,
     if not isinstance(mark, dict) or type(mark.get("pid")) is not int or type(mark.get("end")) is not int:
         return {}
     found: Dict[Tuple[Any, Any, Any], int] = {}
-    # TODO(A3): reader.iter_entries(run_dir, offset) once the journal split lands
-    reader = JournalReader(run_dir, offset=max(0, mark["end"]))
-    try:
-        while True:
-            entries = reader.read_available()
-            if not entries:
-                break
-            for entry in entries:
-                record = entry.record
-                if record is not None and record.pid == mark["pid"] and record.kind == KIND_INTERMEDIATE:
-                    signature = (record.name, record.step, record.ts)
-                    found[signature] = found.get(signature, 0) + 1
-    finally:
-        reader.close()
+    for entry in iter_entries(run_dir, max(0, mark["end"])):
+        record = entry.record
+        if record is not None and record.pid == mark["pid"] and record.kind == KIND_INTERMEDIATE:
+            signature = (record.name, record.step, record.ts)
+            found[signature] = found.get(signature, 0) + 1
     return found
 
 
@@ -232,9 +223,7 @@ class EventFileTailer:
         except FileNotFoundError:
             return 0, False
         except OSError as exc:
-            if rel not in self._said_unreadable:
-                self._said_unreadable.add(rel)
-                get_logger().warning("cannot read the event file %s: %s", state.path, exc.strerror)
+            self._say_unreadable(rel, state.path, exc)
             return 0, False
         journalled = 0
         moved = False
@@ -274,12 +263,15 @@ class EventFileTailer:
                     break  # no progress possible with what is there
                 need = result.need
         except OSError as exc:
-            if rel not in self._said_unreadable:
-                self._said_unreadable.add(rel)
-                get_logger().warning("cannot read the event file %s: %s", state.path, exc.strerror)
+            self._say_unreadable(rel, state.path, exc)
         finally:
             os.close(fd)
         return journalled, moved
+
+    def _say_unreadable(self, rel: str, path: str, exc: OSError) -> None:
+        if rel not in self._said_unreadable:  # once per file and tailer
+            self._said_unreadable.add(rel)
+            get_logger().warning("cannot read the event file %s: %s", path, exc.strerror)
 
     def _journal(self, scalar: Scalar) -> bool:
         name = None if scalar.tag == self.objective_tag else scalar.tag

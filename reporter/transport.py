@@ -202,6 +202,7 @@ class _Watchdog:
     def __init__(self, timeout_s: float, current_socket: Callable[[], Optional[socket.socket]], thread_name: str) -> None:
         self.granularity_s = max(0.02, min(1.0, timeout_s / 10))
         self.deadline: Optional[float] = None
+        self.armed_s = timeout_s  # the deadline of the request in hand, for the message when it fires
         self.fired = False
         self._current_socket = current_socket
         self._closed = threading.Event()
@@ -215,12 +216,17 @@ class _Watchdog:
             self._thread = threading.Thread(target=self._watch, name=self._thread_name, daemon=True)
             self._thread.start()
         self.fired = False
+        self.armed_s = timeout_s
         self.deadline = time.monotonic() + timeout_s
 
     def disarm(self) -> bool:
         """Stop watching; True when the deadline passed during the request."""
         self.deadline = None
         return self.fired
+
+    def overrun(self) -> "TransientError":
+        """What a request the deadline cut short fails with."""
+        return TransientError(f"no whole answer within the request deadline of {self.armed_s:g} s")
 
     def _watch(self) -> None:
         while not self._closed.wait(self.granularity_s):
@@ -390,7 +396,6 @@ class Transport:
         self.setup_problem = self.settings.problem  # the caller says it once; no request is made
         self._connection: Optional[_Connection] = None
         self._watchdog = _Watchdog(request_timeout_s, self._current_socket, thread_name)
-        self._interrupted = False  # see interrupt()
 
     @property
     def first_hop(self) -> Tuple[str, int, bool]:
@@ -400,17 +405,6 @@ class Transport:
         if address is not None:
             return address[0], address[1], True
         return parts.hostname or "", parts.port or (443 if parts.scheme.lower() == "https" else 80), False
-
-    def interrupt(self) -> None:
-        """From another thread: end the request in flight at once (its socket shut down) and fail every
-        later one (:class:`TransientError`), so a hanging backend cannot hold a caller that gave up."""
-        self._interrupted = True
-        sock = self._current_socket()
-        if sock is not None:
-            try:
-                sock.shutdown(socket.SHUT_RDWR)
-            except OSError:
-                pass
 
     def _current_socket(self) -> Optional[socket.socket]:
         connection = self._connection
@@ -422,8 +416,6 @@ class Transport:
                 redact: Sequence[Optional[str]] = ()) -> Answer:
         """One request to ``base_url/path`` under the policy; :class:`TransientError` on any failure to get a
         whole answer (connection trouble, a timeout, the total deadline)."""
-        if self._interrupted:
-            raise TransientError("interrupted: the caller stopped waiting")
         all_headers = {"User-Agent": self.user_agent} if self.user_agent else {}
         if headers:
             all_headers.update(headers)
@@ -440,7 +432,7 @@ class Transport:
                 return self._exchange(method, path, params, all_headers, body, connect_timeout, read_timeout, redact)
             except (http.client.RemoteDisconnected, ConnectionResetError, BrokenPipeError):
                 connection = self._connection
-                if connection is None or not connection.reused or self._watchdog.fired or self._interrupted:
+                if connection is None or not connection.reused or self._watchdog.fired:
                     raise
                 # The server had closed the kept-alive connection: once more on a new one (the caller's
                 # requests are safe to repeat).
@@ -451,10 +443,8 @@ class Transport:
             raise
         except Exception as exc:  # whatever the socket, TLS or HTTP layers raise: a transient failure
             self._drop_connection()
-            if self._interrupted:
-                raise TransientError("interrupted: the caller stopped waiting") from None
             if self._watchdog.fired:
-                raise TransientError(f"no whole answer within the request deadline of {total:g} s") from None
+                raise self._watchdog.overrun() from None
             raise TransientError(_describe(exc, self.base_url)) from None
         finally:
             self._watchdog.disarm()
@@ -472,7 +462,7 @@ class Transport:
         response = conn.getresponse()
         content = response.read(MAX_ANSWER_BYTES)
         if self._watchdog.fired:  # a socket shut down mid-answer can still parse as a (truncated) answer
-            raise TransientError(f"no whole answer within the request deadline of {self.request_timeout_s:g} s")
+            raise self._watchdog.overrun()
         if response.will_close or not response.isclosed():
             connection.close()  # the server ends the connection, or the answer was longer than we read
         connection.last_used = time.monotonic()

@@ -447,6 +447,42 @@ def test_a_final_metric_reported_from_a_users_atexit_handler_is_delivered(server
     assert task["final_metric"] == 0.4, result.stderr
 
 
+_MANY_REPORTS_AT_EXIT = """
+import atexit, json
+flushes = []
+import threading
+atexit.register(lambda: print(json.dumps(len(flushes)), flush=True))  # runs last: after the reports' flush
+def report_from_a_thread():  # not the main thread: flushed before the report returns
+    thread = threading.Thread(target=reporter.report_metric, args=(9.5,), kwargs={"final": True})
+    thread.start()
+    thread.join()
+atexit.register(report_from_a_thread)
+def report_all():
+    for i in range(300):
+        reporter.report_metric(i / 100, step=i)
+    raise RuntimeError("a handler that fails after its reports")
+atexit.register(report_all)  # registered before reporter is imported: runs after the exit flush
+import reporter
+from reporter import api
+exit_flush = api._close_at_exit
+def counted_exit_flush():
+    flushes.append(1)
+    exit_flush()
+api._close_at_exit = counted_exit_flush  # the late reports' flushes (atexit keeps the exit flush itself)
+reporter.report_metric(-1.0, step=-1)
+"""
+
+
+def test_reports_from_an_atexit_handler_after_the_exit_flush_are_flushed_once_when_it_returns_or_raises(server, tmp_path):
+    result = run_python(_MANY_REPORTS_AT_EXIT, task_env(server.base_url, str(tmp_path / "run")))
+    assert result.returncode == 0, result.stderr
+    assert json.loads(result.stdout) == 2, result.stderr  # one for the handler's 300 reports, not one each; one for the thread's
+    task = server.backend.tasks()[0]
+    assert task["intermediate_metrics"] == [-1.0] + [i / 100 for i in range(300)]
+    assert task["final_metric"] == 9.5
+    assert server.backend.stats()["duplicates"] == 0
+
+
 _RANK = """
 import os, sys, time, reporter
 from reporter.runlock import lock_holder_pid
@@ -521,6 +557,44 @@ def test_a_forked_child_that_outlives_its_parent_takes_delivery_over(server, tmp
     wait_until(lambda: out.exists() and out.read_text(), what="the child's flush")
     assert json.loads(out.read_text()) == {"flushed": True}
     wait_until(lambda: server.backend.tasks()[0]["intermediate_metrics"] == [1.0, 2.0, 3.0], what="the child's exit flush")
+    assert server.backend.stats()["duplicates"] == 0
+
+
+_FORK_DURING_IMPORT = """
+import json, os, sys, threading, time
+import reporter
+
+importing = threading.Event()
+
+class SlowImport:  # the delivery thread's import of the delivery side takes a while, as on a loaded machine
+    def find_spec(self, name, path=None, target=None):
+        if name == "reporter.client" and threading.current_thread().name == "anylearn-reporter-delivery":
+            importing.set()
+            time.sleep(0.5)
+        return None
+
+sys.meta_path.insert(0, SlowImport())
+for i in range(10):
+    reporter.report_metric(float(i), step=i)
+assert importing.wait(20)
+parent = os.getpid()
+if os.fork() == 0:  # while the delivery thread is inside `import reporter.deliver`
+    deadline = time.monotonic() + 30
+    while os.getppid() == parent and time.monotonic() < deadline:  # the parent exits first: the child delivers
+        time.sleep(0.01)
+    for i in range(10, 60):
+        reporter.report_metric(float(i), step=i)
+    print(json.dumps({"flushed": reporter.flush(10)}), flush=True)
+    os._exit(0)
+os._exit(0)  # no exit flush: the child takes delivery over
+"""
+
+
+def test_a_process_forked_while_the_delivery_side_is_being_imported_delivers_in_the_child(server, tmp_path):
+    result = run_python(_FORK_DURING_IMPORT, task_env(server.base_url, str(tmp_path / "run")))  # ends with the child (its pipes)
+    assert json.loads(result.stdout) == {"flushed": True}, result.stderr
+    assert "cannot start delivery" not in result.stderr
+    assert server.backend.tasks()[0]["intermediate_metrics"] == [float(i) for i in range(60)]
     assert server.backend.stats()["duplicates"] == 0
 
 

@@ -369,3 +369,19 @@ def test_a_token_without_the_key_or_a_backend_url_guesses_no_host_and_starts_no_
     with_url, _ = load_config(clean_environ(ANYLEARN_TASK_ID=TASK_ID, ANYLEARN_AUTH_TOKEN="tok-0042",
                                             ANYLEARN_BACKEND_URL="http://127.0.0.1:9/api"))
     assert with_url.backend_url == "http://127.0.0.1:9/api" and not with_url.offline  # named: the agent ships there
+
+
+@pytest.mark.parametrize("name", ["ANYLEARN_SECRETKEY", "ANYLEARN_SECRET", "secretkey", "Secret_Key", "ANYLEARN_SECRET_KY"])
+def test_a_refusal_without_a_key_names_the_misspelt_key_variable(name):
+    from reporter.config import refusal
+
+    text = refusal(TASK_ID, False, {name: "k"})
+    assert text.startswith("no secret key is set (ANYLEARN_SECRET_KEY or secret_key)") and f"{name} is set: did you mean" in text
+
+
+def test_a_refusal_of_a_sent_key_names_both_the_task_id_and_the_key():
+    from reporter.config import refusal
+
+    text = refusal(TASK_ID, True, {})
+    assert f"refused the task id or the secret key for task {TASK_ID} (it cannot say which)" in text
+    assert "ANYLEARN_TASK_ID" in text and "ANYLEARN_SECRET_KEY" in text

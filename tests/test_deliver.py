@@ -196,7 +196,7 @@ def test_rejected_key_pauses_delivery_with_one_clear_message(server, tmp_path, c
     assert not deliverer.flush(10)  # returns as soon as delivery pauses
     deliverer.close(2)
     err = capsys.readouterr().err
-    assert err.count("refused the secret key") == 1 and TASK_ID in err and "sync" in err
+    assert err.count("refused the task id or the secret key") == 1 and TASK_ID in err and "sync" in err
     assert "wrong-key-xyz" not in err
     assert deliverer.paused_reason == "auth: HTTP 401"
     assert load_cursor(str(tmp_path)).offset == 0 and count_pending(str(tmp_path)) == 3

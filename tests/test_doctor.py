@@ -25,7 +25,8 @@ def test_doctor_fails_against_serve_with_a_wrong_key(server, tmp_path):
     wrong = "Wrong-Key-abcdef99"
     done = cli("doctor", env=task_env(server.base_url, str(tmp_path / "run"), ANYLEARN_SECRET_KEY=wrong, ANYLEARN_REPORTER_DIR=str(tmp_path)))
     assert done.returncode == 1
-    assert "refused the secret key" in done.stdout
+    assert "refused the task id or the secret key" in done.stdout and "check that" in done.stdout
+    assert "1 problem: a run would only journal locally until it is fixed." in done.stderr
     assert wrong not in done.stdout + done.stderr and "'99'" in done.stdout  # at most the last two characters
 
 

@@ -69,7 +69,7 @@ def test_401_pauses_with_one_clear_message_and_records_stay_pending(serve_proces
     env = task_env(server.base_url, str(tmp_path / "run"), ANYLEARN_SECRET_KEY="not-the-key-4242")
     done = run_python("import reporter\nfor i in range(5): reporter.report_metric(float(i))", env)
     assert done.returncode == 0
-    assert done.stderr.count("refused the secret key") == 1
+    assert done.stderr.count("refused the task id or the secret key") == 1
     assert "5 records stay pending" in done.stderr and "anylearn-reporter sync" in done.stderr
     assert "not-the-key-4242" not in done.stderr + done.stdout
     assert count_pending(str(tmp_path / "run")) == 5

@@ -72,10 +72,8 @@ def test_an_objective_never_logged_gives_no_final_and_says_which_keys_were(repor
 
 
 def test_a_tracker_whose_objective_was_never_logged_points_to_the_variable_not_objective_eq(reporting, capsys, monkeypatch):
-    from reporter.integrations import _objective
     from reporter.integrations._tracker import TrackerBridge
 
-    monkeypatch.setattr(_objective, "_said", set(), raising=False)
     monkeypatch.setenv("ANYLEARN_OBJECTIVE_METRIC", "val_los")  # misspelt
     bridge = TrackerBridge("demo-tracker")
     for run in ("a", "b"):  # two runs of one process: said once

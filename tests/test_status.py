@@ -154,6 +154,7 @@ def test_status_exit_codes(serve_process, tmp_path):
     healthy = cli("status", env=env)  # RUN_DIR from the task id
     assert healthy.returncode == 0, healthy.stdout
     assert "2 journalled, 2 delivered, 0 pending" in healthy.stdout and "health:" in healthy.stdout
+    assert re.search(r"objective:\s+metric \(max\): last 2, best 2, final -", healthy.stdout), healthy.stdout
     wrong = _env(tmp_path, server.base_url, ANYLEARN_SECRET_KEY="bad-key-0000")
     subprocess.run([sys.executable, "-c", "import reporter; reporter.report_metric(3.0)"], env=wrong, capture_output=True, timeout=60)
     paused = cli("status", str(run_dir), "--json")
@@ -169,6 +170,9 @@ def test_status_is_unhealthy_when_delivery_fails_for_too_long(tmp_path):
         retrying = cli("status", str(tmp_path / TASK_ID), "--stale-after", "1000")
         assert retrying.returncode == 0  # for a probe: a live deliverer retries, until --stale-after
         assert re.search(r"health:\s+retrying: delivery has failed for", retrying.stdout), retrying.stdout
+        failing = cli("status", str(tmp_path / TASK_ID))  # no --stale-after: a failed last attempt is not ok
+        assert failing.returncode == 1, failing.stdout
+        assert re.search(r"health:\s+failing: delivery has failed for \d+ s \(.*; deliverer pid \d+ retrying\)", failing.stdout)
 
         def failed_for_over_a_second():
             done = cli("status", str(tmp_path / TASK_ID), "--stale-after", "1")
@@ -181,6 +185,28 @@ def test_status_is_unhealthy_when_delivery_fails_for_too_long(tmp_path):
 
 
 # --- show -------------------------------------------------------------------------------------------
+
+
+def test_status_hints_a_sync_to_the_backend_the_run_recorded(tmp_path):
+    closed = f"http://127.0.0.1:{free_port()}/api"
+    env = _env(tmp_path, closed, ANYLEARN_FLUSH_TIMEOUT="1")
+    trained = subprocess.run([sys.executable, "-c", "import reporter; reporter.report_metric(1.0)"], env=env,
+                             capture_output=True, text=True, timeout=60)
+    assert trained.returncode == 0, trained.stderr
+    done = cli("status", str(tmp_path / TASK_ID), env=clean_environ())  # a shell without ANYLEARN_BACKEND_URL
+    assert done.returncode == 1
+    assert f"anylearn-reporter sync {tmp_path / TASK_ID} --backend-url {closed}`" in done.stdout, done.stdout
+
+
+def test_show_names_a_synced_offline_directory_beside_the_tasks_own_and_the_default_objective(tmp_path):
+    offline_run(tmp_path, 2, name=TASK_ID)
+    synced = offline_run(tmp_path, 3)
+    (synced / "summary.json").write_text(json.dumps({"task_id": TASK_ID, "state": 2}))
+    done = cli("show", env=clean_environ(ANYLEARN_REPORTER_DIR=str(tmp_path / "runs")))
+    assert done.returncode == 0, done.stderr
+    names = sorted(line.split("  ")[0].strip() for line in done.stdout.splitlines()[1:3])
+    assert names == [TASK_ID, f"{TASK_ID} ({synced.name})"], done.stdout
+    assert all("metric (max)" in line for line in done.stdout.splitlines()[1:3]), done.stdout
 
 
 def test_show_on_an_empty_reporter_directory(tmp_path):

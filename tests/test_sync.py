@@ -61,7 +61,7 @@ def test_sync_with_a_wrong_key_leaves_records_pending_and_exits_3(serve_process,
     run_dir = offline_run(tmp_path, 3)
     done = cli("sync", str(run_dir), "--task-id", TASK_ID, "--backend-url", server.base_url,
                env=clean_environ(ANYLEARN_SECRET_KEY="wrong-key-1234"))
-    assert done.returncode == 3 and "refused the secret key" in done.stderr
+    assert done.returncode == 3 and "refused the task id or the secret key" in done.stderr
     assert "wrong-key-1234" not in done.stdout + done.stderr
 
 
@@ -141,3 +141,30 @@ def test_sync_interrupted_by_ctrl_c_says_how_many_records_stay_pending(tmp_path)
     _, err = syncing.communicate(timeout=30)
     assert syncing.returncode == 130
     assert f"interrupted: 7 records stay pending in {run_dir}; run the same command again to deliver the rest" in err, err
+
+
+def test_sync_ended_by_sigterm_says_how_many_records_stay_pending(tmp_path):
+    run_dir = offline_run(tmp_path, 4)
+    args = [sys.executable, "-m", "reporter", "sync", str(run_dir), "--task-id", TASK_ID,
+            "--backend-url", f"http://127.0.0.1:{free_port()}/api"]  # nothing listens: it retries
+    syncing = subprocess.Popen(args, env=sync_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    wait_until(lambda: (run_dir / "deliver.lock").exists() and b"failing_since" in (run_dir / "status.json").read_bytes()
+               if (run_dir / "status.json").exists() else False, 30, what="sync to be retrying")
+    syncing.send_signal(signal.SIGTERM)
+    _, err = syncing.communicate(timeout=30)
+    assert syncing.returncode == 128 + signal.SIGTERM, err
+    assert (f"terminated (SIGTERM): 7 records stay pending in {run_dir}; run the same command again to deliver the rest"
+            in err), err
+
+
+def test_sync_without_a_backend_url_delivers_to_the_one_the_run_recorded(serve_process, tmp_path):
+    server = serve_process()
+    run_dir = tmp_path / "run"
+    code = "import reporter\nfor i in range(3): reporter.report_metric(float(i))\n"
+    refused = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60,
+                             env=task_env(server.base_url, str(run_dir), ANYLEARN_SECRET_KEY="wrong-key-5678"))
+    assert "refused the task id or the secret key" in refused.stderr, refused.stderr
+    done = cli("sync", str(run_dir), env=sync_env())  # neither --backend-url nor ANYLEARN_BACKEND_URL
+    assert done.returncode == 0, done.stderr
+    assert f"{run_dir}: delivering to {server.base_url} (from status.json of the run)" in done.stderr, done.stderr
+    assert server.task()["intermediate_metrics"] == [0.0, 1.0, 2.0]

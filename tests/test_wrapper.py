@@ -94,7 +94,8 @@ def test_a_refused_key_under_the_wrapper_is_said_once_counted_once_and_only_the_
     wrapper = start_wrapper(["--drain-timeout", "5", "--", sys.executable, script], env, tmp_path)
     out, err = wrapper.communicate(timeout=120)
     assert wrapper.returncode == 0, err
-    assert err.count("the backend refused the secret key") == 1, err
+    assert err.count("the backend refused the task id or the secret key") == 1, err
+    assert f"refused the task id or the secret key for task {env['ANYLEARN_TASK_ID']} (it cannot say which): check that" in err, err
     assert len(re.findall(r"\d+ records? stays? pending", err)) == 1, err
     assert "7 records stay pending" in err  # 5 metrics and 2 states
     assert re.search(r"7 records stay pending .*; deliver them with `ANYLEARN_SECRET_KEY='<the task's secret key>' anylearn-reporter sync", err)
@@ -108,7 +109,24 @@ def test_no_key_at_all_is_not_called_a_refused_key(server, tmp_path):
     del env["ANYLEARN_SECRET_KEY"]
     done = cli("run", "--drain-timeout", "5", "--", sys.executable, "-c", "print('ANYLEARN_METRIC 1')", env=env, cwd=tmp_path)
     assert "no secret key is set (ANYLEARN_SECRET_KEY or secret_key) and the backend requires one" in done.stderr
-    assert "refused the secret key" not in done.stderr
+    assert "refused the task id or the secret key" not in done.stderr
+
+
+def test_no_key_with_a_misspelt_key_variable_says_which_was_meant(server, tmp_path):
+    env = run_env(server.base_url, tmp_path)
+    env["ANYLEARN_SECRETKEY"] = env.pop("ANYLEARN_SECRET_KEY")
+    done = cli("run", "--drain-timeout", "5", "--", sys.executable, "-c", "print('ANYLEARN_METRIC 1')", env=env, cwd=tmp_path)
+    assert re.search(r"no secret key is set .*and the backend requires one.*"
+                     r"\(ANYLEARN_SECRETKEY is set: did you mean ANYLEARN_SECRET_KEY\?\)", done.stderr), done.stderr
+
+
+def test_a_misspelt_backend_url_variable_is_said_once_at_start(tmp_path):
+    env = clean_environ(ANYLEARN_BACKEND_URl="http://127.0.0.1:9/api", ANYLEARN_REPORTER_DIR=str(tmp_path))
+    done = cli("run", "--drain-timeout", "0", "--", sys.executable, "-c", "print('ANYLEARN_METRIC 1')", env=env, cwd=tmp_path)
+    lines = done.stderr.splitlines()
+    said = "anylearn-reporter: ANYLEARN_BACKEND_URl is set: did you mean ANYLEARN_BACKEND_URL?"
+    assert lines.count(said) == 1, done.stderr  # its own line, once (the offline line may repeat it as a reason)
+    assert lines.index(said) < next(i for i, line in enumerate(lines) if "offline mode" in line), done.stderr
 
 
 def test_the_pending_hint_is_a_command_that_delivers(serve_process, tmp_path):
@@ -137,7 +155,7 @@ def test_ctrl_c_during_the_drain_stops_it_at_once_and_says_what_stays_pending(tm
     def draining():
         line = wrapper.stderr.readline()
         err_lines.append(line)
-        return "waiting up to 600s (--drain-timeout, ANYLEARN_DRAIN_TIMEOUT) to deliver 3 records" in line
+        return re.search(r"waiting up to 5\d\ds \(--drain-timeout, ANYLEARN_DRAIN_TIMEOUT\) to deliver 3 records .* leaves them", line)
 
     wait_until(draining, 60, what="the drain's first line")
     wrapper.send_signal(signal.SIGINT)
@@ -162,7 +180,7 @@ def test_sigterm_during_the_drain_stops_it_at_once_and_the_commands_own_ending_s
 
     def draining():
         err_lines.append(wrapper.stderr.readline())
-        return "waiting up to 600s" in err_lines[-1]
+        return re.search(r"waiting up to [0-9.]+s", err_lines[-1])
 
     wait_until(draining, 60, what="the drain's first line")
     wrapper.send_signal(signal.SIGTERM)
@@ -176,9 +194,9 @@ def test_sigterm_during_the_drain_stops_it_at_once_and_the_commands_own_ending_s
 
 def test_a_drain_under_a_second_says_its_wait_rounded(tmp_path):
     env = run_env(f"http://127.0.0.1:{free_port()}/api", tmp_path)
-    done = cli("run", "--drain-timeout", "0.99", "--", sys.executable, "-c", "print('ANYLEARN_METRIC 1')", env=env, cwd=tmp_path)
-    assert done.returncode == 0, done.stderr
-    assert re.search(r"waiting up to 1s \(--drain-timeout", done.stderr), done.stderr
+    done = cli("run", "--drain-timeout", "1.5", "--", sys.executable, "-c", "print('ANYLEARN_METRIC 1')", env=env, cwd=tmp_path)
+    assert done.returncode == 0, done.stderr  # the quiet second passed: under a second is left
+    assert re.search(r"waiting up to (0\.[1-9]|1)s \(--drain-timeout", done.stderr), done.stderr
 
 
 def test_a_bad_backend_url_exits_2_without_saying_records_are_journalled(tmp_path):
@@ -186,3 +204,30 @@ def test_a_bad_backend_url_exits_2_without_saying_records_are_journalled(tmp_pat
     done = cli("run", "--", sys.executable, "-c", "print('never')", env=env, cwd=tmp_path)
     assert done.returncode == 2 and "never" not in done.stdout
     assert "ANYLEARN_BACKEND_URL" in done.stderr and "journalled" not in done.stderr, done.stderr
+
+
+def test_a_drain_that_delivers_at_once_is_not_announced(serve_process, tmp_path):
+    server = serve_process()
+    done = cli("run", "--", sys.executable, "-c", "print('ANYLEARN_METRIC 1')", env=run_env(server.base_url, tmp_path), cwd=tmp_path)
+    assert done.returncode == 0, done.stderr
+    assert server.task()["intermediate_metrics"] == [1.0]
+    assert "waiting up to" not in done.stderr and "stay pending" not in done.stderr, done.stderr
+
+
+def test_a_drain_that_waits_for_one_record_says_it_in_the_singular(serve_process, tmp_path):
+    server = serve_process("--latency-ms", "2500")  # the last record takes longer than the quiet second
+    script = write_script(tmp_path, "child.py", """
+        import json, os, sys, time
+        status = os.path.join(os.environ["ANYLEARN_REPORTER_RUN_DIR"], "status.json")
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:  # until the running state is delivered: only the final one is left
+            try:
+                if json.load(open(status)).get("delivered", 0) >= 1:
+                    break
+            except (OSError, ValueError):
+                pass
+            time.sleep(0.05)
+    """)
+    done = cli("run", "--drain-timeout", "60", "--", sys.executable, script, env=run_env(server.base_url, tmp_path), cwd=tmp_path)
+    assert done.returncode == 0, done.stderr
+    assert re.search(r"to deliver 1 record to \S+; Ctrl-C stops waiting and leaves it for", done.stderr), done.stderr

@@ -23,7 +23,7 @@ from typing import Any, Dict, Mapping, Optional, Tuple
 from http.cookies import CookieError, SimpleCookie
 from urllib.parse import parse_qs, unquote, urlsplit
 
-from ..config import STATE_NAMES
+from ..config import ENV_AUTH_TOKEN, STATE_NAMES, ConfigError
 from . import routes
 from .store import Backend, Faults  # Faults: cli and tests import it from here, with make_server
 
@@ -350,8 +350,6 @@ def serve_command(tasks: Mapping[str, str], *, host: str, port: int, db_path: st
                   anyboard: Optional[Mapping[str, Any]] = None) -> int:
     """The ``serve`` command: serve until SIGTERM or Ctrl-C."""
     import signal
-
-    from ..config import ENV_AUTH_TOKEN, ConfigError
 
     local_anyboard = None
     if anyboard is not None:  # {"port", "user", "password"}: the local Anyboard's IoTDB wire beside the HTTP API

@@ -16,7 +16,7 @@ from typing import Any, Callable, Dict, Iterable, Mapping, Optional
 
 from .. import api
 from ..config import DEFAULT_OBJECTIVE_METRIC, ENV_OBJECTIVE_METRIC, ENV_RANK
-from ..log import get_logger
+from ..log import first_time, get_logger
 from ..record import metric_number
 
 FINAL_CHOICES = ("best", "last")
@@ -26,8 +26,6 @@ _ERROR_WORDS = frozenset({"mse", "rmse", "mae", "mape", "rmsle", "l1", "l2", "hu
 # The latest objective value sent in this process: [the sink that sent it (None once another sink's echo of
 # it was absorbed), the value, whether that sink is a tracker bridge].
 _last_sent: list = [None, None, False]
-# What a tracker bridge has said in this process (its objective, its lack of one): said once, not per run.
-_said: set = set()
 
 
 class MissingFramework(ImportError):
@@ -161,13 +159,7 @@ class MetricSink:
     def _say_once(self, what: Any) -> bool:
         """Whether to say ``what`` now: always for a trainer's sink (one per training run), once per process
         for a tracker bridge's (a loop of tracker runs, nested runs, say it once)."""
-        if not self.tracker:
-            return True
-        key = (self.framework, what)
-        if key in _said:
-            return False
-        _said.add(key)
-        return True
+        return not self.tracker or first_time(("tracker", self.framework, what))
 
     def absorb(self, nested: "MetricSink") -> None:
         """Take in what a nested tracker run (an MLflow child run) logged: its objective values count toward

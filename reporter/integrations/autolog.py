@@ -31,7 +31,7 @@ import threading
 from typing import Any, Callable, Dict, Iterable, List, Mapping, Optional, Sequence
 
 from ..config import ENV_AUTOLOG
-from ..log import get_logger
+from ..log import get_logger, say_once
 
 __all__ = ["autolog", "autolog_requested", "autolog_environment", "SITE_DIR", "FRAMEWORKS"]
 
@@ -41,13 +41,11 @@ TRUE_WORDS = ("1", "true", "yes", "on")
 
 _lock = threading.RLock()
 _watch: Dict[str, tuple] = {}  # module name -> (framework, patch), for the frameworks enabled
-_said: set = set()  # frameworks whose trouble has been said once
 
 
 def _say_once(framework: str, what: str) -> None:
-    if framework not in _said:
-        _said.add(framework)
-        get_logger().warning("autolog: %s: %s; training goes on without it", framework, what)
+    """A framework's first trouble, said once per process (later ones, whatever they are, are not)."""
+    say_once(("autolog", framework), "autolog: %s: %s; training goes on without it", framework, what)
 
 
 def _safely(framework: str, action: Callable[[], Any], default: Any = None) -> Any:

@@ -52,10 +52,12 @@ from .launch import (
     redacted,
 )
 from .output import STDERR_TAIL_LINES, MetricLineParser
+from .paramsfile import write_params_file
 from .reaper import become_subreaper, make_non_dumpable
 from .supervise import FORWARDED_SIGNALS, Child, RunEnding, signal_name, signals_passed_to
 
 OUTPUT_BEFORE_STATE_S = 5.0  # the most the final state waits for a local task's output to be shipped
+QUIET_DRAIN_S = 1.0  # a drain that delivers everything this fast is not announced
 
 
 class Run:
@@ -113,16 +115,13 @@ class Run:
         return child_env
 
     def write_params(self) -> None:
-        """The command's hyper-parameters as ``params.json`` (for ``ui``), the key masked like in argv;
-        a failure is logged, the run goes on."""
+        """The command's hyper-parameters as ``params.json`` (for ``ui``), the key and the token masked in
+        every form; a failure is logged, the run goes on."""
         if not self.options.params:
             return
-        text = json.dumps(self.options.params, default=str)
-        key = self.config.secret_key.reveal() if self.config.secret_key else None
-        try:
-            atomic_write_json(os.path.join(self.run_dir, PARAMS_FILE), json.loads(text.replace(key, "***") if key else text))
-        except (OSError, ValueError) as exc:
-            self.log.warning("cannot write %s: %s", PARAMS_FILE, exc)
+        problem = write_params_file(self.run_dir, self.options.params, self.config.secret_key, self.config.auth_token)
+        if problem:
+            self.log.warning("cannot write %s: %s", PARAMS_FILE, problem)
 
     def start_delivery(self) -> None:
         if self.config.offline:
@@ -181,15 +180,18 @@ class Run:
                 raise KeyboardInterrupt
             self._in_journal_drain = True
             remaining = max(deadline - time.monotonic(), 0.0)
-            if total and not self.deliverer.paused_reason:
+            # Said only when the drain has to wait: a healthy backend takes the last records in milliseconds.
+            if total and not self.deliverer.flush(min(remaining, QUIET_DRAIN_S)) and not self.deliverer.paused_reason:
+                left = count_pending(self.run_dir)
+                remaining = max(deadline - time.monotonic(), 0.0)
                 if self.options.drain_timeout_s >= MAX_DURATION_S:  # --drain-timeout inf
                     how_long = "without a time limit"
                 else:
                     how_long = "up to %gs" % (math.ceil(remaining) if remaining >= 1 else math.ceil(remaining * 10) / 10)
                 self.log.info(
                     "the command has ended; waiting %s (--drain-timeout, ANYLEARN_DRAIN_TIMEOUT) to deliver %s "
-                    "to %s; Ctrl-C stops waiting and leaves them for `anylearn-reporter sync`",
-                    how_long, records(total), self.config.backend_url,
+                    "to %s; Ctrl-C stops waiting and leaves %s for `anylearn-reporter sync`",
+                    how_long, records(left), self.config.backend_url, "it" if left == 1 else "them",
                 )
             self.deliverer.drain(remaining, lambda pending, _: progress.update(total - pending))
             self._in_journal_drain = False
