@@ -197,6 +197,8 @@ def test_a_drain_under_a_second_says_its_wait_rounded(tmp_path):
     done = cli("run", "--drain-timeout", "1.5", "--", sys.executable, "-c", "print('ANYLEARN_METRIC 1')", env=env, cwd=tmp_path)
     assert done.returncode == 0, done.stderr  # the quiet second passed: under a second is left
     assert re.search(r"waiting up to (0\.[1-9]|1)s \(--drain-timeout", done.stderr), done.stderr
+    done = cli("run", "--drain-timeout", "1", "--", sys.executable, "-c", "print('ANYLEARN_METRIC 1')", env=env, cwd=tmp_path)
+    assert done.returncode == 0 and "waiting up to 0s" not in done.stderr, done.stderr  # the quiet second took it all
 
 
 def test_a_bad_backend_url_exits_2_without_saying_records_are_journalled(tmp_path):

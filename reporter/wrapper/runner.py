@@ -188,11 +188,12 @@ class Run:
                     how_long = "without a time limit"
                 else:
                     how_long = "up to %gs" % (math.ceil(remaining) if remaining >= 1 else math.ceil(remaining * 10) / 10)
-                self.log.info(
-                    "the command has ended; waiting %s (--drain-timeout, ANYLEARN_DRAIN_TIMEOUT) to deliver %s "
-                    "to %s; Ctrl-C stops waiting and leaves %s for `anylearn-reporter sync`",
-                    how_long, records(left), self.config.backend_url, "it" if left == 1 else "them",
-                )
+                if remaining > 0:  # else the quiet second took the whole drain: nothing is left to wait for
+                    self.log.info(
+                        "the command has ended; waiting %s (--drain-timeout, ANYLEARN_DRAIN_TIMEOUT) to deliver %s "
+                        "to %s; Ctrl-C stops waiting and leaves %s for `anylearn-reporter sync`",
+                        how_long, records(left), self.config.backend_url, "it" if left == 1 else "them",
+                    )
             self.deliverer.drain(remaining, lambda pending, _: progress.update(total - pending))
             self._in_journal_drain = False
         except KeyboardInterrupt:
