@@ -127,7 +127,7 @@ def _add_serve(sub: argparse._SubParsersAction) -> None:
                         "metric writes only that")
     p.add_argument("--idle-timeout", type=_duration(positive=True), default=30.0, metavar="S",
                    help="close a connection silent for S seconds (default 30)")
-    p.add_argument("--anyboard-port", type=int, default=None, metavar="PORT",
+    p.add_argument("--anyboard-port", type=_port, default=None, metavar="PORT",
                    help="also serve a local Anyboard: IoTDB's client wire on PORT (0 picks one), its curves at /anyboard "
                         "and the read API /api/anyboard/... (needs the anyboard extra)")
     p.add_argument("--anyboard-user", default=None, metavar="USER",

@@ -225,6 +225,11 @@ class BackendClient:
         """GET the task's final metric: an authenticated read that changes nothing (``doctor``'s check)."""
         return self.request("GET", ENDPOINTS[KIND_FINAL], params={"id": self.task_id}, timeout_s=timeout_s)
 
+    def interrupt(self) -> None:
+        """From another thread: cut off the request in flight (the transport's deadline watch shuts its socket
+        down at its next look, within a second, as at the request deadline). The caller sends no more."""
+        self._transport._watchdog.deadline = 0.0
+
     def close(self) -> None:
         """Let the connection go."""
         self._transport.close()

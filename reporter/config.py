@@ -108,6 +108,8 @@ TENSORBOARD_LOCK_FILE = "tensorboard.lock"  # one reader of the event files per 
 OBJECTIVE_FILE = "objective.json"  # the objective's name and direction, when known
 ATTEMPTS_FILE = "attempts.jsonl"  # one line per attempt: where it starts in the journal
 PARAMS_FILE = "params.json"  # the hyper-parameters an integration recorded
+JOURNAL_ONLY = "; records are only journalled until it is fixed"  # what the hook does with a problem meanwhile
+NOT_SHIPPED = "; a local task's logs are not shipped until it is fixed"
 
 # --- task states (AnyLearn) ------------------------------------------------------------------------
 STATE_CREATED = 0
@@ -351,15 +353,16 @@ def load_config(env: Optional[Mapping[str, str]] = None) -> Tuple[Config, List[s
     secret = Secret(key) if key and not key_problem else None
     token, token_problem = auth_token_from(env)
     if token_problem:
-        problems.append(f"{token_problem}; a local task's logs are not shipped until it is fixed")
-    backend_url, source = resolve_backend_url(env, bool(task_id and (key or token)))
+        problems.append(f"{token_problem}{NOT_SHIPPED}")
+    # A token alone (a local task) goes only to a backend named for it, never to AnyLearn's guessed default.
+    backend_url, source = resolve_backend_url(env, bool(task_id and key))
     if key_problem:  # a key that cannot be sent: journal only, and say so
-        problems.append(f"{key_problem}; records are only journalled until it is fixed")
+        problems.append(f"{key_problem}{JOURNAL_ONLY}")
         backend_url, source = None, "offline: the secret key cannot be sent"
     where = ENV_BACKEND_URL if source == ENV_BACKEND_URL else f"the URL from {source}"
     url_problem = backend_url_problem(backend_url, where) if backend_url else None
     if url_problem:  # a URL that cannot work: journal only, and say so (never retry it for ever)
-        problems.append(f"{url_problem}; records are only journalled until it is fixed")
+        problems.append(f"{url_problem}{JOURNAL_ONLY}")
         backend_url, source = None, "offline: invalid backend URL"
     id_problem = task_id_problem(task_id, ENV_TASK_ID if env.get(ENV_TASK_ID, "").strip() else ENV_TASK_ID_PLATFORM)
     if id_problem:
@@ -424,7 +427,7 @@ def load_config_strict(env: Optional[Mapping[str, str]] = None) -> Config:
     """Like :func:`load_config`, but raise :class:`ConfigError` naming every problem."""
     config, problems = load_config(env)
     if problems:
-        raise ConfigError("; ".join(problems))
+        raise ConfigError("; ".join(p.replace(JOURNAL_ONLY, "").replace(NOT_SHIPPED, "") for p in problems))
     return config
 
 
@@ -496,8 +499,9 @@ def offline_reason(env: Optional[Mapping[str, str]] = None) -> str:
     key = _first(env, ENV_SECRET_KEY, ENV_SECRET_KEY_PLATFORM)
     if key and secret_key_problem(key):
         why.append("the secret key cannot be sent in an HTTP header")
-    elif not key and not auth_token_from(env)[0] and not _first(env, ENV_BACKEND_URL, ENV_BACKEND_NAMESPACE):
-        why.append(f"{ENV_SECRET_KEY} (or {ENV_SECRET_KEY_PLATFORM}) is not set")
+    elif not key and not _first(env, ENV_BACKEND_URL, ENV_BACKEND_NAMESPACE):
+        why.append(f"no backend is named ({ENV_BACKEND_URL} or {ENV_BACKEND_NAMESPACE}): a token alone is never sent to a "
+                   "guessed host" if auth_token_from(env)[0] else f"{ENV_SECRET_KEY} (or {ENV_SECRET_KEY_PLATFORM}) is not set")
     if not why:  # the URL's own problem was said as a configuration problem
         why.append("the backend URL cannot be used")
     hints = misspelt_variables(env)

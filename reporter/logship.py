@@ -5,21 +5,32 @@ run directory's ``stdout.log`` and ``stderr.log`` (the files the output pumps wr
 can never slow the command) and ships new text with ``PATCH /train_task/local_logs`` in slices of at most
 ``SLICE_BYTES``, whole lines while output flows and always whole UTF-8 characters. Each stream's offset (bytes)
 is kept on the backend through ``local_task_catch`` (read at start, written after each shipped slice), so a
-resumed task goes on where delivery stopped. Another thread heartbeats (``PATCH /train_task/heartbeat``).
-A backend that is down or refuses only delays both (the client's retry policy); a backend without these
-endpoints (404/405) turns them off, said once. At the end the last line shipped says how the command ended.
+resumed task goes on where delivery stopped; a file shorter than the offset (a new run directory, a
+truncated log) is a new file, shipped from its start, said once. Another thread heartbeats
+(``PATCH /train_task/heartbeat``). A backend that is down only delays both (the client's retry policy); one
+that refuses (401/403, another 4xx) or lacks these endpoints (404/405) turns them off, said once. The secret
+key and the token are masked (every form they take on the wire) in what is shipped. At the end the last line
+shipped says how the command ended.
+
+Delivery is at least once, not exactly once: the platform keeps no idempotency key for ``local_logs``, so a
+slice whose answer is lost (the request deadline passes after the backend stored it, the connection drops)
+is shipped again and shows twice. The window is one slice (at most ``SLICE_BYTES``) per lost answer; the
+offset PATCH that follows a stored slice has the same window, for the same slice.
 """
 
 from __future__ import annotations
 
+import math
 import os
 import threading
 import time
 from typing import Any, Callable, List, Optional
 
 from .client import BackendClient, Outcome, Retrier, SendResult, TransientError, classify
-from .config import LOCAL_HEARTBEAT_INTERVAL_S, STDERR_LOG, STDOUT_LOG, Config
+from .config import HEARTBEAT_FILE, LOCAL_HEARTBEAT_INTERVAL_S, STDERR_LOG, STDOUT_LOG, Config
 from .log import get_logger
+from .osutil import atomic_write_json
+from .transport import REDACTED, secret_forms
 
 LOGS_ENDPOINT = "train_task/local_logs"
 CATCH_ENDPOINT = "train_task/local_task_catch"
@@ -30,6 +41,7 @@ BUSY_INTERVAL_S = 0.05  # the pause after a shipped round while the command runs
 # while the wrapper's pumps must keep up with the command; what is left goes at full speed once it ended
 PARTIAL_LINE_WAIT_S = 1.0  # a line without its newline (a progress bar) is shipped after this long
 REQUEST_TIMEOUT_S = 10.0
+CLOSE_JOIN_S = 2.0  # how long close waits for each thread once its request was cut off (within a second)
 STREAMS = ((STDOUT_LOG, "output_cache_pointer"), (STDERR_LOG, "error_cache_pointer"))
 
 
@@ -58,12 +70,22 @@ class _Stream:
         self.path = path
         self.key = key
         self.offset = 0
+        self.inode: Optional[int] = None  # the file the offset counts in (None: not seen yet)
         self.partial_since: Optional[float] = None  # when a line without its newline was first seen
+        self.on_new_file: Callable[["_Stream", int, str], None] = lambda stream, size, why: None
 
     def next_slice(self, final: bool) -> Optional[bytes]:
         """The bytes to ship next (None: nothing now): whole lines, or a partial line that waited long
-        enough, a full slice, or (``final``) everything; always cut on a whole UTF-8 character."""
-        if self.size() <= self.offset:  # the usual case while the command is quiet: one stat, no open
+        enough, a full slice, or (``final``) everything; always cut on a whole UTF-8 character. A file
+        shorter than the offset or replaced by another is a new one: shipped from its start."""
+        size, inode = self.stat()
+        replaced = inode is not None and self.inode is not None and inode != self.inode
+        if inode is not None:
+            self.inode = inode
+        if size < self.offset or (replaced and self.offset):
+            self.on_new_file(self, size, "replaced by another" if replaced else "truncated")
+            self.offset, self.partial_since = 0, None
+        if size <= self.offset:  # the usual case while the command is quiet: one stat, no open
             self.partial_since = None
             return None
         try:
@@ -91,10 +113,15 @@ class _Stream:
         return data[:cut] or None
 
     def size(self) -> int:
+        return self.stat()[0]
+
+    def stat(self) -> "tuple[int, Optional[int]]":
+        """The file's size and inode; ``(0, None)`` while it does not exist."""
         try:
-            return os.path.getsize(self.path)
+            st = os.stat(self.path)
         except OSError:
-            return 0
+            return 0, None
+        return st.st_size, st.st_ino
 
 
 class LocalAgent:
@@ -105,9 +132,15 @@ class LocalAgent:
             return BackendClient.from_config(config, request_timeout_s=REQUEST_TIMEOUT_S, with_token=True)
 
         self.task_id = config.task_id or ""
+        self.run_dir = run_dir
         self.log = get_logger()
         self.streams: List[_Stream] = [_Stream(os.path.join(run_dir, name), key) for name, key in STREAMS]
-        self.shipping = True  # False once the backend showed it has no log endpoints
+        for stream in self.streams:
+            stream.on_new_file = self._new_file
+        self._sizes_at_start = [stream.size() for stream in self.streams]  # before the command writes
+        secrets = [s.reveal() for s in (config.secret_key, config.auth_token) if s]
+        self._masked = tuple(sorted({form for one in secrets for form in secret_forms(one)}, key=len, reverse=True))
+        self.shipping = True  # False once the backend refused the output or showed it has no log endpoints
         self.finished = threading.Event()  # everything and the end line shipped
         self._client = make()
         self._beat_client = make()
@@ -128,46 +161,63 @@ class LocalAgent:
         self._exit_code = exit_code
         self._wake.set()
 
+    @property
+    def failing(self) -> bool:
+        """True while the backend is down (requests are being retried)."""
+        return self._failing
+
     def wait(self, timeout_s: float) -> bool:
         """Wait up to ``timeout_s`` for the shipping to end (everything shipped, or shipping off); True when
         it ended."""
-        self._threads[0].join(max(timeout_s, 0.0))
+        self._threads[0].join(max(timeout_s, 0.0) if math.isfinite(timeout_s) else None)  # --drain-timeout inf
         return not self._threads[0].is_alive()
 
+    def abandon(self) -> None:
+        """Stop now: backoffs and the requests in flight are interrupted (from any thread)."""
+        self._stop.set()
+        self._wake.set()
+        self._client.interrupt()
+        self._beat_client.interrupt()
+
     def close(self, timeout_s: float) -> bool:
-        """Wait up to ``timeout_s`` for the shipping to end, then stop; True when everything was shipped."""
+        """Wait up to ``timeout_s`` for the shipping to end, then stop (a request in flight is cut off, so
+        this returns soon after ``timeout_s`` even with a hanging backend); True when everything was shipped."""
+        deadline = time.monotonic() + max(timeout_s, 0.0)
         self.wait(timeout_s)
         self._stop.set()
         self._wake.set()
+        for thread in self._threads:  # a request in flight (a heartbeat) may end until the deadline
+            left = deadline - time.monotonic()
+            thread.join(max(left, 0.0) if math.isfinite(left) else None)
+        self.abandon()
         for thread in self._threads:
-            thread.join(REQUEST_TIMEOUT_S)
+            thread.join(CLOSE_JOIN_S)  # cut off: each ends at once; a thread still stuck is a daemon
         self._client.close()
         self._beat_client.close()
         done = self.finished.is_set()
         if not done and self.shipping:
             left = sum(max(s.size() - s.offset, 0) for s in self.streams)
-            self.log.warning("the command's output was not all shipped to the backend within the drain timeout "
-                             "(%d bytes left); a resumed task ships it", left)
+            if left:
+                self.log.warning("the command's output was not all shipped to the backend within the drain timeout "
+                                 "(%d bytes left); a resumed task ships it", left)
+            else:
+                self.log.warning("the command's output was shipped but not its end line (%r) within the drain timeout",
+                                 end_line(self._exit_code or 0))
         return done
 
     # --- requests ------------------------------------------------------------------------------------
 
     def _call(self, what: str, send: Callable[[], SendResult]) -> bool:
-        """``send`` until it is delivered (retrying with the client's backoff while the backend is down or
-        refuses); False when the backend lacks the endpoint (shipping is then off) or when stopped."""
-        def attempt() -> SendResult:
-            result = send()
-            if result.outcome in (Outcome.AUTH, Outcome.REJECTED):  # a refusal only delays the logs
-                raise TransientError(f"HTTP {result.status} {result.reason}", status=result.status)
-            return result
-
+        """``send`` until it is delivered (retrying with the client's backoff while the backend is down);
+        False when the backend refuses (401/403, another 4xx) or lacks the endpoint (shipping is then off,
+        said once), or when stopped."""
         def on_retry(exc: TransientError) -> None:
             if not self._failing:
                 self._failing = True
                 self.log.warning("shipping the command's output failed (%s: %s); will try again", what, exc.reason)
 
         try:
-            result = Retrier(self._stop).call(attempt, on_retry)  # tenacity loads at the first failure only
+            result = Retrier(self._stop).call(send, on_retry)  # tenacity loads at the first failure only
         except TransientError:
             return False  # stopped while retrying
         if self._failing:
@@ -176,13 +226,21 @@ class LocalAgent:
         if result.outcome is Outcome.DELIVERED:
             return True
         self.shipping = False
-        self.log.warning("the backend cannot take the command's output (%s: HTTP %d %s); it is not shipped",
-                         what, result.status, result.reason)
+        if result.outcome is Outcome.AUTH:
+            self.log.warning("the backend refuses the token (%s: HTTP %d %s); the command's output is not shipped: "
+                             "set ANYLEARN_AUTH_TOKEN to a valid login token", what, result.status, result.reason)
+        elif result.outcome is Outcome.SETUP:
+            self.log.warning("the command's output is not shipped: %s", result.reason)
+        else:
+            self.log.warning("the backend cannot take the command's output (%s: HTTP %d %s); it is not shipped",
+                             what, result.status, result.reason)
         return False
 
     def _request(self, method: str, endpoint: str, answers: Optional[List[Any]] = None, **kwargs: Any) -> SendResult:
         if self._client.setup_problem:
             return SendResult(Outcome.SETUP, 0, self._client.setup_problem)
+        if self._stop.is_set():  # abandoned: no new request (one in flight was cut off)
+            raise TransientError("stopped")
         answer = self._client.request(method, endpoint, timeout_s=REQUEST_TIMEOUT_S, **kwargs)
         if answers is not None:
             answers.append(answer)
@@ -193,21 +251,34 @@ class LocalAgent:
         if not self._call("reading the log offsets",
                           lambda: self._request("GET", CATCH_ENDPOINT, answers, params={"id": self.task_id})):
             return False
-        held = answers[-1].json()  # classify made sure it is a JSON object
-        for stream in self.streams:
+        try:
+            held = answers[-1].json()
+        except (ValueError, RecursionError):
+            held = None
+        if not isinstance(held, dict):  # a 2xx that is not a JSON object: nothing is known to be held
+            self.log.warning("the backend's log offsets are not a JSON object (HTTP %d); shipping the output from "
+                             "its start", answers[-1].status)
+            held = {}
+        for stream, size in zip(self.streams, self._sizes_at_start):
             try:
-                offset = int(held.get(stream.key) or 0)
-            except (TypeError, ValueError):
+                offset = max(int(held.get(stream.key) or 0), 0)
+            except (TypeError, ValueError, OverflowError):
                 offset = 0
-            size = stream.size()
-            if offset > size:  # the backend holds more than this file has: a new file, ship it whole
-                self.log.warning("the backend holds %d bytes of %s but it has %d; shipping it from its start",
-                                 offset, os.path.basename(stream.path), size)
+            if offset > size:  # more than the file had before the command wrote: a new file, ship it whole
+                self.log.warning("the backend holds %d bytes of %s but this run's file had %d; a new file: shipping "
+                                 "it from its start", offset, os.path.basename(stream.path), size)
                 offset = 0
             stream.offset = offset
         return True
 
+    def _new_file(self, stream: _Stream, size: int, why: str) -> None:
+        self.log.warning("%s was %s (%d bytes, %d shipped): shipping it from its start",
+                         os.path.basename(stream.path), why, size, stream.offset)
+
     def _ship(self, text: str) -> bool:
+        for form in self._masked:  # the command may print the key or the token: they never leave the machine
+            if form in text:
+                text = text.replace(form, REDACTED)
         return self._call("shipping logs", lambda: self._request("PATCH", LOGS_ENDPOINT, form={"id": self.task_id, "logs": text}))
 
     # --- threads -------------------------------------------------------------------------------------
@@ -242,20 +313,32 @@ class LocalAgent:
         except Exception as exc:  # noqa: BLE001 - the agent never takes the run down
             self.log.warning("log shipping stopped: %s", exc)
 
+    def _record_heartbeats(self, state: str, reason: str = "") -> None:
+        """``heartbeat.json`` (what ``status`` shows), as the sidecar writes it."""
+        try:
+            atomic_write_json(os.path.join(self.run_dir, HEARTBEAT_FILE), {"heartbeats": state, "reason": reason, "ts": time.time()})
+        except OSError as exc:
+            self.log.debug("cannot write %s: %s", HEARTBEAT_FILE, exc.strerror)
+
     def _beat_loop(self) -> None:
         failing = False
+        said_on = False
         while not self._stop.is_set() and not self.finished.is_set():
             try:
                 result = self._beat_client.heartbeat(timeout_s=REQUEST_TIMEOUT_S)
                 if result.outcome in (Outcome.UNSUPPORTED, Outcome.REDIRECT, Outcome.SETUP):
                     self.log.warning("the backend takes no local task heartbeat (HTTP %d %s); heartbeats are off",
                                      result.status, result.reason)
+                    self._record_heartbeats("off", f"the backend takes no local task heartbeat (HTTP {result.status})")
                     return
                 if result.outcome is not Outcome.DELIVERED and not failing:
                     self.log.warning("heartbeat refused (HTTP %d: %s)", result.status, result.reason)
                 failing = result.outcome is not Outcome.DELIVERED
+                if not failing and not said_on:
+                    self._record_heartbeats("on")
+                    said_on = True
             except TransientError as exc:
-                if not failing:
+                if not failing and not self._stop.is_set():
                     self.log.warning("heartbeat failed (%s); will try again", exc.reason)
                 failing = True
             except Exception as exc:  # noqa: BLE001

@@ -355,6 +355,22 @@ def test_the_hook_says_a_bad_backend_url_once_and_journals_only(tmp_path):
     assert len((tmp_path / TASK_ID / "metrics.jsonl").read_text().splitlines()) >= 3
 
 
+def test_a_token_without_the_key_or_a_backend_url_guesses_no_host_and_starts_no_agent(tmp_path):
+    from reporter.logship import local_agent
+
+    config, problems = load_config(clean_environ(ANYLEARN_TASK_ID=TASK_ID, ANYLEARN_AUTH_TOKEN="tok-0042",
+                                                 ANYLEARN_REPORTER_RUN_DIR=str(tmp_path)))
+    assert problems == [] and config.backend_url is None and config.offline
+    assert local_agent(config, str(tmp_path)) is None
+    from reporter.config import offline_reason
+
+    assert offline_reason(clean_environ(ANYLEARN_TASK_ID=TASK_ID, ANYLEARN_AUTH_TOKEN="tok-0042")).startswith(
+        "no backend is named (ANYLEARN_BACKEND_URL or BACKEND_NAMESPACE)")
+    with_url, _ = load_config(clean_environ(ANYLEARN_TASK_ID=TASK_ID, ANYLEARN_AUTH_TOKEN="tok-0042",
+                                            ANYLEARN_BACKEND_URL="http://127.0.0.1:9/api"))
+    assert with_url.backend_url == "http://127.0.0.1:9/api" and not with_url.offline  # named: the agent ships there
+
+
 @pytest.mark.parametrize("name", ["ANYLEARN_SECRETKEY", "ANYLEARN_SECRET", "secretkey", "Secret_Key", "ANYLEARN_SECRET_KY"])
 def test_a_refusal_without_a_key_names_the_misspelt_key_variable(name):
     from reporter.config import refusal

@@ -243,6 +243,8 @@ def test_local_task_endpoints_take_the_token_and_answer_the_sdks_log_shapes(serv
 @pytest.mark.parametrize("args, message", [
     (["--port", "99999"], "port number"),
     (["--port=-1"], "port number"),
+    (["--anyboard-port", "99999"], "port number"),
+    (["--anyboard-port=-5"], "port number"),
     (["--db", "/nonexistent-dir/x.db"], "cannot open --db"),
     (["--latency-ms=-5"], "milliseconds"),
     (["--latency-ms", "nan"], "milliseconds"),

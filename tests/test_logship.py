@@ -254,6 +254,9 @@ def test_a_backend_without_local_task_endpoints_turns_shipping_off_once(tmp_path
     methods = [(m, p.split("?")[0]) for m, p, _, _ in fake.requests]
     assert ("GET", "/api/train_task/local_task_catch") in methods and ("PATCH", "/api/train_task/local_logs") not in methods
     assert methods.count(("PATCH", "/api/train_task/heartbeat")) == 1  # said once, then off
+    from reporter.status import heartbeat_state
+
+    assert heartbeat_state(str(run_dir))["heartbeats"] == "off"  # `status` shows it
     assert all(h["Authorization"] == f"Bearer {TOKEN}" for _, _, h, _ in fake.requests)
 
 
@@ -280,3 +283,178 @@ def test_the_sdks_stream_log_follows_a_running_local_task_to_its_end_line(tmp_pa
     assert proc.returncode == 0, err.decode(errors="replace")
     assert not follower.is_alive()  # it saw the task finish
     assert [line.split("] ", 1)[1] for line in streamed] == ["first é", "second 世界", "Task finished with code 0"]
+
+
+def test_a_refused_token_turns_shipping_off_once_and_the_run_ends_with_its_final_state(tmp_path):
+    server = make_server({TASK_ID: SECRET_KEY}, token=TOKEN).start()
+    try:
+        env = local_env(server.base_url, tmp_path / "run", ANYLEARN_AUTH_TOKEN="stale-token-0042")
+        proc = subprocess.Popen([sys.executable, "-m", "reporter", "run", "--drain-timeout", "inf", "--", sys.executable,
+                                 "-c", "print('done')"], env=env, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        out, err = proc.communicate(timeout=60)  # ends by itself: a refusal is not retried to the deadline
+        (task,) = server.backend.tasks()
+    finally:
+        server.stop()
+    text = err.decode()
+    assert proc.returncode == 0 and out == b"done\n", text
+    assert text.count("the backend refuses the token") == 1 and "will try again" not in text
+    assert task["states"] == [1, 2] and task["log_tail"] == []
+    assert json.loads((tmp_path / "run" / "summary.json").read_text())["state"] == 2
+    assert b"stale-token-0042" not in err
+
+
+def test_a_stop_signal_after_the_command_ended_stops_the_waiting_with_the_final_state_written(tmp_path):
+    import signal
+
+    from httpfakes import DribblingServer
+
+    from reporter.reader import iter_records
+
+    hanging = DribblingServer(interval_s=1.0).start()  # never a whole answer: logs, offsets and records hang
+    run_dir = tmp_path / "run"
+    try:
+        env = local_env(hanging.base_url, run_dir, ANYLEARN_AUTH_TOKEN=TOKEN)
+        proc = subprocess.Popen([sys.executable, "-m", "reporter", "run", "--drain-timeout", "inf", "--", sys.executable,
+                                 "-c", "print('done')"], env=env, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        out, err = bytearray(), bytearray()
+        readers = [collect(proc.stdout, out), collect(proc.stderr, err)]
+        try:
+            states = lambda: [r.value for _, r in iter_records(str(run_dir)) if r.kind == "state"]
+            wait_until(lambda: states() == [1, 2], 60, what="the final state journalled while the backend hangs")
+            wait_until(lambda: b"waiting without a time limit (--drain-timeout" in err, 60, what="the drain")
+            proc.send_signal(signal.SIGTERM)
+            proc.wait(60)  # not for ever: the signal stopped the waiting
+            for reader in readers:
+                reader.join(10)
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+    finally:
+        hanging.stop()
+    text = err.decode()
+    assert "1e+06" not in text
+    assert proc.returncode == 0, text
+    assert "interrupted (SIGTERM): stopped waiting for delivery" in text
+    assert json.loads((run_dir / "summary.json").read_text())["state"] == 2
+    assert_no_secret_in(run_dir, bytes(out), bytes(err))
+
+
+def test_close_cuts_off_a_request_that_hangs(tmp_path, monkeypatch):
+    import reporter.logship as logship
+    from httpfakes import DribblingServer
+
+    monkeypatch.setattr(logship, "REQUEST_TIMEOUT_S", 600.0)  # only cutting the request off ends it soon
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    (run_dir / "stdout.log").write_text("x\n")
+    hanging = DribblingServer(interval_s=1.0).start()
+    try:
+        config, _ = load_config(local_env(hanging.base_url, run_dir, ANYLEARN_AUTH_TOKEN=TOKEN, ANYLEARN_REQUEST_TIMEOUT="600"))
+        agent = LocalAgent(config, str(run_dir)).start()
+        wait_until(lambda: hanging.connections >= 2, 30, what="the agent's requests in flight")
+        agent.finish(0)
+        closing = threading.Thread(target=agent.close, args=(0.2,), daemon=True)
+        closing.start()
+        closing.join(60)
+        assert not closing.is_alive()
+        assert not any(t.is_alive() for t in agent._threads)
+    finally:
+        hanging.stop()
+
+
+def test_a_backend_offset_beyond_this_runs_fresh_file_ships_it_from_its_start(tmp_path, capsys):
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    server = make_server({TASK_ID: SECRET_KEY}, token=TOKEN).start()
+    try:
+        server.backend.set_catch(TASK_ID, "output_cache_pointer", 12)  # an earlier run's, in another run directory
+        config, _ = load_config(local_env(server.base_url, run_dir, ANYLEARN_AUTH_TOKEN=TOKEN))
+        agent = LocalAgent(config, str(run_dir))  # the wrapper makes it before the command writes
+        (run_dir / "stdout.log").write_text("first line of this run\nsecond\n")
+        agent.start()
+        agent.finish(0)
+        assert agent.close(30)
+        rows = [r["text"] for r in server.backend.logs(TASK_ID, 100, "back", -1)]
+    finally:
+        server.stop()
+    assert rows == ["first line of this run", "second", "Task finished with code 0"]
+    assert "the backend holds 12 bytes of stdout.log but this run's file had 0" in capsys.readouterr().err
+
+
+def test_a_log_truncated_mid_run_is_shipped_again_from_its_start_and_said(tmp_path, capsys):
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    log = run_dir / "stdout.log"
+    log.write_text("before truncation\n")
+    server = make_server({TASK_ID: SECRET_KEY}, token=TOKEN).start()
+    try:
+        config, _ = load_config(local_env(server.base_url, run_dir, ANYLEARN_AUTH_TOKEN=TOKEN))
+        agent = LocalAgent(config, str(run_dir)).start()
+        wait_until(lambda: server.backend.catch(TASK_ID)["output_cache_pointer"] == 18, 30, what="the first line shipped")
+        log.write_text("after\n")  # truncate -s 0, then the command writes on
+        agent.finish(0)
+        assert agent.close(30)
+        rows = [r["text"] for r in server.backend.logs(TASK_ID, 100, "back", -1)]
+    finally:
+        server.stop()
+    assert rows == ["before truncation", "after", "Task finished with code 0"]
+    assert "stdout.log was truncated (6 bytes, 18 shipped): shipping it from its start" in capsys.readouterr().err
+
+
+def test_the_key_and_the_token_in_the_commands_output_are_masked_in_what_is_shipped(tmp_path):
+    from urllib.parse import quote
+
+    server = make_server({TASK_ID: SECRET_KEY}, token=TOKEN).start()
+    code = ("import json, os, sys\nfrom urllib.parse import quote\n"
+            "for s in (os.environ['ANYLEARN_SECRET_KEY'], sys.argv[1]):\n"
+            "    print('raw', s, 'quoted', quote(s, safe=''), 'json', json.dumps({'k': s}))\n"
+            "    print('err', s, file=sys.stderr)\n")
+    try:
+        env = local_env(server.base_url, tmp_path / "run", ANYLEARN_AUTH_TOKEN=TOKEN)
+        proc = subprocess.run([sys.executable, "-m", "reporter", "run", "--", sys.executable, "-c", code, TOKEN + "/é"],
+                              env=env, cwd=tmp_path, capture_output=True, timeout=60)
+        rows = [r["text"] for r in server.backend.logs(TASK_ID, 100, "back", -1)]
+    finally:
+        server.stop()
+    assert proc.returncode == 0, proc.stderr.decode(errors="replace")
+    shipped = "\n".join(rows)
+    assert len(rows) == 5 and shipped.count("***") >= 8, shipped
+    for secret in (SECRET_KEY, TOKEN, quote(TOKEN + "/é", safe="")):
+        assert secret not in shipped
+
+
+def test_offsets_that_are_not_a_json_object_ship_from_the_start_said_plainly(tmp_path, capsys):
+    from httpfakes import FakeServer
+
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    (run_dir / "stdout.log").write_text("x\n")
+    fake = FakeServer(200, {}, b"[]").start()
+    try:
+        config, _ = load_config(local_env(fake.base_url, run_dir, ANYLEARN_AUTH_TOKEN=TOKEN))
+        agent = LocalAgent(config, str(run_dir)).start()
+        agent.finish(0)
+        assert agent.close(30)
+    finally:
+        fake.stop()
+    err = capsys.readouterr().err
+    assert "the backend's log offsets are not a JSON object (HTTP 200); shipping the output from its start" in err
+    assert "has no attribute" not in err
+    logs = [body for m, p, _, body in fake.requests if m == "PATCH" and p.endswith("local_logs")]
+    assert logs[0] == b"id=" + TASK_ID.encode() + b"&logs=x%0A"
+
+
+def test_output_shipped_without_its_end_line_is_said_so_not_as_zero_bytes_left(tmp_path, capsys):
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    (run_dir / "stdout.log").write_text("all of it\n")
+    server = make_server({TASK_ID: SECRET_KEY}, token=TOKEN).start()
+    try:
+        config, _ = load_config(local_env(server.base_url, run_dir, ANYLEARN_AUTH_TOKEN=TOKEN))
+        agent = LocalAgent(config, str(run_dir)).start()
+        wait_until(lambda: server.backend.catch(TASK_ID)["output_cache_pointer"] == 10, 30, what="the output shipped")
+        assert not agent.close(0)  # the command's end never came: no end line
+    finally:
+        server.stop()
+    err = capsys.readouterr().err
+    assert "was shipped but not its end line" in err and "0 bytes left" not in err

@@ -168,14 +168,14 @@ def test_ctrl_c_during_the_drain_stops_it_at_once_and_says_what_stays_pending(tm
     assert summary(tmp_path)["records"]["pending"] == 3
 
 
-def test_sigterm_during_the_drain_says_there_is_no_command_to_pass_it_to_and_the_drain_goes_on(tmp_path):
+def test_sigterm_during_the_drain_stops_it_at_once_and_the_commands_own_ending_stands(tmp_path):
     import signal
 
     from conftest import wait_until
     from wrapperkit import start_wrapper
 
     env = run_env(f"http://127.0.0.1:{free_port()}/api", tmp_path)
-    wrapper = start_wrapper(["--drain-timeout", "3", "--", sys.executable, "-c", "print('ANYLEARN_METRIC 1')"], env, tmp_path)
+    wrapper = start_wrapper(["--drain-timeout", "600", "--", sys.executable, "-c", "print('ANYLEARN_METRIC 1')"], env, tmp_path)
     err_lines = []
 
     def draining():
@@ -184,11 +184,28 @@ def test_sigterm_during_the_drain_says_there_is_no_command_to_pass_it_to_and_the
 
     wait_until(draining, 60, what="the drain's first line")
     wrapper.send_signal(signal.SIGTERM)
-    _, rest = wrapper.communicate(timeout=60)
+    _, rest = wrapper.communicate(timeout=30)  # not 600 s: the drain stopped
     err = "".join(err_lines) + rest
-    assert "received SIGTERM after the command ended: nothing to pass on" in err
+    assert "interrupted (SIGTERM): stopped waiting for delivery" in err
     assert "passing it to the command" not in err
     assert wrapper.returncode == 0 and summary(tmp_path)["state"] == 2  # the command's own ending stands
+    assert "3 records stay pending in" in err and summary(tmp_path)["records"]["pending"] == 3
+
+
+def test_a_drain_under_a_second_says_its_wait_rounded(tmp_path):
+    env = run_env(f"http://127.0.0.1:{free_port()}/api", tmp_path)
+    done = cli("run", "--drain-timeout", "1.5", "--", sys.executable, "-c", "print('ANYLEARN_METRIC 1')", env=env, cwd=tmp_path)
+    assert done.returncode == 0, done.stderr  # the quiet second passed: under a second is left
+    assert re.search(r"waiting up to (0\.[1-9]|1)s \(--drain-timeout", done.stderr), done.stderr
+    done = cli("run", "--drain-timeout", "1", "--", sys.executable, "-c", "print('ANYLEARN_METRIC 1')", env=env, cwd=tmp_path)
+    assert done.returncode == 0 and "waiting up to 0s" not in done.stderr, done.stderr  # the quiet second took it all
+
+
+def test_a_bad_backend_url_exits_2_without_saying_records_are_journalled(tmp_path):
+    env = run_env("ftp://127.0.0.1/api", tmp_path)
+    done = cli("run", "--", sys.executable, "-c", "print('never')", env=env, cwd=tmp_path)
+    assert done.returncode == 2 and "never" not in done.stdout
+    assert "ANYLEARN_BACKEND_URL" in done.stderr and "journalled" not in done.stderr, done.stderr
 
 
 def test_a_drain_that_delivers_at_once_is_not_announced(serve_process, tmp_path):

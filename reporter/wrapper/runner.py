@@ -4,7 +4,8 @@ Validate everything first (exit 2, nothing launched, nothing reported), prepare 
 directories, take the run's deliver lock and deliver its journal while the command runs, journal state 1,
 supervise the command (:mod:`.supervise`) while its output is read for metrics (:mod:`.output`) and, for a
 local task (a user's token), shipped with a heartbeat (:mod:`..logship`), journal its final state, drain,
-and write ``summary.json``.
+and write ``summary.json``. Once the command ended, a stop signal (SIGINT, SIGTERM, SIGHUP) stops the
+waiting at once: the final state and ``summary.json`` are written, what is pending stays for ``sync``.
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ from ..config import (
     load_config_strict,
     offline_reason,
 )
+from ..checks import MAX_DURATION_S
 from ..cursor import count_pending
 from ..journal import JournalWriter
 from ..ledger import COUNTER_LOG_WRITE_FAILED, COUNTER_UNREADABLE
@@ -52,8 +54,9 @@ from .launch import (
 from .output import STDERR_TAIL_LINES, MetricLineParser
 from .paramsfile import write_params_file
 from .reaper import become_subreaper, make_non_dumpable
-from .supervise import Child, RunEnding, signal_name, signals_passed_to
+from .supervise import FORWARDED_SIGNALS, Child, RunEnding, signal_name, signals_passed_to
 
+OUTPUT_BEFORE_STATE_S = 5.0  # the most the final state waits for a local task's output to be shipped
 QUIET_DRAIN_S = 1.0  # a drain that delivers everything this fast is not announced
 
 
@@ -81,7 +84,8 @@ class Run:
         self.deliverer: Any = None
         self.agent: Any = None  # a local task's heartbeat and log shipping (reporter/logship.py)
         self.drain_deadline: Optional[float] = None
-        self.drain_interrupted = False  # a Ctrl-C stopped the drain
+        self.drain_interrupted = False  # a stop signal after the command's end stopped the waiting
+        self._in_journal_drain = False  # a stop signal then raises KeyboardInterrupt to end the drain's wait
         self.tensorboard: Optional[EventFileTailer] = None
         self.attempt: Optional[int] = None
 
@@ -141,37 +145,63 @@ class Run:
         try:
             return self._drain_journal(deadline)
         finally:
-            if self.agent is not None:  # after a Ctrl-C in the drain: no more waiting for the output either
+            if self.agent is not None:  # after a stop signal: no more waiting for the output either
                 self.agent.close(0 if self.drain_interrupted else deadline - time.monotonic())
+
+    def _stop_waiting(self, signum: int, _frame: Any) -> None:
+        """A stop signal after the command ended: stop waiting for delivery and for the output's shipping."""
+        if not self.drain_interrupted:
+            self.drain_interrupted = True
+            self.log.warning("interrupted (%s): stopped waiting for delivery", signal_name(signum))
+        if self.agent is not None:
+            self.agent.abandon()
+        if self._in_journal_drain:
+            self._in_journal_drain = False
+            raise KeyboardInterrupt
+
+    def _wait_for_output(self) -> None:
+        """The rest of a local task's output and its end line go before the final state, so a reader that
+        sees the task finished (the SDK's ``stream_log``) has the whole log: waited for while it flows, up to
+        half the drain timeout and :data:`OUTPUT_BEFORE_STATE_S`; not while the backend is down, not after
+        a stop signal (the final state is never held by the backend)."""
+        limit = time.monotonic() + min(self.options.drain_timeout_s / 2, OUTPUT_BEFORE_STATE_S)
+        while not self.drain_interrupted and not self.agent.failing:
+            left = limit - time.monotonic()
+            if left <= 0 or self.agent.wait(min(left, 0.1)):
+                return
 
     def _drain_journal(self, deadline: float) -> int:
         if self.deliverer is None:
             return count_pending(self.run_dir)
         total = count_pending(self.run_dir)
         progress = Progress(self.run_dir, total)
-        previous = signal.signal(signal.SIGINT, signal.default_int_handler)  # Ctrl-C: stop waiting at once
         try:
+            if self.drain_interrupted:  # a stop signal came before the drain began
+                raise KeyboardInterrupt
+            self._in_journal_drain = True
             remaining = max(deadline - time.monotonic(), 0.0)
             # Said only when the drain has to wait: a healthy backend takes the last records in milliseconds.
             if total and not self.deliverer.flush(min(remaining, QUIET_DRAIN_S)) and not self.deliverer.paused_reason:
                 left = count_pending(self.run_dir)
                 remaining = max(deadline - time.monotonic(), 0.0)
-                self.log.info(
-                    "the command has ended; waiting up to %gs (--drain-timeout, ANYLEARN_DRAIN_TIMEOUT) to deliver %s "
-                    "to %s; Ctrl-C stops waiting and leaves %s for `anylearn-reporter sync`",
-                    math.ceil(remaining) if remaining >= 1 else remaining, records(left), self.config.backend_url,
-                    "it" if left == 1 else "them",
-                )
+                if self.options.drain_timeout_s >= MAX_DURATION_S:  # --drain-timeout inf
+                    how_long = "without a time limit"
+                else:
+                    how_long = "up to %gs" % (math.ceil(remaining) if remaining >= 1 else math.ceil(remaining * 10) / 10)
+                if remaining > 0:  # else the quiet second took the whole drain: nothing is left to wait for
+                    self.log.info(
+                        "the command has ended; waiting %s (--drain-timeout, ANYLEARN_DRAIN_TIMEOUT) to deliver %s "
+                        "to %s; Ctrl-C stops waiting and leaves %s for `anylearn-reporter sync`",
+                        how_long, records(left), self.config.backend_url, "it" if left == 1 else "them",
+                    )
             self.deliverer.drain(remaining, lambda pending, _: progress.update(total - pending))
+            self._in_journal_drain = False
         except KeyboardInterrupt:
+            self._in_journal_drain = False
             progress.finish()
-            self.log.warning("interrupted (SIGINT): stopped waiting for delivery")
             self.deliverer.close(0)  # when the interrupt came before the drain began
-            self.drain_interrupted = True
         else:
             progress.finish()
-        finally:
-            signal.signal(signal.SIGINT, previous)
         return count_pending(self.run_dir)
 
     # -- the whole run --
@@ -194,13 +224,18 @@ class Run:
             if self.tensorboard is not None:
                 self.tensorboard.stop()  # reads what the command flushed last, before the final state
             self.drain_deadline = time.monotonic() + self.options.drain_timeout_s
-            if self.agent is not None:
-                # The rest of the output and its end line go before the final state (for up to half the
-                # drain timeout): a reader that sees the task finished (the SDK's stream_log) has the whole log.
-                self.agent.finish(outcome.exit_code)
-                self.agent.wait(self.options.drain_timeout_s / 2)
-            self.writer.append(KIND_STATE, outcome.state, None, None)
-            pending = self.drain()
+            # From here a stop signal has no command to go to: it stops the waiting (the previous handlers,
+            # the child's, come back after the block).
+            previous = {sig: signal.signal(sig, self._stop_waiting) for sig in FORWARDED_SIGNALS}
+            try:
+                if self.agent is not None:
+                    self.agent.finish(outcome.exit_code)
+                    self._wait_for_output()
+                self.writer.append(KIND_STATE, outcome.state, None, None)
+                pending = self.drain()
+            finally:
+                for sig, handler in previous.items():
+                    signal.signal(sig, handler)
         if pending:
             refused = self.deliverer is not None and (self.deliverer.paused_reason or "").startswith("auth")
             warn_pending(pending, self.run_dir, self.config.backend_url, new_key=refused)
