@@ -17,6 +17,7 @@ import threading
 import time
 from typing import TYPE_CHECKING, Any, Deque, Dict, List, Mapping, Optional, Tuple
 
+from .advice import offline_reason
 from .config import (
     BURST_GAP_S,
     ENV_FLUSH_TIMEOUT,
@@ -29,7 +30,6 @@ from .config import (
     ENV_SUPERVISOR_PID,
     Config,
     load_config,
-    offline_reason,
 )
 from .journal import JournalWriter
 from .log import counted, forget_said, get_logger, say_offline, warn_pending

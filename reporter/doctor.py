@@ -14,7 +14,8 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, List, Mapping, Optional
 from urllib.parse import urlsplit
 
-from .config import Config, ConfigError, check_backend_url, check_secret_key, load_config, misspelt_variables, refusal
+from .advice import misspelt_variables, refusal
+from .config import Config, ConfigError, check_backend_url, check_secret_key, load_config
 
 if TYPE_CHECKING:
     from .client import BackendClient

@@ -13,7 +13,8 @@ import os
 from typing import Any, Callable, Dict, Mapping, Optional, Sequence
 
 from .client import INITIAL_BACKOFF_S, MAX_BACKOFF_S, Outcome, RecordClient, Retrier, SendResult, TransientError
-from .config import CURSOR_FILE, LOCK_FILE, REJECTED_FILE, refusal
+from .advice import refusal
+from .config import CURSOR_FILE, LOCK_FILE, REJECTED_FILE
 from .delivery_ledger import DeliveryLedger
 from .log import get_logger, sync_hint
 from .policy import SKIP_STATE_OFF, SendRule, line_skip_reason, skip_reason

@@ -595,7 +595,11 @@ def test_a_process_forked_while_the_delivery_side_is_being_imported_delivers_in_
     assert json.loads(result.stdout) == {"flushed": True}, result.stderr
     assert "cannot start delivery" not in result.stderr
     assert server.backend.tasks()[0]["intermediate_metrics"] == [float(i) for i in range(60)]
-    assert server.backend.stats()["duplicates"] == 0
+    # The parent ends with os._exit while its deliverer may be sending: what it sent in its last
+    # acknowledgement window (cursor saved at most every 50 ms) is sent again by the child with the same
+    # Idempotency-Keys, and the backend drops the copies (design.md, "Acknowledgement in groups"). Only
+    # the parent's ten records can be resent; each value above is stored once.
+    assert server.backend.stats()["duplicates"] <= 10
 
 
 _SIGNAL_REPORTS = """

@@ -236,7 +236,7 @@ def test_the_hook_says_a_bad_task_id_once_and_journals_locally(tmp_path):
 
 
 def test_offline_reason_names_the_missing_variable_and_a_close_misspelling():
-    from reporter.config import offline_reason
+    from reporter.advice import offline_reason
 
     misspelt = offline_reason({"ANYLEARN_TASKID": "TRAIx", "ANYLEARN_SECRET_KEY": "k"})
     assert misspelt == "ANYLEARN_TASK_ID (or task_id) is not set (ANYLEARN_TASKID is set: did you mean ANYLEARN_TASK_ID?)"
@@ -362,7 +362,7 @@ def test_a_token_without_the_key_or_a_backend_url_guesses_no_host_and_starts_no_
                                                  ANYLEARN_REPORTER_RUN_DIR=str(tmp_path)))
     assert problems == [] and config.backend_url is None and config.offline
     assert local_agent(config, str(tmp_path)) is None
-    from reporter.config import offline_reason
+    from reporter.advice import offline_reason
 
     assert offline_reason(clean_environ(ANYLEARN_TASK_ID=TASK_ID, ANYLEARN_AUTH_TOKEN="tok-0042")).startswith(
         "no backend is named (ANYLEARN_BACKEND_URL or BACKEND_NAMESPACE)")
@@ -373,14 +373,14 @@ def test_a_token_without_the_key_or_a_backend_url_guesses_no_host_and_starts_no_
 
 @pytest.mark.parametrize("name", ["ANYLEARN_SECRETKEY", "ANYLEARN_SECRET", "secretkey", "Secret_Key", "ANYLEARN_SECRET_KY"])
 def test_a_refusal_without_a_key_names_the_misspelt_key_variable(name):
-    from reporter.config import refusal
+    from reporter.advice import refusal
 
     text = refusal(TASK_ID, False, {name: "k"})
     assert text.startswith("no secret key is set (ANYLEARN_SECRET_KEY or secret_key)") and f"{name} is set: did you mean" in text
 
 
 def test_a_refusal_of_a_sent_key_names_both_the_task_id_and_the_key():
-    from reporter.config import refusal
+    from reporter.advice import refusal
 
     text = refusal(TASK_ID, True, {})
     assert f"refused the task id or the secret key for task {TASK_ID} (it cannot say which)" in text

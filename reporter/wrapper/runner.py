@@ -18,6 +18,7 @@ import signal
 import time
 from typing import Any, Dict, Mapping, Optional
 
+from ..advice import offline_reason
 from ..config import (
     ENV_OBJECTIVE_MODE,
     ENV_SECRET_KEY,
@@ -28,7 +29,6 @@ from ..config import (
     Config,
     ConfigError,
     load_config_strict,
-    offline_reason,
 )
 from ..checks import MAX_DURATION_S
 from ..cursor import count_pending
