@@ -17,12 +17,11 @@ import threading
 from typing import Any, Callable, Dict, Hashable, Iterable, Mapping, Optional
 
 from .. import api
-from ..config import DEFAULT_OBJECTIVE_METRIC, ENV_OBJECTIVE_METRIC
+from ..config import DEFAULT_OBJECTIVE_METRIC, ENV_OBJECTIVE_METRIC, PARAMS_FILE
 from ..log import get_logger
 from ..osutil import atomic_write_json, read_json
 from ._objective import MetricSink
 
-PARAMS_FILE = "params.json"
 
 
 def default_objective(keys: Iterable[str]) -> Optional[str]:

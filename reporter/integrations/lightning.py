@@ -21,11 +21,10 @@ from argparse import Namespace
 from typing import Any, Dict, List, Mapping, Optional, Union
 
 from .. import api
-from ..config import env_task_id
+from ..config import PARAMS_FILE, env_task_id
 from ..osutil import atomic_write_json
 from ._objective import MetricSink, MissingFramework, env_rank_is_zero
 
-PARAMS_FILE = "params.json"
 
 __all__ = ["AnylearnLogger"]
 
