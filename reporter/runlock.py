@@ -23,6 +23,7 @@ class RunLock:
         self.path = os.path.join(run_dir, file_name)
         self._fd = -1
         self._owner_pid = -1
+        self._opening = -1  # a descriptor being locked: recorded before flock, so a fork's child closes it too
         register_fork_hook(self, RunLock._forget_after_fork)
 
     @property
@@ -35,19 +36,22 @@ class RunLock:
         if self.held:
             return True
         os.makedirs(self.run_dir, exist_ok=True)
-        fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+        fd = self._opening = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError:
+            self._opening = -1
             os.close(fd)
             return False
         try:
             os.ftruncate(fd, 0)
             os.pwrite(fd, b"%d\n" % os.getpid(), 0)
         except BaseException:  # a full disk: give the lock back (closing the descriptor releases it), or it
-            os.close(fd)  # would stay taken by this very process, which could then never take it again
+            self._opening = -1  # would stay taken by this very process, which could then never take it again
+            os.close(fd)
             raise
         self._fd, self._owner_pid = fd, os.getpid()
+        self._opening = -1
         return True
 
     def release(self) -> None:
@@ -58,6 +62,14 @@ class RunLock:
         self._fd, self._owner_pid = -1, -1
 
     def _forget_after_fork(self) -> None:
+        # A fork that landed while another thread was taking the lock: the child's copy of that descriptor
+        # would hold the parent's lock for as long as the child lives (the role never free again).
+        if self._opening >= 0 and self._opening != self._fd:
+            try:
+                os.close(self._opening)
+            except OSError:
+                pass
+            self._opening = -1
         if self._fd >= 0 and self._owner_pid != os.getpid():
             try:
                 os.close(self._fd)  # the parent's lock stays: it lives on the parent's open file description
