@@ -71,3 +71,20 @@ def test_moved_tracker_internals_are_said_once_and_the_script_runs_unhooked(tmp_
     said = [line for line in done.stderr.splitlines() if "autolog: dvclive" in line]
     assert len(said) == 1 and "cannot hook it (AttributeError" in said[0], done.stderr
     assert journal(str(tmp_path / "run")) == []
+
+
+def test_the_task_key_logged_as_a_parameter_is_masked_in_params_json(server, tmp_path):
+    pytest.importorskip("dvclive", reason="dvclive is not installed (pip install 'anylearn-reporter[dvclive]')")
+    from conftest import SECRET_KEY
+
+    script = f"""
+    from urllib.parse import quote
+    from dvclive import Live
+    with Live("dvclive", save_dvc_exp=False) as live:
+        live.log_params({{"key": {SECRET_KEY!r}, "url": "https://x/?k=" + quote({SECRET_KEY!r}), "lr": 0.1}})
+        live.log_metric("metric", 0.5)
+    """
+    run_autolog(script, server, tmp_path, **offline_tracker_env(tmp_path))
+    text = (tmp_path / "autolog-run" / "params.json").read_text()
+    assert SECRET_KEY not in text
+    assert json.loads(text) == {"key": "***", "url": "https://x/?k=***", "lr": 0.1}

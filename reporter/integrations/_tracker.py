@@ -20,6 +20,7 @@ from .. import api
 from ..config import DEFAULT_OBJECTIVE_METRIC, ENV_OBJECTIVE_METRIC, PARAMS_FILE
 from ..log import get_logger
 from ..osutil import atomic_write_json, read_json
+from ..paramsfile import masked_for_this_task
 from ._objective import MetricSink
 
 
@@ -113,7 +114,7 @@ class TrackerBridge:
                 kept = read_json(path)
                 merged = dict(kept) if isinstance(kept, dict) else {}
                 merged.update(json.loads(json.dumps({str(k): v for k, v in params.items()}, default=str)))
-                atomic_write_json(path, merged)
+                atomic_write_json(path, masked_for_this_task(merged))
         except Exception as exc:  # parameters are a courtesy: never into training
             if not self._params_said:
                 self._params_said = True

@@ -23,6 +23,7 @@ from typing import Any, Dict, List, Mapping, Optional, Union
 from .. import api
 from ..config import PARAMS_FILE, env_task_id
 from ..osutil import atomic_write_json
+from ..paramsfile import masked_for_this_task
 from ._objective import MetricSink, MissingFramework, env_rank_is_zero
 
 
@@ -111,7 +112,7 @@ class AnylearnLogger(*_logger_bases()):  # type: ignore[misc]
             self.hyperparams.update(_json_safe(_plain(params)))
             run_dir = api.run_directory()
             os.makedirs(run_dir, exist_ok=True)
-            atomic_write_json(os.path.join(run_dir, PARAMS_FILE), self.hyperparams)
+            atomic_write_json(os.path.join(run_dir, PARAMS_FILE), masked_for_this_task(self.hyperparams))
         except Exception as exc:  # hyper-parameters are a courtesy: never into training
             from ..log import get_logger
 

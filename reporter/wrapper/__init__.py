@@ -7,10 +7,9 @@ The modules follow one run:
 - :mod:`.output`: the command's stdout/stderr passed through, logged, and read for metric lines;
 - :mod:`.supervise`: the command as a child process, the signals passed to it, the one failure ladder;
 - :mod:`.reaper`: the command's process tree (orphans reaped, leftovers stopped, the key's guard);
-- :mod:`.paramsfile`: the hyper-parameters as ``params.json``, the secrets masked;
 - :mod:`.runner`: one run from the run directory to ``summary.json``.
 
-Imports run one way: ``launch``, ``output``, ``reaper`` -> ``supervise`` -> ``runner``; ``paramsfile`` -> ``runner``.
+Imports run one way: ``launch``, ``output``, ``reaper`` -> ``supervise`` -> ``runner``.
 """
 
 from .launch import RunOptions, build_argv, child_environment, options_from

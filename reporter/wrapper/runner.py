@@ -52,7 +52,7 @@ from .launch import (
     redacted,
 )
 from .output import STDERR_TAIL_LINES, MetricLineParser
-from .paramsfile import write_params_file
+from ..paramsfile import write_params_file
 from .reaper import become_subreaper, make_non_dumpable
 from .supervise import FORWARDED_SIGNALS, Child, RunEnding, signal_name, signals_passed_to
 
