@@ -130,31 +130,21 @@ def test_a_run_directory_named_anything_syncs_to_the_task_its_own_files_record(s
     assert other.returncode == 2 and "its own files say so" in other.stderr
 
 
-def test_sync_interrupted_by_ctrl_c_says_how_many_records_stay_pending(tmp_path):
+@pytest.mark.parametrize("sent, code, said", [
+    (signal.SIGINT, 130, "interrupted"),
+    (signal.SIGTERM, 128 + signal.SIGTERM, "terminated (SIGTERM)"),
+])
+def test_sync_stopped_by_ctrl_c_or_sigterm_says_how_many_records_stay_pending(tmp_path, sent, code, said):
     run_dir = offline_run(tmp_path, 4)
     args = [sys.executable, "-m", "reporter", "sync", str(run_dir), "--task-id", TASK_ID,
             "--backend-url", f"http://127.0.0.1:{free_port()}/api"]  # nothing listens: it retries
     syncing = subprocess.Popen(args, env=sync_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     wait_until(lambda: (run_dir / "deliver.lock").exists() and b"failing_since" in (run_dir / "status.json").read_bytes()
                if (run_dir / "status.json").exists() else False, 30, what="sync to be retrying")
-    syncing.send_signal(signal.SIGINT)
+    syncing.send_signal(sent)
     _, err = syncing.communicate(timeout=30)
-    assert syncing.returncode == 130
-    assert f"interrupted: 7 records stay pending in {run_dir}; run the same command again to deliver the rest" in err, err
-
-
-def test_sync_ended_by_sigterm_says_how_many_records_stay_pending(tmp_path):
-    run_dir = offline_run(tmp_path, 4)
-    args = [sys.executable, "-m", "reporter", "sync", str(run_dir), "--task-id", TASK_ID,
-            "--backend-url", f"http://127.0.0.1:{free_port()}/api"]  # nothing listens: it retries
-    syncing = subprocess.Popen(args, env=sync_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    wait_until(lambda: (run_dir / "deliver.lock").exists() and b"failing_since" in (run_dir / "status.json").read_bytes()
-               if (run_dir / "status.json").exists() else False, 30, what="sync to be retrying")
-    syncing.send_signal(signal.SIGTERM)
-    _, err = syncing.communicate(timeout=30)
-    assert syncing.returncode == 128 + signal.SIGTERM, err
-    assert (f"terminated (SIGTERM): 7 records stay pending in {run_dir}; run the same command again to deliver the rest"
-            in err), err
+    assert syncing.returncode == code, err
+    assert f"{said}: 7 records stay pending in {run_dir}; run the same command again to deliver the rest" in err, err
 
 
 def test_sync_without_a_backend_url_delivers_to_the_one_the_run_recorded(serve_process, tmp_path):
