@@ -237,27 +237,16 @@ def test_without_a_token_nothing_is_shipped_and_nothing_said(tmp_path):
 
 
 def test_a_backend_without_local_task_endpoints_turns_shipping_off_once(tmp_path):
-    from httpfakes import FakeServer
-
     run_dir = tmp_path / "run"
-    run_dir.mkdir()
-    (run_dir / "stdout.log").write_text("x\n")
-    fake = FakeServer(404, {}, b'{"msg": "no"}').start()
-    try:
-        config, _ = load_config(local_env(fake.base_url, run_dir, ANYLEARN_AUTH_TOKEN=TOKEN))
-        agent = LocalAgent(config, str(run_dir)).start()
-        agent.finish(0)
-        assert not agent.close(10)
-    finally:
-        fake.stop()
-    assert not agent.shipping
-    methods = [(m, p.split("?")[0]) for m, p, _, _ in fake.requests]
+    closed, agent, requests = _ship_one_line_against(run_dir, 404, b'{"msg": "no"}', close_s=10)
+    assert not closed and not agent.shipping
+    methods = [(m, p.split("?")[0]) for m, p, _, _ in requests]
     assert ("GET", "/api/train_task/local_task_catch") in methods and ("PATCH", "/api/train_task/local_logs") not in methods
     assert methods.count(("PATCH", "/api/train_task/heartbeat")) == 1  # said once, then off
     from reporter.status import heartbeat_state
 
     assert heartbeat_state(str(run_dir))["heartbeats"] == "off"  # `status` shows it
-    assert all(h["Authorization"] == f"Bearer {TOKEN}" for _, _, h, _ in fake.requests)
+    assert all(h["Authorization"] == f"Bearer {TOKEN}" for _, _, h, _ in requests)
 
 
 def test_the_sdks_stream_log_follows_a_running_local_task_to_its_end_line(tmp_path):
@@ -424,23 +413,13 @@ def test_the_key_and_the_token_in_the_commands_output_are_masked_in_what_is_ship
 
 
 def test_offsets_that_are_not_a_json_object_ship_from_the_start_said_plainly(tmp_path, capsys):
-    from httpfakes import FakeServer
-
     run_dir = tmp_path / "run"
-    run_dir.mkdir()
-    (run_dir / "stdout.log").write_text("x\n")
-    fake = FakeServer(200, {}, b"[]").start()
-    try:
-        config, _ = load_config(local_env(fake.base_url, run_dir, ANYLEARN_AUTH_TOKEN=TOKEN))
-        agent = LocalAgent(config, str(run_dir)).start()
-        agent.finish(0)
-        assert agent.close(30)
-    finally:
-        fake.stop()
+    closed, _, requests = _ship_one_line_against(run_dir, 200, b"[]", close_s=30)
+    assert closed
     err = capsys.readouterr().err
     assert "the backend's log offsets are not a JSON object (HTTP 200); shipping the output from its start" in err
     assert "has no attribute" not in err
-    logs = [body for m, p, _, body in fake.requests if m == "PATCH" and p.endswith("local_logs")]
+    logs = [body for m, p, _, body in requests if m == "PATCH" and p.endswith("local_logs")]
     assert logs[0] == b"id=" + TASK_ID.encode() + b"&logs=x%0A"
 
 
@@ -458,3 +437,21 @@ def test_output_shipped_without_its_end_line_is_said_so_not_as_zero_bytes_left(t
         server.stop()
     err = capsys.readouterr().err
     assert "was shipped but not its end line" in err and "0 bytes left" not in err
+
+
+def _ship_one_line_against(run_dir, status: int, body: bytes, close_s: float):
+    """A local agent shipping one line of ``run_dir``'s stdout.log to a fake backend answering every request
+    with ``status`` and ``body``: what its ``close`` said (True: everything shipped), the agent, and the
+    requests the backend saw."""
+    from httpfakes import FakeServer
+
+    run_dir.mkdir()
+    (run_dir / "stdout.log").write_text("x\n")
+    fake = FakeServer(status, {}, body).start()
+    try:
+        config, _ = load_config(local_env(fake.base_url, run_dir, ANYLEARN_AUTH_TOKEN=TOKEN))
+        agent = LocalAgent(config, str(run_dir)).start()
+        agent.finish(0)
+        return agent.close(close_s), agent, fake.requests
+    finally:
+        fake.stop()
